@@ -1,0 +1,51 @@
+"""The only module that imports the compiled cffi extension; everything native goes through here.
+
+`ffi` and `C` are the cffi objects (`C` holds llama.cpp's, ggml's and the shim's functions).
+`LIB_DIR` is the folder of llmplace's shared libraries and backend modules, `BIN_DIR` that of the
+programs built from the same source (the RPC server, llama-bench, llama-simple).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import BuildError
+
+try:
+    from . import _llmplace_cffi
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise BuildError(
+        f"llmplace's compiled module could not be imported ({exc}). Reinstall with "
+        "`pip install --force-reinstall --no-cache-dir llmplace` (or `pip install .` in a checkout); "
+        "building needs a C/C++ compiler and CMake.") from exc
+
+ffi = _llmplace_cffi.ffi
+C = _llmplace_cffi.lib
+
+# In an editable install the Python files live in the checkout while compiled files live in
+# site-packages: locate the libraries from the compiled module, not from this file.
+PACKAGE_NATIVE_DIR = Path(_llmplace_cffi.__file__).resolve().parent
+LIB_DIR = PACKAGE_NATIVE_DIR / "lib"
+BIN_DIR = PACKAGE_NATIVE_DIR / "bin"
+
+
+def c_string(value: "ffi.CData") -> str:
+    """Decode a NUL-terminated C string (NULL → empty string); invalid UTF-8 is replaced, not raised."""
+    if value == ffi.NULL:
+        return ""
+    return ffi.string(value).decode("utf-8", errors="replace")
+
+
+def read_c_string_into_buffer(fill, initial_size: int = 256) -> str:
+    """Call `fill(buf, size)`, a llama.cpp-style function that returns the length it needs, growing the
+    buffer once when the first one was too small."""
+    size = initial_size
+    for _ in range(2):
+        buf = ffi.new("char[]", size)
+        n = fill(buf, size)
+        if n < 0:
+            return ""
+        if n < size:
+            return ffi.unpack(buf, n).decode("utf-8", errors="replace")
+        size = n + 1
+    return ffi.unpack(buf, size - 1).decode("utf-8", errors="replace")

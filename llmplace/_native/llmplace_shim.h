@@ -1,0 +1,33 @@
+/* llmplace shim: plain-C entry points for what llama.cpp's C API lacks.
+ * Parsed by the cffi generator (build_cffi.py): keep it C, no macros in declarations. */
+#ifndef LLMPLACE_SHIM_H
+#define LLMPLACE_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The llama.cpp commit this shim (and so the whole build) was compiled from. */
+const char * llmplace_llama_commit(void);
+
+/* Check a tensor-override pattern with the engine llama.cpp matches it with (std::regex, ECMAScript).
+ * Returns 1 if valid; 0 if not, with the engine's message copied (NUL-terminated) into err. */
+int llmplace_regex_check(const char * pattern, char * err, size_t err_size);
+
+/* Does the pattern match somewhere in text (std::regex_search, as the model loader does)?
+ * Returns 1 or 0, or -1 if the pattern is invalid. */
+int llmplace_regex_search(const char * pattern, const char * text);
+
+/* An abort callback for llama_context_params / llama_set_abort_callback: returns true once the int that
+ * user_data points to is non-zero. ggml calls the abort callback at every graph node, so it lives in C:
+ * a Python callback there would cost a GIL round trip per node. */
+_Bool llmplace_abort_if_flag_set(void * user_data);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

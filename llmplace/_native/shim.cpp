@@ -1,0 +1,49 @@
+// llmplace shim: extern "C" wrappers over the C++ parts of llama.cpp that the C API does not expose.
+// Every function catches every C++ exception: nothing may unwind into cffi's C frames.
+#include "llmplace_shim.h"
+
+#include <cstring>
+#include <regex>
+#include <string>
+
+namespace {
+
+void copy_message(const std::string & message, char * out, size_t out_size) {
+    if (out == nullptr || out_size == 0) {
+        return;
+    }
+    size_t n = message.size() < out_size - 1 ? message.size() : out_size - 1;
+    std::memcpy(out, message.data(), n);
+    out[n] = '\0';
+}
+
+}  // namespace
+
+extern "C" const char * llmplace_llama_commit(void) {
+    return LLMPLACE_LLAMA_COMMIT;
+}
+
+extern "C" int llmplace_regex_check(const char * pattern, char * err, size_t err_size) {
+    try {
+        std::regex re(pattern);  // ECMAScript is the default grammar, as in llama-model-loader.cpp
+        (void) re;
+        copy_message("", err, err_size);
+        return 1;
+    } catch (const std::exception & e) {
+        copy_message(e.what(), err, err_size);
+        return 0;
+    }
+}
+
+extern "C" int llmplace_regex_search(const char * pattern, const char * text) {
+    try {
+        return std::regex_search(text, std::regex(pattern)) ? 1 : 0;
+    } catch (const std::exception &) {
+        return -1;
+    }
+}
+
+extern "C" bool llmplace_abort_if_flag_set(void * user_data) {
+    // Written by Python from another thread; read with acquire semantics so the store is seen promptly.
+    return user_data != nullptr && __atomic_load_n(static_cast<int *>(user_data), __ATOMIC_ACQUIRE) != 0;
+}

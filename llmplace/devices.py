@@ -1,0 +1,176 @@
+"""Backends and devices: load ggml's backend modules from llmplace's own folders, list the devices.
+
+ggml, when asked to load "all" backends, scans the current directory and the interpreter's folder and
+silently skips modules that fail to load. llmplace instead loads exactly the modules shipped in its
+package folder (and in installed plugin packages, see `backend_dirs`), before `llama_backend_init`,
+and records every failure so `llmplace.devices()` / `llmplace devices` can say why a GPU is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import logs
+from ._ffi import LIB_DIR, C, c_string, ffi
+from .errors import DeviceNotFoundError
+
+# Plugin distributions (one GPU backend each) install a package of this name holding libggml-<name>.so.
+PLUGIN_PACKAGES = ("llmplace_cuda13", "llmplace_cuda12", "llmplace_vulkan", "llmplace_metal")
+
+_KINDS = {
+    C.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
+    C.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+    C.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu",
+    C.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
+    C.GGML_BACKEND_DEVICE_TYPE_META: "meta",
+}
+
+
+@dataclass(frozen=True)
+class BackendModule:
+    """One backend module file and what became of it."""
+
+    name: str             # ggml's backend name: "cpu", "rpc", "cuda" ...
+    path: Path
+    loaded: bool
+    error: str = ""       # why it did not load (the dynamic loader's message), empty when loaded
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device llama.cpp can place tensors on."""
+
+    index: int                  # position in ggml's device list
+    name: str                   # "CPU", "CUDA0", "RPC0[127.0.0.1:50052]" ... (what `-ot` rules name)
+    description: str
+    kind: str                   # "cpu", "gpu", "igpu", "accel", "rpc" or "meta"
+    backend: str                # the backend registry's name: "CPU", "CUDA", "RPC" ...
+    memory_free: int            # bytes
+    memory_total: int           # bytes
+    buffer_type: str            # the device's default buffer type ("CPU", "CUDA0" ...)
+    host_buffer_type: str | None  # pinned host memory of a GPU ("CUDA_Host"), None when there is none
+
+
+_lock = threading.Lock()
+_modules: list[BackendModule] = []
+_initialized = False
+
+
+def backend_dirs() -> list[Path]:
+    """Folders llmplace loads backend modules from: its own, then each installed plugin's."""
+    dirs = [LIB_DIR]
+    for package in PLUGIN_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            dirs.extend(Path(p) for p in spec.submodule_search_locations)
+    return dirs
+
+
+def _backend_name(path: Path) -> str:
+    # libggml-cpu-haswell.so → "cpu"; libggml-rpc.so → "rpc"
+    return path.name[len("libggml-"):-len(".so")].split("-")[0]
+
+
+def _loader_error(path: Path) -> str:
+    try:
+        ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
+    except OSError as exc:
+        return str(exc)
+    return "the module loaded but did not register a backend (wrong ggml version?)"
+
+
+def _variant_score(path: Path) -> int:
+    """ggml_backend_score() of a CPU-variant module: 0 if this CPU lacks its instructions."""
+    try:
+        score = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL).ggml_backend_score
+    except (OSError, AttributeError):
+        return 0
+    score.restype = ctypes.c_int
+    return score()
+
+
+def _load_from(directory: Path) -> list[BackendModule]:
+    groups: dict[str, list[Path]] = {}
+    for path in sorted(directory.glob("libggml-*.so")):
+        groups.setdefault(_backend_name(path), []).append(path)
+    results = []
+    for name, paths in groups.items():
+        if len(paths) > 1:
+            # CPU variants (one per instruction set): take the best this machine runs, as ggml does.
+            scored = sorted(((_variant_score(p), p) for p in paths), reverse=True)
+            best_score, best = scored[0]
+            if best_score == 0:
+                results.append(BackendModule(name, directory, False,
+                                             "no variant of this backend supports this CPU"))
+                continue
+            paths = [best]
+        path = paths[0]
+        reg = C.ggml_backend_load(str(path).encode())
+        loaded = reg != ffi.NULL
+        results.append(BackendModule(name, path, loaded, "" if loaded else _loader_error(path)))
+    return results
+
+
+def ensure_initialized() -> None:
+    """Install the log callback, load the backend modules, then `llama_backend_init` (once)."""
+    global _initialized
+    if _initialized:
+        return
+    with _lock:
+        if _initialized:
+            return
+        logs.install()
+        for directory in backend_dirs():
+            modules = _load_from(directory)
+            for module in modules:
+                if not module.loaded:
+                    logs.logger.warning("backend %s (%s) did not load: %s", module.name, module.path, module.error)
+            _modules.extend(modules)
+        C.llama_backend_init()
+        _initialized = True
+
+
+def backend_modules() -> list[BackendModule]:
+    """Every backend module llmplace found and whether it loaded."""
+    ensure_initialized()
+    return list(_modules)
+
+
+def _device(index: int) -> Device:
+    dev = C.ggml_backend_dev_get(index)
+    free, total = ffi.new("size_t *"), ffi.new("size_t *")
+    C.ggml_backend_dev_memory(dev, free, total)
+    backend = c_string(C.ggml_backend_reg_name(C.ggml_backend_dev_backend_reg(dev)))
+    kind = "rpc" if backend.upper() == "RPC" else _KINDS.get(C.ggml_backend_dev_type(dev), "unknown")
+    host = C.ggml_backend_dev_host_buffer_type(dev)
+    return Device(
+        index=index,
+        name=c_string(C.ggml_backend_dev_name(dev)),
+        description=c_string(C.ggml_backend_dev_description(dev)),
+        kind=kind,
+        backend=backend,
+        memory_free=int(free[0]),
+        memory_total=int(total[0]),
+        buffer_type=c_string(C.ggml_backend_buft_name(C.ggml_backend_dev_buffer_type(dev))),
+        host_buffer_type=c_string(C.ggml_backend_buft_name(host)) if host != ffi.NULL else None,
+    )
+
+
+def devices() -> list[Device]:
+    """The devices llama.cpp sees now, in ggml's order (free memory is read at each call)."""
+    ensure_initialized()
+    return [_device(i) for i in range(C.ggml_backend_dev_count())]
+
+
+def device(name: str) -> Device:
+    """The device called `name` (case-insensitive), or DeviceNotFoundError listing those that exist."""
+    found = [d for d in devices() if d.name.lower() == name.lower()]
+    if not found:
+        names = ", ".join(d.name for d in devices())
+        raise DeviceNotFoundError(f"no device named {name!r}; this machine has: {names}")
+    return found[0]

@@ -1,0 +1,76 @@
+"""The exceptions llmplace raises, and `check`, the one place C return codes become exceptions.
+
+Every exception derives from `LlmplaceError` and also from the builtin a caller would naturally catch
+(`ModelLoadError` is an `OSError`, a bad argument is a `ValueError` ...), so code written against
+llama-cpp-python's builtins keeps working. Messages say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class LlmplaceError(Exception):
+    """Base class of every error raised by llmplace."""
+
+
+class BuildError(LlmplaceError, ImportError):
+    """The compiled part of llmplace is missing, incomplete or from another build."""
+
+
+class ModelLoadError(LlmplaceError, OSError):
+    """A model file could not be read or loaded."""
+
+
+class ClosedError(LlmplaceError, RuntimeError):
+    """An object was used after `close()`."""
+
+
+class InvalidParameterError(LlmplaceError, ValueError):
+    """A parameter value is out of range or of the wrong kind."""
+
+
+class PlacementError(LlmplaceError, ValueError):
+    """A placement rule, split or device selection cannot be applied."""
+
+
+class DeviceNotFoundError(LlmplaceError, LookupError):
+    """A named device or buffer type does not exist on this machine."""
+
+
+class OutOfMemoryError(LlmplaceError, MemoryError):
+    """A device does not have the memory the requested model, context or batch needs."""
+
+
+class ContextOverflowError(LlmplaceError, ValueError):
+    """More tokens than the context window holds."""
+
+
+class TokenizationError(LlmplaceError, ValueError):
+    """Text could not be turned into tokens, or tokens into text."""
+
+
+class DecodeError(LlmplaceError, RuntimeError):
+    """llama_decode failed."""
+
+
+class AbortedError(LlmplaceError, RuntimeError):
+    """A callback asked llama.cpp to stop (a progress callback returned False, or an abort was requested)."""
+
+
+# llama_decode's documented return codes (llama.h).
+_DECODE_ERRORS = {
+    1: (OutOfMemoryError, "no KV-cache slot for the batch: the context is full or fragmented; "
+                          "clear or shorten the context, or create it with a larger n_ctx"),
+    2: (AbortedError, "decoding was aborted by the abort callback; the context keeps the tokens decoded so far"),
+    -1: (InvalidParameterError, "the batch is invalid (empty, or a token id outside the vocabulary)"),
+}
+
+
+def check(rc: int, op: str) -> int:
+    """Turn a llama.cpp return code into an exception; return rc when it means success (rc == 0).
+
+    `op` names the C call, so messages say where the failure came from.
+    """
+    if rc == 0:
+        return rc
+    error, message = _DECODE_ERRORS.get(rc, (DecodeError, "the compute graph failed (see the llmplace log for llama.cpp's reason)"))
+    raise error(f"{op} failed (code {rc}): {message}")

@@ -1,0 +1,194 @@
+"""Text generation: `stream_generate` yields one frozen `GenerationStep` per token; `generate` collects them.
+
+Text is assembled incrementally: each token's bytes go through an incremental UTF-8 decoder, so a
+character split across tokens is emitted whole, once, and the reply is never re-detokenized. Stop
+strings are matched across token boundaries; text that might be the start of a stop string is held
+back until it is known not to be.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .context import Context
+from .errors import ContextOverflowError, InvalidParameterError
+from .model import Model
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One generated token and what it added to the text."""
+
+    token: int
+    text: str                    # new text (may be "" while a multi-byte character or a possible stop string is pending)
+    finish_reason: str | None    # None while generating; "stop" (end-of-generation token or stop string) or "length"
+    prompt_tokens: int           # tokens in the prompt
+    prompt_cached: int           # prompt tokens reused from the context's cache (not recomputed)
+    generated_tokens: int        # tokens generated so far, this one included
+    prompt_tps: float            # prompt tokens computed per second
+    generation_tps: float        # generated tokens per second so far
+    elapsed: float               # seconds since the call started
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of `generate`: the text and how it ended."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tps: float
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _StopMatcher:
+    """Holds back text that could be the beginning of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = k
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int], add_special: bool) -> list[int]:
+    if isinstance(prompt, (str, bytes)):
+        tokens = model.tokenize(prompt, add_special=add_special, parse_special=True)
+    else:
+        tokens = list(prompt)
+        n_vocab = model.n_vocab
+        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(f"prompt token {bad!r} is not a token id of this model (0 .. {n_vocab - 1})")
+    if not tokens:
+        raise InvalidParameterError("the prompt is empty: give at least one token or character")
+    return tokens
+
+
+def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
+                    stop: str | Sequence[str] = (), sampling: SamplingParams | None = None,
+                    context: Context | None = None, add_special: bool = True, **sampling_kwargs
+                    ) -> Iterator[GenerationStep]:
+    """Generate from `prompt` (text or token ids), yielding one GenerationStep per token.
+
+    Sampling options (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+    presence_penalty, penalty_last_n, seed, logit_bias) are keywords, or one `sampling=SamplingParams(...)`.
+    context: reuse a Context (its cached prefix of the prompt is not recomputed); by default a temporary
+    one sized for prompt + max_tokens is made. Special tokens in text prompts (e.g. '<|im_start|>') are parsed.
+    """
+    if sampling is not None and sampling_kwargs:
+        raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, not both")
+    params = sampling or SamplingParams(**sampling_kwargs)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    tokens = _prompt_tokens(model, prompt, add_special)
+    sampler = Sampler(model.n_vocab, params)
+    own_context = context is None
+    if own_context:
+        n_ctx = min(max(512, len(tokens) + max_tokens + 1), max(model.n_ctx_train, len(tokens) + 1))
+        context = Context(model, n_ctx=n_ctx)
+    elif context.model is not model:
+        raise InvalidParameterError("the context belongs to another model")
+    try:
+        yield from _generate_steps(model, context, sampler, params, tokens, max_tokens, stops)
+    finally:
+        sampler.close()
+        if own_context:
+            context.close()
+
+
+def _generate_steps(model: Model, context: Context, sampler: Sampler, params: SamplingParams, tokens: list[int],
+                    max_tokens: int, stops: list[str]) -> Iterator[GenerationStep]:
+    n_ctx = context.n_ctx
+    if len(tokens) >= n_ctx:
+        raise ContextOverflowError(
+            f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} (and generation needs at least "
+            "one more); shorten the prompt or use a Context with a larger n_ctx")
+    start = time.perf_counter()
+    # Reuse the longest cached prefix, but always compute at least the last prompt token (for its logits).
+    cached = 0
+    limit = min(len(context.tokens), len(tokens) - 1)
+    while cached < limit and context.tokens[cached] == tokens[cached]:
+        cached += 1
+    context.truncate(cached)
+    context.decode(tokens[cached:])
+    if params.uses_penalties:
+        for t in tokens:
+            sampler.accept(t)
+    prompt_done = time.perf_counter()
+    prompt_tps = (len(tokens) - cached) / max(prompt_done - start, 1e-9)
+
+    vocab = model.vocab
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    matcher = _StopMatcher(stops)
+    generated = 0
+    finish: str | None = None if max_tokens > 0 else "length"
+    token = -1
+    while finish is None:
+        token = sampler.sample(context)
+        generated += 1
+        if vocab.is_eog(token):
+            text, finish = decoder.decode(b"", final=True) + matcher.flush(), "stop"
+        else:
+            text, hit = matcher.feed(decoder.decode(vocab.piece(token)))
+            if hit:
+                finish = "stop"
+            elif generated >= max_tokens or len(context.tokens) >= n_ctx:
+                tail, hit = matcher.feed(decoder.decode(b"", final=True))
+                text += tail if hit else tail + matcher.flush()
+                finish = "stop" if hit else "length"
+            else:
+                context.decode_one(token)
+        now = time.perf_counter()
+        yield GenerationStep(token=token, text=text, finish_reason=finish, prompt_tokens=len(tokens),
+                             prompt_cached=cached, generated_tokens=generated, prompt_tps=prompt_tps,
+                             generation_tps=generated / max(now - prompt_done, 1e-9), elapsed=now - start)
+    if max_tokens == 0:
+        now = time.perf_counter()
+        yield GenerationStep(token=-1, text="", finish_reason="length", prompt_tokens=len(tokens),
+                             prompt_cached=cached, generated_tokens=0, prompt_tps=prompt_tps,
+                             generation_tps=0.0, elapsed=now - start)
+
+
+def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs) -> Generation:
+    """Generate and return the whole reply; takes the same keywords as `stream_generate`."""
+    pieces, tokens = [], []
+    last = None
+    for step in stream_generate(model, prompt, **kwargs):
+        pieces.append(step.text)
+        if step.token >= 0:
+            tokens.append(step.token)
+        last = step
+    return Generation(text="".join(pieces), tokens=tokens, finish_reason=last.finish_reason,
+                      prompt_tokens=last.prompt_tokens, prompt_tps=last.prompt_tps,
+                      generation_tps=last.generation_tps)

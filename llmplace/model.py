@@ -1,0 +1,208 @@
+"""Model: load a GGUF file, read its metadata, own the native handle."""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import devices, logs
+from ._ffi import C, c_string, ffi, read_c_string_into_buffer
+from .errors import AbortedError, ClosedError, InvalidParameterError, ModelLoadError
+from .progress import ProgressCallback, ProgressRelay, resolve
+from .vocab import Vocab
+
+if TYPE_CHECKING:
+    from .context import Context
+
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24          # magic, version (u32), tensor count (u64), key/value count (u64)
+SUPPORTED_GGUF_VERSIONS = (2, 3)
+
+_SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
+
+# llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state
+# (log capture, backend registry); loads are rare and long, so they are serialized.
+_load_lock = threading.Lock()
+
+
+def _check_file(path: Path) -> None:
+    """Reject what is certainly not a loadable GGUF before llama.cpp opens it, with a message that says why."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}; check the path (relative paths are resolved "
+                             f"from {Path.cwd()})")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; pass the path of a .gguf file inside it")
+    size = path.stat().st_size
+    if size < GGUF_HEADER_BYTES:
+        raise ModelLoadError(f"{path} is {size} bytes long, too short to be a GGUF model (a GGUF file "
+                             f"starts with a {GGUF_HEADER_BYTES}-byte header); the file is empty or truncated")
+    with open(path, "rb") as f:
+        header = f.read(8)
+    if header[:4] != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {header[:4]!r}, not b'GGUF'); "
+                             "llmplace loads GGUF models only: convert others with llama.cpp's convert_hf_to_gguf.py")
+    version = int.from_bytes(header[4:8], "little")
+    if version not in SUPPORTED_GGUF_VERSIONS:
+        raise ModelLoadError(f"{path} has GGUF version {version}; this llama.cpp reads versions "
+                             f"{SUPPORTED_GGUF_VERSIONS}. Re-convert the model with a current llama.cpp")
+
+
+class Model:
+    """A loaded model. Create with `llmplace.load(path)`; use as a context manager or call `close()`."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer",
+                 main_gpu: int = 0, use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
+                 check_tensors: bool = False, progress: bool | ProgressCallback | None = None) -> None:
+        self._handle = ffi.NULL
+        self.path = Path(os.fspath(path)).expanduser()
+        if not isinstance(n_gpu_layers, int):
+            raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
+        if split_mode not in _SPLIT_MODES:
+            raise InvalidParameterError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, not {split_mode!r}")
+        _check_file(self.path)
+        devices.ensure_initialized()
+
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.split_mode = _SPLIT_MODES[split_mode]
+        params.main_gpu = main_gpu
+        params.load_mode = {(True, False): C.LLAMA_LOAD_MODE_MMAP, (False, False): C.LLAMA_LOAD_MODE_NONE,
+                            (True, True): C.LLAMA_LOAD_MODE_MMAP_MLOCK,
+                            (False, True): C.LLAMA_LOAD_MODE_MLOCK}[(bool(use_mmap), bool(use_mlock))]
+        params.vocab_only = vocab_only
+        params.check_tensors = check_tensors
+        relay = ProgressRelay(resolve(progress, f"loading {self.path.name}"))
+        params.progress_callback = C._llmplace_progress_callback
+        params.progress_callback_user_data = relay.handle
+
+        with _load_lock, logs.capture() as native_messages:
+            handle = C.llama_model_load_from_file(str(self.path).encode(), params)
+        if relay.exception is not None:
+            if handle != ffi.NULL:
+                C.llama_model_free(handle)
+            raise relay.exception
+        if handle == ffi.NULL:
+            if relay.cancelled:
+                raise AbortedError(f"loading {self.path} was cancelled by the progress callback")
+            reason = "; ".join(m for m in native_messages if m) or "no reason given"
+            raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
+        self._handle = handle
+        self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
+        # Frees the model when the object is garbage-collected or at interpreter exit.
+        self._finalizer = weakref.finalize(self, C.llama_model_free, handle)
+        self.vocab = Vocab(self)
+
+    # ---- lifetime ----
+    @property
+    def _ptr(self):
+        if self._handle == ffi.NULL:
+            raise ClosedError("this Model is closed; load it again with llmplace.load(path)")
+        return self._handle
+
+    @property
+    def closed(self) -> bool:
+        return self._handle == ffi.NULL
+
+    def close(self) -> None:
+        """Free the model (and first every context still open on it). Safe to call twice."""
+        if self._handle == ffi.NULL:
+            return
+        for context in list(self._contexts):
+            context.close()
+        self._finalizer()
+        self._handle = ffi.NULL
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<llmplace.Model {self.path.name} (closed)>"
+        return f"<llmplace.Model {self.path.name}: {self.description}>"
+
+    # ---- metadata ----
+    @property
+    def arch(self) -> str:
+        return self.metadata.get("general.architecture", "")
+
+    @property
+    def description(self) -> str:
+        """llama.cpp's one-line description, e.g. 'llama 135M Q4_1'."""
+        return read_c_string_into_buffer(lambda buf, n: C.llama_model_desc(self._ptr, buf, n))
+
+    @property
+    def n_params(self) -> int:
+        return int(C.llama_model_n_params(self._ptr))
+
+    @property
+    def size(self) -> int:
+        """Bytes of all weights."""
+        return int(C.llama_model_size(self._ptr))
+
+    @property
+    def n_layer(self) -> int:
+        return C.llama_model_n_layer(self._ptr)
+
+    @property
+    def n_embd(self) -> int:
+        return C.llama_model_n_embd(self._ptr)
+
+    @property
+    def n_head(self) -> int:
+        return C.llama_model_n_head(self._ptr)
+
+    @property
+    def n_head_kv(self) -> int:
+        return C.llama_model_n_head_kv(self._ptr)
+
+    @property
+    def n_ctx_train(self) -> int:
+        return C.llama_model_n_ctx_train(self._ptr)
+
+    @property
+    def n_vocab(self) -> int:
+        return self.vocab.n_tokens
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template shipped in the GGUF (Jinja source), or None."""
+        value = C.llama_model_chat_template(self._ptr, ffi.NULL)
+        return None if value == ffi.NULL else c_string(value)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Every GGUF key/value as llama.cpp read it (long arrays are abbreviated by llama.cpp)."""
+        ptr = self._ptr
+        result = {}
+        for i in range(C.llama_model_meta_count(ptr)):
+            key = read_c_string_into_buffer(lambda buf, n: C.llama_model_meta_key_by_index(ptr, i, buf, n))
+            result[key] = read_c_string_into_buffer(
+                lambda buf, n: C.llama_model_meta_val_str_by_index(ptr, i, buf, n), 1024)
+        return result
+
+    # ---- shortcuts to the vocabulary ----
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens, *, special: bool = False) -> str:
+        return self.vocab.detokenize(tokens, special=special)
+
+
+def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
+         use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
+         progress: bool | ProgressCallback | None = None) -> Model:
+    """Load a GGUF model.
+
+    n_gpu_layers: layers offloaded to the GPU(s), -1 = all (nothing is offloaded without a GPU backend).
+    progress: a callable taking the fraction loaded (return False to cancel; an exception it raises is
+    re-raised here), True for a terminal bar, False for none; by default a bar appears on a terminal
+    when the load takes longer than a second.
+    """
+    return Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
+                 use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress)

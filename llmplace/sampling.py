@@ -1,0 +1,147 @@
+"""Sampling: validated parameters compiled into one llama.cpp sampler chain.
+
+A chain (never a bare sampler: `llama_sampler_sample` on a bare sampler allocates a vocabulary-sized
+buffer per call) in llama.cpp's usual order: logit bias → penalties → top-k → typical → top-p → min-p →
+temperature → draw. Temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import weakref
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from ._ffi import C, ffi
+from .errors import ClosedError, InvalidParameterError
+
+MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to sample with. Defaults are llama.cpp's command-line defaults; temperature=0 is greedy.
+
+    top_k: keep the k most likely tokens (0 = off). top_p: nucleus, keep the most likely tokens whose
+    probabilities add up to p (1 = off). min_p: drop tokens below p × the top probability (0 = off).
+    typical_p: locally typical sampling (1 = off). repeat_penalty / frequency_penalty / presence_penalty
+    apply to the last `penalty_last_n` tokens. seed: None = random. logit_bias: {token id: added logit}.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidParameterError(f"{name} must be a finite number, not {value!r}")
+            if value < low or value > high or (low_open and value == low):
+                bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+                raise InvalidParameterError(f"{name} must be in {bound}, got {value}")
+
+        number("temperature", self.temperature, 0.0, 100.0)
+        number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        number("min_p", self.min_p, 0.0, 1.0)
+        number("typical_p", self.typical_p, 0.0, 1.0, low_open=True)
+        number("repeat_penalty", self.repeat_penalty, 0.0, 100.0, low_open=True)
+        number("frequency_penalty", self.frequency_penalty, -100.0, 100.0)
+        number("presence_penalty", self.presence_penalty, -100.0, 100.0)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidParameterError(f"top_k must be an int >= 0 (0 = off), not {self.top_k!r}")
+        if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < -1:
+            raise InvalidParameterError(f"penalty_last_n must be an int >= -1 (-1 = whole context), "
+                                        f"not {self.penalty_last_n!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidParameterError(f"seed must be None or an int in [0, {MAX_SEED}], not {self.seed!r}")
+        for token, bias in dict(self.logit_bias).items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise InvalidParameterError(f"logit_bias keys must be token ids (ints >= 0), not {token!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
+                raise InvalidParameterError(f"logit_bias[{token}] must be a number, not {bias!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0) \
+            and self.penalty_last_n != 0
+
+
+class Sampler:
+    """A native sampler chain built from SamplingParams for one model's vocabulary."""
+
+    def __init__(self, n_vocab: int, params: SamplingParams | None = None) -> None:
+        self.params = params = params or SamplingParams()
+        for token in params.logit_bias:
+            if token >= n_vocab:
+                raise InvalidParameterError(f"logit_bias token id {token} is outside the vocabulary (0 .. {n_vocab - 1})")
+        chain_params = C.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        chain = C.llama_sampler_chain_init(chain_params)
+        self._handle = chain
+        self._finalizer = weakref.finalize(self, C.llama_sampler_free, chain)
+        # llama_sampler_chain_add takes ownership of each sampler.
+        add = lambda sampler: C.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if params.logit_bias:
+            biases = ffi.new("llama_logit_bias[]", len(params.logit_bias))
+            for i, (token, bias) in enumerate(params.logit_bias.items()):
+                biases[i].token, biases[i].bias = token, float(bias)
+            add(C.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
+        if params.uses_penalties:
+            add(C.llama_sampler_init_penalties(n_vocab, params.penalty_last_n, params.repeat_penalty,
+                                               params.frequency_penalty, params.presence_penalty))
+        if params.greedy:
+            add(C.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(C.llama_sampler_init_top_k(params.top_k))
+        if params.typical_p < 1.0:
+            add(C.llama_sampler_init_typical(params.typical_p, 1))
+        if params.top_p < 1.0:
+            add(C.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(C.llama_sampler_init_min_p(params.min_p, 1))
+        add(C.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
+        add(C.llama_sampler_init_dist(seed))
+
+    @property
+    def _ptr(self):
+        if self._handle == ffi.NULL:
+            raise ClosedError("this Sampler is closed")
+        return self._handle
+
+    def sample(self, context, index: int = -1) -> int:
+        """Draw the next token from the logits of output `index` of `context` (and record it for penalties)."""
+        return C.llama_sampler_sample(self._ptr, context._ptr, index)
+
+    def accept(self, token: int) -> None:
+        """Record a token the sampler did not draw (e.g. the prompt), for repetition penalties."""
+        C.llama_sampler_accept(self._ptr, token)
+
+    def reset(self) -> None:
+        C.llama_sampler_reset(self._ptr)
+
+    def close(self) -> None:
+        if self._handle != ffi.NULL:
+            self._finalizer()
+            self._handle = ffi.NULL
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

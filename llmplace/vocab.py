@@ -1,0 +1,135 @@
+"""Vocabulary: text ↔ tokens, token pieces, special tokens."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+from ._ffi import C, ffi
+from .errors import TokenizationError
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+def encode_utf8(text: str | bytes, what: str = "text") -> bytes:
+    """UTF-8 bytes of `text`; invalid input raises TokenizationError saying where and how to fix it."""
+    if isinstance(text, bytes):
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TokenizationError(
+                f"{what} is not valid UTF-8 (byte {exc.start}: {text[exc.start:exc.start + 4]!r}); "
+                "decode it yourself, e.g. data.decode('utf-8', errors='replace'), and pass a str") from None
+        return text
+    if not isinstance(text, str):
+        raise TokenizationError(f"{what} must be str or bytes, not {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TokenizationError(
+            f"{what} contains a character that cannot be encoded as UTF-8 at index {exc.start} "
+            f"({text[exc.start]!r}, a lone surrogate); clean it with "
+            "text.encode('utf-8', errors='replace').decode()") from None
+
+
+class Vocab:
+    """The tokenizer of a loaded model. Obtained as `model.vocab`."""
+
+    def __init__(self, model: "Model") -> None:
+        self._model = model
+        self._pieces: dict[int, bytes] = {}      # token → bytes of its piece (special tokens not rendered)
+        self._buf = ffi.new("char[]", 256)
+
+    @property
+    def _ptr(self):
+        return C.llama_model_get_vocab(self._model._ptr)
+
+    @property
+    def n_tokens(self) -> int:
+        return C.llama_vocab_n_tokens(self._ptr)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    # ---- special tokens (None where the model has none) ----
+    def _special(self, token: int) -> int | None:
+        return None if token == C.LLAMA_TOKEN_NULL else int(token)
+
+    @property
+    def bos(self) -> int | None:
+        return self._special(C.llama_vocab_bos(self._ptr))
+
+    @property
+    def eos(self) -> int | None:
+        return self._special(C.llama_vocab_eos(self._ptr))
+
+    @property
+    def eot(self) -> int | None:
+        return self._special(C.llama_vocab_eot(self._ptr))
+
+    @property
+    def nl(self) -> int | None:
+        return self._special(C.llama_vocab_nl(self._ptr))
+
+    @property
+    def pad(self) -> int | None:
+        return self._special(C.llama_vocab_pad(self._ptr))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(C.llama_vocab_get_add_bos(self._ptr))
+
+    def is_eog(self, token: int) -> bool:
+        """Does this token end generation (EOS, EOT, or another end-of-generation token)?"""
+        return bool(C.llama_vocab_is_eog(self._ptr, token))
+
+    def is_control(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_control(self._ptr, token))
+
+    def token_text(self, token: int) -> str:
+        """The token's entry in the vocabulary, as stored (e.g. 'Ġhello' for byte-level BPE)."""
+        self._check_token(token)
+        return ffi.string(C.llama_vocab_get_text(self._ptr, token)).decode("utf-8", errors="replace")
+
+    # ---- conversion ----
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Tokens of `text`. `add_special` adds BOS/EOS as the model asks; `parse_special` lets text such as
+        '<|im_start|>' become its special token instead of plain characters."""
+        data = encode_utf8(text)
+        n_max = len(data) + 8
+        tokens = ffi.new("llama_token[]", n_max)
+        n = C.llama_tokenize(self._ptr, data, len(data), tokens, n_max, add_special, parse_special)
+        if n < 0:
+            if n == -(2**31):
+                raise TokenizationError("the text is too long to tokenize (more than 2^31 tokens)")
+            n_max = -n
+            tokens = ffi.new("llama_token[]", n_max)
+            n = C.llama_tokenize(self._ptr, data, len(data), tokens, n_max, add_special, parse_special)
+            if n < 0:
+                raise TokenizationError("llama_tokenize failed twice with a buffer of the size it asked for")
+        return list(tokens[0:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes one token stands for. A multi-byte character may be split across tokens, so pieces
+        are bytes; join and decode them (or use `detokenize`)."""
+        if not special:
+            cached = self._pieces.get(token)
+            if cached is not None:
+                return cached
+        self._check_token(token)
+        n = C.llama_token_to_piece(self._ptr, token, self._buf, len(self._buf), 0, special)
+        if n < 0:
+            self._buf = ffi.new("char[]", -n)
+            n = C.llama_token_to_piece(self._ptr, token, self._buf, len(self._buf), 0, special)
+        data = ffi.unpack(self._buf, n)
+        if not special:
+            self._pieces[token] = data
+        return data
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """Text of `tokens` (invalid UTF-8 at the edges of a partial sequence becomes U+FFFD)."""
+        return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+
+    def _check_token(self, token: int) -> None:
+        if not isinstance(token, int) or not 0 <= token < self.n_tokens:
+            raise TokenizationError(f"token id {token!r} is outside the vocabulary (0 .. {self.n_tokens - 1})")
