@@ -27,13 +27,15 @@ import os
 import sys
 import time
 import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator, Literal, NamedTuple, Union
-
-import numpy as np
+from typing import ClassVar, Literal, NamedTuple, Union
 
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType as VType
 
@@ -324,7 +326,7 @@ _FILE_TYPES = {
 }
 # RMS of the integer codes of uniformly random blocks: Q4_0 codes are nibble - 8 (-8..7), Q8_0 codes int8.
 _CODE_RMS = {QType.Q4_0: math.sqrt((16**2 - 1) / 12 + 0.25), QType.Q8_0: math.sqrt((256**2 - 1) / 12 + 0.25)}
-_CHUNK_WEIGHTS = 1 << 24  # weights generated per step: bounds the memory a tensor of any size needs
+_CHUNK_WEIGHTS = 1 << 22  # weights per generated chunk (Q4_0: 2.25 MiB): bounds memory for any tensor size
 
 
 def _nbytes(ne: tuple[int, ...], qtype: QType) -> int:
@@ -332,58 +334,81 @@ def _nbytes(ne: tuple[int, ...], qtype: QType) -> int:
     return math.prod(ne) // block * size
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
-    """One stream per tensor, keyed by its name: a tensor's bytes don't depend on the tensors before it."""
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(name.encode())]))
-
-
-def _quant_chunks(rng: np.random.Generator, n_blocks: int, qtype: QType, std: float) -> Iterator[np.ndarray]:
-    """Raw Q4_0/Q8_0 blocks of uniformly random codes whose dequantized weights have about `std` RMS.
+def _quant_blocks(rng: np.random.Generator, n: int, qtype: QType, std: float) -> np.ndarray:
+    """`n` raw Q4_0/Q8_0 blocks of uniformly random codes whose dequantized weights have about `std` RMS.
 
     A block is an fp16 scale d followed by the codes (Q4_0: 16 bytes of nibble pairs, Q8_0: 32 int8).
     Every bit pattern of the code bytes is valid, so they are random 64-bit words viewed as bytes, the
     fastest thing numpy generates. Scales are drawn from a 256-entry table of both signs (a random sign
     cancels the codes' -0.5 mean) and magnitudes 0.75..1.25 x the target, all finite and small.
     """
-    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    code_words = (type_size - 2) // 8  # 64-bit words of codes per block: 2 (Q4_0) or 4 (Q8_0)
+    type_size = gguf.GGML_QUANT_SIZES[qtype][1]
+    code_bytes = type_size - 2  # 16 (Q4_0) or 32 (Q8_0)
     magnitude = std / _CODE_RMS[qtype] * np.linspace(0.75, 1.25, 128, dtype=np.float32)
     table = np.concatenate([magnitude, -magnitude]).astype(np.float16)
-    per_chunk = max(1, _CHUNK_WEIGHTS // block_size)
-    for start in range(0, n_blocks, per_chunk):
-        n = min(per_chunk, n_blocks - start)
-        words = rng.integers(0, np.iinfo(np.uint64).max, size=n * code_words + (n + 7) // 8,
-                             dtype=np.uint64, endpoint=True)
-        raw = words.view(np.uint8)
-        out = np.empty((n, type_size), dtype=np.uint8)
-        out[:, 2:] = raw[: n * code_words * 8].reshape(n, type_size - 2)
-        out[:, :2] = table[raw[n * code_words * 8:][:n]].view(np.uint8).reshape(n, 2)
-        yield out
+    words = rng.integers(0, np.iinfo(np.uint64).max, size=(n * (code_bytes + 1) + 7) // 8,
+                         dtype=np.uint64, endpoint=True)
+    raw = words.view(np.uint8)  # n * code_bytes code bytes, then n scale indices
+    out = np.empty((n, type_size), dtype=np.uint8)
+    out[:, 2:] = raw[: n * code_bytes].reshape(n, code_bytes)
+    out[:, :2] = table[raw[n * code_bytes: n * (code_bytes + 1)]].view(np.uint8).reshape(n, 2)
+    return out
 
 
-def _float_chunks(rng: np.random.Generator, n: int, dtype: type, mean: float, std: float) -> Iterator[np.ndarray]:
-    """Normal(mean, std) values in `dtype` (f16 or f32), a chunk at a time."""
-    for start in range(0, n, _CHUNK_WEIGHTS):
-        chunk = rng.standard_normal(min(_CHUNK_WEIGHTS, n - start), dtype=np.float32)
-        chunk *= std
-        chunk += mean
-        yield chunk.astype(dtype, copy=False)
+def _chunk_jobs(spec: _TensorSpec, qtype: QType, seed: int) -> Iterator[Callable[[], np.ndarray]]:
+    """The tensor's bytes as independent jobs, one per chunk, in file order.
 
-
-def _tensor_chunks(spec: _TensorSpec, qtype: QType, seed: int) -> Iterator[np.ndarray]:
-    rng = _rng(seed, spec.name)
+    Each chunk has its own random stream keyed by (seed, tensor name, chunk index), so chunks can be
+    generated in parallel and in any order, and a tensor's bytes don't depend on the tensors before it.
+    """
     n = math.prod(spec.ne)
+    key = zlib.crc32(spec.name.encode())
     if spec.kind == "norm":
         # RMSNorm gains near 1: the normalized activations keep unit scale
-        yield from _float_chunks(rng, n, np.float32, 1.0, 0.02)
-        return
-    # 1/sqrt(fan-in) keeps every projection's output near unit scale, so activations, attention scores
-    # and logits stay finite in f16 through any number of layers; router logits vary, so routing does too.
-    std = 1.0 / math.sqrt(spec.ne[0])
-    if qtype in _CODE_RMS:
-        yield from _quant_chunks(rng, n // gguf.GGML_QUANT_SIZES[qtype][0], qtype, std)
+        mean, std = 1.0, 0.02
     else:
-        yield from _float_chunks(rng, n, np.float16 if qtype == QType.F16 else np.float32, 0.0, std)
+        # 1/sqrt(fan-in) keeps every projection's output near unit scale, so activations, attention
+        # scores and logits stay finite (also in f16) through any number of layers; router logits vary,
+        # so tokens are spread over the experts as in a trained model.
+        mean, std = 0.0, 1.0 / math.sqrt(spec.ne[0])
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    float_type = np.float16 if qtype == QType.F16 else np.float32
+    step = _CHUNK_WEIGHTS // block * block
+    for index, start in enumerate(range(0, n, step)):
+        seeds = np.random.SeedSequence([seed, key, index])
+        count = min(step, n - start)
+        if qtype in _CODE_RMS:
+            yield functools.partial(_quant_blocks, np.random.default_rng(seeds), count // block, qtype, std)
+        else:
+            yield functools.partial(_normal, np.random.default_rng(seeds), count, mean, std, float_type)
+
+
+def _normal(rng: np.random.Generator, n: int, mean: float, std: float, dtype: type) -> np.ndarray:
+    """`n` Normal(mean, std) values as `dtype` (f16 or f32)."""
+    values = rng.standard_normal(n, dtype=np.float32)
+    values *= std
+    values += mean
+    return values.astype(dtype, copy=False)
+
+
+def _run_ahead(
+    jobs: Iterable[tuple[bool, Callable[[], np.ndarray]]], workers: int
+) -> Iterator[tuple[bool, np.ndarray]]:
+    """Run the jobs on `workers` threads, at most 2 x workers ahead of the consumer, yielding in order.
+
+    numpy's random generators and file writes release the GIL, so chunks are generated in parallel and
+    overlap the disk; the bounded lookahead keeps memory at a few dozen chunks however large the model.
+    """
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[tuple[bool, Future[np.ndarray]]] = deque()
+        for tag, job in jobs:
+            pending.append((tag, pool.submit(job)))
+            if len(pending) > 2 * workers:
+                head, future = pending.popleft()
+                yield head, future.result()
+        while pending:
+            head, future = pending.popleft()
+            yield head, future.result()
 
 
 def _pad(fout, alignment: int) -> None:
@@ -433,19 +458,17 @@ def write_model(
     n_vocab = _copy_tokenizer(writer, source)
     _hparams(writer, shape, n_vocab)
 
-    plan = _tensor_plan(shape, n_vocab)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    types: list[QType] = []
-    for spec in plan:
-        t = QType.F32 if spec.kind != "matrix" else qtype
-        if spec.ne[0] % gguf.GGML_QUANT_SIZES[t][0]:
+    # each tensor with its storage type: matrices in `dtype`, norms and the router in f32
+    layout = [(spec, qtype if spec.kind == "matrix" else QType.F32) for spec in _tensor_plan(shape, n_vocab)]
+    for spec, t in layout:
+        block = gguf.GGML_QUANT_SIZES[t][0]
+        if spec.ne[0] % block:
             raise ValueError(
                 f"{spec.name} has rows of {spec.ne[0]} weights, not a multiple of {dtype}'s block of {block}: "
                 "choose dimensions divisible by 32 or dtype='f16'"
             )
-        types.append(t)
         # gguf-py takes numpy-order shapes (reversed ggml order); a non-uint8 dtype with raw_dtype makes
-        # it take the shape as element counts rather than bytes
+        # it read the shape as element counts rather than bytes
         writer.add_tensor_info(spec.name, tuple(reversed(spec.ne)), np.dtype(np.float32),
                                _nbytes(spec.ne, t), raw_dtype=t)
 
@@ -455,17 +478,26 @@ def write_model(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         writer.close()
-        # The tensor data: the same layout GGUFWriter.write_tensor_data produces (each tensor starts at an
+        # The tensor data: the layout GGUFWriter.write_tensor_data produces (each tensor starts at an
         # aligned offset, in plan order), but appended a chunk at a time.
+        # (first chunk of its tensor?, job) for every chunk of every tensor, in file order:
+        jobs = (
+            (index == 0, job)
+            for spec, t in layout
+            for index, job in enumerate(_chunk_jobs(spec, t, seed))
+        )
         with open(path, "ab") as fout:
-            for spec, t in zip(plan, types):
-                _pad(fout, writer.data_alignment)
-                written = 0
-                for chunk in _tensor_chunks(spec, t, seed):
-                    fout.write(chunk.data)
-                    written += chunk.nbytes
-                assert written == _nbytes(spec.ne, t), spec.name
             _pad(fout, writer.data_alignment)
+            data_start = fout.tell()
+            for first, chunk in _run_ahead(jobs, workers=min(8, os.cpu_count() or 1)):
+                if first:
+                    _pad(fout, writer.data_alignment)
+                fout.write(chunk.data)
+            _pad(fout, writer.data_alignment)
+            # the offsets in the tensor table assume each tensor padded to the alignment, in plan order
+            expected = sum(writer.ggml_pad(_nbytes(spec.ne, t), writer.data_alignment) for spec, t in layout)
+            if fout.tell() - data_start != expected:
+                raise RuntimeError(f"wrote {fout.tell() - data_start} bytes of tensor data, expected {expected}")
     except BaseException:
         writer.close()
         path.unlink(missing_ok=True)  # never leave a truncated file that looks like a model

@@ -80,25 +80,33 @@ class _ArraySizeToEllipsis(c_ast.NodeVisitor):
         self.generic_visit(node)
 
 
-def to_cdef(declarations: str, exported: set[str]) -> tuple[str, list[str]]:
-    """Return the cdef text and the names of declared functions dropped because no library exports them."""
-    # Names cffi knows but pycparser does not, made parseable by placeholder typedefs.
-    prelude = "typedef int size_t; typedef int FILE; typedef int va_list;\n" + "".join(
-        f"typedef int {t};\n" for t in (
-            "int8_t", "int16_t", "int32_t", "int64_t", "uint8_t", "uint16_t", "uint32_t", "uint64_t",
-            "intptr_t", "uintptr_t", "ptrdiff_t"))
-    ast = pycparser.CParser().parse(prelude + declarations, filename="<llama headers>")
+# Names cffi knows but pycparser does not, made parseable by placeholder typedefs (not emitted).
+_PRELUDE = "typedef int size_t; typedef int FILE; typedef int va_list;\n" + "".join(
+    f"typedef int {t};\n" for t in (
+        "int8_t", "int16_t", "int32_t", "int64_t", "uint8_t", "uint16_t", "uint32_t", "uint64_t",
+        "intptr_t", "uintptr_t", "ptrdiff_t"))
+
+
+def to_cdef(declarations: str, keep_function) -> tuple[str, list[str]]:
+    """Return the cdef text and the names of the functions `keep_function(name)` rejected."""
+    ast = pycparser.CParser().parse(_PRELUDE + declarations, filename="<llama headers>")
     generator = c_generator.CGenerator()
-    n_prelude = prelude.count("\n")
-    out, dropped = [], []
+    n_prelude = _PRELUDE.count("\n")
+    out, dropped, seen_typedefs = [], [], set()
     for index, node in enumerate(ast.ext):
         if index < n_prelude:
             continue
-        if isinstance(node, c_ast.Decl) and isinstance(node.type, c_ast.FuncDecl) and node.name not in exported:
+        if isinstance(node, c_ast.Decl) and isinstance(node.type, c_ast.FuncDecl) and not keep_function(node.name):
             dropped.append(node.name)
             continue
         _ArraySizeToEllipsis().visit(node)
-        out.append(generator.visit(node).replace("__dotdotdot__", "...") + ";")
+        text = generator.visit(node).replace("__dotdotdot__", "...") + ";"
+        # C11 allows repeating an identical typedef (ggml-alloc.h and ggml-backend.h both declare
+        # ggml_backend_buffer_type_t); cffi does not.
+        if isinstance(node, c_ast.Typedef) and text in seen_typedefs:
+            continue
+        seen_typedefs.add(text)
+        out.append(text)
     return "\n".join(out) + "\n", dropped
 
 
@@ -112,7 +120,8 @@ def main() -> None:
     args = parser.parse_args()
 
     declarations = keep_own_declarations(preprocess(args.cc, args.include))
-    cdef, dropped = to_cdef(declarations, exported_symbols(args.library))
+    exported = exported_symbols(args.library)
+    cdef, dropped = to_cdef(declarations, exported.__contains__)
     cdef += PYTHON_CALLBACKS
     if dropped:
         print(f"build_cffi: {len(dropped)} declared functions not exported, left out: {', '.join(sorted(dropped))}",

@@ -5,6 +5,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#ifndef __cplusplus
+#include <stdbool.h>
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -24,7 +27,7 @@ int llmplace_regex_search(const char * pattern, const char * text);
 /* An abort callback for llama_context_params / llama_set_abort_callback: returns true once the int that
  * user_data points to is non-zero. ggml calls the abort callback at every graph node, so it lives in C:
  * a Python callback there would cost a GIL round trip per node. */
-_Bool llmplace_abort_if_flag_set(void * user_data);
+bool llmplace_abort_if_flag_set(void * user_data);
 
 #ifdef __cplusplus
 }

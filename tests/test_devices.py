@@ -1,0 +1,38 @@
+"""Backends load from llmplace's own folders and the device list describes them."""
+
+from __future__ import annotations
+
+import llmplace
+from llmplace._ffi import LIB_DIR
+
+
+def test_cpu_device_is_listed_with_memory_and_buffer_types():
+    devices = llmplace.devices()
+    cpu = [d for d in devices if d.kind == "cpu"]
+    assert len(cpu) == 1
+    assert cpu[0].name == "CPU"
+    assert cpu[0].buffer_type == "CPU"
+    assert cpu[0].memory_total > 1 << 30
+    assert 0 < cpu[0].memory_free <= cpu[0].memory_total
+    assert all(d.kind in {"cpu", "gpu", "igpu", "accel", "rpc", "meta"} for d in devices)
+
+
+def test_backend_modules_come_from_the_package_folder_and_all_load():
+    modules = llmplace.backend_modules()
+    names = {m.name for m in modules}
+    assert {"cpu", "rpc"} <= names
+    for m in modules:
+        assert m.loaded, f"{m.path}: {m.error}"
+        assert m.path.parent == LIB_DIR
+
+
+def test_device_lookup_by_name():
+    from llmplace.devices import device
+
+    assert device("cpu").name == "CPU"
+    try:
+        device("CUDA7")
+    except llmplace.DeviceNotFoundError as exc:
+        assert "CPU" in str(exc)
+    else:  # pragma: no cover
+        raise AssertionError("expected DeviceNotFoundError")
