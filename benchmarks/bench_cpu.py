@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import llmplace
-from llmplace._ffi import BIN_DIR
+from llmplace._ffi import BIN_DIR, LIB_DIR
 
 N_PROMPT, N_GEN = 512, 128
 
@@ -31,7 +31,7 @@ N_PROMPT, N_GEN = 512, 128
 def llama_bench(model: Path, threads: int, flash_attn: int) -> dict[str, float]:
     cmd = [str(BIN_DIR / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(N_PROMPT),
            "-n", str(N_GEN), "-b", "2048", "-ub", "512", "-fa", str(flash_attn), "-ngl", "0", "-r", "1", "-o", "json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=LIB_DIR)
     rows = json.loads(out.stdout)
     result = {}
     for row in rows:

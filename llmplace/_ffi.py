@@ -26,6 +26,8 @@ C = _llmplace_cffi.lib
 # site-packages: locate the libraries from the compiled module, not from this file.
 PACKAGE_NATIVE_DIR = Path(_llmplace_cffi.__file__).resolve().parent
 LIB_DIR = PACKAGE_NATIVE_DIR / "lib"
+# The programs find backend modules the way ggml does by default (their own folder, then the current
+# directory): run them with cwd=LIB_DIR.
 BIN_DIR = PACKAGE_NATIVE_DIR / "bin"
 
 

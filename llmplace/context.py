@@ -64,8 +64,8 @@ class Context:
         _positive_int("n_batch", n_batch, MAX_N_CTX)
         _positive_int("n_ubatch", n_ubatch, MAX_N_CTX)
         _positive_int("n_seq_max", n_seq_max, 256)
-        n_threads = _positive_int("n_threads", n_threads or default_threads(), 1024)
-        n_threads_batch = _positive_int("n_threads_batch", n_threads_batch or n_threads, 1024)
+        n_threads = _positive_int("n_threads", default_threads() if n_threads is None else n_threads, 1024)
+        n_threads_batch = _positive_int("n_threads_batch", n_threads if n_threads_batch is None else n_threads_batch, 1024)
         if flash_attn not in _FLASH_ATTN:
             raise InvalidParameterError(f"flash_attn must be 'auto', True or False, not {flash_attn!r}")
         for name, value in (("type_k", type_k), ("type_v", type_v)):
@@ -101,7 +101,9 @@ class Context:
         self._finalizer = weakref.finalize(self, C.llama_free, handle)
         # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.
         self.tokens: list[int] = []
-        self._token_buf = ffi.new("llama_token[]", n_batch)
+        # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since
+        # a larger batch fails an assertion that aborts the process.
+        self._token_buf = ffi.new("llama_token[]", C.llama_n_batch(handle))
 
     # ---- lifetime ----
     @property

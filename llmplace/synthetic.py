@@ -125,7 +125,7 @@ class Qwen3MoeShape(_Shape):
 
 Shape = Union[LlamaShape, Qwen3MoeShape]
 
-# Tiny models for CI: a few hundred KB of weights (most of the file is the copied tokenizer's embeddings).
+# Tiny models for CI: ~5 MB files with a 49152-token vocabulary, mostly token_embd, output and the tokenizer.
 TINY_LLAMA = LlamaShape(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2)
 TINY_QWEN3MOE = Qwen3MoeShape(
     n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, head_dim=16,
@@ -337,22 +337,21 @@ def _nbytes(ne: tuple[int, ...], qtype: QType) -> int:
 def _quant_blocks(rng: np.random.Generator, n: int, qtype: QType, std: float) -> np.ndarray:
     """`n` raw Q4_0/Q8_0 blocks of uniformly random codes whose dequantized weights have about `std` RMS.
 
-    A block is an fp16 scale d followed by the codes (Q4_0: 16 bytes of nibble pairs, Q8_0: 32 int8).
-    Every bit pattern of the code bytes is valid, so they are random 64-bit words viewed as bytes, the
-    fastest thing numpy generates. Scales are drawn from a 256-entry table of both signs (a random sign
-    cancels the codes' -0.5 mean) and magnitudes 0.75..1.25 x the target, all finite and small.
+    A block is a little-endian fp16 scale d followed by the codes (Q4_0: 16 bytes of nibble pairs,
+    Q8_0: 32 int8). Every bit pattern of the code bytes is valid, so the whole chunk is random 64-bit
+    words viewed as bytes (the fastest thing numpy generates, with no copy), and then each block's first
+    two bytes are turned into a valid small scale in place: the target scale's bits with a random sign
+    (cancelling the codes' -0.5 mean) and random low mantissa bits (magnitude within ~12% of the target).
     """
     type_size = gguf.GGML_QUANT_SIZES[qtype][1]
-    code_bytes = type_size - 2  # 16 (Q4_0) or 32 (Q8_0)
-    magnitude = std / _CODE_RMS[qtype] * np.linspace(0.75, 1.25, 128, dtype=np.float32)
-    table = np.concatenate([magnitude, -magnitude]).astype(np.float16)
-    words = rng.integers(0, np.iinfo(np.uint64).max, size=(n * (code_bytes + 1) + 7) // 8,
-                         dtype=np.uint64, endpoint=True)
-    raw = words.view(np.uint8)  # n * code_bytes code bytes, then n scale indices
-    out = np.empty((n, type_size), dtype=np.uint8)
-    out[:, 2:] = raw[: n * code_bytes].reshape(n, code_bytes)
-    out[:, :2] = table[raw[n * code_bytes: n * (code_bytes + 1)]].view(np.uint8).reshape(n, 2)
-    return out
+    target = np.float16(std / _CODE_RMS[qtype]).view(np.uint16)
+    random_bits = np.uint16(0x8000 | 0x007F)  # sign and the 7 low mantissa bits
+    words = rng.integers(0, np.iinfo(np.uint64).max, size=(n * type_size + 7) // 8, dtype=np.uint64, endpoint=True)
+    blocks = words.view(np.uint8)[: n * type_size].reshape(n, type_size)
+    scales = blocks.view("<u2")[:, 0]  # a strided view of each block's scale
+    scales &= random_bits
+    scales |= target & ~random_bits
+    return blocks
 
 
 def _chunk_jobs(spec: _TensorSpec, qtype: QType, seed: int) -> Iterator[Callable[[], np.ndarray]]:
@@ -396,8 +395,9 @@ def _run_ahead(
 ) -> Iterator[tuple[bool, np.ndarray]]:
     """Run the jobs on `workers` threads, at most 2 x workers ahead of the consumer, yielding in order.
 
-    numpy's random generators and file writes release the GIL, so chunks are generated in parallel and
-    overlap the disk; the bounded lookahead keeps memory at a few dozen chunks however large the model.
+    numpy's integer generation and file writes release the GIL, so quantized chunks are generated in
+    parallel and overlap the disk (f16/f32 normals hold the GIL: slower, and not the benchmark case);
+    the bounded lookahead keeps memory at a few dozen chunks however large the model.
     """
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: deque[tuple[bool, Future[np.ndarray]]] = deque()
@@ -441,6 +441,8 @@ def write_model(
     """
     if dtype not in _QTYPES:
         raise ValueError(f"dtype must be one of {sorted(_QTYPES)}, got {dtype!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(shape, (LlamaShape, Qwen3MoeShape)):
         raise TypeError(f"shape must be a LlamaShape or Qwen3MoeShape, got {type(shape).__name__}")
     shape._check()

@@ -82,7 +82,9 @@ def test_invalid_utf8_bytes_in_prompt(smollm2, still_works):
 def test_prompt_longer_than_context(smollm2, still_works):
     with llmplace.Context(smollm2, n_ctx=64) as ctx:
         with pytest.raises(ContextOverflowError, match="larger n_ctx"):
-            llmplace.generate(smollm2, "word " * 200, max_tokens=4, context=ctx)
+            llmplace.generate(smollm2, "word " * (ctx.n_ctx + 10), max_tokens=4, context=ctx)
+        with pytest.raises(ContextOverflowError, match="larger n_ctx"):
+            ctx.decode(smollm2.tokenize("word " * (ctx.n_ctx + 10)))
         # The context stays usable after the refusal.
         assert llmplace.generate(smollm2, "Hello", max_tokens=2, temperature=0, context=ctx).tokens
 

@@ -83,7 +83,7 @@ def _types_only_cdef() -> str:
     """The shipped cdef reduced to its types plus two functions, so each probe compiles in seconds."""
     build_cffi = _load_build_cffi()
     text = (PACKAGE_NATIVE_DIR / "llmplace_cdef.h").read_text()
-    text = "\n".join(line for line in text.splitlines() if not line.startswith('extern "Python"'))
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(('extern "Python"', "#define")))
     text = text.replace("[...]", "[__dotdotdot__]")
     keep = {"llama_context_default_params", "llama_model_default_params"}
     cdef, _ = build_cffi.to_cdef(text, keep.__contains__)

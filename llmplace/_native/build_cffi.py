@@ -49,6 +49,20 @@ def preprocess(cc: str, include_dirs: list[str]) -> str:
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
+def integer_macros(cc: str, include_dirs: list[str]) -> str:
+    """`#define NAME ...` lines for llama.cpp's and ggml's integer constants (LLAMA_TOKEN_NULL, GGML_MAX_DIMS ...):
+    cffi takes each value from the compiler, so the numbers are never copied by hand."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapper = os.path.join(tmp, "all.h")
+        with open(wrapper, "w") as f:
+            f.writelines(f'#include "{h}"\n' for h in HEADERS)
+        cmd = [cc, "-E", "-dM", "-std=c11", *(f"-I{d}" for d in include_dirs), wrapper]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    integer = re.compile(r"^#define ((?:LLAMA|GGML)_[A-Z0-9_]+) \(?-?(?:0x[0-9a-fA-F]+|\d+)[uUlL]*\)?$")
+    names = sorted(m.group(1) for m in map(integer.match, out.splitlines()) if m)
+    return "".join(f"#define {name} ...\n" for name in names)
+
+
 def keep_own_declarations(preprocessed: str) -> str:
     kept, keep = [], False
     marker = re.compile(r'^# \d+ "([^"]+)"')
@@ -122,7 +136,7 @@ def main() -> None:
     declarations = keep_own_declarations(preprocess(args.cc, args.include))
     exported = exported_symbols(args.library)
     cdef, dropped = to_cdef(declarations, exported.__contains__)
-    cdef += PYTHON_CALLBACKS
+    cdef += integer_macros(args.cc, args.include) + PYTHON_CALLBACKS
     if dropped:
         print(f"build_cffi: {len(dropped)} declared functions not exported, left out: {', '.join(sorted(dropped))}",
               file=sys.stderr)
