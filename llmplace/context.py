@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from . import logs
+from .backends import cpu_backend_function
 from ._ffi import C, ffi
 from .errors import ClosedError, ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
@@ -41,6 +42,32 @@ def _positive_int(name: str, value, upper: int) -> int:
     if not 1 <= value <= upper:
         raise InvalidParameterError(f"{name} must be between 1 and {upper}, got {value}")
     return value
+
+
+def _thread_pool_functions():
+    new = cpu_backend_function("ggml_threadpool_new", "struct ggml_threadpool *(*)(struct ggml_threadpool_params *)")
+    free = cpu_backend_function("ggml_threadpool_free", "void (*)(struct ggml_threadpool *)")
+    return new, free
+
+
+def _attach_thread_pools(handle, n_threads: int, n_threads_batch: int) -> list:
+    new, _ = _thread_pool_functions()
+    pools = []
+    for n in dict.fromkeys((n_threads, n_threads_batch)):  # one pool per distinct thread count
+        params = ffi.new("struct ggml_threadpool_params *", C.ggml_threadpool_params_default(n))
+        pool = new(params)
+        if pool == ffi.NULL:
+            raise OutOfMemoryError(f"could not start a pool of {n} CPU threads")
+        pools.append(pool)
+    C.llama_attach_threadpool(handle, pools[0], pools[-1])
+    return pools
+
+
+def _free_context(handle, pools) -> None:
+    C.llama_free(handle)  # first: the context's backend still points at the pools
+    _, free = _thread_pool_functions()
+    for pool in pools:
+        free(pool)
 
 
 class Context:
@@ -98,7 +125,10 @@ class Context:
         self._handle = handle
         self.model = model
         model._contexts.add(self)
-        self._finalizer = weakref.finalize(self, C.llama_free, handle)
+        # A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
+        # graph computation, i.e. every generated token (measured: ~15% slower decoding on 2 cores).
+        pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
+        self._finalizer = weakref.finalize(self, _free_context, handle, pools)
         # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.
         self.tokens: list[int] = []
         # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since

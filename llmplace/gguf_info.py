@@ -8,7 +8,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelLoadError
+
 _LAYER = re.compile(r"^blk\.(\d+)\.")
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24          # magic, version (u32), tensor count (u64), key/value count (u64)
+SUPPORTED_GGUF_VERSIONS = (2, 3)
+
+
+def check_header(path: Path) -> None:
+    """Reject what is certainly not a loadable GGUF before llama.cpp opens it, with a message that says why."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}; check the path (relative paths are resolved "
+                             f"from {Path.cwd()})")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; pass the path of a .gguf file inside it")
+    size = path.stat().st_size
+    if size < GGUF_HEADER_BYTES:
+        raise ModelLoadError(f"{path} is {size} bytes long, too short to be a GGUF model (a GGUF file "
+                             f"starts with a {GGUF_HEADER_BYTES}-byte header); the file is empty or truncated")
+    with open(path, "rb") as f:
+        header = f.read(8)
+    if header[:4] != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {header[:4]!r}, not b'GGUF'); "
+                             "llmplace loads GGUF models only: convert others with llama.cpp's convert_hf_to_gguf.py")
+    version = int.from_bytes(header[4:8], "little")
+    if version not in SUPPORTED_GGUF_VERSIONS:
+        raise ModelLoadError(f"{path} has GGUF version {version}; this llama.cpp reads versions "
+                             f"{SUPPORTED_GGUF_VERSIONS}. Re-convert the model with a current llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -40,7 +67,11 @@ def read(path: str | os.PathLike) -> GGUFInfo:
     """Parse the header, key/values and tensor table of a GGUF file (tensor data is not read)."""
     from gguf import GGUFReader  # imported here: it is slow to import and only needed for inspection
 
-    reader = GGUFReader(os.fspath(path), "r")
+    check_header(Path(path))
+    try:
+        reader = GGUFReader(os.fspath(path), "r")
+    except (ValueError, IndexError, OSError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
     metadata = {}
     for name, field in reader.fields.items():
         if name.startswith("GGUF."):

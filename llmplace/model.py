@@ -8,46 +8,22 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import devices, logs
+from . import logs
+from .backends import ensure_initialized
 from ._ffi import C, c_string, ffi, read_c_string_into_buffer
 from .errors import AbortedError, ClosedError, InvalidParameterError, ModelLoadError
+from .gguf_info import check_header
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
 
 if TYPE_CHECKING:
     from .context import Context
 
-GGUF_MAGIC = b"GGUF"
-GGUF_HEADER_BYTES = 24          # magic, version (u32), tensor count (u64), key/value count (u64)
-SUPPORTED_GGUF_VERSIONS = (2, 3)
-
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 
 # llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state
 # (log capture, backend registry); loads are rare and long, so they are serialized.
 _load_lock = threading.Lock()
-
-
-def _check_file(path: Path) -> None:
-    """Reject what is certainly not a loadable GGUF before llama.cpp opens it, with a message that says why."""
-    if not path.exists():
-        raise ModelLoadError(f"model file not found: {path}; check the path (relative paths are resolved "
-                             f"from {Path.cwd()})")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory; pass the path of a .gguf file inside it")
-    size = path.stat().st_size
-    if size < GGUF_HEADER_BYTES:
-        raise ModelLoadError(f"{path} is {size} bytes long, too short to be a GGUF model (a GGUF file "
-                             f"starts with a {GGUF_HEADER_BYTES}-byte header); the file is empty or truncated")
-    with open(path, "rb") as f:
-        header = f.read(8)
-    if header[:4] != GGUF_MAGIC:
-        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {header[:4]!r}, not b'GGUF'); "
-                             "llmplace loads GGUF models only: convert others with llama.cpp's convert_hf_to_gguf.py")
-    version = int.from_bytes(header[4:8], "little")
-    if version not in SUPPORTED_GGUF_VERSIONS:
-        raise ModelLoadError(f"{path} has GGUF version {version}; this llama.cpp reads versions "
-                             f"{SUPPORTED_GGUF_VERSIONS}. Re-convert the model with a current llama.cpp")
 
 
 class Model:
@@ -62,8 +38,8 @@ class Model:
             raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
         if split_mode not in _SPLIT_MODES:
             raise InvalidParameterError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, not {split_mode!r}")
-        _check_file(self.path)
-        devices.ensure_initialized()
+        check_header(self.path)
+        ensure_initialized()
 
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers

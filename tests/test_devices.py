@@ -27,8 +27,7 @@ def test_backend_modules_come_from_the_package_folder_and_all_load():
 
 
 def test_device_lookup_by_name():
-    from llmplace.devices import device
-
+    device = llmplace.device
     assert device("cpu").name == "CPU"
     try:
         device("CUDA7")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import logs
 from ._ffi import LIB_DIR, C, c_string, ffi
-from .errors import DeviceNotFoundError
+from .errors import BuildError, DeviceNotFoundError
 
 # Plugin distributions (one GPU backend each) install a package of this name holding libggml-<name>.so.
 PLUGIN_PACKAGES = ("llmplace_cuda13", "llmplace_cuda12", "llmplace_vulkan", "llmplace_metal")
@@ -133,6 +133,17 @@ def ensure_initialized() -> None:
             _modules.extend(modules)
         C.llama_backend_init()
         _initialized = True
+
+
+def cpu_backend_function(name: str, signature: str):
+    """A function of the CPU backend module, e.g. ggml_threadpool_new. With dynamically loaded backends
+    these are not link-time symbols; they are reached through the backend registry's proc-address table."""
+    ensure_initialized()
+    reg = C.ggml_backend_reg_by_name(b"CPU")
+    pointer = C.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg != ffi.NULL else ffi.NULL
+    if pointer == ffi.NULL:
+        raise BuildError(f"the CPU backend does not provide {name}; is it loaded? (see llmplace.backend_modules())")
+    return ffi.cast(signature, pointer)
 
 
 def backend_modules() -> list[BackendModule]:

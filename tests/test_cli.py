@@ -1,0 +1,57 @@
+"""The `llmplace` command: devices, inspect, chat."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llmplace.cli import main
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmplace.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_devices_lists_the_cpu(capsys):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU" in out and "cpu" in out
+    assert main(["devices", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["name"] == "CPU" and rows[0]["memory_total"] > 0
+
+
+def test_inspect_shows_metadata_and_tensor_table(smollm2_path, capsys):
+    assert main(["inspect", str(smollm2_path)]) == 0
+    out = capsys.readouterr().out
+    assert "general.architecture" in out and "'llama'" in out
+    assert "blk.0.attn_q.weight" in out and "Q4_1" in out
+    assert main(["inspect", str(smollm2_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["tensors"]) == 272
+    assert data["metadata"]["llama.block_count"] == 30
+
+
+def test_chat_one_shot_uses_the_embedded_default_model():
+    out = run_cli("chat", "--prompt", "What is the capital of France?", "--max-tokens", "24")
+    assert out.returncode == 0, out.stderr
+    assert "embedded default SmolLM2-135M-Instruct" in out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_chat_reports_a_bad_model_path_without_a_traceback(tmp_path):
+    out = run_cli("chat", str(tmp_path / "missing.gguf"), "--prompt", "hi")
+    assert out.returncode == 1
+    assert "model file not found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_inspect_of_a_non_gguf_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a model at all, just text" * 4)
+    assert main(["inspect", str(bad)]) == 1
+    assert "not a GGUF file" in capsys.readouterr().err
