@@ -15,9 +15,10 @@ try:
     from . import _llmplace_cffi
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise BuildError(
-        f"llmplace's compiled module could not be imported ({exc}). Reinstall with "
-        "`pip install --force-reinstall --no-cache-dir llmplace` (or `pip install .` in a checkout); "
-        "building needs a C/C++ compiler and CMake.") from exc
+        f"llmplace's compiled module could not be imported ({exc}). If you are in a source checkout, its "
+        "llmplace/ folder hides the installed package: run from another folder, or install with "
+        "`pip install -e .`. Otherwise reinstall: `pip install --force-reinstall --no-cache-dir llmplace` "
+        "(building needs a C/C++ compiler and CMake).") from exc
 
 ffi = _llmplace_cffi.ffi
 C = _llmplace_cffi.lib

