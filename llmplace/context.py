@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Sequence
 
 import numpy as np
 
 from . import logs
+from ._handle import NativeObject
 from .backends import cpu_backend_function
 from ._ffi import C, ffi
-from .errors import ClosedError, ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
+from .errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
 
 # KV-cache element types accepted for type_k / type_v.
@@ -70,7 +70,7 @@ def _free_context(handle, pools) -> None:
         free(pool)
 
 
-class Context:
+class Context(NativeObject):
     """The KV cache and compute buffers for running a model.
 
     n_ctx: context length in tokens (0 = the model's trained length; default min(4096, trained)).
@@ -79,10 +79,11 @@ class Context:
     flash_attn: "auto", True or False. type_k / type_v: KV-cache types ("f16", "q8_0", ...).
     """
 
+    _closed_message = "this Context is closed (or its Model was closed); create a new one"
+
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn="auto",
                  type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1) -> None:
-        self._handle = ffi.NULL
         model_ptr = model._ptr  # raises ClosedError on a closed model
         if n_ctx is None:
             n_ctx = min(DEFAULT_N_CTX, model.n_ctx_train) if model.n_ctx_train > 0 else DEFAULT_N_CTX
@@ -122,41 +123,16 @@ class Context:
             raise OutOfMemoryError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: {reason}. "
                 "Try a smaller n_ctx or n_batch, or a quantized KV cache (type_k='q8_0', type_v='q8_0').")
-        self._handle = handle
+        # A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
+        # graph computation, i.e. every generated token.
+        self._own(handle, _free_context, _attach_thread_pools(handle, n_threads, n_threads_batch))
         self.model = model
         model._contexts.add(self)
-        # A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
-        # graph computation, i.e. every generated token (measured: ~15% slower decoding on 2 cores).
-        pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
-        self._finalizer = weakref.finalize(self, _free_context, handle, pools)
         # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.
         self.tokens: list[int] = []
         # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since
         # a larger batch fails an assertion that aborts the process.
         self._token_buf = ffi.new("llama_token[]", C.llama_n_batch(handle))
-
-    # ---- lifetime ----
-    @property
-    def _ptr(self):
-        if self._handle == ffi.NULL:
-            raise ClosedError("this Context is closed (or its Model was closed); create a new one")
-        return self._handle
-
-    @property
-    def closed(self) -> bool:
-        return self._handle == ffi.NULL
-
-    def close(self) -> None:
-        if self._handle == ffi.NULL:
-            return
-        self._finalizer()
-        self._handle = ffi.NULL
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     # ---- sizes ----
     @property

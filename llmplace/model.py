@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import logs
+from ._handle import NativeObject
 from .backends import ensure_initialized
 from ._ffi import C, c_string, ffi, read_c_string_into_buffer
-from .errors import AbortedError, ClosedError, InvalidParameterError, ModelLoadError
+from .errors import AbortedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
@@ -26,13 +27,14 @@ _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 _load_lock = threading.Lock()
 
 
-class Model:
+class Model(NativeObject):
     """A loaded model. Create with `llmplace.load(path)`; use as a context manager or call `close()`."""
+
+    _closed_message = "this Model is closed; load it again with llmplace.load(path)"
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer",
                  main_gpu: int = 0, use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
                  check_tensors: bool = False, progress: bool | ProgressCallback | None = None) -> None:
-        self._handle = ffi.NULL
         self.path = Path(os.fspath(path)).expanduser()
         if not isinstance(n_gpu_layers, int):
             raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
@@ -65,37 +67,16 @@ class Model:
                 raise AbortedError(f"loading {self.path} was cancelled by the progress callback")
             reason = "; ".join(m for m in native_messages if m) or "no reason given"
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
-        self._handle = handle
+        self._own(handle, C.llama_model_free)
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
-        # Frees the model when the object is garbage-collected or at interpreter exit.
-        self._finalizer = weakref.finalize(self, C.llama_model_free, handle)
         self.vocab = Vocab(self)
 
-    # ---- lifetime ----
-    @property
-    def _ptr(self):
-        if self._handle == ffi.NULL:
-            raise ClosedError("this Model is closed; load it again with llmplace.load(path)")
-        return self._handle
-
-    @property
-    def closed(self) -> bool:
-        return self._handle == ffi.NULL
-
     def close(self) -> None:
-        """Free the model (and first every context still open on it). Safe to call twice."""
-        if self._handle == ffi.NULL:
-            return
-        for context in list(self._contexts):
-            context.close()
-        self._finalizer()
-        self._handle = ffi.NULL
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+        """Free the model, and first every context still open on it. Safe to call twice."""
+        if not self.closed:
+            for context in list(self._contexts):
+                context.close()
+        super().close()
 
     def __repr__(self) -> str:
         if self.closed:

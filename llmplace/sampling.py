@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import random
-import weakref
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from ._ffi import C, ffi
-from .errors import ClosedError, InvalidParameterError
+from ._handle import NativeObject
+from .errors import InvalidParameterError
 
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed"
 
@@ -80,8 +80,10 @@ class SamplingParams:
             and self.penalty_last_n != 0
 
 
-class Sampler:
+class Sampler(NativeObject):
     """A native sampler chain built from SamplingParams for one model's vocabulary."""
+
+    _closed_message = "this Sampler is closed"
 
     def __init__(self, n_vocab: int, params: SamplingParams | None = None) -> None:
         self.params = params = params or SamplingParams()
@@ -91,8 +93,7 @@ class Sampler:
         chain_params = C.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = C.llama_sampler_chain_init(chain_params)
-        self._handle = chain
-        self._finalizer = weakref.finalize(self, C.llama_sampler_free, chain)
+        self._own(chain, C.llama_sampler_free)
         # llama_sampler_chain_add takes ownership of each sampler.
         add = lambda sampler: C.llama_sampler_chain_add(chain, sampler)  # noqa: E731
         if params.logit_bias:
@@ -118,12 +119,6 @@ class Sampler:
         seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
         add(C.llama_sampler_init_dist(seed))
 
-    @property
-    def _ptr(self):
-        if self._handle == ffi.NULL:
-            raise ClosedError("this Sampler is closed")
-        return self._handle
-
     def sample(self, context, index: int = -1) -> int:
         """Draw the next token from the logits of output `index` of `context` (and record it for penalties)."""
         return C.llama_sampler_sample(self._ptr, context._ptr, index)
@@ -134,14 +129,3 @@ class Sampler:
 
     def reset(self) -> None:
         C.llama_sampler_reset(self._ptr)
-
-    def close(self) -> None:
-        if self._handle != ffi.NULL:
-            self._finalizer()
-            self._handle = ffi.NULL
-
-    def __enter__(self) -> "Sampler":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
