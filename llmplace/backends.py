@@ -58,6 +58,7 @@ class Device:
 
 _lock = threading.Lock()
 _modules: list[BackendModule] = []
+_rpc_devices: dict[str, list[Device]] = {}   # endpoint → its devices, each server registered once
 _initialized = False
 
 
@@ -144,6 +145,78 @@ def cpu_backend_function(name: str, signature: str):
     if pointer == ffi.NULL:
         raise BuildError(f"the CPU backend does not provide {name}; is it loaded? (see llmplace.backend_modules())")
     return ffi.cast(signature, pointer)
+
+
+def buffer_type(target: str):
+    """Resolve a placement target to (buffer type handle, its name).
+
+    Accepted: "cpu"; "gpu" / "gpu:N" (the N-th GPU, in ggml's device order); a device name ("CUDA0",
+    "RPC0[127.0.0.1:50052]"), meaning its default buffer type; or a buffer type name ("CUDA_Host" for a
+    GPU's pinned host memory). Case-insensitive."""
+    ensure_initialized()
+    wanted = target.strip().lower()
+    devs = [C.ggml_backend_dev_get(i) for i in range(C.ggml_backend_dev_count())]
+    gpus = [d for d in devs if C.ggml_backend_dev_type(d) == C.GGML_BACKEND_DEVICE_TYPE_GPU]
+    chosen = None
+    if wanted == "cpu":
+        chosen = next((d for d in devs if C.ggml_backend_dev_type(d) == C.GGML_BACKEND_DEVICE_TYPE_CPU), None)
+    elif wanted == "gpu" or wanted.startswith("gpu:"):
+        index = 0 if wanted == "gpu" else int(wanted[4:]) if wanted[4:].isdigit() else -1
+        if not 0 <= index < len(gpus):
+            raise DeviceNotFoundError(f"placement target {target!r}: this machine has {len(gpus)} GPU(s); "
+                                      "install a GPU plugin or target 'cpu'")
+        chosen = gpus[index]
+    if chosen is not None:
+        buft = C.ggml_backend_dev_buffer_type(chosen)
+        return buft, c_string(C.ggml_backend_buft_name(buft))
+    known = []
+    for dev in devs:
+        for buft in (C.ggml_backend_dev_buffer_type(dev), C.ggml_backend_dev_host_buffer_type(dev)):
+            if buft == ffi.NULL:
+                continue
+            name = c_string(C.ggml_backend_buft_name(buft))
+            known.append(name)
+            if wanted in (name.lower(), c_string(C.ggml_backend_dev_name(dev)).lower()):
+                return buft, name
+    raise DeviceNotFoundError(f"placement target {target!r} is not a device or buffer type of this machine; "
+                              f"use 'cpu', 'gpu', 'gpu:N' or one of: {', '.join(dict.fromkeys(known))}")
+
+
+def add_rpc_server(endpoint: str, timeout: float = 3.0) -> list[Device]:
+    """Add the devices of an RPC server ("host:port", started with `llmplace-rpc-server`).
+
+    Connectivity is checked from Python first: llama.cpp aborts the whole process when it cannot reach a
+    server."""
+    import socket
+
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise DeviceNotFoundError(f"RPC endpoint {endpoint!r} must look like 'host:port', e.g. '127.0.0.1:50052'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise DeviceNotFoundError(f"cannot reach the RPC server at {endpoint} ({exc}); start one there with "
+                                  "`llmplace rpc-server` / llmplace-rpc-server -H HOST -p PORT") from None
+    ensure_initialized()
+    with _lock:
+        if endpoint in _rpc_devices:
+            return list(_rpc_devices[endpoint])
+        devs = _register_rpc_server(endpoint)
+        _rpc_devices[endpoint] = devs
+        return list(devs)
+
+
+def _register_rpc_server(endpoint: str) -> list[Device]:
+    before = C.ggml_backend_dev_count()
+    reg = C.ggml_backend_reg_by_name(b"RPC")
+    add = C.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg != ffi.NULL else ffi.NULL
+    if add == ffi.NULL:
+        raise BuildError("the RPC backend is not loaded (see llmplace.backend_modules())")
+    server_reg = ffi.cast("ggml_backend_reg_t (*)(const char *)", add)(endpoint.encode())
+    if server_reg == ffi.NULL:
+        raise DeviceNotFoundError(f"the RPC server at {endpoint} did not answer as an llmplace/llama.cpp RPC server")
+    C.ggml_backend_register(server_reg)  # its devices join the global device list, as llama.cpp's --rpc does
+    return [_device(i) for i in range(before, C.ggml_backend_dev_count())]
 
 
 def backend_modules() -> list[BackendModule]:

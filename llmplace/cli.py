@@ -1,4 +1,4 @@
-"""The `llmplace` command: devices, inspect, chat."""
+"""The `llmplace` command: devices, inspect, explain, chat."""
 
 from __future__ import annotations
 
@@ -73,6 +73,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .backends import add_rpc_server
+    from .placement import Placement, explain
+
+    for endpoint in args.rpc:
+        add_rpc_server(endpoint)
+    placement = Placement.parse(",".join(args.rule))
+    plan = explain(args.model, placement, n_gpu_layers=args.n_gpu_layers)
+    if args.json:
+        print(json.dumps({"tensors": [t.__dict__ for t in plan.tensors], "totals": plan.totals(),
+                          "unmatched_rules": plan.unmatched_rules, "overrides": plan.overrides}, indent=2))
+        return 0
+    totals = plan.totals()
+    whole = sum(totals.values()) or 1
+    print(f"{'buffer type':<28} {'weights':>11}  {'share':>6}")
+    for name, n_bytes in sorted(totals.items(), key=lambda kv: -kv[1]):
+        bar = "#" * max(1, round(30 * n_bytes / whole))
+        print(f"{name or '(none)':<28} {human_bytes(n_bytes):>11}  {100 * n_bytes / whole:5.1f}% {bar}")
+    for index, rule in enumerate(placement.rules):
+        n = sum(1 for t in plan.tensors if t.rule == index)
+        print(f"rule {index}: {rule.pattern}={rule.to}: {n} tensors" + ("  (matched nothing)" if n == 0 else ""))
+    if args.verbose:
+        for t in plan.tensors:
+            print(f"  {t.name:<40} {t.dtype:<6} {human_bytes(t.n_bytes):>11}  {t.buffer_type:<24} "
+                  f"{'' if t.rule is None else f'rule {t.rule}'}")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import llmplace
     from .chat import format_chat
@@ -125,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("explain", help="where each tensor would go under placement rules (no weights loaded)")
+    p.add_argument("model")
+    p.add_argument("--rule", action="append", default=[], help="PATTERN=DEVICE, as llama.cpp's -ot (repeatable)")
+    p.add_argument("--rpc", action="append", default=[], help="add an RPC server's devices (host:port)")
+    p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("chat", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("model", nargs="?", help="path of a .gguf file")

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import logs
-from ._handle import NativeObject
-from .backends import ensure_initialized
 from ._ffi import C, c_string, ffi, read_c_string_into_buffer
-from .errors import AbortedError, InvalidParameterError, ModelLoadError
+from ._handle import NativeObject
+from .backends import buffer_type, ensure_initialized
+from .errors import AbortedError, InvalidParameterError, ModelLoadError, PlacementError
 from .gguf_info import check_header
+from .gguf_info import read as read_gguf
+from .placement import Placement, describe, read_back
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
 
@@ -34,7 +36,8 @@ class Model(NativeObject):
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer",
                  main_gpu: int = 0, use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
-                 check_tensors: bool = False, progress: bool | ProgressCallback | None = None) -> None:
+                 check_tensors: bool = False, progress: bool | ProgressCallback | None = None,
+                 placement=None, dry_run: bool = False) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         if not isinstance(n_gpu_layers, int):
             raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
@@ -52,6 +55,28 @@ class Model(NativeObject):
                             (False, True): C.LLAMA_LOAD_MODE_MLOCK}[(bool(use_mmap), bool(use_mlock))]
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        params.no_alloc = dry_run
+        if dry_run:
+            # A dry run allocates nothing and maps nothing: llama.cpp asserts (aborting the process) if a
+            # no_alloc load is asked to map the file.
+            params.load_mode = C.LLAMA_LOAD_MODE_NONE
+        # Placement rules → llama.cpp's NULL-terminated override list; the C strings must outlive the load.
+        self.placement = Placement.parse(placement)
+        self.overrides: list[tuple[str, str]] = []
+        keep_alive = []
+        if self.placement.rules:
+            self.overrides = self.placement.compile(read_gguf(self.path).tensors)
+            limit = C.llama_max_tensor_buft_overrides()
+            if len(self.overrides) >= limit:
+                raise PlacementError(f"the placement compiles to {len(self.overrides)} overrides; llama.cpp takes at "
+                                     f"most {limit - 1}: use fewer distinct targets or coarser rules")
+            array = ffi.new("struct llama_model_tensor_buft_override[]", len(self.overrides) + 1)
+            for i, (pattern, target) in enumerate(self.overrides):
+                keep_alive.append(ffi.new("char[]", pattern.encode()))
+                array[i].pattern = keep_alive[-1]
+                array[i].buft = buffer_type(target)[0]
+            keep_alive.append(array)
+            params.tensor_buft_overrides = array
         relay = ProgressRelay(resolve(progress, f"loading {self.path.name}"))
         params.progress_callback = C._llmplace_progress_callback
         params.progress_callback_user_data = relay.handle
@@ -143,6 +168,24 @@ class Model(NativeObject):
                 lambda buf, n: C.llama_model_meta_val_str_by_index(ptr, i, buf, n), 1024)
         return result
 
+    # ---- placement ----
+    def placement_report(self) -> list:
+        """Where every weight tensor actually landed (read back from llama.cpp), with the rule that placed it.
+        Logs a warning naming any tensor a rule sent elsewhere than where it landed."""
+        tensors = read_gguf(self.path).tensors
+        rows = describe(tensors, self.placement, read_back(self))
+        mismatched = []
+        for row in rows:
+            if row.rule is not None:
+                wanted = buffer_type(self.placement.rules[row.rule].to)[1]
+                # CPU weights may be repacked into CPU_REPACK for faster kernels: still host memory.
+                if row.buffer_type != wanted and not (wanted == "CPU" and row.buffer_type.startswith("CPU")):
+                    mismatched.append(f"{row.name} ({row.buffer_type}, rule {row.rule} asked for {wanted})")
+        if mismatched:
+            logs.logger.warning("placement differs from the rules for %d tensors: %s", len(mismatched),
+                                ", ".join(mismatched[:20]))
+        return rows
+
     # ---- shortcuts to the vocabulary ----
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
@@ -153,13 +196,16 @@ class Model(NativeObject):
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
          use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
-         progress: bool | ProgressCallback | None = None) -> Model:
+         progress: bool | ProgressCallback | None = None, placement=None) -> Model:
     """Load a GGUF model.
 
     n_gpu_layers: layers offloaded to the GPU(s), -1 = all (nothing is offloaded without a GPU backend).
     progress: a callable taking the fraction loaded (return False to cancel; an exception it raises is
     re-raised here), True for a terminal bar, False for none; by default a bar appears on a terminal
     when the load takes longer than a second.
+    placement: rules saying which device holds which tensor (a `Placement`, Rules, (pattern, target)
+    pairs or an `-ot` string such as "exps=CPU"); tensors no rule matches follow n_gpu_layers.
     """
     return Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
-                 use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress)
+                 use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
+                 placement=placement)

@@ -41,3 +41,56 @@ def tiny_llama_path(model_cache) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen3moe_path(model_cache) -> Path:
     return models.synthetic_path(model_cache, "tiny-qwen3moe")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def rpc_devices():
+    """Two local RPC servers (CPU backend) registered as devices RPC0 and RPC1: multi-device placement on a
+    machine without a GPU (DESIGN §7). Registered devices stay for the rest of the process, so tests using
+    this fixture run last (pytest_collection_modifyitems below); the servers stop at the end of the session."""
+    import socket
+    import subprocess
+    import time
+
+    from llmplace._ffi import BIN_DIR, LIB_DIR
+    from llmplace.backends import add_rpc_server
+
+    servers, endpoints = [], []
+    try:
+        for _ in range(2):
+            port = _free_port()
+            servers.append(subprocess.Popen([str(BIN_DIR / "llmplace-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
+                                             "-t", "1"], cwd=LIB_DIR, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))
+            endpoints.append(f"127.0.0.1:{port}")
+        for endpoint in endpoints:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    host, port = endpoint.split(":")
+                    socket.create_connection((host, int(port)), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        devices = [d for endpoint in endpoints for d in add_rpc_server(endpoint)]
+        yield devices
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            server.wait(timeout=10)
+
+
+def pytest_collection_modifyitems(items):
+    # RPC devices, once registered, take part in every later load (as GPUs would): run those tests last.
+    items.sort(key=lambda item: "rpc_devices" in getattr(item, "fixturenames", ()))

@@ -58,3 +58,14 @@ def test_inspect_of_a_non_gguf_file_is_a_clear_error(tmp_path, capsys):
     bad.write_bytes(b"not a model at all, just text" * 4)
     assert main(["inspect", str(bad)]) == 1
     assert "not a GGUF file" in capsys.readouterr().err
+
+
+def test_explain_prints_totals_and_rules(tiny_qwen3moe_path, capsys):
+    assert main(["explain", str(tiny_qwen3moe_path), "--rule", "exps=cpu", "--rule", "nothing-here=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU" in out and "rule 0: exps=cpu: 6 tensors" in out and "(matched nothing)" in out
+    assert main(["explain", str(tiny_qwen3moe_path), "--rule", "exps=cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sum(1 for t in data["tensors"] if t["rule"] == 0) == 6
+    assert main(["explain", str(tiny_qwen3moe_path), "--rule", "exps(=cpu"]) == 1
+    assert "invalid tensor pattern" in capsys.readouterr().err

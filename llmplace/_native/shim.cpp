@@ -2,6 +2,10 @@
 // Every function catches every C++ exception: nothing may unwind into cffi's C frames.
 #include "llmplace_shim.h"
 
+#include "llama-model.h"  // llama.cpp internal: llama_model::tensors_by_name
+
+#include "ggml-backend.h"
+
 #include <cstring>
 #include <regex>
 #include <string>
@@ -46,4 +50,23 @@ extern "C" int llmplace_regex_search(const char * pattern, const char * text) {
 extern "C" bool llmplace_abort_if_flag_set(void * user_data) {
     // Written by Python from another thread; read with acquire semantics so the store is seen promptly.
     return user_data != nullptr && __atomic_load_n(static_cast<int *>(user_data), __ATOMIC_ACQUIRE) != 0;
+}
+
+extern "C" int32_t llmplace_model_tensor_count(const struct llama_model * model) {
+    return model == nullptr ? 0 : (int32_t) model->tensors_by_name.size();
+}
+
+extern "C" int llmplace_model_tensor_info(const struct llama_model * model, int32_t i, const char ** name,
+                                          const char ** buffer_type, uint64_t * n_bytes) {
+    if (model == nullptr || i < 0 || (size_t) i >= model->tensors_by_name.size()) {
+        return 0;
+    }
+    const auto & entry = model->tensors_by_name[(size_t) i];
+    const ggml_tensor * tensor = entry.second;
+    *name = entry.first.c_str();
+    // A no_alloc (dry-run) load gives each weight a size-0 buffer of the chosen type, so this reads the
+    // placement decision in both kinds of load.
+    *buffer_type = tensor->buffer != nullptr ? ggml_backend_buft_name(ggml_backend_buffer_get_type(tensor->buffer)) : "";
+    *n_bytes = ggml_nbytes(tensor);
+    return 1;
 }

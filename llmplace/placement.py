@@ -1,0 +1,271 @@
+"""Placement: ordered rules that say which device holds which weight tensor.
+
+For each weight tensor the first matching rule wins; tensors no rule matches follow `n_gpu_layers` as in
+llama.cpp. A rule selects by regex on the tensor name (llama.cpp's semantics: ECMAScript std::regex,
+substring search, evaluated by the same engine through the shim) and/or structured selectors (layers,
+role, dtype, byte size, any predicate). Rules are resolved here against the model's real tensor table and
+compiled into exact, anchored patterns merged per target, so what llama.cpp runs is exactly what
+`explain` shows, and the override list stays far below `llama_max_tensor_buft_overrides()`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from ._ffi import C, ffi
+from .errors import PlacementError
+from .gguf_info import TensorInfo
+
+# Roles, by tensor name (llama.cpp's naming, shared by its architectures).
+ROLES: dict[str, re.Pattern] = {
+    "experts": re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch)?exps\."),
+    "shared_experts": re.compile(r"\.ffn_(up|down|gate|gate_up)_shexp\."),
+    "router": re.compile(r"\.ffn_gate_inp(_shexp)?\."),
+    "attention": re.compile(r"\.attn_(?!norm)"),
+    "ffn": re.compile(r"\.ffn_(up|down|gate|gate_up)\."),
+    "norm": re.compile(r"_norm\."),
+    "embeddings": re.compile(r"^token_embd\."),
+    "output": re.compile(r"^output\."),
+}
+_LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def role_of(name: str) -> str | None:
+    """The role of a tensor name (the first of ROLES that matches), or None."""
+    return next((role for role, pattern in ROLES.items() if pattern.search(name)), None)
+
+
+def check_regex(pattern: str) -> None:
+    """Raise PlacementError if llama.cpp's regex engine rejects the pattern (it would fail the whole load)."""
+    err = ffi.new("char[]", 512)
+    if not C.llmplace_regex_check(pattern.encode(), err, len(err)):
+        raise PlacementError(f"invalid tensor pattern {pattern!r}: {ffi.string(err).decode(errors='replace')} "
+                             "(patterns are ECMAScript regular expressions matched anywhere in the tensor name)")
+
+
+def regex_search(pattern: str, text: str) -> bool:
+    """std::regex_search(text, std::regex(pattern)), exactly as llama.cpp's model loader matches overrides."""
+    result = C.llmplace_regex_search(pattern.encode(), text.encode())
+    if result < 0:
+        check_regex(pattern)
+    return result == 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Put the tensors this rule selects on `to` ("cpu", "gpu", "gpu:1", "CUDA0", "RPC0[host:port]", "CUDA_Host").
+
+    Every given selector must hold: `pattern` (regex found in the name), `layers` (an int, range or
+    iterable of layer indices), `role` (one of ROLES), `dtype` ("Q4_0", "F32" ...), `min_bytes` /
+    `max_bytes`, `where` (any predicate on a TensorInfo, e.g. on its shape)."""
+
+    to: str
+    pattern: str | None = None
+    layers: int | range | Iterable[int] | None = None
+    role: str | None = None
+    dtype: str | None = None
+    min_bytes: int | None = None
+    max_bytes: int | None = None
+    where: Callable[[TensorInfo], bool] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.to, str) or not self.to.strip():
+            raise PlacementError(f"a rule needs a target device, got to={self.to!r}")
+        if self.pattern is not None:
+            check_regex(self.pattern)
+        if self.role is not None and self.role not in ROLES:
+            raise PlacementError(f"unknown role {self.role!r}; roles are: {', '.join(ROLES)}")
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            if not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise PlacementError(f"layers must be layer indices (ints >= 0), got {self.layers!r}")
+            object.__setattr__(self, "layers", frozenset(layers))
+
+    def matches(self, tensor: TensorInfo) -> bool:
+        return ((self.pattern is None or regex_search(self.pattern, tensor.name))
+                and (self.layers is None or tensor.layer in self.layers)
+                and (self.role is None or role_of(tensor.name) == self.role)
+                and (self.dtype is None or tensor.dtype.upper() == self.dtype.upper())
+                and (self.min_bytes is None or tensor.n_bytes >= self.min_bytes)
+                and (self.max_bytes is None or tensor.n_bytes <= self.max_bytes)
+                and (self.where is None or bool(self.where(tensor))))
+
+
+@dataclass(frozen=True)
+class Assignment:
+    tensor: TensorInfo
+    rule_index: int      # index of the first matching rule
+    target: str
+
+
+class Placement:
+    """An ordered list of rules. Build one from Rules, (pattern, target) pairs or an `-ot` string:
+
+        Placement([Rule("cpu", role="experts", layers=range(0, 16)), Rule("gpu:1", layers=range(16, 48))])
+        Placement.parse(r"exps=CPU,blk\\.[0-9]\\.attn=CUDA0")
+    """
+
+    def __init__(self, rules: Iterable[Rule] = ()) -> None:
+        self.rules = list(rules)
+        for rule in self.rules:
+            if not isinstance(rule, Rule):
+                raise PlacementError(f"a Placement holds Rule objects, got {rule!r}; use Placement.parse for "
+                                     "strings and (pattern, target) pairs")
+
+    @classmethod
+    def parse(cls, spec: "str | Placement | Rule | Sequence[Rule | tuple[str, str]] | None") -> "Placement":
+        """Accept a Placement, a Rule, a list of Rules and/or (pattern, target) pairs, or llama.cpp's
+        `-ot` syntax ("pattern=target,pattern=target")."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Placement):
+            return spec
+        if isinstance(spec, Rule):
+            return cls([spec])
+        if isinstance(spec, str):
+            rules = []
+            for item in filter(None, (part.strip() for part in spec.split(","))):
+                pattern, sep, target = item.rpartition("=")
+                if not sep or not pattern or not target:
+                    raise PlacementError(f"cannot read {item!r} in {spec!r}: each item must be "
+                                         "'<tensor name regex>=<device>', e.g. 'exps=CPU'")
+                rules.append(Rule(target, pattern=pattern))
+            return cls(rules)
+        rules = []
+        for item in spec:
+            if isinstance(item, Rule):
+                rules.append(item)
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+                rules.append(Rule(item[1], pattern=item[0]))
+            else:
+                raise PlacementError(f"cannot read placement item {item!r}: give a Rule or a (pattern, target) pair")
+        return cls(rules)
+
+    def __add__(self, other: "Placement") -> "Placement":
+        return Placement(self.rules + Placement.parse(other).rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def __repr__(self) -> str:
+        return f"Placement({self.rules!r})"
+
+    def assign(self, tensors: Sequence[TensorInfo]) -> list[Assignment]:
+        """The first matching rule of each tensor (tensors no rule matches are left out)."""
+        result = []
+        for tensor in tensors:
+            for index, rule in enumerate(self.rules):
+                if rule.matches(tensor):
+                    result.append(Assignment(tensor, index, rule.to))
+                    break
+        return result
+
+    def unmatched_rules(self, tensors: Sequence[TensorInfo]) -> list[int]:
+        """Indices of rules that select no tensor at all (llama.cpp ignores such patterns silently)."""
+        used = {a.rule_index for a in self.assign(tensors)}
+        return [i for i in range(len(self.rules)) if i not in used]
+
+    def compile(self, tensors: Sequence[TensorInfo]) -> list[tuple[str, str]]:
+        """(pattern, target) overrides for llama.cpp: exact anchored names, merged per target as
+        `^blk\\.(?:0|1|7)\\.ffn_up_exps\\.weight$` so the list stays short and each pattern small."""
+        by_target: dict[str, dict[str, list[int]]] = {}
+        singles: dict[str, list[str]] = {}
+        for a in self.assign(tensors):
+            m = _LAYER_NAME.match(a.tensor.name)
+            if m:
+                by_target.setdefault(a.target, {}).setdefault(m.group(2), []).append(int(m.group(1)))
+            else:
+                singles.setdefault(a.target, []).append(a.tensor.name)
+        overrides = []
+        for target, suffixes in by_target.items():
+            for suffix, layers in suffixes.items():
+                alternatives = "|".join(str(i) for i in sorted(set(layers)))
+                overrides.append((rf"^blk\.(?:{alternatives})\.{re.escape(suffix)}$", target))
+        for target, names in singles.items():
+            overrides.extend((f"^{re.escape(name)}$", target) for name in names)
+        return overrides
+
+
+# ---- presets -------------------------------------------------------------------------------------------
+EXPERTS_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+def cpu_moe() -> Placement:
+    """All MoE expert weights in host memory (llama.cpp's --cpu-moe)."""
+    return Placement([Rule("cpu", pattern=EXPERTS_PATTERN)])
+
+
+def n_cpu_moe(n: int) -> Placement:
+    """The expert weights of layers 0 .. n-1 in host memory (llama.cpp's --n-cpu-moe N)."""
+    if not isinstance(n, int) or n < 0:
+        raise PlacementError(f"n_cpu_moe needs a layer count >= 0, got {n!r}")
+    return Placement([Rule("cpu", pattern=rf"blk\.{i}{EXPERTS_PATTERN}") for i in range(n)])
+
+
+def experts(*, to: str = "cpu", layers: int | range | Iterable[int] | None = None) -> Placement:
+    """The expert weights (of `layers`, default all) on `to`."""
+    return Placement([Rule(to, role="experts", layers=layers)])
+
+
+# ---- explain before load, verify after -------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorPlacement:
+    """Where one weight tensor goes (explain) or went (placement_report)."""
+
+    name: str
+    layer: int | None
+    role: str | None
+    dtype: str
+    shape: tuple[int, ...]
+    n_bytes: int
+    buffer_type: str          # as llama.cpp decided: "CPU", "CPU_REPACK", "CUDA0", "RPC0[...]" ...
+    rule: int | None          # index of the rule that placed it, None when n_gpu_layers decided
+
+
+@dataclass(frozen=True)
+class Explanation:
+    tensors: list[TensorPlacement]
+    unmatched_rules: list[int]          # rules that selected nothing
+    overrides: list[tuple[str, str]]    # what was handed to llama.cpp
+
+    def totals(self) -> dict[str, int]:
+        """Bytes of weights per buffer type."""
+        result: dict[str, int] = {}
+        for t in self.tensors:
+            result[t.buffer_type] = result.get(t.buffer_type, 0) + t.n_bytes
+        return result
+
+
+def read_back(model) -> dict[str, tuple[str, int]]:
+    """{tensor name: (buffer type name, bytes)} of a loaded model, read from llama.cpp through the shim."""
+    name, buft, n_bytes = ffi.new("char **"), ffi.new("char **"), ffi.new("uint64_t *")
+    result = {}
+    ptr = model._ptr
+    for i in range(C.llmplace_model_tensor_count(ptr)):
+        if C.llmplace_model_tensor_info(ptr, i, name, buft, n_bytes):
+            result[ffi.string(name[0]).decode()] = (ffi.string(buft[0]).decode(), int(n_bytes[0]))
+    return result
+
+
+def describe(tensors: Sequence[TensorInfo], placement: Placement, landed: dict[str, tuple[str, int]]
+             ) -> list[TensorPlacement]:
+    rule_of = {a.tensor.name: a.rule_index for a in placement.assign(tensors)}
+    return [TensorPlacement(name=t.name, layer=t.layer, role=role_of(t.name), dtype=t.dtype, shape=t.shape,
+                            n_bytes=t.n_bytes, buffer_type=landed.get(t.name, ("", 0))[0], rule=rule_of.get(t.name))
+            for t in tensors]
+
+
+def explain(path, placement=None, *, n_gpu_layers: int = -1) -> Explanation:
+    """Where every weight tensor of the model at `path` would go under `placement`, decided by llama.cpp
+    itself in a dry-run load (no weights read or allocated), with the rule that placed each one."""
+    from .gguf_info import read
+    from .model import Model
+
+    placement = Placement.parse(placement)
+    tensors = read(path).tensors
+    with Model(path, n_gpu_layers=n_gpu_layers, placement=placement, dry_run=True, progress=False) as model:
+        landed = read_back(model)
+        overrides = model.overrides
+    return Explanation(describe(tensors, placement, landed), placement.unmatched_rules(tensors), overrides)

@@ -1,0 +1,140 @@
+"""Placement rules: first match wins, structured selectors, -ot strings, compile, explain == read-back.
+
+Multi-device cases run on two local RPC servers (devices RPC0, RPC1), DESIGN §7."""
+
+from __future__ import annotations
+
+import pytest
+
+import llmplace
+from llmplace import DeviceNotFoundError, PlacementError
+from llmplace.gguf_info import read
+from llmplace.placement import Placement, Rule, cpu_moe, experts, explain, n_cpu_moe, regex_search
+
+
+def host_normalized(buffer_type: str) -> str:
+    # Host memory shows as CPU (dry run), CPU_Mapped (mmap'd file) or CPU_REPACK (repacked for faster kernels).
+    return "CPU" if buffer_type.startswith("CPU") else buffer_type
+
+
+def test_first_matching_rule_wins(tiny_qwen3moe_path):
+    tensors = read(tiny_qwen3moe_path).tensors
+    placement = Placement([Rule("cpu", role="experts", layers=0), Rule("gpu:1", pattern="exps"),
+                           Rule("gpu", pattern="never-matches")])
+    assigned = {a.tensor.name: (a.rule_index, a.target) for a in placement.assign(tensors)}
+    assert assigned["blk.0.ffn_up_exps.weight"] == (0, "cpu")
+    assert assigned["blk.1.ffn_up_exps.weight"] == (1, "gpu:1")
+    assert "blk.0.attn_q.weight" not in assigned
+    assert placement.unmatched_rules(tensors) == [2]
+
+
+def test_structured_selectors(tiny_qwen3moe_path):
+    tensors = read(tiny_qwen3moe_path).tensors
+    by_name = {t.name: t for t in tensors}
+    assert Rule("cpu", role="router").matches(by_name["blk.1.ffn_gate_inp.weight"])
+    assert Rule("cpu", role="attention", layers=range(1, 2)).matches(by_name["blk.1.attn_k.weight"])
+    assert not Rule("cpu", role="attention", layers=[0]).matches(by_name["blk.1.attn_k.weight"])
+    assert Rule("cpu", dtype="f32").matches(by_name["output_norm.weight"])
+    big = max(tensors, key=lambda t: t.n_bytes)
+    assert Rule("cpu", min_bytes=big.n_bytes).matches(big)
+    assert not Rule("cpu", max_bytes=big.n_bytes - 1).matches(big)
+    assert Rule("cpu", where=lambda t: len(t.shape) == 3).matches(by_name["blk.0.ffn_down_exps.weight"])
+
+
+def test_ot_string_and_pairs_parse_like_llama_cpp(tiny_qwen3moe_path):
+    tensors = read(tiny_qwen3moe_path).tensors
+    from_string = Placement.parse(r"exps=CPU,blk\.0\.attn=RPC0")
+    from_pairs = Placement.parse([("exps", "CPU"), (r"blk\.0\.attn", "RPC0")])
+    assert [(r.pattern, r.to) for r in from_string.rules] == [(r.pattern, r.to) for r in from_pairs.rules]
+    assert [(a.tensor.name, a.target) for a in from_string.assign(tensors)] == \
+        [(a.tensor.name, a.target) for a in from_pairs.assign(tensors)]
+    with pytest.raises(PlacementError, match="pattern>=<device>|regex>=<device>"):
+        Placement.parse("exps-CPU")
+
+
+def test_regex_semantics_are_llama_cpps_substring_search():
+    assert regex_search(r"attn", "blk.0.attn_q.weight")             # found anywhere, no anchors needed
+    assert not regex_search(r"^attn", "blk.0.attn_q.weight")
+    assert regex_search(r"blk\.[0-9]\.ffn", "blk.7.ffn_up.weight")
+    assert not regex_search(r"blk\.[0-9]\.ffn", "blk.17.ffn_up.weight")
+
+
+def test_compiled_overrides_select_exactly_the_assigned_tensors(tiny_qwen3moe_path):
+    tensors = read(tiny_qwen3moe_path).tensors
+    placement = Placement([Rule("cpu", role="experts"), Rule("gpu", role="attention", layers=1),
+                           Rule("gpu:1", pattern="output")])
+    overrides = placement.compile(tensors)
+    assert len(overrides) <= 3 * 8
+    assigned = {a.tensor.name: a.target for a in placement.assign(tensors)}
+    for t in tensors:
+        first = next((target for pattern, target in overrides if regex_search(pattern, t.name)), None)
+        assert first == assigned.get(t.name), t.name
+
+
+def test_presets_match_llama_cpp_flags(tiny_qwen3moe_path):
+    tensors = read(tiny_qwen3moe_path).tensors
+    cpu_all = {a.tensor.name for a in cpu_moe().assign(tensors)}
+    assert cpu_all == {t.name for t in tensors if "_exps." in t.name}
+    first_layer = {a.tensor.name for a in n_cpu_moe(1).assign(tensors)}
+    assert first_layer == {t.name for t in tensors if "_exps." in t.name and t.name.startswith("blk.0.")}
+    assert {a.tensor.name for a in experts(layers=[1]).assign(tensors)} == cpu_all - first_layer
+
+
+@pytest.mark.parametrize("pattern", [r"blk\.(", "[unclosed", "exps)"])
+def test_invalid_regex_is_refused_before_llama_cpp_sees_it(pattern, tiny_qwen3moe_path, smollm2):
+    with pytest.raises(PlacementError, match="invalid tensor pattern"):
+        Rule("cpu", pattern=pattern)
+    with pytest.raises(PlacementError, match="invalid tensor pattern"):
+        llmplace.load(tiny_qwen3moe_path, placement=f"{pattern}=CPU", progress=False)
+    assert smollm2.tokenize("still alive")
+
+
+def test_bad_rules_and_targets(tiny_qwen3moe_path):
+    with pytest.raises(PlacementError, match="roles are"):
+        Rule("cpu", role="mlp")
+    with pytest.raises(PlacementError, match="layer indices"):
+        Rule("cpu", layers=[-1])
+    with pytest.raises(DeviceNotFoundError, match="not a device or buffer type"):
+        llmplace.load(tiny_qwen3moe_path, placement="exps=CUDA7", progress=False)
+    with pytest.raises(DeviceNotFoundError, match="GPU"):
+        llmplace.load(tiny_qwen3moe_path, placement=[Rule("gpu:5", role="experts")], progress=False)
+
+
+def test_unreachable_rpc_server_is_an_error_not_an_abort(smollm2):
+    from llmplace.backends import add_rpc_server
+
+    with pytest.raises(DeviceNotFoundError, match="cannot reach the RPC server"):
+        add_rpc_server("127.0.0.1:1", timeout=0.5)
+    with pytest.raises(DeviceNotFoundError, match="host:port"):
+        add_rpc_server("no-port-here")
+    assert smollm2.tokenize("still alive")
+
+
+def test_explain_equals_where_llama_cpp_puts_tensors(rpc_devices, tiny_qwen3moe_path):
+    rpc0, rpc1 = (d.name for d in rpc_devices)
+    placement = Placement([Rule(rpc1, role="experts"), Rule("cpu", role="attention", layers=0),
+                           Rule(rpc0, pattern="output"), Rule(rpc0, pattern="matches-nothing")])
+    plan = explain(tiny_qwen3moe_path, placement)
+    assert plan.unmatched_rules == [3]
+    with llmplace.load(tiny_qwen3moe_path, placement=placement, progress=False) as model:
+        landed = model.placement_report()
+    assert [t.name for t in plan.tensors] == [t.name for t in landed]
+    for planned, actual in zip(plan.tensors, landed):
+        assert host_normalized(planned.buffer_type) == host_normalized(actual.buffer_type), planned.name
+        assert planned.rule == actual.rule
+    experts_on = {t.buffer_type for t in plan.tensors if t.role == "experts"}
+    assert experts_on == {rpc_devices[1].buffer_type}
+    assert all(host_normalized(t.buffer_type) == "CPU" for t in plan.tensors
+               if t.role == "attention" and t.layer == 0)
+    totals = plan.totals()
+    assert sum(totals.values()) == sum(t.n_bytes for t in plan.tensors)
+
+
+def test_same_greedy_output_whatever_the_placement(rpc_devices, tiny_qwen3moe_path):
+    outputs = []
+    for placement, n_gpu_layers in [(None, 0), (Placement([Rule(rpc_devices[1].name, role="experts")]), -1),
+                                    (f"attn=CPU,exps={rpc_devices[0].name}", -1)]:
+        with llmplace.load(tiny_qwen3moe_path, placement=placement, n_gpu_layers=n_gpu_layers,
+                           progress=False) as model:
+            outputs.append(llmplace.generate(model, "Hello there", max_tokens=12, temperature=0).tokens)
+    assert outputs[0] == outputs[1] == outputs[2]
