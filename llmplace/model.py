@@ -11,18 +11,16 @@ from typing import TYPE_CHECKING
 from . import logs
 from ._ffi import C, c_string, ffi, read_c_string_into_buffer
 from ._handle import NativeObject
-from .backends import buffer_type, ensure_initialized
-from .errors import AbortedError, InvalidParameterError, ModelLoadError, PlacementError
+from .backends import add_rpc_server, buffer_type, ensure_initialized
+from .errors import AbortedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
-from .placement import Placement, describe, read_back
+from .placement import Placement, configure, describe, read_back
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
 
 if TYPE_CHECKING:
     from .context import Context
-
-_SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 
 # llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state
 # (log capture, backend registry); loads are rare and long, so they are serialized.
@@ -37,19 +35,17 @@ class Model(NativeObject):
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer",
                  main_gpu: int = 0, use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
                  check_tensors: bool = False, progress: bool | ProgressCallback | None = None,
-                 placement=None, dry_run: bool = False) -> None:
+                 placement=None, tensor_split=None, devices=None, rpc_servers=None, dry_run: bool = False) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         if not isinstance(n_gpu_layers, int):
             raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
-        if split_mode not in _SPLIT_MODES:
-            raise InvalidParameterError(f"split_mode must be one of {sorted(_SPLIT_MODES)}, not {split_mode!r}")
         check_header(self.path)
         ensure_initialized()
+        for endpoint in rpc_servers or ():
+            add_rpc_server(endpoint)
 
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.split_mode = _SPLIT_MODES[split_mode]
-        params.main_gpu = main_gpu
         params.load_mode = {(True, False): C.LLAMA_LOAD_MODE_MMAP, (False, False): C.LLAMA_LOAD_MODE_NONE,
                             (True, True): C.LLAMA_LOAD_MODE_MMAP_MLOCK,
                             (False, True): C.LLAMA_LOAD_MODE_MLOCK}[(bool(use_mmap), bool(use_mlock))]
@@ -60,23 +56,10 @@ class Model(NativeObject):
             # A dry run allocates nothing and maps nothing: llama.cpp asserts (aborting the process) if a
             # no_alloc load is asked to map the file.
             params.load_mode = C.LLAMA_LOAD_MODE_NONE
-        # Placement rules → llama.cpp's NULL-terminated override list; the C strings must outlive the load.
         self.placement = Placement.parse(placement)
-        self.overrides: list[tuple[str, str]] = []
-        keep_alive = []
-        if self.placement.rules:
-            self.overrides = self.placement.compile(read_gguf(self.path).tensors)
-            limit = C.llama_max_tensor_buft_overrides()
-            if len(self.overrides) >= limit:
-                raise PlacementError(f"the placement compiles to {len(self.overrides)} overrides; llama.cpp takes at "
-                                     f"most {limit - 1}: use fewer distinct targets or coarser rules")
-            array = ffi.new("struct llama_model_tensor_buft_override[]", len(self.overrides) + 1)
-            for i, (pattern, target) in enumerate(self.overrides):
-                keep_alive.append(ffi.new("char[]", pattern.encode()))
-                array[i].pattern = keep_alive[-1]
-                array[i].buft = buffer_type(target)[0]
-            keep_alive.append(array)
-            params.tensor_buft_overrides = array
+        # The C arrays handed to llama.cpp (overrides, devices, tensor_split) must outlive the load.
+        self.overrides, keep_alive = configure(params, self.path, self.placement, split_mode=split_mode,
+                                               tensor_split=tensor_split, main_gpu=main_gpu, devices=devices)
         relay = ProgressRelay(resolve(progress, f"loading {self.path.name}"))
         params.progress_callback = C._llmplace_progress_callback
         params.progress_callback_user_data = relay.handle
@@ -196,7 +179,8 @@ class Model(NativeObject):
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
          use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
-         progress: bool | ProgressCallback | None = None, placement=None) -> Model:
+         progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None, devices=None,
+         rpc_servers=None) -> Model:
     """Load a GGUF model.
 
     n_gpu_layers: layers offloaded to the GPU(s), -1 = all (nothing is offloaded without a GPU backend).
@@ -205,7 +189,11 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
     when the load takes longer than a second.
     placement: rules saying which device holds which tensor (a `Placement`, Rules, (pattern, target)
     pairs or an `-ot` string such as "exps=CPU"); tensors no rule matches follow n_gpu_layers.
+    split_mode: "layer" (default), "row", "tensor" or "none" (everything on main_gpu).
+    tensor_split: relative share of each device ([2, 1] → 2/3 and 1/3), indexed like llama.cpp's device
+    list (RPC devices, then GPUs), or like `devices` when given. devices: names of the devices to use.
+    rpc_servers: "host:port" of RPC servers whose devices to add (reachability is checked first).
     """
     return Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
                  use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
-                 placement=placement)
+                 placement=placement, tensor_split=tensor_split, devices=devices, rpc_servers=rpc_servers)

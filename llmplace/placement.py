@@ -14,9 +14,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from ._ffi import C, ffi
-from .errors import PlacementError
+from ._ffi import C, c_string, ffi
+from .backends import buffer_type
+from .errors import DeviceNotFoundError, PlacementError
 from .gguf_info import TensorInfo
+from .gguf_info import read as read_gguf
 
 # Roles, by tensor name (llama.cpp's naming, shared by its architectures).
 ROLES: dict[str, re.Pattern] = {
@@ -186,6 +188,89 @@ class Placement:
         for target, names in singles.items():
             overrides.extend((f"^{re.escape(name)}$", target) for name in names)
         return overrides
+
+
+# ---- compiling everything into llama_model_params ------------------------------------------------------
+SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
+
+
+def model_devices(names: Sequence[str] | None = None) -> list:
+    """The devices a model is split across, in llama.cpp's order: `names` as given, or by default RPC
+    devices, then GPUs, then integrated GPUs only if there is no discrete GPU (never the CPU)."""
+    all_devs = [C.ggml_backend_dev_get(i) for i in range(C.ggml_backend_dev_count())]
+    name_of = lambda dev: c_string(C.ggml_backend_dev_name(dev))  # noqa: E731
+    if names is not None:
+        chosen = []
+        for name in names:
+            dev = next((d for d in all_devs if name_of(d).lower() == str(name).lower()), None)
+            if dev is None:
+                raise DeviceNotFoundError(f"no device named {name!r}; devices here: {', '.join(map(name_of, all_devs))}")
+            if C.ggml_backend_dev_type(dev) == C.GGML_BACKEND_DEVICE_TYPE_CPU:
+                raise PlacementError("devices= lists the devices to offload to; the CPU always takes part, leave it out")
+            chosen.append(dev)
+        return chosen
+    is_rpc = lambda dev: c_string(C.ggml_backend_reg_name(C.ggml_backend_dev_backend_reg(dev))) == "RPC"  # noqa: E731
+    kind = C.ggml_backend_dev_type
+    rpc = [d for d in all_devs if is_rpc(d)]
+    gpus = [d for d in all_devs if kind(d) == C.GGML_BACKEND_DEVICE_TYPE_GPU and not is_rpc(d)]
+    igpus = [d for d in all_devs if kind(d) == C.GGML_BACKEND_DEVICE_TYPE_IGPU]
+    return rpc + gpus + (igpus if not gpus else [])
+
+
+def configure(params, path, placement: Placement, *, split_mode: str = "layer", tensor_split=None,
+              main_gpu: int = 0, devices: Sequence[str] | None = None) -> tuple[list[tuple[str, str]], list]:
+    """Fill the placement fields of llama_model_params, validating everything llama.cpp would otherwise
+    abort on or reject with a generic error. Returns (overrides, C objects to keep alive during the load)."""
+    keep_alive: list = []
+    if split_mode not in SPLIT_MODES:
+        raise PlacementError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, not {split_mode!r}")
+    devs = model_devices(devices)
+    if devices is not None:
+        array = ffi.new("ggml_backend_dev_t[]", len(devs) + 1)  # NULL-terminated
+        for i, dev in enumerate(devs):
+            array[i] = dev
+        params.devices = array
+        keep_alive.append(array)
+    if isinstance(main_gpu, bool) or not isinstance(main_gpu, int) or main_gpu < 0 or (devs and main_gpu >= len(devs)):
+        raise PlacementError(f"main_gpu={main_gpu!r} is not an index into the {len(devs)} offload device(s) "
+                             f"({', '.join(c_string(C.ggml_backend_dev_name(d)) for d in devs) or 'none'})")
+    if split_mode == "row":
+        main = devs[main_gpu] if devs else ffi.NULL
+        reg = C.ggml_backend_dev_backend_reg(main) if main != ffi.NULL else ffi.NULL
+        if reg == ffi.NULL or C.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_split_buffer_type") == ffi.NULL:
+            raise PlacementError("split_mode='row' needs a backend with split buffers, and none of this machine's "
+                                 "devices has one (CUDA dropped them too); use split_mode='layer' or 'tensor'")
+    params.split_mode = SPLIT_MODES[split_mode]
+    params.main_gpu = main_gpu
+    if tensor_split is not None:
+        weights = list(tensor_split)
+        max_devices = C.llama_max_devices()
+        if not weights or len(weights) > max(len(devs), 1) or len(weights) > max_devices:
+            raise PlacementError(f"tensor_split has {len(weights)} entries for {len(devs)} offload device(s); give "
+                                 "one non-negative weight per device, in llama.cpp's device order")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf")
+               for w in weights) or sum(weights) <= 0:
+            raise PlacementError(f"tensor_split weights must be finite numbers >= 0 with a positive sum, got {weights}")
+        array = ffi.new("float[]", max_devices)
+        for i, w in enumerate(weights):
+            array[i] = w / sum(weights)
+        params.tensor_split = array
+        keep_alive.append(array)
+    overrides: list[tuple[str, str]] = []
+    if placement.rules:
+        overrides = placement.compile(read_gguf(path).tensors)
+        limit = C.llama_max_tensor_buft_overrides()
+        if len(overrides) >= limit:
+            raise PlacementError(f"the placement compiles to {len(overrides)} overrides; llama.cpp takes at most "
+                                 f"{limit - 1}: use fewer distinct targets or coarser rules")
+        array = ffi.new("struct llama_model_tensor_buft_override[]", len(overrides) + 1)  # NULL-terminated
+        for i, (pattern, target) in enumerate(overrides):
+            keep_alive.append(ffi.new("char[]", pattern.encode()))
+            array[i].pattern = keep_alive[-1]
+            array[i].buft = buffer_type(target)[0]
+        params.tensor_buft_overrides = array
+        keep_alive.append(array)
+    return overrides, keep_alive
 
 
 # ---- presets -------------------------------------------------------------------------------------------

@@ -138,3 +138,46 @@ def test_same_greedy_output_whatever_the_placement(rpc_devices, tiny_qwen3moe_pa
                            progress=False) as model:
             outputs.append(llmplace.generate(model, "Hello there", max_tokens=12, temperature=0).tokens)
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def layers_per_buffer(model) -> dict[str, int]:
+    from llmplace.placement import read_back
+
+    layers: dict[str, set[int]] = {}
+    for name, (buffer_type, _) in read_back(model).items():
+        if name.startswith("blk."):
+            layers.setdefault(buffer_type, set()).add(int(name.split(".")[1]))
+    return {k: len(v) for k, v in layers.items()}
+
+
+# llama.cpp splits n_layer + 1 slots (the output layer is the last) by the cumulative normalized weights:
+# slot i goes to the first device whose cumulative share exceeds i / (n_layer + 1). SmolLM2: 30 layers.
+@pytest.mark.parametrize("weights,expected", [([2, 1], (21, 9)), ([1, 1], (16, 14)), ([1, 4], (7, 23))])
+def test_tensor_split_divides_layers_by_normalized_weights(rpc_devices, smollm2_path, weights, expected):
+    with llmplace.load(smollm2_path, tensor_split=weights, progress=False) as model:
+        counts = layers_per_buffer(model)
+    assert (counts[rpc_devices[0].buffer_type], counts[rpc_devices[1].buffer_type]) == expected
+
+
+def test_devices_restricts_offload_to_the_named_devices(rpc_devices, smollm2_path):
+    with llmplace.load(smollm2_path, devices=[rpc_devices[1].name], progress=False) as model:
+        assert layers_per_buffer(model) == {rpc_devices[1].buffer_type: 30}
+        assert llmplace.generate(model, "Hi", max_tokens=3, temperature=0).tokens
+
+
+@pytest.mark.parametrize("kwargs,error,fragment", [
+    (dict(split_mode="row"), PlacementError, "split buffers"),
+    (dict(split_mode="diagonal"), PlacementError, "split_mode must be one of"),
+    (dict(tensor_split=[1, 1, 1]), PlacementError, "3 entries for 2 offload device"),
+    (dict(tensor_split=[-1, 2]), PlacementError, "finite numbers >= 0"),
+    (dict(tensor_split=[0, 0]), PlacementError, "positive sum"),
+    (dict(main_gpu=2), PlacementError, "main_gpu=2"),
+    (dict(devices=["CPU"]), PlacementError, "leave it out"),
+    (dict(devices=["RPC9"]), DeviceNotFoundError, "no device named"),
+    (dict(rpc_servers=["127.0.0.1:1"]), DeviceNotFoundError, "cannot reach"),
+])
+def test_bad_split_configurations_are_refused_before_loading(rpc_devices, smollm2_path, smollm2, kwargs, error,
+                                                             fragment):
+    with pytest.raises(error, match=fragment):
+        llmplace.load(smollm2_path, progress=False, **kwargs)
+    assert smollm2.tokenize("still alive")
