@@ -150,14 +150,18 @@ def cpu_backend_function(name: str, signature: str):
 def buffer_type(target: str):
     """Resolve a placement target to (buffer type handle, its name).
 
-    Accepted: "cpu"; "gpu" / "gpu:N" (the N-th GPU, in ggml's device order); a device name ("CUDA0",
-    "RPC0[127.0.0.1:50052]"), meaning its default buffer type; or a buffer type name ("CUDA_Host" for a
-    GPU's pinned host memory). Case-insensitive."""
+    Accepted: "cpu"; "gpu" / "gpu:N" (the N-th GPU, in ggml's device order); "cuda_host" / "gpu_host:N"
+    (that GPU's pinned host memory); a device name ("CUDA0", "RPC0"), meaning its default buffer type; or a
+    buffer type name ("CUDA_Host", "RPC0[127.0.0.1:50052]"). Case-insensitive."""
     ensure_initialized()
     wanted = target.strip().lower()
     devs = [C.ggml_backend_dev_get(i) for i in range(C.ggml_backend_dev_count())]
     gpus = [d for d in devs if C.ggml_backend_dev_type(d) == C.GGML_BACKEND_DEVICE_TYPE_GPU]
     chosen = None
+    host_of_gpu = wanted in ("cuda_host", "gpu_host") or wanted.startswith(("cuda_host:", "gpu_host:"))
+    if host_of_gpu:
+        # Pinned host memory of a GPU: weights stay in RAM but transfer to that GPU fast (op offload).
+        wanted = "gpu" + wanted[wanted.index(":"):] if ":" in wanted else "gpu"
     if wanted == "cpu":
         chosen = next((d for d in devs if C.ggml_backend_dev_type(d) == C.GGML_BACKEND_DEVICE_TYPE_CPU), None)
     elif wanted == "gpu" or wanted.startswith("gpu:"):
@@ -167,7 +171,10 @@ def buffer_type(target: str):
                                       "install a GPU plugin or target 'cpu'")
         chosen = gpus[index]
     if chosen is not None:
-        buft = C.ggml_backend_dev_buffer_type(chosen)
+        buft = (C.ggml_backend_dev_host_buffer_type if host_of_gpu else C.ggml_backend_dev_buffer_type)(chosen)
+        if buft == ffi.NULL:
+            raise DeviceNotFoundError(f"placement target {target!r}: {c_string(C.ggml_backend_dev_name(chosen))} "
+                                      "has no pinned host memory buffer type")
         return buft, c_string(C.ggml_backend_buft_name(buft))
     known = []
     for dev in devs:

@@ -80,7 +80,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for endpoint in args.rpc:
         add_rpc_server(endpoint)
     placement = Placement.parse(",".join(args.rule))
-    plan = explain(args.model, placement, n_gpu_layers=args.n_gpu_layers)
+    tensor_split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
+    plan = explain(args.model, placement, n_gpu_layers=args.n_gpu_layers, split_mode=args.split,
+                   tensor_split=tensor_split)
     if args.json:
         print(json.dumps({"tensors": [t.__dict__ for t in plan.tensors], "totals": plan.totals(),
                           "unmatched_rules": plan.unmatched_rules, "overrides": plan.overrides}, indent=2))
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", action="append", default=[], help="PATTERN=DEVICE, as llama.cpp's -ot (repeatable)")
     p.add_argument("--rpc", action="append", default=[], help="add an RPC server's devices (host:port)")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
+    p.add_argument("--split", default="layer", help="split mode: layer (default), row, tensor or none")
+    p.add_argument("--tensor-split", help="relative share per offload device, e.g. 2,1")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
     p.set_defaults(func=cmd_explain)

@@ -342,15 +342,16 @@ def describe(tensors: Sequence[TensorInfo], placement: Placement, landed: dict[s
             for t in tensors]
 
 
-def explain(path, placement=None, *, n_gpu_layers: int = -1) -> Explanation:
+def explain(path, placement=None, *, n_gpu_layers: int = -1, **split) -> Explanation:
     """Where every weight tensor of the model at `path` would go under `placement`, decided by llama.cpp
-    itself in a dry-run load (no weights read or allocated), with the rule that placed each one."""
+    itself in a dry-run load (no weights read or allocated), with the rule that placed each one.
+    `split` takes load()'s split keywords: split_mode, tensor_split, main_gpu, devices."""
     from .gguf_info import read
     from .model import Model
 
     placement = Placement.parse(placement)
     tensors = read(path).tensors
-    with Model(path, n_gpu_layers=n_gpu_layers, placement=placement, dry_run=True, progress=False) as model:
+    with Model(path, n_gpu_layers=n_gpu_layers, placement=placement, dry_run=True, progress=False, **split) as model:
         landed = read_back(model)
         overrides = model.overrides
     return Explanation(describe(tensors, placement, landed), placement.unmatched_rules(tensors), overrides)

@@ -181,3 +181,17 @@ def test_bad_split_configurations_are_refused_before_loading(rpc_devices, smollm
     with pytest.raises(error, match=fragment):
         llmplace.load(smollm2_path, progress=False, **kwargs)
     assert smollm2.tokenize("still alive")
+
+
+def test_explain_follows_split_keywords(rpc_devices, smollm2_path):
+    plan = explain(smollm2_path, None, tensor_split=[1, 4])
+    layers = {}
+    for t in plan.tensors:
+        if t.layer is not None:
+            layers.setdefault(t.buffer_type, set()).add(t.layer)
+    assert len(layers[rpc_devices[0].buffer_type]) == 7 and len(layers[rpc_devices[1].buffer_type]) == 23
+
+
+def test_gpu_host_target_needs_a_gpu(tiny_qwen3moe_path):
+    with pytest.raises(DeviceNotFoundError, match="GPU"):
+        llmplace.load(tiny_qwen3moe_path, placement=[Rule("cuda_host", role="experts")], progress=False)
