@@ -85,6 +85,9 @@ class Context(NativeObject):
                  n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn="auto",
                  type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1) -> None:
         model_ptr = model._ptr  # raises ClosedError on a closed model
+        if model.dry_run:
+            raise InvalidParameterError("this Model comes from a dry run (no weights in memory): it can be "
+                                        "inspected, not run; load it with llmplace.load(path)")
         if n_ctx is None:
             n_ctx = min(DEFAULT_N_CTX, model.n_ctx_train) if model.n_ctx_train > 0 else DEFAULT_N_CTX
         if n_ctx != 0:
@@ -99,6 +102,9 @@ class Context(NativeObject):
         for name, value in (("type_k", type_k), ("type_v", type_v)):
             if value not in KV_TYPES:
                 raise InvalidParameterError(f"{name} must be one of {sorted(KV_TYPES)}, not {value!r}")
+        if flash_attn is False and type_v not in ("f32", "f16", "bf16"):
+            raise InvalidParameterError(f"a quantized V cache (type_v={type_v!r}) needs flash attention: pass "
+                                        "flash_attn=True or 'auto', or type_v='f16'")
 
         params = C.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -125,7 +131,12 @@ class Context(NativeObject):
                 "Try a smaller n_ctx or n_batch, or a quantized KV cache (type_k='q8_0', type_v='q8_0').")
         # A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
         # graph computation, i.e. every generated token.
-        self._own(handle, _free_context, _attach_thread_pools(handle, n_threads, n_threads_batch))
+        try:
+            pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
+        except BaseException:
+            C.llama_free(handle)
+            raise
+        self._own(handle, _free_context, pools)
         self.model = model
         model._contexts.add(self)
         # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.

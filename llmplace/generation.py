@@ -104,6 +104,8 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
     presence_penalty, penalty_last_n, seed, logit_bias) are keywords, or one `sampling=SamplingParams(...)`.
     context: reuse a Context (its cached prefix of the prompt is not recomputed); by default a temporary
     one sized for prompt + max_tokens is made. Special tokens in text prompts (e.g. '<|im_start|>') are parsed.
+
+    Arguments are checked when this is called, not at the first step: a bad value raises here.
     """
     if sampling is not None and sampling_kwargs:
         raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, not both")
@@ -112,28 +114,39 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
         raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
     stops = [stop] if isinstance(stop, str) else list(stop)
     tokens = _prompt_tokens(model, prompt, add_special)
-    sampler = Sampler(model.n_vocab, params)
     own_context = context is None
     if own_context:
         n_ctx = min(max(512, len(tokens) + max_tokens + 1), max(model.n_ctx_train, len(tokens) + 1))
         context = Context(model, n_ctx=n_ctx)
     elif context.model is not model:
         raise InvalidParameterError("the context belongs to another model")
+    elif len(tokens) >= context.n_ctx:
+        raise ContextOverflowError(
+            f"the prompt has {len(tokens)} tokens but the context holds {context.n_ctx} (and generation needs at "
+            "least one more); shorten the prompt or use a Context with a larger n_ctx")
     try:
-        yield from _generate_steps(model, context, sampler, params, tokens, max_tokens, stops)
+        sampler = Sampler(model.n_vocab, params)
+    except BaseException:
+        if own_context:
+            context.close()
+        raise
+    return _owning(_generate_steps(model, context, sampler, params, tokens, max_tokens, stops),
+                   sampler, context if own_context else None)
+
+
+def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None) -> Iterator[GenerationStep]:
+    """Yield the steps, then free the sampler (and a context made for this call), however iteration ends."""
+    try:
+        yield from steps
     finally:
         sampler.close()
-        if own_context:
+        if context is not None:
             context.close()
 
 
 def _generate_steps(model: Model, context: Context, sampler: Sampler, params: SamplingParams, tokens: list[int],
                     max_tokens: int, stops: list[str]) -> Iterator[GenerationStep]:
     n_ctx = context.n_ctx
-    if len(tokens) >= n_ctx:
-        raise ContextOverflowError(
-            f"the prompt has {len(tokens)} tokens but the context holds {n_ctx} (and generation needs at least "
-            "one more); shorten the prompt or use a Context with a larger n_ctx")
     start = time.perf_counter()
     # Reuse the longest cached prefix, but always compute at least the last prompt token (for its logits).
     cached = 0

@@ -66,6 +66,7 @@ class Model(NativeObject):
 
         with _load_lock, logs.capture() as native_messages:
             handle = C.llama_model_load_from_file(str(self.path).encode(), params)
+        del keep_alive  # llama.cpp copied what it needed during the load
         if relay.exception is not None:
             if handle != ffi.NULL:
                 C.llama_model_free(handle)
@@ -76,6 +77,7 @@ class Model(NativeObject):
             reason = "; ".join(m for m in native_messages if m) or "no reason given"
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
         self._own(handle, C.llama_model_free)
+        self.dry_run = dry_run  # weights were placed but not allocated: metadata and placement only
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
         self.vocab = Vocab(self)
 

@@ -99,6 +99,7 @@ def test_prompt_longer_than_context(smollm2, still_works):
     (dict(n_ctx="4096"), "n_ctx"),
     (dict(type_k="q3_weird"), "type_k"),
     (dict(flash_attn="yes"), "flash_attn"),
+    (dict(type_v="q8_0", flash_attn=False), "needs flash attention"),
 ])
 def test_bad_context_parameters(smollm2, kwargs, fragment, still_works):
     with pytest.raises(InvalidParameterError, match=fragment):

@@ -136,3 +136,12 @@ def test_synthetic_models_load_and_generate(request, fixture, arch):
         assert len(result.tokens) == 8 or result.finish_reason == "stop"
         again = llmplace.generate(model, "Hello", max_tokens=8, temperature=0)
         assert result.tokens == again.tokens
+
+
+def test_stream_generate_checks_arguments_when_called(smollm2):
+    # No iteration needed: a bad value raises at the call, where the mistake is.
+    with pytest.raises(llmplace.InvalidParameterError, match="top_p"):
+        llmplace.stream_generate(smollm2, "Hi", top_p=3.0)
+    with pytest.raises(llmplace.ContextOverflowError):
+        with llmplace.Context(smollm2, n_ctx=64) as ctx:
+            llmplace.stream_generate(smollm2, "word " * (ctx.n_ctx + 1), context=ctx)

@@ -195,3 +195,10 @@ def test_explain_follows_split_keywords(rpc_devices, smollm2_path):
 def test_gpu_host_target_needs_a_gpu(tiny_qwen3moe_path):
     with pytest.raises(DeviceNotFoundError, match="GPU"):
         llmplace.load(tiny_qwen3moe_path, placement=[Rule("cuda_host", role="experts")], progress=False)
+
+
+def test_a_dry_run_model_cannot_be_run(tiny_qwen3moe_path):
+    with llmplace.Model(tiny_qwen3moe_path, dry_run=True, progress=False) as plan_only:
+        assert plan_only.n_layer == 2          # metadata is there
+        with pytest.raises(llmplace.InvalidParameterError, match="dry run"):
+            llmplace.Context(plan_only)
