@@ -1,7 +1,7 @@
 """llmplace vs llama.cpp's llama-bench (built from the same source, shipped in llmplace/bin), same model,
 threads and batch sizes, in one run, as ratios.
 
-    python benchmarks/bench_cpu.py [MODEL.gguf] [--threads N] [--reps 5] [--out benchmarks/results/NAME.json]
+    python benchmarks/bench.py [MODEL.gguf] [--threads N] [--reps 5] [--n-gpu-layers 0] [--out FILE.json]
 
 Measured, interleaved rep by rep (llama-bench, then llmplace) and summarised by the median:
 - pp512: prompt processing of 512 tokens in one batch (n_batch 2048, n_ubatch 512), tokens/s;
@@ -29,9 +29,9 @@ from llmplace.context import default_threads
 N_PROMPT, N_GEN = 512, 128
 
 
-def llama_bench(model: Path, threads: int, flash_attn: int) -> dict[str, float]:
+def llama_bench(model: Path, threads: int, flash_attn: int, ngl: int) -> dict[str, float]:
     cmd = [str(BIN_DIR / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(N_PROMPT),
-           "-n", str(N_GEN), "-b", "2048", "-ub", "512", "-fa", str(flash_attn), "-ngl", "0", "-r", "1", "-o", "json"]
+           "-n", str(N_GEN), "-b", "2048", "-ub", "512", "-fa", str(flash_attn), "-ngl", str(ngl), "-r", "1", "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=LIB_DIR)
     rows = json.loads(out.stdout)
     result = {}
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--flash-attn", type=int, default=0, choices=(0, 1))
+    parser.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (99 = all); 0 = CPU only")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.model:
@@ -101,9 +102,9 @@ def main() -> None:
         path = embedded_default_model()
 
     ref_runs, our_runs = [], []
-    with llmplace.load(path, n_gpu_layers=0, progress=False) as model:
+    with llmplace.load(path, n_gpu_layers=args.n_gpu_layers, progress=False) as model:
         for rep in range(args.reps):
-            ref_runs.append(llama_bench(path, args.threads, args.flash_attn))
+            ref_runs.append(llama_bench(path, args.threads, args.flash_attn, args.n_gpu_layers))
             our_runs.append(llmplace_run(model, args.threads, bool(args.flash_attn)))
             print(f"rep {rep + 1}/{args.reps}: llama-bench {ref_runs[-1]}  llmplace "
                   f"{ {k: round(v, 1) for k, v in our_runs[-1].items()} }", flush=True)
@@ -113,10 +114,10 @@ def main() -> None:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "device": next(d.description for d in llmplace.devices() if d.kind == "cpu")},
+                    "devices": [f"{d.name}: {d.description}" for d in llmplace.devices()]},
         "model": {"file": path.name, "description": description},
         "settings": {"n_prompt": N_PROMPT, "n_gen": N_GEN, "n_batch": 2048, "n_ubatch": 512,
-                     "flash_attn": args.flash_attn, "reps": args.reps, "summary": "median of interleaved reps"},
+                     "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "reps": args.reps, "summary": "median of interleaved reps"},
         "llama_bench_tps": ref, "llmplace_tps": ours, "ratio": ratios, "paired_ratio_median": paired,
         "runs": {"llama_bench": ref_runs, "llmplace": our_runs},
     }

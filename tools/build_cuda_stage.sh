@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Build llmplace with the CUDA backend into a staging folder, without pip or network (for the lent GPU
+# machine): the pinned source must already be in vendor/llama.cpp (or packed in .dev/llama.cpp.tar.xz), and
+# cffi + pycparser importable. Usage: tools/build_cuda_stage.sh BUILD_DIR STAGE_DIR [CUDA_ARCH]
+set -euo pipefail
+build=${1:?build dir}; stage=${2:?stage dir}; arch=${3:-90}
+cd "$(dirname "$0")/.."
+if [ ! -d vendor/llama.cpp ] && [ -f .dev/llama.cpp.tar.xz ]; then
+    mkdir -p vendor && tar xJf .dev/llama.cpp.tar.xz -C vendor
+fi
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" \
+      -DPython_EXECUTABLE="$(command -v python3)"
+cmake --build "$build" -j"$(nproc)"
+cmake --install "$build" --component llmplace --prefix "$stage"
+cp llmplace/*.py "$stage/llmplace/"
