@@ -171,3 +171,12 @@ print(json.dumps([a, b, "/libllama.so" in maps, "/libllmplace-llama.so" in maps]
     theirs, ours, their_lib_loaded, our_lib_loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert their_lib_loaded and our_lib_loaded
     assert ours and ours == theirs
+
+
+def test_the_shim_exports_its_c_api_only():
+    """The shim's copies of C++ template code (std::regex ...) must not be exported: the dynamic linker
+    would bind libllama's calls to them (a crash seen in llama.cpp's tokenizer on the CUDA build)."""
+    out = subprocess.run(["nm", "-D", "--defined-only", str(LIB_DIR / "libllmplace-shim.so")],
+                         capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.split()[-2] in "TWVuiBD"}
+    assert exported and all(name.startswith("llmplace_") for name in exported), sorted(exported)[:10]

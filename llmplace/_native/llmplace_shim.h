@@ -9,36 +9,45 @@
 #include <stdbool.h>
 #endif
 
+/* The shim is compiled with hidden visibility (CMakeLists.txt): only these functions are exported. Its own
+ * instantiations of C++ templates (std::regex ...) must stay private: exported, the dynamic linker may bind
+ * libllama's calls to them (seen as a crash in llama.cpp's tokenizer on the GPU machine). */
+#if defined(__GNUC__) && !defined(LLMPLACE_CFFI_PARSE)
+#define LLMPLACE_API __attribute__((visibility("default")))
+#else
+#define LLMPLACE_API
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /* The llama.cpp commit this shim (and so the whole build) was compiled from. */
-const char * llmplace_llama_commit(void);
+LLMPLACE_API const char * llmplace_llama_commit(void);
 
 /* Check a tensor-override pattern with the engine llama.cpp matches it with (std::regex, ECMAScript).
  * Returns 1 if valid; 0 if not, with the engine's message copied (NUL-terminated) into err. */
-int llmplace_regex_check(const char * pattern, char * err, size_t err_size);
+LLMPLACE_API int llmplace_regex_check(const char * pattern, char * err, size_t err_size);
 
 /* Does the pattern match somewhere in text (std::regex_search, as the model loader does)?
  * Returns 1 or 0, or -1 if the pattern is invalid. */
-int llmplace_regex_search(const char * pattern, const char * text);
+LLMPLACE_API int llmplace_regex_search(const char * pattern, const char * text);
 
 struct llama_model;
 
 /* Weight tensors of a loaded model (also of a no_alloc dry-run load), in llama.cpp's order. */
-int32_t llmplace_model_tensor_count(const struct llama_model * model);
+LLMPLACE_API int32_t llmplace_model_tensor_count(const struct llama_model * model);
 
 /* The i-th weight tensor: its name, the name of the buffer type holding it ("CPU", "CUDA0", "CPU_REPACK",
  * "RPC0[host:port]" ...; "" if none) and its size in bytes. Returns 0 when i is out of range. The strings
  * live as long as the model. */
-int llmplace_model_tensor_info(const struct llama_model * model, int32_t i, const char ** name,
+LLMPLACE_API int llmplace_model_tensor_info(const struct llama_model * model, int32_t i, const char ** name,
                                const char ** buffer_type, uint64_t * n_bytes);
 
 /* An abort callback for llama_context_params / llama_set_abort_callback: returns true once the int that
  * user_data points to is non-zero. ggml calls the abort callback at every graph node, so it lives in C:
  * a Python callback there would cost a GIL round trip per node. */
-bool llmplace_abort_if_flag_set(void * user_data);
+LLMPLACE_API bool llmplace_abort_if_flag_set(void * user_data);
 
 #ifdef __cplusplus
 }
