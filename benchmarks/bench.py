@@ -49,16 +49,20 @@ def llmplace_run(model: llmplace.Model, threads: int, flash_attn: bool) -> dict[
         prompt = [rng.randrange(n_vocab) for _ in range(N_PROMPT)]
         ctx.decode(prompt[:8])  # warm-up, as llama-bench does
         ctx.clear()
+        ctx.synchronize()
         start = time.perf_counter()
         ctx.decode(prompt)
+        ctx.synchronize()  # on a GPU, decode returns before the work is done
         pp = N_PROMPT / (time.perf_counter() - start)
 
         ctx.clear()
         ctx.decode([rng.randrange(n_vocab)])
         tokens = [rng.randrange(n_vocab) for _ in range(N_GEN)]
+        ctx.synchronize()
         start = time.perf_counter()
         for token in tokens:
             ctx.decode_one(token)
+        ctx.synchronize()
         tg_decode = N_GEN / (time.perf_counter() - start)
 
         ctx.clear()

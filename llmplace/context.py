@@ -219,6 +219,11 @@ class Context(NativeObject):
         check(C.llama_decode(self._ptr, C.llama_batch_get_one(self._token_buf, 1)), "llama_decode")
         self.tokens.append(token)
 
+    def synchronize(self) -> None:
+        """Wait until the device has finished the decodes handed to it (GPU decoding is asynchronous: a
+        decode call can return before the work is done; reading logits or sampling waits implicitly)."""
+        C.llama_synchronize(self._ptr)
+
     def logits(self, index: int = -1) -> np.ndarray:
         """A copy of the logits of the last decoded token (index -1), as float32[n_vocab]."""
         ptr = C.llama_get_logits_ith(self._ptr, index)
