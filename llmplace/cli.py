@@ -1,4 +1,4 @@
-"""The `llmplace` command: devices, inspect, explain, chat."""
+"""The `llmplace` command: devices, inspect, explain, rpc-server, chat."""
 
 from __future__ import annotations
 
@@ -143,6 +143,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 reply(text)
 
 
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    """Replace this process with llama.cpp's RPC server, run from the library folder so that it loads
+    llmplace's backends (its loader looks beside itself and in the current directory)."""
+    import os
+
+    from ._ffi import BIN_DIR, LIB_DIR
+
+    argv = [str(BIN_DIR / "llmplace-rpc-server"), "-H", args.host, "-p", str(args.port)]
+    if args.threads:
+        argv += ["-t", str(args.threads)]
+    if args.device:
+        argv += ["-d", args.device]
+    print(f"llmplace: RPC server on {args.host}:{args.port} (devices of this machine); add it elsewhere with "
+          f"llmplace.load(..., rpc_servers=['{args.host}:{args.port}'])", file=sys.stderr, flush=True)
+    os.chdir(LIB_DIR)
+    os.execv(argv[0], argv)
+    return 1  # pragma: no cover - execv does not return
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmplace", description="Run GGUF language models on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("rpc-server", help="serve this machine's devices to other llmplace/llama.cpp processes")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50052)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: llama.cpp's)")
+    p.add_argument("--device", help="comma-separated devices to serve (default: all)")
+    p.set_defaults(func=cmd_rpc_server)
 
     p = sub.add_parser("chat", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("model", nargs="?", help="path of a .gguf file")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ._ffi import C, c_string, ffi
@@ -19,6 +20,7 @@ from .backends import buffer_type
 from .errors import DeviceNotFoundError, PlacementError
 from .gguf_info import TensorInfo
 from .gguf_info import read as read_gguf
+from .logs import logger
 
 # Roles, by tensor name (llama.cpp's naming, shared by its architectures).
 ROLES: dict[str, re.Pattern] = {
@@ -109,8 +111,9 @@ class Placement:
         Placement.parse(r"exps=CPU,blk\\.[0-9]\\.attn=CUDA0")
     """
 
-    def __init__(self, rules: Iterable[Rule] = ()) -> None:
+    def __init__(self, rules: Iterable[Rule] = (), *, strict: bool = False) -> None:
         self.rules = list(rules)
+        self.strict = strict  # a rule that selects no tensor raises instead of warning
         for rule in self.rules:
             if not isinstance(rule, Rule):
                 raise PlacementError(f"a Placement holds Rule objects, got {rule!r}; use Placement.parse for "
@@ -258,7 +261,15 @@ def configure(params, path, placement: Placement, *, split_mode: str = "layer", 
         keep_alive.append(array)
     overrides: list[tuple[str, str]] = []
     if placement.rules:
-        overrides = placement.compile(read_gguf(path).tensors)
+        tensors = read_gguf(path).tensors
+        unmatched = placement.unmatched_rules(tensors)
+        if unmatched:
+            described = "; ".join(f"rule {i} ({placement.rules[i]!r})" for i in unmatched)
+            message = f"placement rules that select no tensor of {Path(path).name}: {described}"
+            if placement.strict:
+                raise PlacementError(message + " (Placement(strict=True))")
+            logger.warning("%s", message)
+        overrides = placement.compile(tensors)
         limit = C.llama_max_tensor_buft_overrides()
         if len(overrides) >= limit:
             raise PlacementError(f"the placement compiles to {len(overrides)} overrides; llama.cpp takes at most "

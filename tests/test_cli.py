@@ -69,3 +69,27 @@ def test_explain_prints_totals_and_rules(tiny_qwen3moe_path, capsys):
     assert sum(1 for t in data["tensors"] if t["rule"] == 0) == 6
     assert main(["explain", str(tiny_qwen3moe_path), "--rule", "exps(=cpu"]) == 1
     assert "invalid tensor pattern" in capsys.readouterr().err
+
+
+def test_rpc_server_command_serves_on_the_given_port():
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "rpc-server", "--port", str(port), "--threads", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(tempfile.gettempdir()))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode(errors="replace")
+                assert time.monotonic() < deadline, "the RPC server did not start listening"
+                time.sleep(0.1)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -202,3 +202,15 @@ def test_a_dry_run_model_cannot_be_run(tiny_qwen3moe_path):
         assert plan_only.n_layer == 2          # metadata is there
         with pytest.raises(llmplace.InvalidParameterError, match="dry run"):
             llmplace.Context(plan_only)
+
+
+def test_a_rule_that_selects_nothing_warns_or_with_strict_raises(tiny_qwen3moe_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="llmplace"):
+        with llmplace.load(tiny_qwen3moe_path, placement="exps=CPU,no_such_tensor=CPU", progress=False):
+            pass
+    assert any("select no tensor" in r.getMessage() and "no_such_tensor" in r.getMessage() for r in caplog.records)
+    with pytest.raises(PlacementError, match="strict=True"):
+        llmplace.load(tiny_qwen3moe_path, placement=Placement([Rule("cpu", pattern="no_such_tensor")], strict=True),
+                      progress=False)
