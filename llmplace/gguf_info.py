@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -64,10 +65,20 @@ class GGUFInfo:
 
 
 def read(path: str | os.PathLike) -> GGUFInfo:
-    """Parse the header, key/values and tensor table of a GGUF file (tensor data is not read)."""
+    """Parse the header, key/values and tensor table of a GGUF file (tensor data is not read).
+
+    Parsing a large vocabulary takes seconds, and explain, load and placement_report all need the table:
+    results are cached per file, keyed by its size and modification time. Treat them as read-only."""
+    path = Path(path)
+    check_header(path)
+    stat = path.stat()
+    return _read(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: str, size: int, mtime_ns: int) -> GGUFInfo:  # noqa: ARG001 - size and mtime key the cache
     from gguf import GGUFReader  # imported here: it is slow to import and only needed for inspection
 
-    check_header(Path(path))
     try:
         reader = GGUFReader(os.fspath(path), "r")
     except (ValueError, IndexError, OSError) as exc:
