@@ -160,9 +160,12 @@ class Model(NativeObject):
         tensors = read_gguf(self.path).tensors
         rows = describe(tensors, self.placement, read_back(self))
         mismatched = []
+        wanted_by_rule: dict[int, str] = {}  # each rule's target resolved once, not once per tensor
         for row in rows:
             if row.rule is not None:
-                wanted = buffer_type(self.placement.rules[row.rule].to)[1]
+                if row.rule not in wanted_by_rule:
+                    wanted_by_rule[row.rule] = buffer_type(self.placement.rules[row.rule].to)[1]
+                wanted = wanted_by_rule[row.rule]
                 # CPU weights may be repacked into CPU_REPACK for faster kernels: still host memory.
                 if row.buffer_type != wanted and not (wanted == "CPU" and row.buffer_type.startswith("CPU")):
                     mismatched.append(f"{row.name} ({row.buffer_type}, rule {row.rule} asked for {wanted})")
