@@ -27,7 +27,8 @@ _EXPORTS = {
     **{name: "errors" for name in (
         "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",
         "DeviceNotFoundError", "OutOfMemoryError", "ContextOverflowError", "TokenizationError", "DecodeError",
-        "AbortedError")},
+        "AbortedError", "IncompatibleDraftError")},
+    "quantize": "quantization", "QUANTIZE_TYPES": "quantization", "SpeculativeStats": "speculative",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Sequence
 
 import numpy as np
@@ -144,6 +145,7 @@ class Context(NativeObject):
         # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since
         # a larger batch fails an assertion that aborts the process.
         self._token_buf = ffi.new("llama_token[]", C.llama_n_batch(handle))
+        self._batch = None  # a llama_batch with per-token logits flags, made by the first decode_all
 
     # ---- sizes ----
     @property
@@ -218,6 +220,41 @@ class Context(NativeObject):
         self._token_buf[0] = token
         check(C.llama_decode(self._ptr, C.llama_batch_get_one(self._token_buf, 1)), "llama_decode")
         self.tokens.append(token)
+
+    def decode_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append up to n_batch tokens to sequence 0 in ONE llama_decode call, with logits for every one of
+        them: returns a float32 [len(tokens), n_vocab] copy (row i predicts the token after tokens[i]).
+
+        What speculative decoding verifies a draft with. No validation beyond n_ctx and n_batch: callers
+        pass token ids they got from this model's vocabulary.
+        """
+        ptr = self._ptr
+        n = len(tokens)
+        if not 1 <= n <= len(self._token_buf):
+            raise InvalidParameterError(f"decode_all takes 1 to n_batch={len(self._token_buf)} tokens, got {n}")
+        if len(self.tokens) + n > self.n_ctx:
+            raise ContextOverflowError(f"{len(self.tokens)} cached + {n} new tokens exceed the context of "
+                                       f"{self.n_ctx} tokens")
+        batch = self._batch
+        if batch is None:
+            # llama_batch_get_one asks for the last token's logits only; a batch of our own says per token.
+            batch = self._batch = C.llama_batch_init(len(self._token_buf), 0, 1)
+            self._batch_finalizer = weakref.finalize(self, C.llama_batch_free, batch)
+        pos0 = len(self.tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = pos0 + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        batch.n_tokens = n
+        self._abort_flag[0] = 0
+        check(C.llama_decode(ptr, batch), "llama_decode")
+        self.tokens.extend(tokens)
+        n_vocab = self.model.n_vocab
+        # Rows come back in batch order (llama_get_logits undoes any reordering of the outputs).
+        return np.frombuffer(ffi.buffer(C.llama_get_logits(ptr), n * n_vocab * 4), dtype=np.float32
+                             ).reshape(n, n_vocab).copy()
 
     def synchronize(self) -> None:
         """Wait until the device has finished the decodes handed to it (GPU decoding is asynchronous: a

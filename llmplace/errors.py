@@ -48,6 +48,10 @@ class TokenizationError(LlmplaceError, ValueError):
     """Text could not be turned into tokens, or tokens into text."""
 
 
+class IncompatibleDraftError(LlmplaceError, ValueError):
+    """A draft model's vocabulary differs from the target's, so its tokens cannot be verified by the target."""
+
+
 class DecodeError(LlmplaceError, RuntimeError):
     """llama_decode failed."""
 
