@@ -27,7 +27,8 @@ _EXPORTS = {
     **{name: "errors" for name in (
         "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",
         "DeviceNotFoundError", "OutOfMemoryError", "ContextOverflowError", "TokenizationError", "DecodeError",
-        "AbortedError", "IncompatibleDraftError")},
+        "AbortedError", "IncompatibleDraftError", "TemplateError")},
+    "Chat": "chat", "Reply": "chat", "format_chat": "chat",
     "quantize": "quantization", "QUANTIZE_TYPES": "quantization", "SpeculativeStats": "speculative",
 }
 

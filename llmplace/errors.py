@@ -48,6 +48,10 @@ class TokenizationError(LlmplaceError, ValueError):
     """Text could not be turned into tokens, or tokens into text."""
 
 
+class TemplateError(InvalidParameterError):
+    """A chat template is not valid Jinja, or refused the messages it was given (its raise_exception)."""
+
+
 class IncompatibleDraftError(LlmplaceError, ValueError):
     """A draft model's vocabulary differs from the target's, so its tokens cannot be verified by the target."""
 
