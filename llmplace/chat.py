@@ -1,45 +1,396 @@
-"""Chat prompts: turn a list of messages into the model's prompt with its chat template.
+"""Chat: a multi-turn conversation with a model, its chat template, and one KV cache kept across turns.
 
-This first version renders with llama.cpp's built-in template engine (`llama_chat_apply_template`),
-which recognises the common template families (ChatML, Llama 3, Gemma ...) from the GGUF's template.
+    with llmplace.Chat("model.gguf", system_prompt="Answer in one sentence.") as chat:
+        print(chat.submit("What is the capital of France?", temperature=0).text)
+        for piece in chat.stream("And of Italy?"):
+            print(piece, end="", flush=True)
+
+Every turn renders the whole conversation with the template (chat_template.py) and hands the tokens to
+`stream_generate` with the Chat's one `Context`: the tokens the cache already holds (the conversation so
+far, up to where the re-rendered text first differs from what was generated, usually the end-of-turn
+marker the template appends) are not recomputed, so a turn evaluates only its new message.
+
+Policies (chosen here, tested in tests/test_chat.py):
+- Context full: by default a turn whose rendered conversation does not fit raises `ContextOverflowError`
+  before anything is computed, and the conversation is unchanged. With `truncate=True` the oldest
+  user/assistant exchanges are dropped (the system prompt is always kept) until the conversation plus room
+  for the reply (max_tokens, at most half the context) fits; `Reply.dropped` counts the messages dropped. A
+  reply that reaches the end of the context ends with finish_reason "length".
+- Interruption: `abort()` (from any thread), breaking out of `stream()`, or Ctrl-C (KeyboardInterrupt, which
+  is re-raised) end the reply early. The user's message and the partial reply (the text produced so far,
+  possibly empty) are kept in the history, with finish_reason "abort", as a chat UI keeps a stopped answer;
+  the KV cache is left consistent, so the next turn works and reuses it. An error during generation (not an
+  interruption) leaves the history as it was before the turn.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import inspect
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
 
-from ._ffi import C, ffi
-from .errors import InvalidParameterError
-from .model import Model
+from .chat_template import ChatTemplate, format_chat, validate_messages
+from .context import Context
+from .errors import AbortedError, ClosedError, ContextOverflowError, InvalidParameterError
+from .generation import stream_generate
+from .model import Model, load
+from .sampling import SamplingParams
+
+__all__ = ["Chat", "Reply", "format_chat"]
+
+_SAMPLING_NAMES = frozenset(f.name for f in fields(SamplingParams))
+_HISTORY_FORMAT = "llmplace.chat/1"
 
 
-def format_chat(model: Model, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
-                template: str | None = None) -> str:
-    """The prompt text for `messages` ([{"role": "user", "content": "..."}, ...])."""
-    template = template or model.chat_template
-    if not template:
-        raise InvalidParameterError(
-            f"{model.path.name} has no chat template; pass template= (a template name such as 'chatml', "
-            "or Jinja source) or build the prompt yourself")
-    keep = []  # the C strings must outlive the call
-    chat = ffi.new("llama_chat_message[]", len(messages))
-    for i, message in enumerate(messages):
+@dataclass(frozen=True)
+class Reply:
+    """One assistant reply and what it cost. `str(reply)` is its text.
+
+    finish_reason: "stop" (end-of-turn token or a stop string), "length" (max_tokens or the context's end),
+    "abort" (abort(), a break out of stream(), or Ctrl-C).
+    prompt_tokens: tokens of the whole rendered conversation this turn; prompt_evaluated: how many of them were
+    computed (the rest were already in the KV cache). dropped: messages dropped by truncate=True this turn.
+    drafted / accepted: speculative decoding's proposed and accepted tokens (0 without a draft).
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    prompt_evaluated: int
+    generated_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    elapsed: float
+    dropped: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class _Turn:
+    """A prepared turn: the conversation it will leave behind and the tokens to generate from."""
+
+    messages: list            # history to keep, including the new user message
+    tokens: list
+    options: dict             # keywords for stream_generate
+    dropped: int
+
+
+def _speculation_keywords() -> frozenset:
+    """The speculative-decoding keywords stream_generate accepts in this build (none before it has them)."""
+    return frozenset(inspect.signature(stream_generate).parameters) & {"draft", "depth", "lookup"}
+
+
+class Chat:
+    """A conversation with `model` (a Model, or the path of a GGUF file, then loaded and owned by the Chat).
+
+    system_prompt: the first message, kept by reset() and by truncation. template: Jinja source or a
+    name ('chatml', 'gemma', ...); default the model's own (chat_template.py). n_ctx, n_threads: of the
+    Chat's Context (default min(4096, trained length)). max_tokens, stop and sampling keywords
+    (temperature, top_k, top_p, min_p, seed, repeat_penalty, ...) are defaults for every turn; submit() and
+    stream() take the same keywords for one turn. truncate: see the module docstring (default False: a full
+    context raises ContextOverflowError).
+    draft (a Model or a path), depth, lookup: speculative decoding, passed to stream_generate (which checks
+    them); a draft given as a path is loaded once and owned by the Chat.
+
+    A Chat is used from one thread; only `abort()` may be called from another.
+    """
+
+    def __init__(self, model: Model | str | os.PathLike, system_prompt: str | None = None, *,
+                 template: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
+                 max_tokens: int = 512, stop: str | Sequence[str] = (), truncate: bool = False,
+                 draft: Model | str | os.PathLike | None = None, depth: int = 5, lookup=False, **sampling) -> None:
+        self._owned: list = []          # what close() frees: the context, and models loaded from paths
+        self._context: Context | None = None
         try:
-            role, content = message["role"], message["content"]
-        except (KeyError, TypeError):
-            raise InvalidParameterError(f"message {i} must be a mapping with 'role' and 'content', got {message!r}") from None
-        keep += [ffi.new("char[]", str(role).encode()), ffi.new("char[]", str(content).encode())]
-        chat[i].role, chat[i].content = keep[-2], keep[-1]
-    tmpl = ffi.new("char[]", template.encode())
-    size = 2 * sum(len(str(m["content"])) for m in messages) + 1024
-    for _ in range(2):
-        buf = ffi.new("char[]", size)
-        n = C.llama_chat_apply_template(tmpl, chat, len(messages), add_generation_prompt, buf, size)
-        if n < 0:
-            raise InvalidParameterError(
-                "llama.cpp does not recognise this chat template; pass template='chatml' (or another built-in "
-                "name) or build the prompt yourself")
-        if n <= size:
-            return ffi.unpack(buf, n).decode("utf-8", errors="replace")
-        size = n + 1
-    raise InvalidParameterError("the chat template produced a prompt of unstable length")
+            if isinstance(model, (str, os.PathLike)):
+                model = load(model)
+                self._owned.append(model)
+            elif not isinstance(model, Model):
+                raise InvalidParameterError(f"model must be a Model or the path of a .gguf file, not "
+                                            f"{type(model).__name__}")
+            self.model = model
+            self.template = ChatTemplate.resolve(model, template)
+            self._defaults = self._options({"max_tokens": max_tokens, "stop": stop, **sampling})
+            self._speculation = self._speculation_options(draft, depth, lookup)
+            if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+                raise InvalidParameterError(f"system_prompt must be non-empty text or None, not {system_prompt!r}")
+            self.truncate = bool(truncate)
+            self._context = Context(model, n_ctx=n_ctx, n_threads=n_threads)
+            self._owned.insert(0, self._context)
+        except BaseException:
+            self.close()
+            raise
+        self._messages: list[dict[str, str]] = (
+            [{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+        self._abort_requested = threading.Event()
+        self._active = False
+        self.last: Reply | None = None
+
+    # ---- set-up helpers ----
+    def _options(self, options: Mapping, base: Mapping | None = None) -> dict:
+        """Merge per-turn keywords over `base` and check them now, so a bad value raises at the call."""
+        unknown = set(options) - _SAMPLING_NAMES - {"max_tokens", "stop"}
+        if unknown:
+            raise InvalidParameterError(f"unknown option(s) {', '.join(sorted(unknown))}; a turn takes max_tokens, "
+                                        f"stop and the sampling options {', '.join(sorted(_SAMPLING_NAMES))}")
+        merged = {**(base or {}), **options}
+        max_tokens = merged.get("max_tokens")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidParameterError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
+        stop = merged.get("stop", ())
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
+            raise InvalidParameterError(f"stop must be a str or a list of str, not {stop!r}")
+        merged["stop"] = list(stop)
+        SamplingParams(**{k: v for k, v in merged.items() if k in _SAMPLING_NAMES})  # validates
+        return merged
+
+    def _speculation_options(self, draft, depth, lookup) -> dict:
+        if draft is None and not lookup:
+            return {}
+        supported = _speculation_keywords()
+        wanted = {"draft"} if draft is not None else set()
+        if lookup:
+            wanted.add("lookup")
+        if not wanted <= supported:
+            raise InvalidParameterError("this build of llmplace has no speculative decoding in stream_generate "
+                                        "yet; create the Chat without draft= and lookup=")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise InvalidParameterError(f"depth must be an int >= 1 (tokens drafted per step), not {depth!r}")
+        options = {}
+        if draft is not None:
+            if isinstance(draft, (str, os.PathLike)):
+                draft = load(draft)
+                self._owned.append(draft)
+            elif not isinstance(draft, Model):
+                raise InvalidParameterError(f"draft must be a Model or the path of a .gguf file, not "
+                                            f"{type(draft).__name__}")
+            options["draft"] = draft
+        if lookup:
+            options["lookup"] = lookup
+        if "depth" in supported:
+            options["depth"] = depth
+        return options
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        """Free the Chat's context (and models it loaded from paths). Safe to call twice."""
+        for obj in getattr(self, "_owned", ()):
+            obj.close()
+        self._owned = []
+
+    @property
+    def closed(self) -> bool:
+        return self._context is None or self._context.closed
+
+    def __enter__(self) -> "Chat":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_usable(self) -> Context:
+        if self.closed:
+            raise ClosedError("this Chat is closed (or its Model was closed); create a new Chat")
+        if self._active:
+            raise InvalidParameterError("a reply is still streaming from this Chat; finish iterating it (or close "
+                                        "the generator) before the next turn")
+        return self._context
+
+    # ---- history ----
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """The conversation as [{"role": ..., "content": ...}, ...] (a copy), system prompt first if any."""
+        return [dict(m) for m in self._messages]
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self._messages[0]["content"] if self._messages and self._messages[0]["role"] == "system" else None
+
+    def load_history(self, messages: Sequence[Mapping[str, str]]) -> None:
+        """Replace the conversation (system prompt included) with `messages`, checked first. The KV cache
+        keeps whatever prefix the new conversation shares with the old."""
+        self._check_usable()
+        checked = validate_messages(messages)
+        if any(m["role"] == "system" for m in checked[1:]):
+            raise InvalidParameterError("a system message may only come first in the history")
+        self.template.render(checked, add_generation_prompt=False)  # the template accepts it (raises otherwise)
+        self._messages = checked
+
+    @classmethod
+    def from_history(cls, model: Model | str | os.PathLike, messages: Sequence[Mapping[str, str]], **kwargs) -> "Chat":
+        """A Chat continuing `messages` (a system message first, if any, becomes the system prompt)."""
+        chat = cls(model, **kwargs)
+        try:
+            chat.load_history(messages)
+        except BaseException:
+            chat.close()
+            raise
+        return chat
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the history as JSON ({"format": ..., "messages": [...]}); `load` reads it back."""
+        data = {"format": _HISTORY_FORMAT, "messages": self.history}
+        Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Replace the history with one written by `save` (or a plain JSON list of messages)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidParameterError(f"could not read a chat history from {path}: {exc}") from None
+        messages = data.get("messages") if isinstance(data, dict) else data
+        if messages is None:
+            raise InvalidParameterError(f"{path} holds no 'messages' list; write it with Chat.save")
+        self.load_history(messages)
+
+    def reset(self) -> None:
+        """Forget the conversation but the system prompt. The cache keeps the system prompt's tokens."""
+        self._check_usable()
+        self._messages = self._messages[:1] if self.system_prompt is not None else []
+        self.last = None
+
+    # ---- state ----
+    @property
+    def n_ctx(self) -> int:
+        return self._check_usable().n_ctx
+
+    @property
+    def n_cached(self) -> int:
+        """Tokens held in the KV cache now."""
+        return 0 if self.closed else len(self._context.tokens)
+
+    @property
+    def last_prompt_evaluated(self) -> int:
+        """Prompt tokens the last turn computed (0 before the first turn)."""
+        return self.last.prompt_evaluated if self.last else 0
+
+    def stats(self) -> dict:
+        """The last reply's figures and the context's fill, for display."""
+        out = {"messages": len(self._messages), "cached_tokens": self.n_cached,
+               "n_ctx": 0 if self.closed else self._context.n_ctx}
+        if self.last is not None:
+            out.update({f.name: getattr(self.last, f.name) for f in fields(Reply) if f.name != "text"})
+        return out
+
+    # ---- turns ----
+    def abort(self) -> None:
+        """Stop the reply being generated (thread-safe; a no-op when none is). Its partial text is kept."""
+        self._abort_requested.set()
+        context = self._context
+        if context is not None and not context.closed and self._active:
+            context.abort()
+
+    def submit(self, text: str, **options) -> Reply:
+        """Send a user message and return the whole reply. Keywords (max_tokens, stop, temperature, ...)
+        override the Chat's defaults for this turn."""
+        steps = self.stream(text, **options)
+        for _ in steps:
+            pass
+        return self.last
+
+    def stream(self, text: str, **options) -> Iterator[str]:
+        """Send a user message; yield the reply's text as it is generated (pieces, never empty). The Reply
+        with its figures is `chat.last` once the iteration ends. Arguments are checked at the call."""
+        return self._run(self._prepare(text, options))
+
+    def _prepare(self, text: str, options: Mapping) -> _Turn:
+        context = self._check_usable()
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"the message must be a str, not {type(text).__name__}")
+        if not text.strip():
+            raise InvalidParameterError("the message is empty; type some text")
+        options = self._options(options, self._defaults)
+        messages = self._messages + [{"role": "user", "content": text}]
+        tokens = self.template.tokens(self.model, self.template.render(messages))
+        n_ctx, dropped = context.n_ctx, 0
+        if self.truncate:
+            room = min(options["max_tokens"], n_ctx // 2)
+            first = 1 if self.system_prompt is not None else 0
+            while len(tokens) + room > n_ctx and len(messages) - first > 1:
+                # Drop the oldest exchange: up to and including the next user message after the first one,
+                # so the conversation still starts with a user turn (templates such as Gemma's insist).
+                cut = next((i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"),
+                           len(messages) - 1)
+                dropped += cut - first
+                messages = messages[:first] + messages[cut:]
+                tokens = self.template.tokens(self.model, self.template.render(messages))
+        if len(tokens) >= n_ctx:
+            how = ("shorten the system prompt or this message" if self.truncate else
+                   "call reset(), or create the Chat with truncate=True to drop the oldest turns")
+            raise ContextOverflowError(
+                f"the conversation with this message is {len(tokens)} tokens but the context holds {n_ctx} (and the "
+                f"reply needs room too): {how}, or use a larger n_ctx (this model was trained on "
+                f"{self.model.n_ctx_train})")
+        return _Turn(messages, tokens, options, dropped)
+
+    def _run(self, turn: _Turn) -> Iterator[str]:
+        context = self._context
+        self._active = True
+        self._abort_requested.clear()
+        start = time.perf_counter()
+        pieces: list[str] = []
+        last = None
+        finish = "abort"           # unless generation runs to its own end
+        keep = True                # record the turn in the history (False after an error)
+        consistent = True          # the cache and context.tokens are known to agree
+        steps = None
+        try:
+            steps = stream_generate(self.model, turn.tokens, context=context, add_special=False,
+                                    **turn.options, **self._speculation)
+            for step in steps:
+                last = step
+                if step.text:
+                    pieces.append(step.text)
+                    yield step.text
+                if step.finish_reason is not None:
+                    finish = step.finish_reason
+                    break
+                if self._abort_requested.is_set():
+                    break
+        except AbortedError:
+            pass                   # abort() arrived during a llama_decode: the cache is consistent
+        except GeneratorExit:
+            raise                  # the caller stopped iterating: a partial reply, recorded below
+        except KeyboardInterrupt:
+            consistent = False     # may have landed between a decode and its bookkeeping
+            raise
+        except BaseException:
+            consistent, keep = False, False
+            raise
+        finally:
+            if steps is not None:
+                steps.close()
+            self._active = False
+            self._abort_requested.clear()
+            # An abort() that came after the last decode would otherwise stop the next one early (decode
+            # clears the flag, decode_one does not).
+            context._abort_flag[0] = 0
+            if not consistent and not context.closed:
+                # Drop the last cached token, which also removes any KV cell that llama.cpp filled but
+                # context.tokens does not list; the next turn recomputes it.
+                context.truncate(max(0, len(context.tokens) - 1))
+            if keep:
+                reply_text = "".join(pieces)
+                self._messages = turn.messages + [{"role": "assistant", "content": reply_text}]
+                now = time.perf_counter()
+                self.last = Reply(
+                    text=reply_text, finish_reason=finish, prompt_tokens=len(turn.tokens),
+                    prompt_evaluated=(last.prompt_tokens - last.prompt_cached) if last else 0,
+                    generated_tokens=last.generated_tokens if last else 0,
+                    prompt_tps=last.prompt_tps if last else 0.0, generation_tps=last.generation_tps if last else 0.0,
+                    elapsed=now - start, dropped=turn.dropped, drafted=int(getattr(last, "drafted", 0) or 0),
+                    accepted=int(getattr(last, "accepted", 0) or 0))
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._messages)} messages, {self.n_cached} cached tokens"
+        return f"<llmplace.Chat {self.model.path.name}: {state}>"
