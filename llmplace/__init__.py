@@ -23,6 +23,8 @@ _EXPORTS = {
     "generate": "generation", "stream_generate": "generation", "Generation": "generation",
     "GenerationStep": "generation",
     "SamplingParams": "sampling", "Sampler": "sampling",
+    "Placement": "placement", "Rule": "placement", "explain": "placement", "distribute": "placement",
+    "cpu_moe": "placement", "n_cpu_moe": "placement",
     "devices": "backends", "Device": "backends", "device": "backends", "backend_modules": "backends",
     **{name: "errors" for name in (
         "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",

@@ -73,20 +73,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_rule(rule) -> str:
+    """'exps=cpu' for pattern rules; the selectors otherwise ('role=experts layers=0-15 -> cpu')."""
+    if rule.pattern is not None and all(getattr(rule, k) is None for k in
+                                        ("layers", "role", "dtype", "min_bytes", "max_bytes", "where")):
+        return f"{rule.pattern}={rule.to}"
+    parts = [f"pattern={rule.pattern}"] if rule.pattern is not None else []
+    if rule.layers is not None:
+        layers = sorted(rule.layers)
+        contiguous = layers == list(range(layers[0], layers[-1] + 1)) if layers else False
+        parts.append(f"layers={layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else f"layers={layers}")
+    parts += [f"{k}={getattr(rule, k)}" for k in ("role", "dtype", "min_bytes", "max_bytes") if getattr(rule, k)]
+    if rule.where is not None:
+        parts.append("where=<predicate>")
+    return " ".join(parts) + f" -> {rule.to}"
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .backends import add_rpc_server
-    from .placement import Placement, explain
+    from .placement import Placement, distribute, explain, n_cpu_moe
 
     for endpoint in args.rpc:
         add_rpc_server(endpoint)
     placement = Placement.parse(",".join(args.rule))
+    if args.n_cpu_moe is not None:
+        placement = placement + n_cpu_moe(args.n_cpu_moe)
+    if args.distribute:
+        placement = placement + distribute()
     tensor_split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
     plan = explain(args.model, placement, n_gpu_layers=args.n_gpu_layers, split_mode=args.split,
                    tensor_split=tensor_split)
     if args.json:
         print(json.dumps({"tensors": [t.__dict__ for t in plan.tensors], "totals": plan.totals(),
-                          "unmatched_rules": plan.unmatched_rules, "overrides": plan.overrides}, indent=2))
+                          "unmatched_rules": plan.unmatched_rules, "overrides": plan.overrides,
+                          "split": plan.split.__dict__}, indent=2))
         return 0
+    print(f"split: {plan.split.mode} over {', '.join(plan.split.devices) or 'no offload device (CPU only)'}"
+          f" ({plan.split.reason})")
     totals = plan.totals()
     whole = sum(totals.values()) or 1
     print(f"{'buffer type':<28} {'weights':>11}  {'share':>6}")
@@ -95,7 +118,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"{name or '(none)':<28} {human_bytes(n_bytes):>11}  {100 * n_bytes / whole:5.1f}% {bar}")
     for index, rule in enumerate(placement.rules):
         n = sum(1 for t in plan.tensors if t.rule == index)
-        print(f"rule {index}: {rule.pattern}={rule.to}: {n} tensors" + ("  (matched nothing)" if n == 0 else ""))
+        print(f"rule {index}: {describe_rule(rule)}: {n} tensors" + ("  (matched nothing)" if n == 0 else ""))
     if args.verbose:
         for t in plan.tensors:
             print(f"  {t.name:<40} {t.dtype:<6} {human_bytes(t.n_bytes):>11}  {t.buffer_type:<24} "
@@ -219,3 +242,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    p.add_argument("--n-cpu-moe", type=int, metavar="N", help="experts of layers 0..N-1 in host memory")
+    p.add_argument("--distribute", action="store_true",
+                   help="use every GPU: tensor split where llama.cpp can, else layer split (the reason is printed)")

@@ -104,6 +104,15 @@ class Context(NativeObject):
             if value not in KV_TYPES:
                 raise InvalidParameterError(f"{name} must be one of {sorted(KV_TYPES)}, not {value!r}")
         if flash_attn is False and type_v not in ("f32", "f16", "bf16"):
+        if model.split.mode == "tensor":
+            # llama.cpp's tensor split computes attention only through flash attention, and DESIGN §6 records
+            # that it does not take a quantized KV cache; both would fail late or abort, so refuse here.
+            if flash_attn is False:
+                raise InvalidParameterError("this model is loaded with tensor split, which needs flash attention: "
+                                            "pass flash_attn=True or 'auto', or load with split_mode='layer'")
+            if type_k not in ("f32", "f16", "bf16") or type_v not in ("f32", "f16", "bf16"):
+                raise InvalidParameterError(f"tensor split does not take a quantized KV cache (type_k={type_k!r}, "
+                                            f"type_v={type_v!r}): use 'f16', or load with split_mode='layer'")
             raise InvalidParameterError(f"a quantized V cache (type_v={type_v!r}) needs flash attention: pass "
                                         "flash_attn=True or 'auto', or type_v='f16'")
 

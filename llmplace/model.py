@@ -58,8 +58,10 @@ class Model(NativeObject):
             params.load_mode = C.LLAMA_LOAD_MODE_NONE
         self.placement = Placement.parse(placement)
         # The C arrays handed to llama.cpp (overrides, devices, tensor_split) must outlive the load.
-        self.overrides, keep_alive = configure(params, self.path, self.placement, split_mode=split_mode,
-                                               tensor_split=tensor_split, main_gpu=main_gpu, devices=devices)
+        self.resolution, self.split, keep_alive = configure(params, self.path, self.placement, split_mode=split_mode,
+                                                            tensor_split=tensor_split, main_gpu=main_gpu,
+                                                            devices=devices)
+        self.overrides = self.resolution.overrides  # the (pattern, buffer type) list llama.cpp got
         relay = ProgressRelay(resolve(progress, f"loading {self.path.name}"))
         params.progress_callback = C._llmplace_progress_callback
         params.progress_callback_user_data = relay.handle
@@ -158,7 +160,7 @@ class Model(NativeObject):
         """Where every weight tensor actually landed (read back from llama.cpp), with the rule that placed it.
         Logs a warning naming any tensor a rule sent elsewhere than where it landed."""
         tensors = read_gguf(self.path).tensors
-        rows = describe(tensors, self.placement, read_back(self))
+        rows = describe(tensors, self.resolution, read_back(self))
         mismatched = []
         wanted_by_rule: dict[int, str] = {}  # each rule's target resolved once, not once per tensor
         for row in rows:

@@ -9,7 +9,7 @@ import pytest
 import llmplace
 from llmplace import DeviceNotFoundError, PlacementError
 from llmplace.gguf_info import read
-from llmplace.placement import Placement, Rule, cpu_moe, experts, explain, n_cpu_moe, regex_search
+from llmplace.placement import Placement, Rule, cpu_moe, distribute, experts, explain, n_cpu_moe, regex_search
 
 
 def host_normalized(buffer_type: str) -> str:
@@ -214,3 +214,50 @@ def test_a_rule_that_selects_nothing_warns_or_with_strict_raises(tiny_qwen3moe_p
     with pytest.raises(PlacementError, match="strict=True"):
         llmplace.load(tiny_qwen3moe_path, placement=Placement([Rule("cpu", pattern="no_such_tensor")], strict=True),
                       progress=False)
+
+
+def test_distribute_without_gpus_keeps_layer_split_and_says_why(tiny_llama_path):
+    with llmplace.load(tiny_llama_path, placement=distribute(), progress=False) as model:
+        assert model.split.mode == "layer"
+        assert "0 offload device" in model.split.reason
+
+
+def test_distribute_uses_tensor_split_over_every_gpu(rpc_devices, tiny_llama_path):
+    plan = explain(tiny_llama_path, distribute())
+    assert plan.split.mode == "tensor" and plan.split.devices == tuple(d.name for d in rpc_devices)
+    with llmplace.load(tiny_llama_path, placement=distribute(), progress=False) as model:
+        assert model.split.mode == "tensor"
+        split_output = llmplace.generate(model, "Hello there", max_tokens=12, temperature=0).tokens
+    with llmplace.load(tiny_llama_path, n_gpu_layers=0, progress=False) as model:
+        assert llmplace.generate(model, "Hello there", max_tokens=12, temperature=0).tokens == split_output
+
+
+@pytest.mark.parametrize("placement,fragment", [
+    (distribute(), "quantization block"),           # tiny qwen3moe: expert rows of 32 = one Q8_0 block
+    (cpu_moe() + distribute(), "tensor overrides"),
+])
+def test_distribute_falls_back_to_layer_split_with_the_reason(rpc_devices, tiny_qwen3moe_path, placement, fragment):
+    with llmplace.load(tiny_qwen3moe_path, placement=placement, progress=False) as model:
+        assert model.split.mode == "layer" and fragment in model.split.reason
+        assert llmplace.generate(model, "Hi", max_tokens=3, temperature=0).tokens
+
+
+@pytest.mark.parametrize("path_fixture,placement,fragment", [
+    ("tiny_qwen3moe_path", None, "quantization block"),   # llama.cpp would abort: tensor write out of bounds
+    ("tiny_llama_path", "ffn_up=CPU", "tensor overrides"),  # llama.cpp would abort at the first decode
+])
+def test_tensor_split_that_llama_cpp_would_abort_on_is_refused(request, rpc_devices, smollm2, path_fixture,
+                                                               placement, fragment):
+    with pytest.raises(PlacementError, match=fragment):
+        llmplace.load(request.getfixturevalue(path_fixture), split_mode="tensor", placement=placement, progress=False)
+    assert smollm2.tokenize("still alive")
+
+
+def test_tensor_split_context_needs_flash_attention_and_an_unquantized_cache(rpc_devices, tiny_llama_path):
+    with llmplace.load(tiny_llama_path, split_mode="tensor", progress=False) as model:
+        with pytest.raises(llmplace.InvalidParameterError, match="flash attention"):
+            llmplace.Context(model, flash_attn=False)
+        with pytest.raises(llmplace.InvalidParameterError, match="quantized KV"):
+            llmplace.Context(model, type_k="q8_0", type_v="q8_0")
+        with llmplace.Context(model, n_ctx=256) as ctx:
+            ctx.decode(model.tokenize("works"))

@@ -44,6 +44,10 @@ LLMPLACE_API int32_t llmplace_model_tensor_count(const struct llama_model * mode
 LLMPLACE_API int llmplace_model_tensor_info(const struct llama_model * model, int32_t i, const char ** name,
                                const char ** buffer_type, uint64_t * n_bytes);
 
+/* Does llama.cpp implement split_mode TENSOR for this architecture ("llama", "qwen3moe" ...)? Returns 1 or 0,
+ * or -1 for an architecture name this llama.cpp does not know. Loading an unsupported one fails late. */
+LLMPLACE_API int llmplace_arch_supports_tensor_split(const char * arch);
+
 /* An abort callback for llama_context_params / llama_set_abort_callback: returns true once the int that
  * user_data points to is non-zero. ggml calls the abort callback at every graph node, so it lives in C:
  * a Python callback there would cost a GIL round trip per node. */

@@ -2,6 +2,7 @@
 // Every function catches every C++ exception: nothing may unwind into cffi's C frames.
 #include "llmplace_shim.h"
 
+#include "llama-arch.h"   // llama.cpp internal: llm_arch_from_string, llm_arch_supports_sm_tensor
 #include "llama-model.h"  // llama.cpp internal: llama_model::tensors_by_name
 
 #include "ggml-backend.h"
@@ -43,6 +44,18 @@ extern "C" int llmplace_regex_search(const char * pattern, const char * text) {
     try {
         return std::regex_search(text, std::regex(pattern)) ? 1 : 0;
     } catch (const std::exception &) {
+        return -1;
+    }
+}
+
+extern "C" int llmplace_arch_supports_tensor_split(const char * arch) {
+    try {
+        const llm_arch id = llm_arch_from_string(arch == nullptr ? "" : arch);
+        if (id == LLM_ARCH_UNKNOWN) {
+            return -1;
+        }
+        return llm_arch_supports_sm_tensor(id) ? 1 : 0;
+    } catch (...) {
         return -1;
     }
 }
