@@ -147,6 +147,7 @@ class Context(NativeObject):
             C.llama_free(handle)
             raise
         self._own(handle, _free_context, pools)
+        self._pools = pools  # [generation pool, batch pool (if another thread count)]
         self.model = model
         model._contexts.add(self)
         # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.

@@ -11,12 +11,15 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .context import Context
 from .errors import ContextOverflowError, InvalidParameterError
 from .model import Model
 from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .speculative import SpeculativeStats
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class GenerationStep:
     prompt_tps: float            # prompt tokens computed per second
     generation_tps: float        # generated tokens per second so far
     elapsed: float               # seconds since the call started
+    speculative: "SpeculativeStats | None" = None  # drafted/accepted counts, on the last step of a speculative call
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Generation:
     prompt_tokens: int
     prompt_tps: float
     generation_tps: float
+    speculative: "SpeculativeStats | None" = None  # set when a draft model or prompt lookup was used
 
     def __str__(self) -> str:
         return self.text
@@ -80,6 +85,21 @@ class _StopMatcher:
         return out
 
 
+def _next_text(vocab, decoder, matcher: _StopMatcher, token: int, at_limit: bool) -> tuple[str, str | None]:
+    """The text `token` adds and the finish reason it causes (None: generation goes on). at_limit: this is the
+    last token max_tokens or the context allows. Shared by plain and speculative generation, so that both
+    assemble text and end in exactly the same way."""
+    if vocab.is_eog(token):
+        return decoder.decode(b"", final=True) + matcher.flush(), "stop"
+    text, hit = matcher.feed(decoder.decode(vocab.piece(token)))
+    if hit:
+        return text, "stop"
+    if at_limit:
+        tail, hit = matcher.feed(decoder.decode(b"", final=True))
+        return text + (tail if hit else tail + matcher.flush()), "stop" if hit else "length"
+    return text, None
+
+
 def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int], add_special: bool) -> list[int]:
     if isinstance(prompt, (str, bytes)):
         tokens = model.tokenize(prompt, add_special=add_special, parse_special=True)
@@ -96,7 +116,8 @@ def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int], add_specia
 
 def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
                     stop: str | Sequence[str] = (), sampling: SamplingParams | None = None,
-                    context: Context | None = None, add_special: bool = True, **sampling_kwargs
+                    context: Context | None = None, add_special: bool = True, draft=None, depth: int = 5,
+                    lookup: bool = False, adaptive_depth: bool = True, **sampling_kwargs
                     ) -> Iterator[GenerationStep]:
     """Generate from `prompt` (text or token ids), yielding one GenerationStep per token.
 
@@ -104,6 +125,13 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
     presence_penalty, penalty_last_n, seed, logit_bias) are keywords, or one `sampling=SamplingParams(...)`.
     context: reuse a Context (its cached prefix of the prompt is not recomputed); by default a temporary
     one sized for prompt + max_tokens is made. Special tokens in text prompts (e.g. '<|im_start|>') are parsed.
+
+    Speculative decoding (see llmplace/speculative.py): draft= a draft Model, a GGUF path, a Context of the
+    draft model (its cache is reused across calls) or "lookup"; lookup=True drafts by prompt lookup instead.
+    depth: the most tokens drafted per target decode; adaptive_depth=False always drafts `depth` (for
+    measuring). Greedy output equals plain decoding's; sampled output has the same distribution. An
+    incompatible draft raises IncompatibleDraftError; repetition penalties and typical_p are refused.
+    The last step's `speculative` field holds the counts (drafted, accepted, acceptance_rate).
 
     Arguments are checked when this is called, not at the first step: a bad value raises here.
     """
@@ -114,9 +142,17 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
         raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
     stops = [stop] if isinstance(stop, str) else list(stop)
     tokens = _prompt_tokens(model, prompt, add_special)
+    speculate = draft is not None or bool(lookup)
+    if speculate:
+        from . import speculative
+
+        speculative.check_depth(depth)
+        speculative.check_params(params)
     own_context = context is None
     if own_context:
-        n_ctx = min(max(512, len(tokens) + max_tokens + 1), max(model.n_ctx_train, len(tokens) + 1))
+        # Room for a draft in flight too when speculating (the target verifies up to `depth` extra tokens).
+        extra = depth if speculate else 0
+        n_ctx = min(max(512, len(tokens) + max_tokens + 1 + extra), max(model.n_ctx_train, len(tokens) + 1))
         context = Context(model, n_ctx=n_ctx)
     elif context.model is not model:
         raise InvalidParameterError("the context belongs to another model")
@@ -124,22 +160,37 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
         raise ContextOverflowError(
             f"the prompt has {len(tokens)} tokens but the context holds {context.n_ctx} (and generation needs at "
             "least one more); shorten the prompt or use a Context with a larger n_ctx")
+    sampler = drafter = None
     try:
         sampler = Sampler(model.n_vocab, params)
+        if speculate and max_tokens > 0:
+            # Loads and checks the draft now, before any decoding: an incompatible pair raises here.
+            rng = speculative.make_rng(params)
+            drafter = speculative.make_drafter(context, draft, bool(lookup), params, rng)
     except BaseException:
+        if sampler is not None:
+            sampler.close()
         if own_context:
             context.close()
         raise
-    return _owning(_generate_steps(model, context, sampler, params, tokens, max_tokens, stops),
-                   sampler, context if own_context else None)
+    if drafter is not None:
+        steps = speculative.speculative_steps(model, context, params, tokens, max_tokens, stops, drafter, depth,
+                                              bool(adaptive_depth), rng)
+    else:
+        steps = _generate_steps(model, context, sampler, params, tokens, max_tokens, stops)
+    return _owning(steps, sampler, context if own_context else None, drafter)
 
 
-def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None) -> Iterator[GenerationStep]:
-    """Yield the steps, then free the sampler (and a context made for this call), however iteration ends."""
+def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None,
+            drafter=None) -> Iterator[GenerationStep]:
+    """Yield the steps, then free the sampler, a drafter (and a context made for this call), however
+    iteration ends."""
     try:
         yield from steps
     finally:
         sampler.close()
+        if drafter is not None:
+            drafter.close()
         if context is not None:
             context.close()
 
@@ -170,18 +221,10 @@ def _generate_steps(model: Model, context: Context, sampler: Sampler, params: Sa
     while finish is None:
         token = sampler.sample(context)
         generated += 1
-        if vocab.is_eog(token):
-            text, finish = decoder.decode(b"", final=True) + matcher.flush(), "stop"
-        else:
-            text, hit = matcher.feed(decoder.decode(vocab.piece(token)))
-            if hit:
-                finish = "stop"
-            elif generated >= max_tokens or len(context.tokens) >= n_ctx:
-                tail, hit = matcher.feed(decoder.decode(b"", final=True))
-                text += tail if hit else tail + matcher.flush()
-                finish = "stop" if hit else "length"
-            else:
-                context.decode_one(token)
+        text, finish = _next_text(vocab, decoder, matcher, token,
+                                  generated >= max_tokens or len(context.tokens) >= n_ctx)
+        if finish is None:
+            context.decode_one(token)
         now = time.perf_counter()
         yield GenerationStep(token=token, text=text, finish_reason=finish, prompt_tokens=len(tokens),
                              prompt_cached=cached, generated_tokens=generated, prompt_tps=prompt_tps,
@@ -204,4 +247,4 @@ def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs) -> Gen
         last = step
     return Generation(text="".join(pieces), tokens=tokens, finish_reason=last.finish_reason,
                       prompt_tokens=last.prompt_tokens, prompt_tps=last.prompt_tps,
-                      generation_tps=last.generation_tps)
+                      generation_tps=last.generation_tps, speculative=last.speculative)

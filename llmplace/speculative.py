@@ -1,0 +1,493 @@
+"""Speculative decoding: a cheap drafter proposes tokens, the target verifies them all in one batched decode.
+
+Two drafters: a draft model (`draft=Model | path | Context`) and prompt lookup (`lookup=True`: the tokens that
+followed the latest earlier occurrence of the last few tokens). Both go through `stream_generate`/`generate`.
+
+Guarantees:
+- Greedy (temperature 0): every emitted token is the target's argmax given the tokens before it, so the
+  output is the output of plain decoding, whatever the drafter proposes. (On this CPU build llama.cpp's
+  logits do not depend on how tokens are split into batches, checked by the tests; a backend whose kernels
+  round differently for batches of different sizes could flip a near-tie, as in llama.cpp's own speculation.)
+- Sampling: the rejection rule of Leviathan et al. 2023 / Chen et al. 2023. Draft token x, drawn from the
+  draft's distribution q, is accepted with probability min(1, p(x)/q(x)); on rejection a token is drawn from
+  norm(max(0, p - q)); when every draft token is accepted a bonus token is drawn from p. p and q are the
+  distributions after the same transforms llama.cpp's sampler chain applies (logit bias, top-k, top-p,
+  min-p, temperature), computed here in numpy, with a numpy generator seeded from `seed`. So the output is
+  distributed exactly as plain sampling, though a given seed gives other samples than plain sampling.
+  Prompt lookup proposes deterministically: q is a point mass, x is accepted with probability p(x).
+- Repetition penalties and typical sampling are refused with a draft (InvalidParameterError): their state
+  depends on every accepted token and is not reproduced here.
+
+Depth adapts: an estimate of the per-token acceptance rate and measured costs (a drafted token, a target
+batch of each size) pick the number of tokens to draft that maximizes expected tokens per second,
+including 0 (plain decoding, with an occasional probe) so that a poor draft costs little.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .context import Context
+from .errors import IncompatibleDraftError, InvalidParameterError
+from .model import Model
+from .sampling import MAX_SEED, SamplingParams
+
+MAX_DEPTH = 64
+VOCAB_CHECK_START = 5          # common/speculative.cpp compares token texts from id 5 on
+VOCAB_MAX_SIZE_DIFFERENCE = 128
+LOOKUP_NGRAMS = (4, 3, 2)      # n-gram sizes prompt lookup matches, longest first
+
+
+@dataclass(frozen=True)
+class SpeculativeStats:
+    """How speculation went in one call: on the last GenerationStep and on Generation (`.speculative`)."""
+
+    source: str                  # "draft" (a draft model) or "lookup" (prompt lookup)
+    drafted: int                 # tokens the drafter proposed
+    accepted: int                # proposed tokens the target accepted
+    rounds: int                  # target decodes (each verifies one draft, or decodes one token when none)
+    max_depth: int               # the depth asked for
+    tokens_per_s: float          # generated tokens per second, drafting included
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return 0.0 if not self.rounds else (self.accepted + self.rounds) / self.rounds
+
+
+# ---- compatibility ----
+
+def check_compatible(target: Model, draft: Model) -> None:
+    """Raise IncompatibleDraftError unless `draft` can draft for `target`, as llama.cpp's
+    common/speculative.cpp decides: same vocabulary type, same BOS/EOS handling, vocabulary sizes within
+    128 of each other, and the same text for every token id >= 5 both have."""
+    from ._ffi import C, ffi
+
+    vt, vd = target.vocab, draft.vocab
+    pt, pd = vt._ptr, vd._ptr
+    names = f"the draft {draft.path.name} and the target {target.path.name}"
+    hint = "; use a draft model with the target's tokenizer (usually a smaller model of the same family), or lookup=True"
+    if C.llama_vocab_type(pt) != C.llama_vocab_type(pd):
+        raise IncompatibleDraftError(f"{names} use different tokenizer types ({C.llama_vocab_type(pd)} vs "
+                                     f"{C.llama_vocab_type(pt)}){hint}")
+    for what, add, tok in (("BOS", C.llama_vocab_get_add_bos, vt.__class__.bos),
+                           ("EOS", C.llama_vocab_get_add_eos, vt.__class__.eos)):
+        if add(pt) != add(pd) or (add(pt) and tok.fget(vt) != tok.fget(vd)):
+            raise IncompatibleDraftError(
+                f"{names} handle the {what} token differently (add: {bool(add(pd))} vs {bool(add(pt))}, id: "
+                f"{tok.fget(vd)} vs {tok.fget(vt)}){hint}")
+    nt, nd = vt.n_tokens, vd.n_tokens
+    if abs(nt - nd) > VOCAB_MAX_SIZE_DIFFERENCE:
+        raise IncompatibleDraftError(f"{names} have vocabularies of {nd} and {nt} tokens (more than "
+                                     f"{VOCAB_MAX_SIZE_DIFFERENCE} apart){hint}")
+    for i in range(VOCAB_CHECK_START, min(nt, nd)):
+        a, b = C.llama_vocab_get_text(pt, i), C.llama_vocab_get_text(pd, i)
+        if a != b and ffi.string(a) != ffi.string(b):
+            raise IncompatibleDraftError(
+                f"{names} differ at token {i}: the target has {ffi.string(a).decode(errors='replace')!r}, the "
+                f"draft {ffi.string(b).decode(errors='replace')!r}{hint}")
+
+
+def check_params(params: SamplingParams) -> None:
+    if params.uses_penalties:
+        raise InvalidParameterError(
+            "repetition penalties (repeat_penalty, frequency_penalty, presence_penalty) cannot be combined with "
+            "speculative decoding; drop them, or the draft/lookup option")
+    if not params.greedy and params.typical_p < 1.0:
+        raise InvalidParameterError("typical_p cannot be combined with speculative decoding; leave typical_p=1.0 "
+                                    "or drop the draft/lookup option")
+
+
+# ---- the target's sampling distribution, in numpy ----
+
+class Distribution:
+    """The distribution llama.cpp's sampler chain (sampling.py) samples from, for given logits.
+
+    Same steps in the same order: logit bias, top-k, top-p (on the softmax of what top-k kept), min-p
+    (logit >= max + log(min_p)), temperature, softmax. Returns (token ids, probabilities) of the tokens kept.
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        self.params = params
+        bias = {t: b for t, b in dict(params.logit_bias).items() if t < n_vocab}
+        self.bias_ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
+        self.bias_vals = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+        self.log_min_p = math.log(params.min_p) if params.min_p > 0 else None
+
+    def biased(self, logits: np.ndarray) -> np.ndarray:
+        if len(self.bias_ids):
+            logits = logits.copy()
+            logits[self.bias_ids] += self.bias_vals
+        return logits
+
+    def __call__(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = self.params
+        logits = self.biased(logits)
+        n = len(logits)
+        if 0 < p.top_k < n:
+            ids = np.argpartition(-logits, p.top_k - 1)[:p.top_k]
+            vals = logits[ids]
+        else:
+            ids, vals = np.arange(n), logits
+        if p.top_p < 1.0:
+            order = np.argsort(-vals, kind="stable")
+            ids, vals = ids[order], vals[order]
+            e = np.exp(vals - vals[0], dtype=np.float32)
+            cum = np.cumsum(e / e.sum(dtype=np.float32), dtype=np.float32)
+            last = int(np.searchsorted(cum, np.float32(p.top_p), side="left")) + 1
+            ids, vals = ids[:last], vals[:last]
+        if self.log_min_p is not None:
+            keep = vals >= vals.max() + np.float32(self.log_min_p)
+            ids, vals = ids[keep], vals[keep]
+        v = vals.astype(np.float64) / p.temperature
+        e = np.exp(v - v.max())
+        return ids, e / e.sum()
+
+
+def _prob(dist: tuple[np.ndarray, np.ndarray], token: int) -> float:
+    ids, probs = dist
+    where = np.flatnonzero(ids == token)
+    return float(probs[where[0]]) if len(where) else 0.0
+
+
+def _draw(rng: np.random.Generator, ids: np.ndarray, probs: np.ndarray) -> int:
+    cum = np.cumsum(probs)
+    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+    return int(ids[min(i, len(ids) - 1)])
+
+
+def _residual(p: tuple[np.ndarray, np.ndarray], q: tuple[np.ndarray, np.ndarray] | int, n_vocab: int):
+    """norm(max(0, p - q)): what to draw from when a draft token is rejected. q may be a point mass."""
+    dense = np.zeros(n_vocab)
+    dense[p[0]] = p[1]
+    if isinstance(q, int):
+        dense[q] = 0.0
+    else:
+        ids = q[0][q[0] < n_vocab]
+        dense[ids] -= q[1][q[0] < n_vocab]
+    np.maximum(dense, 0.0, out=dense)
+    ids = np.flatnonzero(dense)
+    if not len(ids):  # p == q up to rounding: rejection had probability ~0; p is the right fallback
+        return p
+    return ids, dense[ids]
+
+
+# ---- drafters ----
+
+class ModelDrafter:
+    """Proposes tokens with a draft model, in a context of its own that mirrors the target's sequence."""
+
+    source = "draft"
+
+    def __init__(self, target: Context, draft, params: SamplingParams, rng) -> None:
+        self._owned: list = []
+        self._shared_pools = False
+        if isinstance(draft, Context):
+            self.context = draft
+            model = draft.model
+        else:
+            if isinstance(draft, Model):
+                model = draft
+            else:
+                from .model import load
+                model = load(draft, progress=False)
+                self._owned.append(model)
+            self.context = None
+        try:
+            check_compatible(target.model, model)
+            if self.context is None:
+                self.context = Context(model, n_ctx=target.n_ctx, n_threads=target.n_threads)
+                self._owned.insert(0, self.context)
+            # The draft runs between the target's decodes, on the same cores: one thread pool serves both.
+            # With a pool each, the idle pool's threads spin-wait against the working ones.
+            from ._ffi import C
+            C.llama_attach_threadpool(self.context._ptr, target._pools[0], target._pools[-1])
+            self._shared_pools = True
+        except BaseException:
+            self.close()
+            raise
+        self.model = model
+        self.n_common = min(target.model.n_vocab, model.n_vocab)
+        self.greedy = params.greedy
+        self.dist = Distribution(params, self.n_common)
+        self.rng = rng
+        self.vocab = model.vocab
+
+    def close(self) -> None:
+        if self._shared_pools and not self.context.closed:
+            from ._ffi import C
+            C.llama_attach_threadpool(self.context._ptr, self.context._pools[0], self.context._pools[-1])
+            self._shared_pools = False
+        for obj in self._owned:
+            obj.close()
+        self._owned.clear()
+
+    def propose(self, seq: list[int], k: int):
+        """Up to k tokens following `seq`, and their draft distributions (None when greedy)."""
+        ctx = self.context
+        room = ctx.n_ctx - len(seq)
+        k = min(k, room + 1)
+        if k <= 0:
+            return [], None
+        cached = 0
+        limit = min(len(ctx.tokens), len(seq) - 1)
+        tokens = ctx.tokens
+        while cached < limit and tokens[cached] == seq[cached]:
+            cached += 1
+        ctx.truncate(cached)
+        todo = seq[cached:]
+        if max(todo) >= self.model.n_vocab:  # a target-only token: the draft cannot follow this sequence
+            return [], None
+        if len(todo) == 1:
+            ctx.decode_one(todo[0])
+        else:
+            ctx.decode(todo)
+        drafted, qs = [], None if self.greedy else []
+        n_common, is_eog = self.n_common, self.vocab.is_eog
+        for i in range(k):
+            logits = ctx.logits()[:n_common]
+            if self.greedy:
+                token = int(self.dist.biased(logits).argmax())
+            else:
+                q = self.dist(logits)
+                token = _draw(self.rng, *q)
+                qs.append(q)
+            drafted.append(token)
+            if i == k - 1 or is_eog(token):
+                break
+            ctx.decode_one(token)
+        return drafted, qs
+
+
+class LookupDrafter:
+    """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (n = 4, 3, 2) and
+    propose the tokens that followed it. An index of n-grams is updated as the sequence grows."""
+
+    source = "lookup"
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[int, ...], int] = {}   # n-gram → position right after its latest occurrence
+        self.done = 0                                  # sequence positions indexed so far
+
+    def close(self) -> None:
+        pass
+
+    def propose(self, seq: list[int], k: int):
+        index = self.index
+        # Register every n-gram that now has a continuation (ends before the last token).
+        for j in range(max(self.done, 1), len(seq)):
+            for n in LOOKUP_NGRAMS:
+                if j >= n:
+                    index[tuple(seq[j - n:j])] = j
+        self.done = len(seq)
+        for n in LOOKUP_NGRAMS:
+            if len(seq) > n:
+                at = index.get(tuple(seq[-n:]))
+                if at is not None:
+                    return seq[at:at + k], None
+        return [], None
+
+    @property
+    def model(self):
+        return None
+
+
+def make_drafter(target: Context, draft, lookup: bool, params: SamplingParams, rng):
+    """The drafter for `target` (the target's context): prompt lookup or a draft model, checked now."""
+    if isinstance(draft, str) and draft == "lookup":
+        draft, lookup = None, True
+    if draft is not None and lookup:
+        raise InvalidParameterError("pass either draft= (a draft model) or lookup=True (prompt lookup), not both")
+    if lookup:
+        return LookupDrafter()
+    if not isinstance(draft, (Model, Context, str, os.PathLike)):
+        raise InvalidParameterError(f"draft must be a Model, a path to a GGUF file, a Context of the draft model or "
+                                    f"'lookup', not {type(draft).__name__}")
+    if isinstance(draft, Context) and draft is target:
+        raise InvalidParameterError("the draft context is the target's context; give the draft a Context of its own")
+    return ModelDrafter(target, draft, params, rng)
+
+
+def check_depth(depth) -> int:
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+        raise InvalidParameterError(f"depth must be an int between 1 and {MAX_DEPTH}, not {depth!r}")
+    return depth
+
+
+def make_rng(params: SamplingParams) -> np.random.Generator:
+    seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
+    return np.random.default_rng(seed)
+
+
+# ---- adaptive depth ----
+
+class DepthController:
+    """Picks how many tokens to draft next from the estimated acceptance rate and measured costs.
+
+    With acceptance rate a, drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens on average, for k draft
+    steps plus one target batch of k + 1 tokens. The k in 0..max maximizing tokens per second wins. k = 0 is
+    plain decoding; then a probe (k = 1) every few rounds, spaced out further after each failed probe,
+    keeps the estimate alive at a small cost.
+    """
+
+    DECAY = 0.9
+
+    def __init__(self, max_depth: int, adaptive: bool, draft_cost_free: bool) -> None:
+        self.max = max_depth
+        self.adaptive = adaptive
+        self.cost_free = draft_cost_free
+        self.acc, self.rej = 1.4, 0.6             # prior: acceptance rate 0.7, weight 2
+        self.t_verify: dict[int, float] = {}      # batch size → EMA seconds
+        self.t_draft: float | None = None         # EMA seconds per drafted token
+        self.plain_rounds = 0
+        self.backoff = 4
+
+    def _verify_cost(self, size: int) -> float:
+        t = self.t_verify
+        if size in t:
+            return t[size]
+        below = [s for s in t if s < size]
+        if below:
+            return t[max(below)]                  # optimistic: flat in the batch size until measured
+        return min(t.values()) if t else 1.0
+
+    def choose(self, limit: int) -> int:
+        if limit <= 0:
+            return 0
+        if not self.adaptive:
+            return min(self.max, limit)
+        a = min(self.acc / (self.acc + self.rej), 0.999)
+        t1 = self._verify_cost(1)
+        cd = 0.0 if self.cost_free else (self.t_draft if self.t_draft is not None else 0.25 * t1)
+        best_k, best = 0, 1.0 / t1
+        for k in range(1, min(self.max, limit) + 1):
+            rate = (1.0 - a ** (k + 1)) / (1.0 - a) / (k * cd + self._verify_cost(k + 1))
+            if rate > best:
+                best_k, best = k, rate
+        if best_k == 0:
+            self.plain_rounds += 1
+            if self.plain_rounds >= self.backoff:
+                self.plain_rounds = 0
+                return 1
+        return best_k
+
+    def update(self, k: int, drafted: int, accepted: int, t_draft: float, t_verify: float) -> None:
+        size = drafted + 1
+        old = self.t_verify.get(size)
+        self.t_verify[size] = t_verify if old is None else 0.8 * old + 0.2 * t_verify
+        if drafted:
+            per = t_draft / drafted
+            self.t_draft = per if self.t_draft is None else 0.8 * self.t_draft + 0.2 * per
+            rejected = 1 if accepted < drafted else 0
+            self.acc = self.acc * self.DECAY + accepted
+            self.rej = self.rej * self.DECAY + rejected
+            if k == 1 and self.plain_rounds == 0:
+                self.backoff = min(self.backoff * 2, 64) if rejected else 4
+
+
+# ---- verification ----
+
+def verify(rows: np.ndarray, drafted: Sequence[int], qs, dist: Distribution, greedy: bool, rng,
+           n_vocab: int) -> list[int]:
+    """The tokens the target emits for one verified draft: the accepted prefix of `drafted`, then one more
+    (the correction at the first rejection, or a bonus token drawn from the last row)."""
+    out: list[int] = []
+    if greedy:
+        if len(dist.bias_ids):
+            rows[:, dist.bias_ids] += dist.bias_vals  # rows is decode_all's own copy
+        best = rows.argmax(axis=1)
+        for i, token in enumerate(drafted):
+            if best[i] != token:
+                break
+            out.append(token)
+        out.append(int(best[len(out)]))
+        return out
+    for i, token in enumerate(drafted):
+        p = dist(rows[i])
+        px = _prob(p, token)
+        qx = 1.0 if qs is None else _prob(qs[i], token)
+        if rng.random() * qx < px:
+            out.append(token)
+            continue
+        out.append(_draw(rng, *_residual(p, token if qs is None else qs[i], n_vocab)))
+        return out
+    out.append(_draw(rng, *dist(rows[len(drafted)])))
+    return out
+
+
+def speculative_steps(model: Model, context: Context, params: SamplingParams, tokens: list[int], max_tokens: int,
+                      stops: list[str], drafter, depth: int, adaptive: bool, rng):
+    """The generator behind stream_generate(draft=... / lookup=True): steps exactly like plain generation's."""
+    from .generation import GenerationStep, _next_text, _StopMatcher
+
+    n_ctx = context.n_ctx
+    start = time.perf_counter()
+    # The target cache holds the sequence but its last token: that one opens each verification batch.
+    # Reuse the longest cached prefix of the prompt, as plain generation does.
+    cached = 0
+    limit = min(len(context.tokens), len(tokens) - 1)
+    while cached < limit and context.tokens[cached] == tokens[cached]:
+        cached += 1
+    context.truncate(cached)
+    if cached < len(tokens) - 1:
+        context.decode(tokens[cached:-1])
+    prompt_done = time.perf_counter()
+    n_computed = len(tokens) - 1 - cached
+    prompt_tps = n_computed / max(prompt_done - start, 1e-9) if n_computed else 0.0
+
+    vocab = model.vocab
+    n_vocab = model.n_vocab
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    matcher = _StopMatcher(stops)
+    dist = Distribution(params, n_vocab)
+    greedy = params.greedy
+    control = DepthController(depth, adaptive, drafter.source == "lookup")
+    n_prompt = len(tokens)
+    seq = list(tokens)
+    generated = drafted_total = accepted_total = rounds = 0
+    finish = None
+    perf = time.perf_counter
+    try:
+        while finish is None:
+            # Draft no more than fits in the context after the pending token, nor more than can be emitted.
+            k = control.choose(min(n_ctx - len(context.tokens) - 1, max_tokens - generated - 1))
+            t0 = perf()
+            drafted, qs = drafter.propose(seq, k) if k > 0 else ([], None)
+            t1 = perf()
+            rows = context.decode_all([seq[-1], *drafted])
+            emitted = verify(rows, drafted, qs, dist, greedy, rng, n_vocab)
+            control.update(k, len(drafted), len(emitted) - 1, t1 - t0, perf() - t1)
+            rounds += 1
+            drafted_total += len(drafted)
+            accepted_total += len(emitted) - 1
+            for token in emitted:
+                generated += 1
+                seq.append(token)
+                text, finish = _next_text(vocab, decoder, matcher, token,
+                                          generated >= max_tokens or n_prompt + generated - 1 >= n_ctx)
+                now = perf()
+                tps = generated / max(now - prompt_done, 1e-9)
+                stats = None if finish is None else SpeculativeStats(
+                    source=drafter.source, drafted=drafted_total, accepted=accepted_total, rounds=rounds,
+                    max_depth=depth, tokens_per_s=tps)
+                yield GenerationStep(token=token, text=text, finish_reason=finish, prompt_tokens=n_prompt,
+                                     prompt_cached=cached, generated_tokens=generated, prompt_tps=prompt_tps,
+                                     generation_tps=tps, elapsed=now - start, speculative=stats)
+                if finish is not None:
+                    break
+            # Drop the rejected draft tokens (and the new pending token's slot) from the target cache.
+            context.truncate(len(seq) - 1)
+    finally:
+        # However iteration ends, leave the cache holding a prefix of the sequence, as plain generation does.
+        context.truncate(len(seq) - 1)
