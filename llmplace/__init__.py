@@ -31,6 +31,7 @@ _EXPORTS = {
         "DeviceNotFoundError", "OutOfMemoryError", "ContextOverflowError", "TokenizationError", "DecodeError",
         "AbortedError", "IncompatibleDraftError", "TemplateError")},
     "Chat": "chat", "Reply": "chat", "format_chat": "chat",
+    "Llama": "compat.llama",
     "quantize": "quantization", "QUANTIZE_TYPES": "quantization", "SpeculativeStats": "speculative",
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -84,7 +84,8 @@ class Context(NativeObject):
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn="auto",
-                 type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1) -> None:
+                 type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1,
+                 extra_params: Mapping[str, object] | None = None) -> None:
         model_ptr = model._ptr  # raises ClosedError on a closed model
         if model.dry_run:
             raise InvalidParameterError("this Model comes from a dry run (no weights in memory): it can be "
@@ -127,6 +128,10 @@ class Context(NativeObject):
         params.type_k = KV_TYPES[type_k]
         params.type_v = KV_TYPES[type_v]
         params.no_perf = False
+        # Other llama_context_params fields (rope/YaRN scaling, pooling, embeddings ...) by their C names:
+        # what the llama-cpp-python drop-in passes through. An unknown name raises AttributeError.
+        for name, value in (extra_params or {}).items():
+            setattr(params, name, value)
         # Set by abort() from any thread; read by the shim's C abort callback at every graph node.
         self._abort_flag = ffi.new("int *", 0)
         params.abort_callback = C.llmplace_abort_if_flag_set
@@ -271,12 +276,31 @@ class Context(NativeObject):
         decode call can return before the work is done; reading logits or sampling waits implicitly)."""
         C.llama_synchronize(self._ptr)
 
-    def logits(self, index: int = -1) -> np.ndarray:
-        """A copy of the logits of the last decoded token (index -1), as float32[n_vocab]."""
+    def logits(self, index: int = -1, *, copy: bool = True) -> np.ndarray:
+        """A copy of the logits of the last decoded token (index -1), as float32[n_vocab].
+
+        copy=False returns a writable view of llama.cpp's own buffer instead, valid until the next decode:
+        changing it changes what a sampler draws from (how logits processors work)."""
         ptr = C.llama_get_logits_ith(self._ptr, index)
         if ptr == ffi.NULL:
             raise InvalidParameterError(f"no logits for output {index}: decode tokens first")
-        return np.frombuffer(ffi.buffer(ptr, self.model.n_vocab * 4), dtype=np.float32).copy()
+        view = np.frombuffer(ffi.buffer(ptr, self.model.n_vocab * 4), dtype=np.float32)
+        return view.copy() if copy else view
+
+    def embeddings(self, n_tokens: int = 1) -> np.ndarray:
+        """Embeddings computed by the last decode of a context created with extra_params={"embeddings": True}:
+        the pooled vector of sequence 0 (float32[n_embd]) when the context pools, else one row for each of
+        the last `n_tokens` tokens of that decode (float32[n_tokens, n_embd])."""
+        ptr = self._ptr
+        n_embd = self.model.n_embd
+        pooled = C.llama_pooling_type(ptr) != C.LLAMA_POOLING_TYPE_NONE
+        data = C.llama_get_embeddings_seq(ptr, 0) if pooled else C.llama_get_embeddings(ptr)
+        if data == ffi.NULL:
+            raise InvalidParameterError("no embeddings: create the Context with extra_params={'embeddings': True} "
+                                        "and decode tokens first")
+        rows = 1 if pooled else n_tokens
+        values = np.frombuffer(ffi.buffer(data, rows * n_embd * 4), dtype=np.float32).reshape(rows, n_embd).copy()
+        return values[0] if pooled else values
 
     def abort(self) -> None:
         """Ask a decode running in another thread to stop after its current micro-batch (raises AbortedError

@@ -1,0 +1,40 @@
+"""llama-cpp-python 0.3.36's interface on llmplace: change `from llama_cpp import Llama` to
+`from llmplace import Llama` (or `from llmplace.compat import Llama`) and keep the rest of the code.
+
+What is the same: the constructor's keywords and defaults (model_path positional), `__call__` /
+`create_completion`, `create_chat_completion` (+ `_openai_v1`), `create_embedding` / `embed`, `tokenize` /
+`detokenize` (bytes), `n_ctx()`, `n_vocab()`, `n_embd()`, `token_bos/eos/nl()`, `metadata`, `reset()`,
+`close()` and `with`, the returned dicts (keys, types, nesting), greedy output, llama-cpp-python's seed
+sequence, and the common errors' types and messages (ValueError "Model path does not exist: ...",
+"Requested tokens (N) exceed context window of M", "logprobs is not supported for models created with
+logits_all=False").
+
+What differs (each is warned about or raises a typed error when used):
+- Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): `grammar=`, mirostat,
+  `response_format={"type": "json_object"}`, a forced tool/function call, `set_cache`, image content parts.
+- Accepted but not applied, with a `CompatibilityWarning`: kv_overrides, lora_path/lora_base, numa,
+  draft_model, and unknown keywords (llama-cpp-python ignores those silently).
+- Arguments are checked when `create_completion(stream=True)` is called, not at the first chunk.
+- Repetition penalties also count the prompt's tokens (as llama.cpp's own server and CLI do);
+  llama-cpp-python counts only generated tokens. Outputs with repeat/frequency/presence penalties differ.
+- `suffix=` uses the model's fill-in-the-middle tokens; a model without them gets the suffix appended
+  to the text (llama-cpp-python puts token 0 in their place).
+- A stream never yields an empty-text chunk before the final one (llama-cpp-python sometimes does when a
+  stop string ends the reply); the concatenated text is the same.
+- Logprobs are Python floats (llama-cpp-python returns numpy float32 in non-streamed completions).
+- n_threads=None means all available cores (llama-cpp-python: half of them); verbose=True does not print
+  llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
+- `llm.model` / `llm.ctx` (raw ctypes pointers upstream) do not exist: use `llm.llmplace_model` and
+  `llm.llmplace_context`.
+"""
+
+from __future__ import annotations
+
+from . import llama_types
+from .errors import CompatibilityWarning, UnsupportedFeatureError
+from .llama import Llama, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError, StoppingCriteriaList
+from .llama_cpp import *  # noqa: F401,F403 - the low-level names (LLAMA_SPLIT_MODE_*, llama_supports_gpu_offload ...)
+from .llama_cpp import __all__ as _low_level_names
+
+__all__ = ["Llama", "LogitsProcessorList", "StoppingCriteriaList", "MinTokensLogitsProcessor", "llama_types",
+           "UnsupportedFeatureError", "CompatibilityWarning", "ModelPathError", *_low_level_names]

@@ -1,0 +1,313 @@
+"""create_completion for llmplace.Llama: the prompt tokens llama-cpp-python would build, generation, and the
+`text_completion` dicts (whole, or as stream chunks).
+
+Generation goes through `llmplace.stream_generate` on the Llama's persistent Context (its cached prompt
+prefix is reused, text is assembled incrementally). Only when a call needs each token's logits before the
+draw (logits processors, stopping criteria, logprobs) does a second loop here run, which reads and may
+rewrite the logits in llama.cpp's buffer before the same sampler chain draws from them.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import time
+import uuid
+import warnings
+from typing import TYPE_CHECKING, Iterator, NamedTuple
+
+import numpy as np
+
+from .._ffi import C
+from ..errors import ContextOverflowError, InvalidParameterError
+from ..generation import _StopMatcher, stream_generate
+from ..sampling import Sampler, SamplingParams
+from .errors import UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    from .llama import Llama
+
+_NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: "pick a random seed"
+
+
+class _Step(NamedTuple):
+    """What the hooked loop yields: the fields of GenerationStep this module reads."""
+
+    token: int
+    text: str
+    finish_reason: str | None
+
+
+# ---- prompt ----
+def _special_token(vocab, getter) -> int:
+    token = getter(vocab._ptr)
+    return -1 if token == C.LLAMA_TOKEN_NULL else int(token)
+
+
+def build_prompt(llama: "Llama", prompt, suffix: str | None) -> tuple[list[int], str | None]:
+    """The prompt tokens llama-cpp-python 0.3.36 builds, and the suffix to append to the text when the model
+    has no fill-in-the-middle tokens (None otherwise)."""
+    vocab = llama._model.vocab
+    is_text = isinstance(prompt, str)
+    if not is_text and (isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__")):
+        raise InvalidParameterError(f"prompt must be a str or a list of token ids, not {type(prompt).__name__}")
+    bos, eos = llama.token_bos(), llama.token_eos()
+    cls, sep = _special_token(vocab, C.llama_vocab_cls), _special_token(vocab, C.llama_vocab_sep)
+    fim = [_special_token(vocab, f) for f in (C.llama_vocab_fim_pre, C.llama_vocab_fim_suf, C.llama_vocab_fim_mid)]
+    # llama-cpp-python 0.3.36 uses token 0 for all three FIM markers (a placeholder, "TODO: Fix" upstream);
+    # llmplace uses the model's real ones, and appends the suffix to the text when the model has none.
+    use_fim = suffix is not None and min(fim) >= 0
+    plain_tokens = not is_text and suffix is None
+    bos_tokens = [] if plain_tokens or not vocab.add_bos or (cls if cls != -1 else bos) == -1 else [cls if cls != -1 else bos]
+    eos_tokens = [] if plain_tokens or (not C.llama_vocab_get_add_eos(vocab._ptr) and sep == -1) else [sep if sep != -1 else eos]
+    if is_text:
+        body = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=not use_fim) if prompt else []
+    else:
+        body = [int(t) for t in prompt]
+    if use_fim:
+        pre, suf, mid = fim
+        suffix_tokens = [suf] + (llama.tokenize(suffix.encode("utf-8"), add_bos=False, special=False) if suffix else [])
+        body = (suffix_tokens + [pre] + body if llama.spm_infill else [pre] + body + suffix_tokens) + [mid]
+    tokens = bos_tokens + body + eos_tokens
+    if not tokens:
+        if bos < 0:
+            raise InvalidParameterError("the prompt is empty and this model has no BOS token to start from: "
+                                        "give at least one character or token")
+        tokens = [bos]
+    if tokens[:2] == [bos, bos]:
+        warnings.warn(f'Detected duplicate leading "{vocab.token_text(bos)}" in prompt, this will likely reduce '
+                      "response quality, consider removing it...", RuntimeWarning, stacklevel=4)
+    return tokens, (suffix if suffix is not None and not use_fim else None)
+
+
+# ---- sampling ----
+def next_seed(llama: "Llama", seed: int | None) -> int | None:
+    """llama-cpp-python's seed sequence: an explicit seed sticks; otherwise each call derives the next one from
+    the previous (reproducible from the constructor's seed). None means llama.cpp draws a random one."""
+    llama._seed = seed if seed is not None else random.Random(llama._seed).randint(0, 2**32)
+    value = int(llama._seed) & 0xFFFFFFFF  # what a uint32_t seed parameter receives
+    return None if value == _NO_SEED else value
+
+
+def sampling_params(llama: "Llama", *, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                    frequency_penalty, presence_penalty, seed, logit_bias) -> SamplingParams:
+    """SamplingParams giving the sampler chain llama-cpp-python builds (same samplers, same order)."""
+    bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
+    common = dict(repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                  presence_penalty=presence_penalty, penalty_last_n=llama.last_n_tokens_size,
+                  seed=next_seed(llama, seed), logit_bias=bias)
+    if temperature < 0:  # llama-cpp-python: draw from the raw distribution, no truncation
+        return SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, **common)
+    if temperature == 0:
+        return SamplingParams(temperature=0.0, **common)
+    # llama.cpp treats p >= 1 as "off" and p <= 0 as "keep one token"; SamplingParams takes (0, 1].
+    clamp = lambda p: min(max(float(p), 1e-9), 1.0)  # noqa: E731
+    return SamplingParams(temperature=temperature, top_k=max(0, int(top_k)), top_p=clamp(top_p),
+                          min_p=min(max(float(min_p), 0.0), 1.0), typical_p=clamp(typical_p), **common)
+
+
+# ---- generation with per-token hooks ----
+class _HookedRun:
+    """Generation that exposes each token's logits before the draw (logits processors, stopping criteria,
+    logprobs). Same sampler chain, prefix reuse and stop-string handling as stream_generate."""
+
+    def __init__(self, llama: "Llama", tokens: list[int], max_tokens: int, stops: list[str], params: SamplingParams,
+                 processors, criteria, keep_rows: bool, prompt_rows: bool) -> None:
+        self.llama, self.tokens, self.max_tokens, self.stops, self.params = llama, tokens, max_tokens, stops, params
+        self.processors, self.criteria, self.keep_rows = processors, criteria, keep_rows
+        self.rows: list[np.ndarray] = []          # the logits each generated token was drawn from
+        self.prompt_rows: np.ndarray | None = None  # row i: logits after prompt token i (echo with logprobs)
+        self.want_prompt_rows = prompt_rows
+
+    def __iter__(self) -> Iterator[_Step]:
+        llama, tokens = self.llama, self.tokens
+        ctx, vocab = llama._ctx, llama._model.vocab
+        if self.want_prompt_rows:
+            if len(tokens) > ctx.n_batch:
+                raise UnsupportedFeatureError(f"echo with logprobs needs the prompt in one batch: it has {len(tokens)} "
+                                              f"tokens, n_batch is {ctx.n_batch}; create the Llama with a larger n_batch")
+            ctx.clear()
+            self.prompt_rows = ctx.decode_all(tokens)
+        else:
+            cached, limit = 0, min(len(ctx.tokens), len(tokens) - 1)
+            while cached < limit and ctx.tokens[cached] == tokens[cached]:
+                cached += 1
+            ctx.truncate(cached)
+            ctx.decode(tokens[cached:])
+        sampler = Sampler(llama.n_vocab(), self.params)
+        try:
+            if self.params.uses_penalties:
+                for t in tokens:
+                    sampler.accept(t)
+            yield from self._steps(ctx, vocab, sampler)
+        finally:
+            sampler.close()
+
+    def _steps(self, ctx, vocab, sampler) -> Iterator[_Step]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = _StopMatcher(self.stops)
+        n_ctx = ctx.n_ctx
+        for i in range(self.max_tokens):
+            logits = ctx.logits(copy=False)  # llama.cpp's buffer: what the sampler will draw from
+            raw = logits.copy() if self.keep_rows or self.criteria is not None else logits
+            if self.keep_rows:
+                self.rows.append(raw)
+            if self.processors:
+                logits[:] = self.processors(np.asarray(ctx.tokens, dtype=np.intc), logits)
+            token = sampler.sample(ctx)
+            if self.criteria is not None and self.criteria(np.asarray(ctx.tokens, dtype=np.intc), raw):
+                # As llama-cpp-python: the token that met the criteria is dropped, the reply ends with "stop".
+                if self.keep_rows:
+                    self.rows.pop()
+                yield _Step(-1, decoder.decode(b"", final=True) + matcher.flush(), "stop")
+                return
+            if vocab.is_eog(token):
+                yield _Step(token, decoder.decode(b"", final=True) + matcher.flush(), "stop")
+                return
+            text, hit = matcher.feed(decoder.decode(vocab.piece(token)))
+            if hit:
+                yield _Step(token, text, "stop")
+                return
+            if i == self.max_tokens - 1 or len(ctx.tokens) >= n_ctx:
+                tail, hit = matcher.feed(decoder.decode(b"", final=True))
+                yield _Step(token, text + (tail if hit else tail + matcher.flush()), "stop" if hit else "length")
+                return
+            ctx.decode_one(token)
+            yield _Step(token, text, None)
+
+
+# ---- logprobs ----
+def _logprobs(llama: "Llama", entries: list[tuple[int, np.ndarray | None]], base_offset: int, n_top: int,
+              first_null: bool = False) -> dict:
+    """llama-cpp-python's CompletionLogprobs for (token, logits it was drawn from) pairs."""
+    piece = lambda t: llama.detokenize([t])  # noqa: E731
+    bos = llama.token_bos()
+    tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
+    consumed = b""
+    for token, row in entries:
+        data = piece(token)
+        if token == bos:  # as llama-cpp-python, BOS is left out of logprobs (its bytes still count for offsets)
+            consumed += data
+            continue
+        text = data.decode("utf-8", errors="ignore")
+        offsets.append(base_offset + len(consumed.decode("utf-8", errors="ignore")))
+        consumed += data
+        tokens.append(text)
+        if row is None:
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+            continue
+        logprobs = llama.logits_to_logprobs(row)
+        top = {}
+        if n_top > 0:
+            best = np.argpartition(-logprobs, min(n_top, len(logprobs) - 1))[:n_top]
+            for i in best[np.argsort(-logprobs[best], kind="stable")]:
+                top[piece(int(i)).decode("utf-8", errors="ignore")] = float(logprobs[i])
+        top[text] = float(logprobs[token])
+        token_logprobs.append(float(logprobs[token]))
+        top_logprobs.append(top)
+    if first_null and token_logprobs:
+        token_logprobs[0] = None
+        top_logprobs[0] = None
+    return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs}
+
+
+# ---- create_completion ----
+def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo, stop,
+           frequency_penalty, presence_penalty, repeat_penalty, top_k, stream, seed, mirostat_mode, model,
+           stopping_criteria, logits_processor, grammar, logit_bias):
+    if grammar is not None:
+        raise UnsupportedFeatureError("grammar-constrained sampling (LlamaGrammar) is not supported by "
+                                      "llmplace.Llama yet; generate without grammar=")
+    if mirostat_mode:
+        raise UnsupportedFeatureError(f"mirostat sampling (mirostat_mode={mirostat_mode}) is not supported by "
+                                      "llmplace.Llama yet; use mirostat_mode=0 (top-k/top-p/min-p sampling)")
+    if suffix is not None and not isinstance(suffix, str):
+        raise InvalidParameterError(f"suffix must be a str or None, not {type(suffix).__name__}")
+    ctx = llama._context()
+    tokens, text_suffix = build_prompt(llama, prompt, suffix)
+    n_ctx = ctx.n_ctx
+    if len(tokens) >= n_ctx:
+        raise ContextOverflowError(f"Requested tokens ({len(tokens)}) exceed context window of {n_ctx}")
+    if max_tokens is None or max_tokens <= 0:  # unlimited: up to the end of the context
+        max_tokens = n_ctx - len(tokens)
+    max_tokens = min(max_tokens, n_ctx - len(tokens))
+    stops = stop if isinstance(stop, list) else [stop] if isinstance(stop, str) else []
+    if logprobs is not None and not llama._logits_all:
+        raise InvalidParameterError("logprobs is not supported for models created with logits_all=False")
+    params = sampling_params(llama, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                             presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
+    hooked = logprobs is not None or bool(logits_processor) or bool(stopping_criteria)
+    if hooked:
+        run = _HookedRun(llama, tokens, max_tokens, stops, params, logits_processor or None, stopping_criteria or None,
+                         keep_rows=logprobs is not None, prompt_rows=logprobs is not None and echo and not stream)
+        steps = iter(run)
+    else:
+        run = None
+        steps = stream_generate(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx)
+    info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()),
+            "model": model if model is not None else llama.model_path}
+    if stream:
+        return _chunks(llama, steps, run, info, logprobs, prompt)
+    return _whole(llama, steps, run, info, tokens, prompt, logprobs, echo, text_suffix)
+
+
+def _is_end_token(llama: "Llama", token: int) -> bool:
+    return token < 0 or llama._model.vocab.is_eog(token)
+
+
+def _whole(llama, steps, run, info, prompt_tokens, prompt, logprobs, echo, text_suffix) -> dict:
+    texts, tokens = [], []
+    finish = "length"
+    for step in steps:
+        texts.append(step.text)
+        tokens.append(step.token)
+        finish = step.finish_reason
+    if tokens and finish == "stop" and _is_end_token(llama, tokens[-1]):
+        tokens.pop()  # the end-of-generation token is not part of the reply
+    text = "".join(texts)
+    if echo:
+        text = (prompt if isinstance(prompt, str) else llama.detokenize(prompt).decode("utf-8", errors="ignore")) + text
+    if text_suffix is not None:
+        text += text_suffix
+    choice_logprobs = None
+    if logprobs is not None:
+        entries = list(zip(tokens, run.rows))
+        if echo:
+            rows = run.prompt_rows
+            prompt_entries = [(t, rows[i - 1] if i > 0 else None) for i, t in enumerate(prompt_tokens)]
+            choice_logprobs = _logprobs(llama, prompt_entries + entries, 0, logprobs, first_null=True)
+        else:
+            choice_logprobs = _logprobs(llama, entries, len(prompt), logprobs)
+    return {"id": info["id"], "object": "text_completion", "created": info["created"], "model": info["model"],
+            "choices": [{"text": text, "index": 0, "logprobs": choice_logprobs, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(prompt_tokens), "completion_tokens": len(tokens),
+                      "total_tokens": len(prompt_tokens) + len(tokens)}}
+
+
+def _chunks(llama, steps, run, info, logprobs, prompt) -> Iterator[dict]:
+    cid, created, model = info["id"], info["created"], info["model"]
+
+    def chunk(text, chunk_logprobs, finish):
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"text": text, "index": 0, "logprobs": chunk_logprobs, "finish_reason": finish}]}
+
+    finish = "length"
+    if logprobs is None:
+        for step in steps:
+            if step.text:
+                yield chunk(step.text, None, None)
+            finish = step.finish_reason
+    else:
+        offset = len(prompt)
+        for step in steps:
+            finish = step.finish_reason
+            if finish == "stop" and _is_end_token(llama, step.token):
+                if step.text:
+                    yield chunk(step.text, None, None)
+                continue
+            entry = _logprobs(llama, [(step.token, run.rows[-1])], offset, logprobs)
+            offset += len(step.text)
+            yield chunk(step.text, entry, None)
+    yield chunk("", None, finish)

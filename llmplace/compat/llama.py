@@ -1,0 +1,495 @@
+"""`Llama`: llama-cpp-python 0.3.36's high-level class, over llmplace's Model, Context and stream_generate.
+
+Code written for `llama_cpp.Llama` runs unchanged after `from llmplace import Llama`: same constructor
+keywords and defaults, same methods, same return dicts, same exception types and messages for the common
+mistakes. What differs is listed in `llmplace/compat/__init__.py` and warned about at the call that uses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .._ffi import C
+from ..context import KV_TYPES, Context
+from ..errors import InvalidParameterError, ModelLoadError
+from ..model import Model
+from ..placement import Placement
+from ..placement import n_cpu_moe as _n_cpu_moe_rules
+from . import _chat, _completion
+from .errors import CompatibilityWarning, UnsupportedFeatureError
+from .llama_cpp import LLAMA_DEFAULT_SEED
+from .llama_types import (ChatCompletionRequestMessage, CreateChatCompletionResponse,
+                          CreateChatCompletionStreamResponse, CreateCompletionResponse,
+                          CreateCompletionStreamResponse, CreateEmbeddingResponse)
+
+class _DropOutputOverrideNotice(logging.Filter):
+    """embed() decodes with llama_batch_get_one, which asks for the last token's output only; in embedding mode
+    llama.cpp then outputs every token anyway and logs a warning saying so at each call. That is the
+    intended behaviour here, so the warning is dropped (llama-cpp-python marks every token instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "embeddings required but some input tokens were not marked as outputs" not in record.getMessage()
+
+
+logging.getLogger("llmplace.native").addFilter(_DropOutputOverrideNotice())
+
+_SPLIT_MODES = {C.LLAMA_SPLIT_MODE_NONE: "none", C.LLAMA_SPLIT_MODE_LAYER: "layer",
+                C.LLAMA_SPLIT_MODE_ROW: "row", C.LLAMA_SPLIT_MODE_TENSOR: "tensor"}
+_KV_TYPE_NAMES = {value: name for name, value in KV_TYPES.items()}
+
+
+class ModelPathError(ModelLoadError, ValueError):
+    """The model could not be loaded. A ValueError as in llama-cpp-python, and an llmplace ModelLoadError."""
+
+
+def _kv_type(name: str, value) -> str:
+    if value is None:
+        return "f16"
+    if isinstance(value, str):
+        return value
+    try:
+        return _KV_TYPE_NAMES[value]
+    except KeyError:
+        raise InvalidParameterError(
+            f"{name}={value!r} is not a KV-cache type llama.cpp supports; use one of the GGML_TYPE_* constants of "
+            f"{sorted(_KV_TYPE_NAMES)} (or a name: {sorted(KV_TYPES)})") from None
+
+
+class Llama:
+    """A loaded model and one context, with llama-cpp-python's interface. See `llama_cpp.Llama`."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        # model parameters
+        n_gpu_layers: int = 0,
+        split_mode: int = C.LLAMA_SPLIT_MODE_LAYER,
+        main_gpu: int = 0,
+        tensor_split: Optional[List[float]] = None,
+        vocab_only: bool = False,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        kv_overrides: Optional[Dict[str, Union[bool, int, float, str]]] = None,
+        # context parameters
+        seed: int = LLAMA_DEFAULT_SEED,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        rope_scaling_type: Optional[int] = C.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
+        pooling_type: int = C.LLAMA_POOLING_TYPE_UNSPECIFIED,
+        attention_type: int = C.LLAMA_ATTENTION_TYPE_UNSPECIFIED,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        yarn_ext_factor: float = -1.0,
+        yarn_attn_factor: float = 1.0,
+        yarn_beta_fast: float = 32.0,
+        yarn_beta_slow: float = 1.0,
+        yarn_orig_ctx: int = 0,
+        logits_all: bool = False,
+        embedding: bool = False,
+        offload_kqv: bool = True,
+        flash_attn: bool = False,
+        op_offload: Optional[bool] = None,
+        swa_full: Optional[bool] = None,
+        # sampling parameters
+        no_perf: bool = False,
+        last_n_tokens_size: int = 64,
+        # LoRA
+        lora_base: Optional[str] = None,
+        lora_scale: float = 1.0,
+        lora_path: Optional[str] = None,
+        # backend
+        numa: Union[bool, int] = False,
+        # chat
+        chat_format: Optional[str] = None,
+        chat_handler: Optional[Any] = None,
+        # speculative decoding
+        draft_model: Optional[Any] = None,
+        # tokenizer override
+        tokenizer: Optional[Any] = None,
+        # KV cache types (GGML_TYPE_* ints, or llmplace's names such as "q8_0")
+        type_k: Optional[Union[int, str]] = None,
+        type_v: Optional[Union[int, str]] = None,
+        # misc
+        spm_infill: bool = False,
+        verbose: bool = True,
+        # llmplace's own
+        override_tensor: Any = None,
+        placement: Any = None,
+        n_cpu_moe: Optional[int] = None,
+        rpc_servers: Optional[Sequence[str]] = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load `model_path` and create its context. Keywords as llama_cpp.Llama, plus llmplace's placement:
+
+        override_tensor: llama.cpp `-ot` rules ("exps=CPU,blk\\.1[0-9]\\.=CUDA0") or llmplace Rules;
+        placement: a llmplace Placement (or anything Placement.parse reads); n_cpu_moe: keep the MoE experts of
+        the first N layers in RAM; rpc_servers: "host:port" strings (or one comma-separated string).
+        """
+        self._model: Model | None = None
+        self._ctx: Context | None = None
+        self.verbose = verbose
+        self.model_path = model_path
+        ignored = {name: value for name, value in kwargs.items()}
+        if kv_overrides:
+            ignored["kv_overrides"] = kv_overrides
+        if lora_path is not None or lora_base is not None:
+            ignored["lora_path/lora_base"] = lora_path or lora_base
+        if numa:
+            ignored["numa"] = numa
+        if draft_model is not None:
+            ignored["draft_model"] = draft_model
+        if ignored:
+            # llama-cpp-python accepts unknown keywords silently; a typo or an option llmplace does not
+            # implement yet should not go unnoticed, so say which ones have no effect.
+            warnings.warn(f"llmplace.Llama ignores {', '.join(sorted(ignored))}: not supported by llmplace yet "
+                          "(unknown keywords are accepted, as llama-cpp-python does)", CompatibilityWarning,
+                          stacklevel=2)
+        if not os.path.exists(model_path):
+            raise ValueError(f"Model path does not exist: {model_path}")
+
+        # ---- what to keep (llama-cpp-python exposes these as attributes) ----
+        self.tensor_split = tensor_split
+        self.kv_overrides = kv_overrides
+        self.lora_base, self.lora_scale, self.lora_path = lora_base, lora_scale, lora_path
+        self.numa = numa
+        self.spm_infill = spm_infill
+        self.last_n_tokens_size = last_n_tokens_size
+        self.draft_model = draft_model
+        self.chat_handler = chat_handler
+        self._logits_all = logits_all
+        self._embedding = embedding
+        self._seed = seed or LLAMA_DEFAULT_SEED
+        self.cache = None
+
+        # ---- the model ----
+        rules = Placement.parse(override_tensor) + Placement.parse(placement)
+        if n_cpu_moe:
+            rules = rules + _n_cpu_moe_rules(n_cpu_moe)
+        if isinstance(rpc_servers, str):
+            rpc_servers = [s for s in rpc_servers.split(",") if s]
+        try:
+            split = _SPLIT_MODES[split_mode] if not isinstance(split_mode, str) else split_mode
+        except KeyError:
+            raise InvalidParameterError(f"split_mode={split_mode!r} is not one of the LLAMA_SPLIT_MODE_* values "
+                                        f"{sorted(_SPLIT_MODES)}") from None
+        try:
+            self._model = Model(model_path, n_gpu_layers=n_gpu_layers, split_mode=split, main_gpu=main_gpu,
+                                use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock, vocab_only=vocab_only,
+                                progress=False, placement=rules if len(rules) else None,
+                                tensor_split=tensor_split, rpc_servers=rpc_servers)
+        except ModelLoadError as exc:
+            raise ModelPathError(f"Failed to load model from file: {model_path} ({exc})") from exc
+        self.metadata: Dict[str, str] = self._model.metadata
+        self.tokenizer_ = tokenizer
+
+        # ---- the context ----
+        if n_ctx == 0:
+            n_ctx = self._model.n_ctx_train
+        self.n_batch = min(n_ctx, n_batch)
+        self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
+        c_params = {
+            "rope_scaling_type": C.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling_type is None else rope_scaling_type,
+            "pooling_type": pooling_type, "attention_type": attention_type,
+            "rope_freq_base": rope_freq_base, "rope_freq_scale": rope_freq_scale,
+            "yarn_ext_factor": yarn_ext_factor, "yarn_attn_factor": yarn_attn_factor,
+            "yarn_beta_fast": yarn_beta_fast, "yarn_beta_slow": yarn_beta_slow, "yarn_orig_ctx": yarn_orig_ctx,
+            "embeddings": embedding, "offload_kqv": offload_kqv, "no_perf": no_perf,
+        }
+        if op_offload is not None:
+            c_params["op_offload"] = op_offload
+        if swa_full is not None:
+            c_params["swa_full"] = swa_full
+        if not vocab_only:
+            try:
+                self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=self.n_batch,
+                                    n_ubatch=min(self.n_batch, n_ubatch), n_threads=n_threads,
+                                    n_threads_batch=n_threads_batch, flash_attn=bool(flash_attn),
+                                    type_k=_kv_type("type_k", type_k), type_v=_kv_type("type_v", type_v),
+                                    extra_params=c_params)
+            except BaseException:
+                self._model.close()
+                raise
+            self.n_threads = self._ctx.n_threads
+
+        # ---- chat format (the same attribute values llama-cpp-python sets) ----
+        if chat_format is None and chat_handler is None:
+            chat_format = "chat_template.default" if self._model.chat_template else "llama-2"
+        self.chat_format = chat_format
+
+    # ---- lifetime ----
+    def close(self) -> None:
+        """Free the context and the model. Safe to call twice."""
+        if self._ctx is not None:
+            self._ctx.close()
+        if self._model is not None:
+            self._model.close()
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the native handles' own finalizers take over
+            pass
+
+    # ---- llmplace objects under the compatibility layer ----
+    @property
+    def llmplace_model(self) -> Model:
+        """The llmplace Model this object wraps (placement_report(), metadata, vocab ...)."""
+        return self._model
+
+    @property
+    def llmplace_context(self) -> Context:
+        """The llmplace Context this object generates with (None for vocab_only models)."""
+        return self._ctx
+
+    def _context(self) -> Context:
+        if self._ctx is None:
+            raise InvalidParameterError("this model was loaded with vocab_only=True: it can tokenize but not "
+                                        "generate; load it without vocab_only")
+        return self._ctx
+
+    # ---- sizes and special tokens ----
+    def n_ctx(self) -> int:
+        """The context window size."""
+        return self._context().n_ctx
+
+    def n_embd(self) -> int:
+        return self._model.n_embd
+
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
+    def token_bos(self) -> int:
+        bos = self._model.vocab.bos
+        return -1 if bos is None else bos
+
+    def token_eos(self) -> int:
+        eos = self._model.vocab.eos
+        return -1 if eos is None else eos
+
+    def token_nl(self) -> int:
+        nl = self._model.vocab.nl
+        return -1 if nl is None else nl
+
+    def pooling_type(self) -> int:
+        return C.llama_pooling_type(self._context()._ptr)
+
+    def set_seed(self, seed: int) -> None:
+        self._seed = seed
+
+    def set_cache(self, cache) -> None:
+        if cache is not None:
+            raise UnsupportedFeatureError("set_cache (LlamaRAMCache / LlamaDiskCache) is not supported by "
+                                          "llmplace.Llama yet; the context already reuses the cached prefix of "
+                                          "the previous prompt")
+        self.cache = None
+
+    # ---- text <-> tokens ----
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        """Tokens of UTF-8 `text` (bytes). add_bos adds BOS (and EOS) as the model asks; special parses
+        special-token text such as '<|im_start|>'."""
+        if self.tokenizer_ is not None:
+            return self.tokenizer_.tokenize(text, add_bos, special)
+        return self._model.vocab.tokenize(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: List[int], prev_tokens: Optional[List[int]] = None, special: bool = False) -> bytes:
+        """The bytes `tokens` stand for. prev_tokens is accepted for compatibility (llama-cpp-python ignores it too)."""
+        if self.tokenizer_ is not None:
+            return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+        piece = self._model.vocab.piece
+        return b"".join([piece(int(t), special=special) for t in tokens])
+
+    def tokenizer(self):
+        return self.tokenizer_ if self.tokenizer_ is not None else self
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the next prompt is computed from scratch)."""
+        if self._ctx is not None:
+            self._ctx.clear()
+
+    # ---- completion ----
+    def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None,
+                          max_tokens: Optional[int] = 16, temperature: float = 0.8, top_p: float = 0.95,
+                          min_p: float = 0.05, typical_p: float = 1.0, logprobs: Optional[int] = None,
+                          echo: bool = False, stop: Optional[Union[str, List[str]]] = [],  # noqa: B006 - as upstream
+                          frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                          top_k: int = 40, stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
+                          mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                          model: Optional[str] = None, stopping_criteria=None, logits_processor=None,
+                          grammar=None, logit_bias: Optional[Dict[int, float]] = None,
+                          ) -> Union[CreateCompletionResponse, Iterator[CreateCompletionStreamResponse]]:
+        """Generate text from a prompt (str or token ids): a `text_completion` dict, or with stream=True an
+        iterator of chunks. Arguments are checked here, also for streams."""
+        return _completion.create(
+            self, prompt, suffix=suffix, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
+            typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, top_k=top_k, stream=stream,
+            seed=seed, mirostat_mode=mirostat_mode, model=model, stopping_criteria=stopping_criteria,
+            logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
+
+    def __call__(self, prompt: Union[str, List[int]], suffix: Optional[str] = None, max_tokens: Optional[int] = 16,
+                 temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+                 logprobs: Optional[int] = None, echo: bool = False,
+                 stop: Optional[Union[str, List[str]]] = [],  # noqa: B006 - as upstream
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                 top_k: int = 40, stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
+                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                 model: Optional[str] = None, stopping_criteria=None, logits_processor=None, grammar=None,
+                 logit_bias: Optional[Dict[int, float]] = None,
+                 ) -> Union[CreateCompletionResponse, Iterator[CreateCompletionStreamResponse]]:
+        """Same as create_completion."""
+        return self.create_completion(
+            prompt, suffix=suffix, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
+            typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, top_k=top_k, stream=stream, seed=seed,
+            tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+            model=model, stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
+            logit_bias=logit_bias)
+
+    # ---- chat ----
+    def create_chat_completion(self, messages: List[ChatCompletionRequestMessage], functions=None,
+                               function_call=None, tools=None, tool_choice=None, temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
+                               stream: bool = False, stop: Optional[Union[str, List[str]]] = [],  # noqa: B006
+                               seed: Optional[int] = None, response_format=None, max_tokens: Optional[int] = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                               mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None,
+                               logits_processor=None, grammar=None, logit_bias: Optional[Dict[int, float]] = None,
+                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
+                               ) -> Union[CreateChatCompletionResponse, Iterator[CreateChatCompletionStreamResponse]]:
+        """Reply to `messages` rendered with the model's chat template: a `chat.completion` dict, or with
+        stream=True an iterator of `chat.completion.chunk` dicts."""
+        options = dict(messages=messages, functions=functions, function_call=function_call, tools=tools,
+                       tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                       typical_p=typical_p, stream=stream, stop=stop, seed=seed, response_format=response_format,
+                       max_tokens=max_tokens, presence_penalty=presence_penalty,
+                       frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
+                       mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+                       model=model, logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias,
+                       logprobs=logprobs, top_logprobs=top_logprobs)
+        if self.chat_handler is not None:
+            # A llama-cpp-python chat handler: it renders the prompt and calls back create_completion.
+            return self.chat_handler(llama=self, **options)
+        return _chat.create(self, **options)
+
+    def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):
+        """create_chat_completion, returning the openai package's ChatCompletion / ChatCompletionChunk objects."""
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError:
+            raise ImportError("To use create_chat_completion_openai_v1, you must install the openai package. "
+                              "You can install it with `pip install openai`.") from None
+        if kwargs.get("stream", False):
+            return (ChatCompletionChunk(**chunk) for chunk in self.create_chat_completion(*args, **kwargs))
+        return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
+
+    # ---- embeddings ----
+    def create_embedding(self, input: Union[str, List[str]], model: Optional[str] = None) -> CreateEmbeddingResponse:
+        """Embed a string or a list of strings: an OpenAI-shaped `list` of `embedding` objects."""
+        vectors, total = self.embed(input if isinstance(input, list) else [input], return_count=True)
+        return {"object": "list",
+                "data": [{"object": "embedding", "embedding": vector, "index": i} for i, vector in enumerate(vectors)],
+                "model": model if model is not None else self.model_path,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
+
+    def embed(self, input: Union[str, List[str]], normalize: bool = False, truncate: bool = True,
+              return_count: bool = False):
+        """Embeddings of a string (one vector, or one per token when the model does not pool) or of a list of
+        strings (a list of those)."""
+        ctx = self._context()
+        if not self._embedding:
+            raise RuntimeError("Llama model must be created with embedding=True to call this method")
+        texts = [input] if isinstance(input, str) else list(input)
+        n_batch = self.n_batch
+        results, total = [], 0
+        try:
+            for text in texts:
+                tokens = self.tokenize(text.encode("utf-8"))
+                if truncate:
+                    tokens = tokens[:n_batch]
+                if len(tokens) > n_batch:
+                    raise ValueError(f"Requested tokens ({len(tokens)}) exceed batch size of {n_batch}")
+                if not tokens:
+                    raise InvalidParameterError("cannot embed an empty string: it has no tokens")
+                total += len(tokens)
+                # Each input is its own sequence from position 0: clear what the previous one left.
+                ctx.clear()
+                ctx.decode(tokens)
+                values = ctx.embeddings(len(tokens))
+                if normalize:
+                    norms = np.linalg.norm(values, axis=-1, keepdims=True)
+                    values = np.divide(values, norms, out=values, where=norms != 0)
+                results.append(values.tolist())
+        finally:
+            ctx.clear()
+        output = results[0] if isinstance(input, str) else results
+        return (output, total) if return_count else output
+
+    # ---- llama-cpp-python helpers people call ----
+    @staticmethod
+    def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
+        """log_softmax of `logits` along `axis` (float32)."""
+        logits = np.asarray(logits, dtype=np.float32)
+        top = np.amax(logits, axis=axis, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0)
+        shifted = logits - top
+        with np.errstate(divide="ignore"):
+            return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+    @staticmethod
+    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def __repr__(self) -> str:
+        return f"<llmplace.Llama {os.path.basename(str(self.model_path))}>"
+
+
+class LogitsProcessorList(list):
+    """Logits processors applied in order: each takes (input_ids, scores) and returns new scores."""
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class StoppingCriteriaList(list):
+    """Stopping criteria: generation stops when any returns True for (input_ids, logits)."""
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        return any([criterion(input_ids, logits) for criterion in self])
+
+
+class MinTokensLogitsProcessor:
+    """Forbids the end-of-sequence token until `min_tokens` tokens have been generated."""
+
+    def __init__(self, min_tokens: int, token_eos: int) -> None:
+        self.min_tokens, self.token_eos, self.prompt_tokens = min_tokens, token_eos, None
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(input_ids)
+        if len(input_ids) - self.prompt_tokens < self.min_tokens:
+            scores[self.token_eos] = -np.inf
+        return scores
