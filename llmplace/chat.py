@@ -286,8 +286,15 @@ class Chat:
         return out
 
     # ---- turns ----
+    @property
+    def streaming(self) -> bool:
+        """True while a reply is being generated (between the first step of stream() and its end)."""
+        return self._active
+
     def abort(self) -> None:
-        """Stop the reply being generated (thread-safe; a no-op when none is). Its partial text is kept."""
+        """Stop the reply being generated (thread-safe; a no-op when none is): a llama_decode in progress
+        (a long prompt) stops at its next graph node, otherwise generation stops after the current token.
+        The partial reply is kept (see the module docstring)."""
         self._abort_requested.set()
         context = self._context
         if context is not None and not context.closed and self._active:

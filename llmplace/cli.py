@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -150,6 +151,49 @@ def _print_stats(chat) -> None:
               f"({100 * spec.acceptance_rate:.0f}%)", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _ctrl_c_aborts(chat):
+    """While a reply streams, Ctrl-C stops it through `chat.abort()` (the partial reply is kept) instead of
+    raising KeyboardInterrupt.
+
+    A Python signal handler runs only between bytecodes, so during a long llama_decode (a long prompt) it
+    would wait for the decode to end. The wakeup fd, though, is written by the C-level handler at once: a
+    thread blocked on it calls abort(), which stops the decode at its next graph node."""
+    import signal
+    import socket
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            data = reader.recv(64)
+            if not data:
+                return
+            if signal.SIGINT in data and not done.is_set():
+                chat.abort()
+
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: chat.abort())
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="llmplace-ctrl-c", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, previous_handler)
+        done.set()
+        writer.send(b"\0")  # wake the watcher so it sees `done`
+        watcher.join()
+        reader.close()
+        writer.close()
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     import llmplace
     from .chat import Chat
@@ -166,13 +210,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                  depth=args.depth, lookup=args.lookup, **sampling) as chat:
 
         def reply(text: str) -> None:
-            try:
+            with _ctrl_c_aborts(chat):
                 for piece in chat.stream(text):
                     print(piece, end="", flush=True)
-            except KeyboardInterrupt:
-                print(" [stopped]", flush=True)
-                return
-            print(flush=True)
+            print(" [stopped]" if chat.last.finish_reason == "abort" else "", flush=True)
             if chat.last.dropped:
                 print(f"[the {chat.last.dropped} oldest messages were dropped to fit the context]", file=sys.stderr)
 

@@ -452,3 +452,46 @@ def test_repl_reports_errors_and_keeps_going(smollm2_path):
     assert "llmplace:" in out.stderr and "shorten" in out.stderr   # the over-long message
     assert "usage: /save FILE" in out.stderr
     assert out.stdout.strip()  # "Hi" was answered
+
+
+def test_repl_ctrl_c_stops_the_reply_and_the_chat_goes_on(smollm2_path):
+    process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "chat", str(smollm2_path), "--max-tokens", "400",
+                                "--ctx", "1024"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=Path(tempfile.gettempdir()))
+    try:
+        process.stdin.write(b"Write a very long story about a cat.\n")
+        process.stdin.flush()
+        assert process.stdout.read(20)  # the reply is streaming
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(b"/stats\nWhat is the capital of France?\n", timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = err.decode()
+    assert process.returncode == 0, err
+    assert b" [stopped]\n" in out and b"Paris" in out.split(b" [stopped]\n", 1)[1]
+    assert "(abort)" in err and "Traceback" not in err
+
+
+def test_abort_during_a_long_prompt_stops_the_decode(smollm2):
+    import time
+
+    with Chat(smollm2, SYSTEM, n_ctx=4096, max_tokens=8, **GREEDY) as chat:
+        def abort_soon():
+            while not chat.streaming:
+                time.sleep(0.001)
+            time.sleep(0.2)
+            chat.abort()
+
+        thread = threading.Thread(target=abort_soon)
+        thread.start()
+        long_message = "Summarise this: " + "the cat sat on the mat and looked at the sea. " * 300
+        start = time.perf_counter()
+        reply = chat.submit(long_message)
+        thread.join()
+        assert reply.finish_reason == "abort" and reply.text == ""
+        # Stopped inside the prompt's llama_decode: only part of it reached the cache, and quickly.
+        assert chat.n_cached < reply.prompt_tokens
+        assert time.perf_counter() - start < 0.2 + 5
+        chat.reset()
+        _assert_consistent(chat, smollm2)
