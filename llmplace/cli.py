@@ -111,12 +111,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     print(f"split: {plan.split.mode} over {', '.join(plan.split.devices) or 'no offload device (CPU only)'}"
           f" ({plan.split.reason})")
-    totals = plan.totals()
+    totals = plan.memory_totals()
     whole = sum(totals.values()) or 1
-    print(f"{'buffer type':<28} {'weights':>11}  {'share':>6}")
+    print(f"{'memory':<28} {'weights':>11}  {'share':>6}")
     for name, n_bytes in sorted(totals.items(), key=lambda kv: -kv[1]):
         bar = "#" * max(1, round(30 * n_bytes / whole))
-        print(f"{name or '(none)':<28} {human_bytes(n_bytes):>11}  {100 * n_bytes / whole:5.1f}% {bar}")
+        kinds = sorted({t.buffer_type for t in plan.tensors if t.memory == name} - {name})
+        label = (name or "(none)") + (f" ({', '.join(kinds)})" if kinds else "")
+        print(f"{label:<28} {human_bytes(n_bytes):>11}  {100 * n_bytes / whole:5.1f}% {bar}")
     for index, rule in enumerate(placement.rules):
         n = sum(1 for t in plan.tensors if t.rule == index)
         print(f"rule {index}: {describe_rule(rule)}: {n} tensors" + ("  (matched nothing)" if n == 0 else ""))

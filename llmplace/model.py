@@ -15,7 +15,7 @@ from .backends import add_rpc_server, buffer_type, ensure_initialized
 from .errors import AbortedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
-from .placement import Placement, configure, describe, read_back
+from .placement import Placement, configure, describe, is_host_buffer, read_back
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
 
@@ -168,8 +168,9 @@ class Model(NativeObject):
                 if row.rule not in wanted_by_rule:
                     wanted_by_rule[row.rule] = buffer_type(self.placement.rules[row.rule].to)[1]
                 wanted = wanted_by_rule[row.rule]
-                # CPU weights may be repacked into CPU_REPACK for faster kernels: still host memory.
-                if row.buffer_type != wanted and not (wanted == "CPU" and row.buffer_type.startswith("CPU")):
+                # Host weights may be mapped (CPU_Mapped), repacked for faster kernels (CPU_REPACK) or pinned
+                # (CUDA_Host without mmap): all host memory, which is what a "cpu" rule asks for.
+                if row.buffer_type != wanted and not (is_host_buffer(wanted) and is_host_buffer(row.buffer_type)):
                     mismatched.append(f"{row.name} ({row.buffer_type}, rule {row.rule} asked for {wanted})")
         if mismatched:
             logs.logger.warning("placement differs from the rules for %d tensors: %s", len(mismatched),

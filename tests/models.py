@@ -22,6 +22,15 @@ def gemma3_path(cache_dir: Path) -> Path:
     return target
 
 
+def tokenizer_source() -> Path:
+    """SmolLM2's GGUF; where the 98 MB package cannot travel (the GPU machine), any GGUF with SmolLM2's
+    tokenizer named by LLMPLACE_TEST_TOKENIZER (e.g. a tiny synthetic model written from it)."""
+    import os
+
+    override = os.environ.get("LLMPLACE_TEST_TOKENIZER")
+    return Path(override) if override else smollm2_path()
+
+
 def synthetic_path(cache_dir: Path, shape_name: str) -> Path:
     """A tiny random-weight model of a real architecture ("tiny-llama", "tiny-qwen3moe")."""
     from llmplace import synthetic
@@ -29,5 +38,5 @@ def synthetic_path(cache_dir: Path, shape_name: str) -> Path:
     shape = {"tiny-llama": synthetic.TINY_LLAMA, "tiny-qwen3moe": synthetic.TINY_QWEN3MOE}[shape_name]
     target = cache_dir / f"{shape_name}.gguf"
     if not target.exists():
-        synthetic.write_model(target, shape, tokenizer_from=smollm2_path(), dtype="q8_0", seed=1)
+        synthetic.write_model(target, shape, tokenizer_from=tokenizer_source(), dtype="q8_0", seed=1)
     return target

@@ -17,4 +17,5 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAK
       -DPython_EXECUTABLE="$(command -v python3)"
 cmake --build "$build" -j"$(nproc)"
 cmake --install "$build" --component llmplace --prefix "$stage"
-cp llmplace/*.py "$stage/llmplace/"
+# the Python sources, subpackages included (the install step put only the compiled parts there)
+(cd llmplace && find . -name "*.py" -not -path "./_native/*" -exec cp --parents {} "$stage/llmplace/" \;)
