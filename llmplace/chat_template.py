@@ -113,8 +113,10 @@ def _looks_like_name(template: str) -> bool:
     return "{" not in template and "\n" not in template and len(template) < 64
 
 
-def validate_messages(messages, *, allow_empty_content: bool = True) -> list[dict[str, str]]:
-    """Check a conversation and return it as plain {'role', 'content'} dicts (copies)."""
+def validate_messages(messages, *, any_role: bool = False) -> list[dict[str, str]]:
+    """Check a conversation and return it as plain {'role', 'content'} dicts (copies). Roles must be one of
+    ROLES unless any_role (then any non-empty str: format_chat serves callers with roles of their own, such
+    as OpenAI's old "function")."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise InvalidParameterError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, not "
                                     f"{type(messages).__name__}")
@@ -127,13 +129,11 @@ def validate_messages(messages, *, allow_empty_content: bool = True) -> list[dic
             raise InvalidParameterError(f"message {i} has no {missing!r}: every message needs both 'role' (one of "
                                         f"{', '.join(ROLES)}) and 'content' (a str), got {dict(message)!r}")
         role, content = message["role"], message["content"]
-        if not isinstance(role, str) or role not in ROLES:
+        if not isinstance(role, str) or not role or (role not in ROLES and not any_role):
             raise InvalidParameterError(f"message {i} has role {role!r}; use one of {', '.join(ROLES)} (a str)")
         if not isinstance(content, str):
             raise InvalidParameterError(f"message {i}'s content must be a str, not {type(content).__name__}; "
                                         "join multi-part content into one string first")
-        if not content.strip() and not allow_empty_content:
-            raise InvalidParameterError(f"message {i} ({role}) is empty; give it some text")
         out.append({"role": role, "content": content})
     return out
 
@@ -250,4 +250,5 @@ def format_chat(model: "Model", messages: Sequence[Mapping[str, str]], *, add_ge
     add_special=False, or use `ChatTemplate.tokens`, so BOS is not doubled.
     """
     chat_template = ChatTemplate.resolve(model, template, engine=engine)
-    return chat_template.render(validate_messages(messages), add_generation_prompt=add_generation_prompt)
+    messages = validate_messages(messages, any_role=True)
+    return chat_template.render(messages, add_generation_prompt=add_generation_prompt)
