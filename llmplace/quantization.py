@@ -71,7 +71,11 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str = "q4_0",
     params.allow_requantize = bool(allow_requantize)
     params.quantize_output_tensor = bool(quantize_output_tensor)
     params.pure = bool(pure)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst_path.name}.", suffix=".part", dir=folder)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst_path.name}.", suffix=".part", dir=folder)
+    except OSError as exc:
+        raise PermissionError(f"cannot write {dst_path}: creating a file in {folder} failed ({exc.strerror}); "
+                              "choose a writable folder") from None
     os.close(fd)
     try:
         with logs.capture() as native_messages:

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -68,35 +69,57 @@ class SpeculativeStats:
 
 # ---- compatibility ----
 
+_known_compatible: "weakref.WeakKeyDictionary[Model, weakref.WeakSet[Model]]" = weakref.WeakKeyDictionary()
+
+
+def first_differing_token(target: Model, draft: Model) -> tuple[int, str, str] | None:
+    """(id, target text, draft text) of the first token id >= 5 whose text differs, over the ids both have."""
+    from ._ffi import C, ffi
+
+    pt, pd = target.vocab._ptr, draft.vocab._ptr
+    get = C.llama_vocab_get_text
+    for i in range(VOCAB_CHECK_START, min(target.n_vocab, draft.n_vocab)):
+        a, b = get(pt, i), get(pd, i)
+        if a != b and ffi.string(a) != ffi.string(b):
+            return i, ffi.string(a).decode(errors="replace"), ffi.string(b).decode(errors="replace")
+    return None
+
+
 def check_compatible(target: Model, draft: Model) -> None:
     """Raise IncompatibleDraftError unless `draft` can draft for `target`, as llama.cpp's
     common/speculative.cpp decides: same vocabulary type, same BOS/EOS handling, vocabulary sizes within
-    128 of each other, and the same text for every token id >= 5 both have."""
-    from ._ffi import C, ffi
+    128 of each other, and the same text for every token id >= 5 both have. The message names the first
+    differing token whatever the first failed check was. A compatible pair is remembered."""
+    from ._ffi import C
 
+    known = _known_compatible.get(target)
+    if known is not None and draft in known:
+        return
     vt, vd = target.vocab, draft.vocab
     pt, pd = vt._ptr, vd._ptr
-    names = f"the draft {draft.path.name} and the target {target.path.name}"
-    hint = "; use a draft model with the target's tokenizer (usually a smaller model of the same family), or lookup=True"
+    problems = []
     if C.llama_vocab_type(pt) != C.llama_vocab_type(pd):
-        raise IncompatibleDraftError(f"{names} use different tokenizer types ({C.llama_vocab_type(pd)} vs "
-                                     f"{C.llama_vocab_type(pt)}){hint}")
-    for what, add, tok in (("BOS", C.llama_vocab_get_add_bos, vt.__class__.bos),
-                           ("EOS", C.llama_vocab_get_add_eos, vt.__class__.eos)):
-        if add(pt) != add(pd) or (add(pt) and tok.fget(vt) != tok.fget(vd)):
-            raise IncompatibleDraftError(
-                f"{names} handle the {what} token differently (add: {bool(add(pd))} vs {bool(add(pt))}, id: "
-                f"{tok.fget(vd)} vs {tok.fget(vt)}){hint}")
+        kinds = {C.LLAMA_VOCAB_TYPE_SPM: "SPM", C.LLAMA_VOCAB_TYPE_BPE: "BPE", C.LLAMA_VOCAB_TYPE_WPM: "WPM",
+                 C.LLAMA_VOCAB_TYPE_UGM: "UGM", C.LLAMA_VOCAB_TYPE_RWKV: "RWKV"}
+        problems.append(f"tokenizer types differ (target {kinds.get(C.llama_vocab_type(pt), '?')}, draft "
+                        f"{kinds.get(C.llama_vocab_type(pd), '?')})")
+    for what, add, tok in (("BOS", C.llama_vocab_get_add_bos, "bos"), ("EOS", C.llama_vocab_get_add_eos, "eos")):
+        if add(pt) != add(pd) or (add(pt) and getattr(vt, tok) != getattr(vd, tok)):
+            problems.append(f"{what} handling differs (target adds {what}: {bool(add(pt))}, id {getattr(vt, tok)}; "
+                            f"draft adds: {bool(add(pd))}, id {getattr(vd, tok)})")
     nt, nd = vt.n_tokens, vd.n_tokens
     if abs(nt - nd) > VOCAB_MAX_SIZE_DIFFERENCE:
-        raise IncompatibleDraftError(f"{names} have vocabularies of {nd} and {nt} tokens (more than "
-                                     f"{VOCAB_MAX_SIZE_DIFFERENCE} apart){hint}")
-    for i in range(VOCAB_CHECK_START, min(nt, nd)):
-        a, b = C.llama_vocab_get_text(pt, i), C.llama_vocab_get_text(pd, i)
-        if a != b and ffi.string(a) != ffi.string(b):
-            raise IncompatibleDraftError(
-                f"{names} differ at token {i}: the target has {ffi.string(a).decode(errors='replace')!r}, the "
-                f"draft {ffi.string(b).decode(errors='replace')!r}{hint}")
+        problems.append(f"vocabulary sizes differ by more than {VOCAB_MAX_SIZE_DIFFERENCE} (target {nt}, draft {nd})")
+    differing = first_differing_token(target, draft)
+    if differing is not None:
+        i, a, b = differing
+        problems.append(f"token {i} differs (target {a!r}, draft {b!r})")
+    if problems:
+        raise IncompatibleDraftError(
+            f"the draft {draft.path.name} cannot draft for the target {target.path.name}: " + "; ".join(problems)
+            + ". Use a draft model with the target's tokenizer (usually a smaller model of the same family), "
+            "or lookup=True")
+    _known_compatible.setdefault(target, weakref.WeakSet()).add(draft)
 
 
 def check_params(params: SamplingParams) -> None:
