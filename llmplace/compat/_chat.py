@@ -70,10 +70,10 @@ def create(llama: "Llama", *, messages, functions, function_call, tools, tool_ch
            logit_bias, logprobs, top_logprobs):
     if response_format is not None and response_format.get("type") == "json_object":
         raise UnsupportedFeatureError("response_format={'type': 'json_object'} needs grammar-constrained sampling, "
-                                      "which llmplace.Llama does not support yet; ask for JSON in the prompt instead")
+                                      "which is not supported by llmplace.Llama yet; ask for JSON in the prompt instead")
     if isinstance(tool_choice, dict) or isinstance(function_call, dict):
         raise UnsupportedFeatureError("forcing a tool or function call (tool_choice / function_call naming one) "
-                                      "needs grammar-constrained sampling, which llmplace.Llama does not support yet")
+                                      "needs grammar-constrained sampling, which is not supported by llmplace.Llama yet")
     tokens = render(llama, messages)
     stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
     eos = llama._model.vocab.eos
