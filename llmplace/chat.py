@@ -150,10 +150,20 @@ class Chat:
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
             raise InvalidParameterError(f"stop must be a str or a list of str, not {stop!r}")
         merged["stop"] = list(stop)
-        SamplingParams(**{k: v for k, v in merged.items() if k in _SAMPLING_NAMES})  # validates
+        self._check_sampling(merged, speculating=bool(getattr(self, "_speculation", None)))
         return merged
 
+    @staticmethod
+    def _check_sampling(options: Mapping, speculating: bool) -> None:
+        params = SamplingParams(**{k: v for k, v in options.items() if k in _SAMPLING_NAMES})  # validates
+        if speculating:
+            from . import speculative
+
+            speculative.check_params(params)
+
     def _speculation_options(self, draft, depth, lookup, n_threads) -> dict:
+        """stream_generate's speculative keywords, checked now (an incompatible draft, a bad depth or sampling
+        options speculation refuses raise here rather than at the first turn)."""
         if draft is None and not lookup:
             return {}
         supported = _speculation_keywords()
@@ -163,8 +173,12 @@ class Chat:
         if not wanted <= supported:
             raise InvalidParameterError("this build of llmplace has no speculative decoding in stream_generate "
                                         "yet; create the Chat without draft= and lookup=")
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-            raise InvalidParameterError(f"depth must be an int >= 1 (tokens drafted per step), not {depth!r}")
+        if draft is not None and lookup:
+            raise InvalidParameterError("pass either draft= (a draft model) or lookup=True (prompt lookup), not both")
+        from . import speculative
+
+        speculative.check_depth(depth)
+        self._check_sampling(self._defaults, speculating=True)
         options = {}
         if draft is not None:
             if isinstance(draft, (str, os.PathLike)):
@@ -173,6 +187,7 @@ class Chat:
             elif not isinstance(draft, Model):
                 raise InvalidParameterError(f"draft must be a Model or the path of a .gguf file, not "
                                             f"{type(draft).__name__}")
+            speculative.check_compatible(self.model, draft)
             # The draft's own context, sized like the target's and kept for the Chat's life, so that its
             # cache too is reused from turn to turn (stream_generate takes a draft Context for this).
             draft_context = Context(draft, n_ctx=self._context.n_ctx, n_threads=n_threads)

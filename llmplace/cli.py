@@ -208,8 +208,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = dict(temperature=args.temperature, seed=args.seed)
     placement = ",".join(args.rule) or None
     with llmplace.load(path, n_gpu_layers=args.n_gpu_layers, placement=placement) as model, \
-            Chat(model, system, n_ctx=args.ctx, max_tokens=args.max_tokens, truncate=True, draft=args.draft,
-                 depth=args.depth, lookup=args.lookup, **sampling) as chat:
+            Chat(model, system, n_ctx=args.ctx, n_threads=args.threads, max_tokens=args.max_tokens, truncate=True,
+                 draft=args.draft, depth=args.depth, lookup=args.lookup, **sampling) as chat:
 
         def reply(text: str) -> None:
             with _ctrl_c_aborts(chat):
@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
+    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: one per core)")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
     p.set_defaults(func=cmd_chat)
     return parser

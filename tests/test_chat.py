@@ -426,8 +426,9 @@ def test_chat_with_a_draft_or_prompt_lookup_replies_as_without(smollm2):
 
 def run_cli(*args: str, stdin: str = "", timeout: int = 300) -> subprocess.CompletedProcess:
     # From outside the checkout, as tests/test_cli.py does (the source folder has no compiled module).
-    return subprocess.run([sys.executable, "-m", "llmplace.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, cwd=Path(tempfile.gettempdir()))
+    # One thread: ggml's spinning thread pools crawl when the shared 2-core machine is oversubscribed.
+    return subprocess.run([sys.executable, "-m", "llmplace.cli", *args, "--threads", "1"], input=stdin,
+                          capture_output=True, text=True, timeout=timeout, cwd=Path(tempfile.gettempdir()))
 
 
 def test_repl_streams_replies_runs_its_commands_and_reports_errors(smollm2_path, tmp_path):
@@ -450,7 +451,7 @@ def test_repl_streams_replies_runs_its_commands_and_reports_errors(smollm2_path,
 
 def test_repl_ctrl_c_stops_the_reply_and_the_chat_goes_on(smollm2_path):
     process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "chat", str(smollm2_path), "--max-tokens", "400",
-                                "--ctx", "1024"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                "--ctx", "1024", "--threads", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, cwd=Path(tempfile.gettempdir()))
     try:
         process.stdin.write(b"Write a very long story about a cat.\n")
@@ -489,3 +490,30 @@ def test_abort_during_a_long_prompt_stops_the_decode(smollm2):
         assert time.perf_counter() - start < 0.2 + 5
         chat.reset()
         _assert_consistent(chat, smollm2)
+
+
+def test_speculation_arguments_are_checked_when_the_chat_is_made(smollm2, gemma3):
+    pytest.importorskip("llmplace.speculative")
+    from llmplace.errors import IncompatibleDraftError
+
+    with pytest.raises(IncompatibleDraftError, match="token"):
+        Chat(smollm2, draft=gemma3, **GREEDY)
+    with pytest.raises(InvalidParameterError, match="depth"):
+        Chat(smollm2, lookup=True, depth=0, **GREEDY)
+    with pytest.raises(InvalidParameterError, match="not both"):
+        Chat(smollm2, draft=smollm2, lookup=True, **GREEDY)
+    with pytest.raises(InvalidParameterError, match="repetition penalties"):
+        Chat(smollm2, lookup=True, repeat_penalty=1.1, **GREEDY)
+    with Chat(smollm2, SYSTEM, lookup=True, max_tokens=8, **GREEDY) as chat:
+        with pytest.raises(InvalidParameterError, match="repetition penalties"):
+            chat.submit("Hi", repeat_penalty=1.2)
+        assert chat.submit("Hi").generated_tokens >= 1
+
+
+def test_repl_with_a_draft_model_reports_its_acceptance(smollm2_path):
+    pytest.importorskip("llmplace.speculative")
+    out = run_cli("chat", str(smollm2_path), "--draft", str(smollm2_path), "--depth", "3", "--max-tokens", "24",
+                  stdin="What is the capital of France?\n/stats\n")
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "speculative:" in out.stderr and "accepted" in out.stderr
