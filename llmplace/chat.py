@@ -54,7 +54,8 @@ class Reply:
     finish_reason: "stop" (end-of-turn token or a stop string), "length" (max_tokens or the context's end),
     "abort" (abort(), a break out of stream(), or Ctrl-C).
     prompt_tokens: tokens of the whole rendered conversation this turn; prompt_evaluated: how many of them were
-    computed (the rest were already in the KV cache). dropped: messages dropped by truncate=True this turn.
+    computed (the rest were already in the KV cache; 0 when the reply was stopped inside the prompt's decode).
+    dropped: messages dropped by truncate=True this turn.
     speculative: the draft's counts (drafted, accepted, acceptance_rate) when the Chat speculates, else None.
     """
 
@@ -403,7 +404,10 @@ class Chat:
             if not consistent and not context.closed:
                 # Drop the last cached token, which also removes any KV cell that llama.cpp filled but
                 # context.tokens does not list; the next turn recomputes it.
-                context.truncate(max(0, len(context.tokens) - 1))
+                if len(context.tokens) > 1:
+                    context.truncate(len(context.tokens) - 1)
+                else:
+                    context.clear()
             if keep:
                 reply_text = "".join(pieces)
                 self._messages = turn.messages + [{"role": "assistant", "content": reply_text}]
