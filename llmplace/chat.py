@@ -312,9 +312,14 @@ class Chat:
         (a long prompt) stops at its next graph node, otherwise generation stops after the current token.
         The partial reply is kept (see the module docstring)."""
         self._abort_requested.set()
-        context = self._context
-        if context is not None and not context.closed and self._active:
-            context.abort()
+        if self._active:
+            for context in self._contexts():
+                context.abort()
+
+    def _contexts(self) -> list[Context]:
+        """The Chat's open contexts: the model's and, when speculating with a draft model, the draft's."""
+        contexts = [self._context, getattr(self, "_speculation", {}).get("draft")]
+        return [c for c in contexts if isinstance(c, Context) and not c.closed]
 
     def submit(self, text: str, **options) -> Reply:
         """Send a user message and return the whole reply. Keywords (max_tokens, stop, temperature, ...)
@@ -400,7 +405,8 @@ class Chat:
             self._abort_requested.clear()
             # An abort() that came after the last decode would otherwise stop the next one early (decode
             # clears the flag, decode_one does not).
-            context._abort_flag[0] = 0
+            for each in self._contexts():
+                each._abort_flag[0] = 0
             if not consistent and not context.closed:
                 # Drop the last cached token, which also removes any KV cell that llama.cpp filled but
                 # context.tokens does not list; the next turn recomputes it.

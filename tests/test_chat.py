@@ -517,3 +517,16 @@ def test_repl_with_a_draft_model_reports_its_acceptance(smollm2_path):
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "speculative:" in out.stderr and "accepted" in out.stderr
+
+
+def test_abort_with_a_draft_model_stops_the_reply(smollm2):
+    pytest.importorskip("llmplace.speculative")
+    with Chat(smollm2, SYSTEM, draft=smollm2, depth=3, max_tokens=200, **GREEDY) as chat:
+        text = ""
+        for piece in chat.stream("Write a long story about a cat."):
+            text += piece
+            if len(text) > 20:
+                chat.abort()
+        assert chat.last.finish_reason == "abort" and chat.last.generated_tokens < 200
+        assert chat.history[-1]["content"] == text
+        assert chat.submit("Hi", max_tokens=4).finish_reason in ("stop", "length")
