@@ -530,3 +530,9 @@ def test_abort_with_a_draft_model_stops_the_reply(smollm2):
         assert chat.last.finish_reason == "abort" and chat.last.generated_tokens < 200
         assert chat.history[-1]["content"] == text
         assert chat.submit("Hi", max_tokens=4).finish_reason in ("stop", "length")
+
+
+def test_chat_names_are_exported():
+    assert llmplace.Chat is Chat and llmplace.format_chat is format_chat
+    assert issubclass(llmplace.TemplateError, llmplace.InvalidParameterError)
+    assert {"Chat", "Reply", "TemplateError", "format_chat"} <= set(llmplace.__all__)
