@@ -6,7 +6,8 @@
 
 The public names are imported on first use, so `import llmplace` is cheap and the pure-Python parts
 (`llmplace.synthetic`, `llmplace.gguf_info`) work without loading the compiled library. No module is named
-like a public function (`llmplace.devices()` lives in backends.py, `llmplace.generate()` in generation.py):
+like a public function (`llmplace.devices()` lives in backends.py, `llmplace.generate()` in generation.py,
+`llmplace.fit()` in memory.py):
 importing a submodule binds its name on the package, which would hide the function.
 """
 
@@ -25,6 +26,7 @@ _EXPORTS = {
     "SamplingParams": "sampling", "Sampler": "sampling",
     "Placement": "placement", "Rule": "placement", "explain": "placement", "distribute": "placement",
     "cpu_moe": "placement", "n_cpu_moe": "placement",
+    "estimate": "memory", "fit": "memory", "FitResult": "memory", "Estimate": "memory",
     "devices": "backends", "Device": "backends", "device": "backends", "backend_modules": "backends",
     **{name: "errors" for name in (
         "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",

@@ -90,6 +90,8 @@ class Context(NativeObject):
         if model.dry_run:
             raise InvalidParameterError("this Model comes from a dry run (no weights in memory): it can be "
                                         "inspected, not run; load it with llmplace.load(path)")
+        if n_ctx is None and model.fit_result is not None:
+            n_ctx = model.fit_result.n_ctx  # the context size the memory fit chose
         if n_ctx is None:
             n_ctx = min(DEFAULT_N_CTX, model.n_ctx_train) if model.n_ctx_train > 0 else DEFAULT_N_CTX
         if n_ctx != 0:
@@ -104,7 +106,6 @@ class Context(NativeObject):
         for name, value in (("type_k", type_k), ("type_v", type_v)):
             if value not in KV_TYPES:
                 raise InvalidParameterError(f"{name} must be one of {sorted(KV_TYPES)}, not {value!r}")
-        if flash_attn is False and type_v not in ("f32", "f16", "bf16"):
         if model.split.mode == "tensor":
             # llama.cpp's tensor split computes attention only through flash attention, and DESIGN §6 records
             # that it does not take a quantized KV cache; both would fail late or abort, so refuse here.
@@ -114,6 +115,7 @@ class Context(NativeObject):
             if type_k not in ("f32", "f16", "bf16") or type_v not in ("f32", "f16", "bf16"):
                 raise InvalidParameterError(f"tensor split does not take a quantized KV cache (type_k={type_k!r}, "
                                             f"type_v={type_v!r}): use 'f16', or load with split_mode='layer'")
+        if flash_attn is False and type_v not in ("f32", "f16", "bf16"):
             raise InvalidParameterError(f"a quantized V cache (type_v={type_v!r}) needs flash attention: pass "
                                         "flash_attn=True or 'auto', or type_v='f16'")
 

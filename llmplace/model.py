@@ -12,7 +12,7 @@ from . import logs
 from ._ffi import C, c_string, ffi, read_c_string_into_buffer
 from ._handle import NativeObject
 from .backends import add_rpc_server, buffer_type, ensure_initialized
-from .errors import AbortedError, InvalidParameterError, ModelLoadError
+from .errors import AbortedError, InvalidParameterError, ModelLoadError, OutOfMemoryError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
 from .placement import Placement, configure, describe, is_host_buffer, read_back
@@ -80,6 +80,7 @@ class Model(NativeObject):
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
         self._own(handle, C.llama_model_free)
         self.dry_run = dry_run  # weights were placed but not allocated: metadata and placement only
+        self.fit_result = None  # set by load(fit=True): the FitResult this model was loaded with
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
         self.vocab = Vocab(self)
 
@@ -188,7 +189,8 @@ class Model(NativeObject):
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
          use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
          progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None, devices=None,
-         rpc_servers=None) -> Model:
+         rpc_servers=None, fit: bool = False, budget=None, margin="1GiB", n_ctx: int = 0,
+         n_ctx_min: int = 4096) -> Model:
     """Load a GGUF model.
 
     n_gpu_layers: layers offloaded to the GPU(s), -1 = all (nothing is offloaded without a GPU backend).
@@ -201,7 +203,39 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
     tensor_split: relative share of each device ([2, 1] → 2/3 and 1/3), indexed like llama.cpp's device
     list (RPC devices, then GPUs), or like `devices` when given. devices: names of the devices to use.
     rpc_servers: "host:port" of RPC servers whose devices to add (reachability is checked first).
+    fit: first find the n_gpu_layers / tensor_split / overrides / context size that fit each device's
+    `budget` ({"CUDA0": "12GiB", "host": "32GiB"}; default its free memory) less `margin`, keeping
+    `placement`'s rules (see llmplace.fit); n_ctx (0 = as large as fits, down to n_ctx_min) becomes the
+    default size of this model's contexts; `model.fit_result` says what was chosen. Raises
+    OutOfMemoryError, with the estimate, when nothing fits or the real load runs out of memory.
     """
+    if fit:
+        return _load_fitted(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
+                            devices=devices, rpc_servers=rpc_servers, progress=progress, use_mmap=use_mmap,
+                            use_mlock=use_mlock, check_tensors=check_tensors, split_mode=split_mode,
+                            main_gpu=main_gpu)
+    if budget is not None:
+        raise InvalidParameterError("budget= is used by the memory fit: pass fit=True as well")
     return Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
                  use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
                  placement=placement, tensor_split=tensor_split, devices=devices, rpc_servers=rpc_servers)
+
+
+def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, rpc_servers, progress, **kwargs
+                 ) -> Model:
+    from .memory import fit as fit_memory
+
+    for endpoint in rpc_servers or ():
+        add_rpc_server(endpoint)
+    check_header(Path(os.fspath(path)).expanduser())
+    result = fit_memory(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
+                        devices=devices)
+    if not result.success:
+        raise OutOfMemoryError(f"{Path(path).name} does not fit: {result.message}\n{result.estimate}")
+    try:
+        model = Model(path, devices=devices, progress=progress, **kwargs, **result.load_kwargs())
+    except ModelLoadError as exc:
+        raise OutOfMemoryError(f"loading {Path(path).name} with the fitted placement failed ({exc}); the fit "
+                               f"estimated:\n{result.estimate}\nlower the budget or raise the margin") from exc
+    model.fit_result = result
+    return model

@@ -48,6 +48,32 @@ LLMPLACE_API int llmplace_model_tensor_info(const struct llama_model * model, in
  * or -1 for an architecture name this llama.cpp does not know. Loading an unsupported one fails late. */
 LLMPLACE_API int llmplace_arch_supports_tensor_split(const char * arch);
 
+struct llama_context;
+struct llama_model_params;
+struct llama_context_params;
+struct llama_model_tensor_buft_override;
+
+/* The memory a context and its model use per buffer type, as llama.cpp accounts it (llama_get_memory_breakdown;
+ * for a no_alloc dry run, what a real load would allocate). Writes at most max entries: the buffer type's
+ * name (static), its model / context (KV cache) / compute bytes, and whether the buffer type is host memory.
+ * Returns the number of buffer types (may exceed max), or -1 on error. */
+LLMPLACE_API int32_t llmplace_memory_breakdown(const struct llama_context * ctx, int32_t max, const char ** buffer_type,
+                                               uint64_t * model, uint64_t * context, uint64_t * compute,
+                                               int32_t * is_host);
+
+/* llama.cpp's memory fit (common_fit_params in common/fit.cpp): adjusts n_gpu_layers, tensor_split, the
+ * overrides and n_ctx (only where still at their defaults; n_ctx only if 0) so the model fits the devices'
+ * free memory minus margins[i] bytes (one per device of the model's device list). draft_path may be NULL;
+ * otherwise the draft model is fitted alongside. Returns 0 (fits), 1 (cannot fit) or 2 (error, message in
+ * err). C++ exceptions never escape. */
+LLMPLACE_API int32_t llmplace_fit_params(const char * path, struct llama_model_params * mparams,
+                                         struct llama_context_params * cparams, float * tensor_split,
+                                         struct llama_model_tensor_buft_override * overrides, size_t * margins,
+                                         uint32_t n_ctx_min, const char * draft_path,
+                                         struct llama_model_params * draft_mparams,
+                                         struct llama_context_params * draft_cparams, int32_t log_level,
+                                         char * err, size_t err_size);
+
 /* An abort callback for llama_context_params / llama_set_abort_callback: returns true once the int that
  * user_data points to is non-zero. ggml calls the abort callback at every graph node, so it lives in C:
  * a Python callback there would cost a GIL round trip per node. */

@@ -3,7 +3,10 @@
 #include "llmplace_shim.h"
 
 #include "llama-arch.h"   // llama.cpp internal: llm_arch_from_string, llm_arch_supports_sm_tensor
+#include "llama-ext.h"    // llama.cpp internal: llama_get_memory_breakdown
 #include "llama-model.h"  // llama.cpp internal: llama_model::tensors_by_name
+
+#include "fit.h"          // llama.cpp common: common_fit_params
 
 #include "ggml-backend.h"
 
@@ -82,4 +85,54 @@ extern "C" int llmplace_model_tensor_info(const struct llama_model * model, int3
     *buffer_type = tensor->buffer != nullptr ? ggml_backend_buft_name(ggml_backend_buffer_get_type(tensor->buffer)) : "";
     *n_bytes = ggml_nbytes(tensor);
     return 1;
+}
+
+extern "C" int32_t llmplace_memory_breakdown(const struct llama_context * ctx, int32_t max, const char ** buffer_type,
+                                             uint64_t * model, uint64_t * context, uint64_t * compute,
+                                             int32_t * is_host) {
+    if (ctx == nullptr) {
+        return -1;
+    }
+    try {
+        const llama_memory_breakdown breakdown = llama_get_memory_breakdown(ctx);
+        int32_t i = 0;
+        for (const auto & [buft, data] : breakdown) {
+            if (i < max) {
+                buffer_type[i] = ggml_backend_buft_name(buft);
+                model[i] = data.model;
+                context[i] = data.context;
+                compute[i] = data.compute;
+                is_host[i] = ggml_backend_buft_is_host(buft) ? 1 : 0;
+            }
+            i++;
+        }
+        return i;
+    } catch (...) {
+        return -1;
+    }
+}
+
+extern "C" int32_t llmplace_fit_params(const char * path, struct llama_model_params * mparams,
+                                       struct llama_context_params * cparams, float * tensor_split,
+                                       struct llama_model_tensor_buft_override * overrides, size_t * margins,
+                                       uint32_t n_ctx_min, const char * draft_path,
+                                       struct llama_model_params * draft_mparams,
+                                       struct llama_context_params * draft_cparams, int32_t log_level,
+                                       char * err, size_t err_size) {
+    try {
+        common_fit_extra_model draft = {draft_path, draft_mparams, draft_cparams, false};
+        const common_params_fit_status status = common_fit_params(
+            path, mparams, cparams, tensor_split, overrides, margins, n_ctx_min,
+            draft_path != nullptr ? &draft : nullptr, (ggml_log_level) log_level);
+        if (status == COMMON_PARAMS_FIT_STATUS_ERROR) {
+            copy_message("llama.cpp's fit failed (its log says why)", err, err_size);
+        }
+        return (int32_t) status;
+    } catch (const std::exception & e) {
+        copy_message(e.what(), err, err_size);
+        return 2;
+    } catch (...) {
+        copy_message("unknown C++ exception in common_fit_params", err, err_size);
+        return 2;
+    }
 }

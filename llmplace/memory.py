@@ -1,0 +1,406 @@
+"""Memory: what a model and its context need on each device before loading (`estimate`), and a placement that
+fits a memory budget (`fit`).
+
+Both stand on llama.cpp's own accounting: an estimate is a no_alloc dry-run load plus a context created on it,
+whose per-buffer-type breakdown (weights, KV cache, compute buffers) is read through the shim, so it is what a
+real load allocates. `fit` runs llama.cpp's fit (common_fit_params, through the shim) with these differences:
+
+- a budget per device below its real free memory (plan for a 12 GiB card on an 80 GB one; simulate on CI);
+- the caller's placement rules are kept: they come first (first match wins) and the fit places the rest;
+- every plan is checked by an estimate of exactly what will be loaded, and refitted with a larger margin
+  when llama.cpp's fit overshoots a budget (it can: DESIGN §8), so success means "measured to fit";
+- nothing the caller passed is modified, whether the fit succeeds or not.
+
+(DESIGN §1 names this module fit.py; it is memory.py so that `llmplace.fit` stays the function.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import logs
+from ._ffi import C, c_string, ffi
+from .context import _FLASH_ATTN, KV_TYPES
+from .errors import DeviceNotFoundError, InvalidParameterError, OutOfMemoryError
+from .gguf_info import read as read_gguf
+from .placement import Placement, Rule, is_host_buffer, model_devices
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+HOST = "host"
+
+
+def parse_size(value: int | float | str, what: str = "size") -> int:
+    """Bytes from an int or a string such as "12GiB", "512 MiB", "1.5GB" (KiB/MiB/GiB/TiB are powers of 1024,
+    KB/MB/GB/TB of 1000)."""
+    if isinstance(value, bool):
+        raise InvalidParameterError(f"{what} must be a number of bytes or a string like '12GiB', not {value!r}")
+    if isinstance(value, (int, float)):
+        if not value >= 0 or value == float("inf"):
+            raise InvalidParameterError(f"{what} must be >= 0 bytes, got {value!r}")
+        return int(value)
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise InvalidParameterError(f"cannot read {what} {value!r}: write a number and a unit, e.g. '12GiB', "
+                                    "'512MiB' or '1.5GB' (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+# ---- estimate ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryUse:
+    """What one memory (a device, or the host's RAM) holds for a model and its context."""
+
+    memory: str          # "host", or the device's name ("CUDA0", "RPC0[127.0.0.1:50052]")
+    weights: int         # bytes of model weights (host: includes mmap'd weights, which the page cache holds)
+    kv: int              # bytes of KV cache (and other context state)
+    compute: int         # bytes of compute buffers
+    free: int | None = None    # the device's free memory when measured (None for the host)
+    budget: int | None = None  # the budget it was fitted to, if any
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per memory for a model + context, from llama.cpp's own dry run."""
+
+    memories: dict[str, MemoryUse]
+    n_ctx: int
+
+    def __getitem__(self, memory: str) -> MemoryUse:
+        return self.memories[memory]
+
+    def devices(self) -> list[MemoryUse]:
+        return [m for name, m in self.memories.items() if name != HOST]
+
+    def __str__(self) -> str:
+        lines = [f"{'memory':<26} {'weights':>11} {'KV cache':>11} {'compute':>11} {'total':>11} {'free':>11}"]
+        for m in self.memories.values():
+            free = "" if m.free is None else _human(m.free)
+            lines.append(f"{m.memory:<26} {_human(m.weights):>11} {_human(m.kv):>11} {_human(m.compute):>11} "
+                         f"{_human(m.total):>11} {free:>11}")
+        return "\n".join(lines)
+
+
+def context_params(n_ctx: int, *, n_seq: int = 1, n_batch: int = 2048, n_ubatch: int = 512, type_k: str = "f16",
+                   type_v: str = "f16", flash_attn="auto"):
+    """llama_context_params as `Context` would make them (the fields that change memory use)."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+        raise InvalidParameterError(f"n_ctx must be an int >= 0 (0 = as large as fits / the trained length), not {n_ctx!r}")
+    for name, value in (("type_k", type_k), ("type_v", type_v)):
+        if value not in KV_TYPES:
+            raise InvalidParameterError(f"{name} must be one of {sorted(KV_TYPES)}, not {value!r}")
+    if flash_attn not in _FLASH_ATTN:
+        raise InvalidParameterError(f"flash_attn must be 'auto', True or False, not {flash_attn!r}")
+    if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= 256:
+        raise InvalidParameterError(f"n_seq must be an int between 1 and 256, not {n_seq!r}")
+    params = C.llama_context_default_params()
+    params.n_ctx, params.n_seq_max = n_ctx, n_seq
+    params.n_batch, params.n_ubatch = n_batch, min(n_ubatch, n_batch)
+    params.type_k, params.type_v = KV_TYPES[type_k], KV_TYPES[type_v]
+    params.flash_attn_type = _FLASH_ATTN[flash_attn]
+    return params
+
+
+def _device_names() -> dict[str, tuple[str, int, int]]:
+    """Default buffer type name → (device name, free bytes, total bytes), for every non-CPU device."""
+    result = {}
+    for i in range(C.ggml_backend_dev_count()):
+        dev = C.ggml_backend_dev_get(i)
+        if C.ggml_backend_dev_type(dev) == C.GGML_BACKEND_DEVICE_TYPE_CPU:
+            continue
+        free, total = ffi.new("size_t *"), ffi.new("size_t *")
+        C.ggml_backend_dev_memory(dev, free, total)
+        buft = C.ggml_backend_dev_buffer_type(dev)
+        name = c_string(C.ggml_backend_dev_name(dev))
+        result[c_string(C.ggml_backend_buft_name(buft)) if buft != ffi.NULL else name] = (name, int(free[0]),
+                                                                                         int(total[0]))
+    return result
+
+
+def measure(model, cparams) -> dict[str, MemoryUse]:
+    """Create a context for `model` (a dry-run or loaded Model) and read llama.cpp's memory breakdown of both.
+    On a dry-run model nothing is allocated, and the numbers are what a real load would allocate."""
+    with logs.capture() as messages:
+        ctx = C.llama_init_from_model(model._ptr, cparams)
+    if ctx == ffi.NULL:
+        reason = "; ".join(m for m in messages if m) or "no reason given"
+        raise OutOfMemoryError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for "
+                               f"{model.path.name}: {reason}")
+    try:
+        return breakdown(ctx)
+    finally:
+        C.llama_free(ctx)
+
+
+def breakdown(ctx) -> dict[str, MemoryUse]:
+    """Bytes per memory of a llama_context (and its model), host buffers of every kind counted as host
+    (llama.cpp's own fit drops some of them, e.g. CPU_REPACK)."""
+    n = C.llmplace_memory_breakdown(ctx, 0, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL)
+    if n < 0:
+        raise OutOfMemoryError("llama.cpp's memory breakdown failed")
+    names, model_b = ffi.new("char *[]", max(n, 1)), ffi.new("uint64_t[]", max(n, 1))
+    context_b, compute_b, host = ffi.new("uint64_t[]", max(n, 1)), ffi.new("uint64_t[]", max(n, 1)), \
+        ffi.new("int32_t[]", max(n, 1))
+    n = min(n, C.llmplace_memory_breakdown(ctx, n, names, model_b, context_b, compute_b, host))
+    devices = _device_names()
+    sums: dict[str, list[int]] = {}
+    for i in range(n):
+        buft = ffi.string(names[i]).decode()
+        memory = HOST if host[i] or is_host_buffer(buft) else devices.get(buft, (buft,))[0]
+        acc = sums.setdefault(memory, [0, 0, 0])
+        acc[0] += int(model_b[i])
+        acc[1] += int(context_b[i])
+        acc[2] += int(compute_b[i])
+    free_of = {name: free for name, free, _ in devices.values()}
+    result = {HOST: MemoryUse(HOST, *sums.pop(HOST, [0, 0, 0]))}
+    for memory, (w, k, c) in sums.items():
+        result[memory] = MemoryUse(memory, w, k, c, free=free_of.get(memory))
+    return result
+
+
+def _model_path(model) -> Path:
+    path = getattr(model, "path", model)
+    return Path(os.fspath(path)).expanduser()
+
+
+def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
+             flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, draft=None, draft_placement=None,
+             n_gpu_layers: int = -1, **split) -> Estimate:
+    """Bytes of weights, KV cache and compute buffers per device (and host) for `model` (a path or a Model)
+    under `placement` with a context of n_ctx tokens, from a dry run: nothing is read or allocated.
+    draft: a draft model (path or Model) whose needs are added, with a context of the same size.
+    split takes load()'s split keywords (split_mode, tensor_split, main_gpu, devices)."""
+    from .model import Model
+
+    cparams = context_params(n_ctx, n_seq=n_seq, n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
+                             flash_attn=flash_attn)
+    with Model(_model_path(model), n_gpu_layers=n_gpu_layers, placement=placement, dry_run=True, progress=False,
+               **split) as dry:
+        memories = measure(dry, cparams)
+        chosen_ctx = C.llama_n_ctx_train(dry._ptr) if n_ctx == 0 else n_ctx
+    if draft is not None:
+        cparams.n_ctx = chosen_ctx
+        with Model(_model_path(draft), n_gpu_layers=n_gpu_layers, placement=draft_placement, dry_run=True,
+                   progress=False) as dry:
+            for name, use in measure(dry, cparams).items():
+                mine = memories.get(name, MemoryUse(name, 0, 0, 0, free=use.free))
+                memories[name] = MemoryUse(name, mine.weights + use.weights, mine.kv + use.kv,
+                                           mine.compute + use.compute, free=mine.free)
+    return Estimate(memories, chosen_ctx)
+
+
+# ---- fit -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FitResult:
+    """A placement that fits (or the closest llama.cpp found, with success False and the reason)."""
+
+    success: bool
+    n_ctx: int
+    n_gpu_layers: int
+    tensor_split: list[float] | None     # per offload device, llama.cpp's order; None = llama.cpp's default
+    placement: Placement                 # the caller's rules first, then the fit's overrides
+    estimate: Estimate                   # measured for exactly this plan
+    message: str                         # what was given up, or why it does not fit
+    budgets: dict[str, int] = field(default_factory=dict)   # usable bytes per device (budget or free, minus margin)
+
+    def load_kwargs(self) -> dict:
+        """Keywords for llmplace.load (n_gpu_layers, placement, tensor_split)."""
+        kwargs = dict(n_gpu_layers=self.n_gpu_layers, placement=self.placement)
+        if self.tensor_split is not None:
+            kwargs["tensor_split"] = self.tensor_split
+        return kwargs
+
+    def to_ot(self) -> str:
+        """The overrides as llama.cpp's -ot string (pattern rules only)."""
+        return ",".join(f"{r.pattern}={r.to}" for r in self.placement.rules if r.pattern is not None)
+
+    def to_python(self) -> str:
+        rules = ",\n    ".join(f"Rule({r.to!r}, pattern={r.pattern!r})" for r in self.placement.rules)
+        split = f", tensor_split={self.tensor_split!r}" if self.tensor_split is not None else ""
+        return (f"placement = Placement([\n    {rules}\n])\n" if rules else "placement = Placement([])\n") + \
+            f"model = llmplace.load(path, n_gpu_layers={self.n_gpu_layers}, placement=placement{split})\n" + \
+            f"context = llmplace.Context(model, n_ctx={self.n_ctx})"
+
+    def __str__(self) -> str:
+        head = "fits" if self.success else "does NOT fit"
+        return f"{head}: {self.message}\n{self.estimate}"
+
+
+def _resolve_budget(budget: Mapping[str, int | str] | None, devs: list) -> dict[int | str, int]:
+    """{index into the offload devices (or "host"): bytes}. Keys: device names ("CUDA0", case-insensitive),
+    "gpu", "gpuN" / "gpu:N" (the N-th offload device), "host" / "cpu" (RAM)."""
+    names = [c_string(C.ggml_backend_dev_name(d)) for d in devs]
+    result: dict[int | str, int] = {}
+    if budget is not None and not isinstance(budget, Mapping):
+        raise InvalidParameterError(f"budget must be a mapping such as {{'CUDA0': '12GiB'}}, not {budget!r}")
+    for key, value in (budget or {}).items():
+        k = str(key).strip().lower()
+        if k in (HOST, "cpu"):
+            result[HOST] = parse_size(value, f"budget[{key!r}]")
+            continue
+        index = next((i for i, n in enumerate(names) if n.lower() == k), None)
+        if index is None:
+            m = re.fullmatch(r"gpu:?(\d*)", k)
+            if m and int(m.group(1) or 0) < len(names):
+                index = int(m.group(1) or 0)
+        if index is None:
+            raise DeviceNotFoundError(f"budget names {key!r}, which is not an offload device here; devices: "
+                                      f"{', '.join(names) or 'none (no GPU backend)'} (or 'gpu0', 'gpu1' ...)")
+        result[index] = parse_size(value, f"budget[{key!r}]")
+    return result
+
+
+def _describe_changes(path: Path, fitted: Placement, n_gpu_layers: int, n_layer: int, n_ctx: int,
+                      n_ctx_asked: int) -> str:
+    parts = []
+    if n_ctx_asked and n_ctx < n_ctx_asked:
+        parts.append(f"context shrunk from {n_ctx_asked} to {n_ctx} tokens")
+    elif not n_ctx_asked:
+        parts.append(f"context of {n_ctx} tokens")
+    if 0 <= n_gpu_layers < n_layer + 1:
+        parts.append(f"{n_gpu_layers} of {n_layer + 1} layers offloaded")
+    if fitted.rules:
+        moved = fitted.resolve(read_gguf(path).tensors).assignments
+        layers = sorted({a.tensor.layer for a in moved if a.tensor.layer is not None})
+        to = sorted({a.target for a in moved})
+        n_bytes = sum(a.tensor.n_bytes for a in moved)
+        span = f"layers {layers[0]}-{layers[-1]}" if layers else "no layer"
+        parts.append(f"{len(moved)} tensors ({_human(n_bytes)}) of {span} overridden to {', '.join(to)}")
+    return "; ".join(parts) or "everything on the devices as asked"
+
+
+def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | str = "1GiB", n_ctx: int = 0,
+        n_ctx_min: int = 4096, draft=None, placement=None, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
+        flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, devices: Sequence[str] | None = None,
+        attempts: int = 3) -> FitResult:
+    """Find n_gpu_layers, tensor_split, overrides and (if n_ctx=0) the context size that fit each device.
+
+    budget: {"CUDA0": "12GiB", ...} caps a device below its free memory (default: its free memory).
+    margin: left unused on each device. n_ctx: 0 = as large as fits, down to n_ctx_min; N = exactly N.
+    n_batch / n_ubatch / n_seq / type_k / type_v / flash_attn: the context's settings (they size the KV cache
+    and compute buffers; use the same when creating the Context).
+    placement: your rules, kept as they are; the fit places what they leave. draft: a draft model to co-fit.
+    Never raises for "does not fit": the result says success=False and why.
+    """
+    from .model import Model  # noqa: F401  (imported for the side effect of initializing backends)
+    from .backends import ensure_initialized
+
+    ensure_initialized()
+    path = _model_path(model)
+    info = read_gguf(path)
+    n_ctx_train = int(info.metadata.get(f"{info.arch}.context_length", 0) or 0)
+    n_layer = int(info.metadata.get(f"{info.arch}.block_count", 0) or 0)
+    if isinstance(n_ctx_min, bool) or not isinstance(n_ctx_min, int) or n_ctx_min < 1:
+        raise InvalidParameterError(f"n_ctx_min must be an int >= 1, not {n_ctx_min!r}")
+    if n_ctx == 0 and n_ctx_train and n_ctx_min > n_ctx_train:
+        raise InvalidParameterError(f"n_ctx_min={n_ctx_min} is larger than the {n_ctx_train} tokens "
+                                    f"{path.name} was trained for; lower it")
+    user = Placement.parse(placement)
+    margin_bytes = parse_size(margin, "margin")
+    devs = model_devices(devices)
+    budgets = _resolve_budget(budget, devs)
+    names = [c_string(C.ggml_backend_dev_name(d)) for d in devs]
+    free = []
+    for dev in devs:
+        f, t = ffi.new("size_t *"), ffi.new("size_t *")
+        C.ggml_backend_dev_memory(dev, f, t)
+        free.append(int(f[0]))
+    usable = {names[i]: max(0, min(free[i], budgets.get(i, free[i])) - margin_bytes) for i in range(len(devs))}
+    if HOST in budgets:  # llama.cpp's fit takes host memory as unlimited: only checked on the measured plan
+        usable[HOST] = budgets[HOST]
+    split_kwargs = {} if devices is None else {"devices": list(devices)}
+
+    extra_margin = [0] * len(devs)
+    result = None
+    for _ in range(max(1, attempts)):
+        mparams = C.llama_model_default_params()
+        keep = []
+        if devices is not None:
+            array = ffi.new("ggml_backend_dev_t[]", len(devs) + 1)
+            for i, d in enumerate(devs):
+                array[i] = d
+            mparams.devices = array
+            keep.append(array)
+        cparams = context_params(n_ctx, n_seq=n_seq, n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k,
+                                 type_v=type_v, flash_attn=flash_attn)
+        tensor_split = ffi.new("float[]", C.llama_max_devices())
+        overrides = ffi.new("struct llama_model_tensor_buft_override[]", C.llama_max_tensor_buft_overrides())
+        margins = ffi.new("size_t[]", max(1, len(devs)))
+        for i in range(len(devs)):
+            margins[i] = free[i] - usable[names[i]] + extra_margin[i]
+        draft_args = (ffi.NULL, ffi.NULL, ffi.NULL)
+        if draft is not None:
+            draft_args = (str(_model_path(draft)).encode(), ffi.new("struct llama_model_params *",
+                                                                    C.llama_model_default_params()),
+                          ffi.new("struct llama_context_params *", cparams))
+        m_ptr = ffi.new("struct llama_model_params *", mparams)
+        c_ptr = ffi.new("struct llama_context_params *", cparams)
+        err = ffi.new("char[]", 512)
+        with logs.capture():
+            status = C.llmplace_fit_params(str(path).encode(), m_ptr, c_ptr, tensor_split, overrides, margins,
+                                           n_ctx_min, *draft_args, C.GGML_LOG_LEVEL_ERROR, err, len(err))
+        if status == 2:
+            raise InvalidParameterError(f"llama.cpp's fit refused {path.name}: {ffi.string(err).decode()}")
+        fitted_rules = []
+        for i in range(C.llama_max_tensor_buft_overrides()):
+            if overrides[i].pattern == ffi.NULL:
+                break
+            fitted_rules.append(Rule(c_string(C.ggml_backend_buft_name(overrides[i].buft)),
+                                     pattern=ffi.string(overrides[i].pattern).decode()))
+        fitted = Placement(fitted_rules)
+        combined = user + fitted
+        ngl = int(m_ptr.n_gpu_layers)
+        chosen_ctx = int(c_ptr.n_ctx) or (n_ctx or n_ctx_train)
+        split = [float(tensor_split[i]) for i in range(len(devs))] if len(devs) > 1 else None
+        if split is not None and sum(split) <= 0:
+            split = None
+        kw = dict(split_kwargs)
+        if split is not None:
+            kw["tensor_split"] = split
+        measured = estimate(path, combined, n_ctx=chosen_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,
+                            flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, draft=draft,
+                            n_gpu_layers=ngl, **kw)
+        over = {name: measured[name].total - usable[name] for name in usable
+                if name in measured.memories and measured[name].total > usable[name]}
+        memories = {k: (MemoryUse(v.memory, v.weights, v.kv, v.compute, v.free, usable.get(k)))
+                    for k, v in measured.memories.items()}
+        measured = Estimate(memories, measured.n_ctx)
+        changes = _describe_changes(path, fitted, ngl, n_layer, chosen_ctx, n_ctx)
+        if status == 0 and not over:
+            return FitResult(True, chosen_ctx, ngl, split, combined, measured, changes, usable)
+        if status == 0 and set(over) == {HOST}:
+            reason = (f"host memory would hold {_human(measured[HOST].total)}, over its budget of "
+                      f"{_human(usable[HOST])}, with the devices full: this model and context need more memory "
+                      "than the budget gives (lower n_ctx, use a smaller quantization or raise the budget)")
+            return FitResult(False, chosen_ctx, ngl, split, combined, measured, f"{reason} ({changes})", usable)
+        if status == 0:
+            reason = "; ".join(f"{name} would hold {_human(usable[name] + b)}, {_human(b)} over its "
+                               f"{_human(usable[name])}" for name, b in over.items())
+        else:
+            reason = "llama.cpp's fit found no placement within the budget even with everything it may move " \
+                     "moved to host memory" + (f" and the context at {n_ctx_min} tokens" if n_ctx == 0 else "")
+        result = FitResult(False, n_ctx if status != 0 else chosen_ctx, ngl, split, combined, measured,
+                           f"{reason} ({changes})", usable)
+        if status != 0:
+            break
+        for i, name in enumerate(names):  # llama.cpp's plan overshot: refit with the overshoot as extra margin
+            extra_margin[i] += over.get(name, 0) + (16 << 20 if name in over else 0)
+        del keep
+    return result
