@@ -1,4 +1,4 @@
-"""The `llmplace` command: devices, inspect, explain, rpc-server, chat."""
+"""The `llmplace` command: devices, inspect, explain, fit, rpc-server, chat."""
 
 from __future__ import annotations
 
@@ -273,6 +273,79 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
     return 1  # pragma: no cover - execv does not return
 
 
+def _memory_bars(result, width: int = 48) -> list[str]:
+    """One stacked bar per memory: W weights, K KV cache, C compute, . what is left of its budget."""
+    lines = []
+    for m in result.estimate.memories.values():
+        cap = result.budgets.get(m.memory) or m.free or m.total or 1
+        scale = width / max(cap, m.total, 1)
+        bar = "".join(ch * round(n * scale) for ch, n in (("W", m.weights), ("K", m.kv), ("C", m.compute)))
+        bar = (bar + "." * max(0, width - len(bar)))[:width] if cap >= m.total else bar[:width] + "!"
+        limit = f" of {human_bytes(cap)}" if m.memory in result.budgets else ""
+        lines.append(f"{m.memory:<24} [{bar}] {human_bytes(m.total)}{limit}")
+    lines.append(f"{'':<24}  W weights  K KV cache  C compute  . free within the budget  ! over")
+    return lines
+
+
+def _save_png(result, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
+    memories = list(result.estimate.memories.values())
+    fig, ax = plt.subplots(figsize=(8, 1 + 0.6 * len(memories)))
+    gib = 1 << 30
+    left = [0.0] * len(memories)
+    for label, key, color in (("weights", "weights", "#4c72b0"), ("KV cache", "kv", "#dd8452"),
+                              ("compute", "compute", "#55a868")):
+        values = [getattr(m, key) / gib for m in memories]
+        ax.barh([m.memory for m in memories], values, left=left, label=label, color=color)
+        left = [a + b for a, b in zip(left, values)]
+    for i, m in enumerate(memories):
+        cap = result.budgets.get(m.memory)
+        if cap:
+            ax.plot([cap / gib] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
+    ax.set_xlabel("GiB (black line: budget)")
+    ax.legend(loc="lower right")
+    ax.set_title(("fits: " if result.success else "does not fit: ") + result.message[:90], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .backends import add_rpc_server
+    from .memory import fit
+
+    for endpoint in args.rpc:
+        add_rpc_server(endpoint)
+    budget = {}
+    for item in args.budget:
+        device, sep, size = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--budget {item!r}: write DEVICE=SIZE, e.g. --budget CUDA0=12GiB")
+        budget[device] = size
+    result = fit(args.model, budget=budget or None, margin=args.margin, n_ctx=args.ctx, n_ctx_min=args.ctx_min,
+                 draft=args.draft, placement=",".join(args.rule) or None)
+    if args.png:
+        _save_png(result, args.png)
+    if args.json:
+        print(json.dumps({"success": result.success, "message": result.message, "n_ctx": result.n_ctx,
+                          "n_gpu_layers": result.n_gpu_layers, "tensor_split": result.tensor_split,
+                          "ot": result.to_ot(), "budgets": result.budgets,
+                          "memories": {k: {**v.__dict__, "total": v.total} for k, v in result.estimate.memories.items()}},
+                         indent=2))
+        return 0 if result.success else 3
+    print(("fits: " if result.success else "does NOT fit: ") + result.message)
+    print("\n".join(_memory_bars(result)))
+    print(f"\nn_ctx={result.n_ctx}  n_gpu_layers={result.n_gpu_layers}  tensor_split={result.tensor_split}")
+    if result.placement.rules:
+        print(f"-ot {result.to_ot()!r}")
+    print("\n" + result.to_python())
+    return 0 if result.success else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmplace", description="Run GGUF language models on the hardware you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="list the devices llama.cpp can use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("fit", help="find a placement and context size that fit each device's memory budget")
+    p.add_argument("model")
+    p.add_argument("--budget", action="append", default=[], metavar="DEVICE=SIZE",
+                   help="cap a device (or 'host'), e.g. CUDA0=12GiB (repeatable; default: its free memory)")
+    p.add_argument("--margin", default="1GiB", help="left unused on each device (default 1GiB)")
+    p.add_argument("--ctx", type=int, default=0, help="context size; 0 (default) = as large as fits")
+    p.add_argument("--ctx-min", type=int, default=4096, help="smallest context the fit may shrink to")
+    p.add_argument("--draft", help="a draft model to fit alongside")
+    p.add_argument("--rule", action="append", default=[], help="your own PATTERN=DEVICE rules, kept as given")
+    p.add_argument("--rpc", action="append", default=[], help="add an RPC server's devices (host:port)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--png", help="also draw the per-device bars into this PNG file (needs matplotlib)")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("inspect", help="show a GGUF file's metadata and tensor table (no weights loaded)")
     p.add_argument("model")

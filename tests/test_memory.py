@@ -121,3 +121,16 @@ def test_fit_result_prints_as_code_and_as_ot_string(rpc_devices, smollm2_path):
     code = result.to_python()
     assert "Placement([" in code and f"n_gpu_layers={result.n_gpu_layers}" in code
     assert "weights" in str(result) and "KV cache" in str(result)
+
+
+def test_fit_command_draws_bars_and_prints_the_plan(smollm2_path, capsys):
+    import json
+
+    from llmplace.cli import main
+
+    assert main(["fit", str(smollm2_path), "--budget", "host=2GiB", "--ctx", "1024", "--margin", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fits:") and "[WWW" in out and "llmplace.load(path, n_gpu_layers=" in out
+    assert main(["fit", str(smollm2_path), "--budget", "host=50MiB", "--ctx", "1024", "--json"]) == 3
+    data = json.loads(capsys.readouterr().out)
+    assert data["success"] is False and data["memories"]["host"]["total"] > 50 * MiB
