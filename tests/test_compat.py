@@ -435,3 +435,38 @@ def test_override_tensor_places_weights(path):
         rows = {row.name: row for row in llm.llmplace_model.placement_report()}
         assert rows["token_embd.weight"].buffer_type.startswith("CPU")
         assert llm("The capital of France is", max_tokens=3, temperature=0)["choices"][0]["text"] == " Paris.\n"
+
+
+# ---- speculative decoding through draft_model ----
+@pytest.mark.parametrize("draft", ["lookup", "model"])
+def test_draft_model_keeps_greedy_output(path, me, draft):
+    from llmplace.compat.llama_speculative import LlamaDraftModelFile, LlamaPromptLookupDecoding
+
+    draft_model = LlamaPromptLookupDecoding(num_pred_tokens=4) if draft == "lookup" else LlamaDraftModelFile(path, 3)
+    with llmplace.Llama(path, draft_model=draft_model, **COMMON) as spec:
+        for prompt in ("1, 2, 3, 4, 5, 1, 2, 3,", "The capital of France is"):
+            assert values(spec(prompt, max_tokens=24, temperature=0)) == values(me(prompt, max_tokens=24, temperature=0))
+
+
+def test_llama_cpp_pythons_prompt_lookup_class_is_recognised(path):
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with llmplace.Llama(path, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3), **COMMON) as spec:
+            assert spec("1, 2, 3, 1, 2,", max_tokens=6, temperature=0)["usage"]["completion_tokens"] == 6
+
+
+def test_generate_yields_the_greedy_tokens_of_llama_cpp_python(up, me):
+    tokens = up.tokenize(b"The capital of France is")
+
+    def take(llm, n):
+        out = []
+        for token in llm.generate(tokens, temp=0):
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+
+    assert take(me, 6) == take(up, 6)
+    assert me.n_tokens == len(tokens) + 5 and list(me.input_ids) == tokens + take(me, 6)[:5]

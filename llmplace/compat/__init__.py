@@ -12,8 +12,11 @@ logits_all=False").
 What differs (each is warned about or raises a typed error when used):
 - Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): `grammar=`, mirostat,
   `response_format={"type": "json_object"}`, a forced tool/function call, `set_cache`, image content parts.
-- Accepted but not applied, with a `CompatibilityWarning`: kv_overrides, lora_path/lora_base, numa,
-  draft_model, and unknown keywords (llama-cpp-python ignores those silently).
+- Accepted but not applied, with a `CompatibilityWarning`: kv_overrides, lora_path/lora_base, numa, a
+  draft_model that is a Python LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those
+  silently). `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
+  speculative decoding, which refuses repetition penalties and typical_p; calls with logits processors,
+  stopping criteria or logprobs decode without speculation.
 - Arguments are checked when `create_completion(stream=True)` is called, not at the first chunk.
 - Repetition penalties also count the prompt's tokens (as llama.cpp's own server and CLI do);
   llama-cpp-python counts only generated tokens. Outputs with repeat/frequency/presence penalties differ.
@@ -30,11 +33,12 @@ What differs (each is warned about or raises a typed error when used):
 
 from __future__ import annotations
 
-from . import llama_types
+from . import llama_speculative, llama_types
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama import Llama, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError, StoppingCriteriaList
 from .llama_cpp import *  # noqa: F401,F403 - the low-level names (LLAMA_SPLIT_MODE_*, llama_supports_gpu_offload ...)
 from .llama_cpp import __all__ as _low_level_names
 
 __all__ = ["Llama", "LogitsProcessorList", "StoppingCriteriaList", "MinTokensLogitsProcessor", "llama_types",
+           "llama_speculative",
            "UnsupportedFeatureError", "CompatibilityWarning", "ModelPathError", *_low_level_names]

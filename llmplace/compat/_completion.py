@@ -176,6 +176,35 @@ class _HookedRun:
             yield _Step(token, text, None)
 
 
+def generate_tokens(llama: "Llama", tokens, params: SamplingParams, reset: bool, processors, criteria):
+    """Llama.generate: yield sampled token ids without end (the caller stops); a value sent into the generator
+    (a list of token ids) is decoded after the token, as in llama-cpp-python."""
+    ctx = llama._context()
+    tokens = [int(t) for t in tokens]
+    if reset:
+        cached, limit = 0, min(len(ctx.tokens), len(tokens) - 1)
+        while cached < limit and ctx.tokens[cached] == tokens[cached]:
+            cached += 1
+        ctx.truncate(cached)
+        tokens = tokens[cached:]
+    if tokens:
+        ctx.decode(tokens)
+    sampler = Sampler(llama.n_vocab(), params)
+    try:
+        while True:
+            logits = ctx.logits(copy=False)
+            raw = logits.copy() if criteria is not None else logits
+            if processors:
+                logits[:] = processors(np.asarray(ctx.tokens, dtype=np.intc), logits)
+            token = sampler.sample(ctx)
+            if criteria is not None and criteria(np.asarray(ctx.tokens, dtype=np.intc), raw):
+                return
+            more = yield token
+            ctx.decode([token, *map(int, more)] if more else [token])
+    finally:
+        sampler.close()
+
+
 # ---- logprobs ----
 def _logprobs(llama: "Llama", entries: list[tuple[int, np.ndarray | None]], base_offset: int, n_top: int,
               first_null: bool = False) -> dict:
@@ -245,7 +274,9 @@ def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, mi
         steps = iter(run)
     else:
         run = None
-        steps = stream_generate(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx)
+        speculation = llama._speculation or {}
+        steps = stream_generate(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
+                                **speculation)
     info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()),
             "model": model if model is not None else llama.model_path}
     if stream:

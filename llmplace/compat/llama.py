@@ -23,6 +23,7 @@ from ..placement import n_cpu_moe as _n_cpu_moe_rules
 from . import _chat, _completion
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama_cpp import LLAMA_DEFAULT_SEED
+from .llama_speculative import speculation_options
 from .llama_types import (ChatCompletionRequestMessage, CreateChatCompletionResponse,
                           CreateChatCompletionStreamResponse, CreateCompletionResponse,
                           CreateCompletionStreamResponse, CreateEmbeddingResponse)
@@ -145,8 +146,9 @@ class Llama:
             ignored["lora_path/lora_base"] = lora_path or lora_base
         if numa:
             ignored["numa"] = numa
-        if draft_model is not None:
-            ignored["draft_model"] = draft_model
+        self._speculation = speculation_options(draft_model)
+        if draft_model is not None and self._speculation is None:
+            ignored["draft_model (a Python LlamaDraftModel)"] = draft_model
         if ignored:
             # llama-cpp-python accepts unknown keywords silently; a typo or an option llmplace does not
             # implement yet should not go unnoticed, so say which ones have no effect.
@@ -321,6 +323,37 @@ class Llama:
         """Forget the cached tokens (the next prompt is computed from scratch)."""
         if self._ctx is not None:
             self._ctx.clear()
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens held in the context (the last prompt and reply)."""
+        return len(self._context().tokens)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        """The tokens held in the context, as int32 (llama-cpp-python's array is n_ctx long, filled to n_tokens)."""
+        return np.asarray(self._context().tokens, dtype=np.intc)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append tokens to the context and compute them."""
+        self._context().decode([int(t) for t in tokens])
+
+    def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, tfs_z: float = 1.0,
+                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                 penalize_nl: bool = True, logits_processor=None, stopping_criteria=None, grammar=None):
+        """Yield sampled token ids after `tokens`, without end: stop iterating when done. reset=True reuses the
+        cached prefix of `tokens`; reset=False appends them to what the context holds."""
+        if grammar is not None or mirostat_mode:
+            raise UnsupportedFeatureError("grammar and mirostat are not supported by llmplace.Llama yet")
+        seed = self._seed & 0xFFFFFFFF
+        params = _completion.sampling_params(
+            self, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            seed=seed, logit_bias=None)
+        return _completion.generate_tokens(self, tokens, params, reset, logits_processor or None,
+                                           stopping_criteria or None)
 
     # ---- completion ----
     def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None,
