@@ -364,7 +364,11 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
                 break
             fitted_rules.append(Rule(c_string(C.ggml_backend_buft_name(overrides[i].buft)),
                                      pattern=ffi.string(overrides[i].pattern).decode()))
+        # llama.cpp's fit also writes a pattern for the output layer's index (blk.<n_layer>), which names no
+        # tensor: keep only rules that select something, so loading the plan warns about nothing.
         fitted = Placement(fitted_rules)
+        unused = set(fitted.resolve(info.tensors).unmatched) if fitted_rules else set()
+        fitted = Placement([r for i, r in enumerate(fitted_rules) if i not in unused])
         combined = user + fitted
         ngl = int(m_ptr.n_gpu_layers)
         chosen_ctx = int(c_ptr.n_ctx) or (n_ctx or n_ctx_train)

@@ -22,6 +22,10 @@ set -f  # the rules below hold glob characters
     echo; echo "\$ llmplace explain qwen3-30b-a3b-q4_0.gguf $args"
     python3 -m llmplace.cli explain $model $args
   done
+  for budget in 24GiB 12GiB 4GiB; do
+    echo; echo "\$ llmplace fit qwen3-30b-a3b-q4_0.gguf --budget CUDA0=$budget --ctx 4096 --margin 0"
+    python3 -m llmplace.cli fit $model --budget CUDA0=$budget --ctx 4096 --margin 0
+  done
 } > "$out/explain.txt" 2>&1
 cat "$out/explain.txt"
 python3 -m pytest -q -s -m gpu -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee "$out/test_gpu.txt" | tail -30
