@@ -1,6 +1,7 @@
 """llmplace.Llama vs llama_cpp.Llama (llama-cpp-python 0.3.36): create_completion tokens/s, same model, same
 threads, same context settings, greedy, interleaved rep by rep; llama.cpp's llama-bench tg (decode only, no
-sampling, built from llmplace's source) runs in the same reps as the ceiling.
+sampling, flash attention off like both classes, built from llmplace's source) runs in the same reps as the
+ceiling.
 
     python benchmarks/dropin.py [MODEL.gguf] [--threads 2] [--reps 7] [--tokens 256] [--out FILE.json]
 
@@ -46,8 +47,10 @@ def timed_completion(llm, tokens: int, stream: bool) -> tuple[float, int]:
 def llama_bench_tg(model: Path, threads: int, tokens: int) -> float:
     from llmplace._ffi import BIN_DIR, LIB_DIR
 
+    # -fa 0: both Llama classes default to flash_attn=False; llama-bench's default (auto, i.e. on for this CPU
+    # build) decodes about 5% faster here and would not be the same computation.
     cmd = [str(BIN_DIR / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens),
-           "-r", "1", "-o", "json"]
+           "-fa", "0", "-r", "1", "-o", "json"]
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=LIB_DIR).stdout)
     return float(rows[0]["avg_ts"])
 
