@@ -470,3 +470,59 @@ def test_generate_yields_the_greedy_tokens_of_llama_cpp_python(up, me):
 
     assert take(me, 6) == take(up, 6)
     assert me.n_tokens == len(tokens) + 5 and list(me.input_ids) == tokens + take(me, 6)[:5]
+
+
+# ---- chat formats and handlers of llama_chat_format ----
+def test_jinja2_chat_formatter_handler_matches(up, me, path):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter as TheirFormatter
+
+    from llmplace.compat.llama_chat_format import Jinja2ChatFormatter
+
+    template = me.llmplace_model.chat_template
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    ours = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    theirs = TheirFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    assert ours(messages=messages).prompt == theirs(messages=messages).prompt
+    with llmplace.Llama(path, chat_handler=ours.to_chat_handler(), **COMMON) as llm:
+        got = llm.create_chat_completion(messages, max_tokens=16, temperature=0)
+    expected = up.create_chat_completion(messages, max_tokens=16, temperature=0)
+    assert_same(got, expected)
+
+
+def test_registered_chat_format_is_used(path):
+    from llmplace.compat.llama_chat_format import (ChatFormatterResponse, LlamaChatCompletionHandlerRegistry,
+                                                   register_chat_format)
+
+    @register_chat_format("llmplace-test-plain")
+    def plain(messages, **kwargs):
+        return ChatFormatterResponse(prompt="".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:",
+                                     stop=["\n"])
+
+    try:
+        with llmplace.Llama(path, chat_format="llmplace-test-plain", **COMMON) as llm:
+            reply = llm.create_chat_completion([{"role": "user", "content": "Name a color."}], max_tokens=8,
+                                               temperature=0)
+            assert "\n" not in reply["choices"][0]["message"]["content"]
+            assert reply["usage"]["prompt_tokens"] == len(llm.tokenize(b"user: Name a color.\nassistant:"))
+    finally:
+        LlamaChatCompletionHandlerRegistry().unregister_chat_handler("llmplace-test-plain")
+
+
+def test_install_aliases_llama_cpp_for_third_party_code():
+    import subprocess
+    import sys
+
+    code = ("import llmplace, llmplace.compat as c; c.install()\n"
+            "import llama_cpp, llama_cpp.llama_types, llama_cpp.llama_chat_format\n"
+            "from llama_cpp import Llama\n"
+            "from llama_cpp.llama_speculative import LlamaPromptLookupDecoding\n"
+            "assert Llama is llmplace.Llama and llama_cpp.__version__ == '0.3.36'\n"
+            "assert llama_cpp.LLAMA_SPLIT_MODE_LAYER == 1\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_install_refuses_when_llama_cpp_python_is_already_imported():
+    import llmplace.compat as compat
+
+    with pytest.raises(ValueError, match="already imported"):
+        compat.install()

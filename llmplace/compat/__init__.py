@@ -27,18 +27,25 @@ What differs (each is warned about or raises a typed error when used):
 - Logprobs are Python floats (llama-cpp-python returns numpy float32 in non-streamed completions).
 - n_threads=None means all available cores (llama-cpp-python: half of them); verbose=True does not print
   llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
+- `install()` makes `import llama_cpp` in this process give this layer (for third-party code that imports
+  llama_cpp itself); nothing is installed on disk.
 - `llm.model` / `llm.ctx` (raw ctypes pointers upstream) do not exist: use `llm.llmplace_model` and
   `llm.llmplace_context`.
 """
 
 from __future__ import annotations
 
-from . import llama_speculative, llama_types
+from . import llama_chat_format, llama_speculative, llama_types
+from ._install import install, uninstall
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama import Llama, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError, StoppingCriteriaList
 from .llama_cpp import *  # noqa: F401,F403 - the low-level names (LLAMA_SPLIT_MODE_*, llama_supports_gpu_offload ...)
 from .llama_cpp import __all__ as _low_level_names
 
+# The llama-cpp-python version whose interface this layer follows (what `llama_cpp.__version__` reads after
+# install()); llmplace's own version is llmplace.__version__.
+__version__ = "0.3.36"
+
 __all__ = ["Llama", "LogitsProcessorList", "StoppingCriteriaList", "MinTokensLogitsProcessor", "llama_types",
-           "llama_speculative",
+           "llama_speculative", "llama_chat_format", "install", "uninstall",
            "UnsupportedFeatureError", "CompatibilityWarning", "ModelPathError", *_low_level_names]

@@ -22,6 +22,7 @@ from ..placement import Placement
 from ..placement import n_cpu_moe as _n_cpu_moe_rules
 from . import _chat, _completion
 from .errors import CompatibilityWarning, UnsupportedFeatureError
+from .llama_chat_format import registered_handler
 from .llama_cpp import LLAMA_DEFAULT_SEED
 from .llama_speculative import speculation_options
 from .llama_types import (ChatCompletionRequestMessage, CreateChatCompletionResponse,
@@ -416,9 +417,10 @@ class Llama:
                        mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
                        model=model, logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias,
                        logprobs=logprobs, top_logprobs=top_logprobs)
-        if self.chat_handler is not None:
-            # A llama-cpp-python chat handler: it renders the prompt and calls back create_completion.
-            return self.chat_handler(llama=self, **options)
+        handler = self.chat_handler or registered_handler(self.chat_format)
+        if handler is not None:
+            # A llama-cpp-python style chat handler: it renders the prompt and calls back create_completion.
+            return handler(llama=self, **options)
         return _chat.create(self, **options)
 
     def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):

@@ -1,0 +1,166 @@
+"""llama-cpp-python's `llama_cpp.llama_chat_format`: chat formatters, the handler registry, and
+`Jinja2ChatFormatter`, for code that brings its own chat format to `Llama(chat_format=..., chat_handler=...)`.
+
+The named formats llama-cpp-python defines in Python ("llama-2", "chatml", "gemma" ...) are not registered
+here: `Llama(chat_format="chatml")` renders with llmplace's templates of the same names instead (see
+llmplace/compat/_chat.py). A name registered here with `register_chat_format` takes precedence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from typing import Any, Callable, Dict, List, Optional, Protocol, Union
+
+from . import _chat
+from .errors import UnsupportedFeatureError
+
+
+@dataclasses.dataclass
+class ChatFormatterResponse:
+    """A rendered prompt, and the stop strings (and stopping criteria) the format needs."""
+
+    prompt: str
+    stop: Optional[Union[str, List[str]]] = None
+    stopping_criteria: Optional[Any] = None
+    added_special: bool = False  # True when the prompt text already holds BOS: do not add another
+
+
+class ChatFormatter(Protocol):
+    def __call__(self, *, messages: List[Dict[str, Any]], **kwargs: Any) -> ChatFormatterResponse: ...
+
+
+LlamaChatCompletionHandler = Callable[..., Any]
+
+
+class LlamaChatCompletionHandlerNotFoundException(Exception):
+    """No chat handler is registered under that name."""
+
+
+class LlamaChatCompletionHandlerRegistry:
+    """Name → chat completion handler (one registry per process, as in llama-cpp-python)."""
+
+    _chat_handlers: Dict[str, LlamaChatCompletionHandler] = {}
+
+    def register_chat_completion_handler(self, name: str, chat_handler: LlamaChatCompletionHandler,
+                                         overwrite: bool = False) -> None:
+        if not overwrite and name in self._chat_handlers:
+            raise ValueError(f"Formatter with name '{name}' is already registered. Use `overwrite=True` to overwrite it.")
+        self._chat_handlers[name] = chat_handler
+
+    def unregister_chat_handler(self, name: str) -> None:
+        if name not in self._chat_handlers:
+            raise ValueError(f"No formatter registered under the name '{name}'.")
+        del self._chat_handlers[name]
+
+    def get_chat_completion_handler_by_name(self, name: str) -> LlamaChatCompletionHandler:
+        try:
+            return self._chat_handlers[name]
+        except KeyError:
+            raise LlamaChatCompletionHandlerNotFoundException(
+                f"Invalid chat handler: {name} (valid formats: {list(self._chat_handlers.keys())})") from None
+
+
+def get_chat_completion_handler(name: str) -> LlamaChatCompletionHandler:
+    return LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
+
+
+def registered_handler(name: Optional[str]) -> Optional[LlamaChatCompletionHandler]:
+    """The handler registered under `name`, or None (llmplace then renders with its own templates)."""
+    return LlamaChatCompletionHandlerRegistry._chat_handlers.get(name) if name else None
+
+
+def register_chat_completion_handler(name: str):
+    def decorator(f: LlamaChatCompletionHandler):
+        LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(name, f)
+        return f
+    return decorator
+
+
+def register_chat_format(name: str):
+    """Decorator: register a formatter (messages → ChatFormatterResponse) as chat format `name`."""
+    def decorator(f: ChatFormatter):
+        LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(
+            name, chat_formatter_to_chat_completion_handler(f))
+        return f
+    return decorator
+
+
+def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> LlamaChatCompletionHandler:
+    """A chat handler that renders with `chat_formatter`, completes with llama.create_completion and returns
+    chat.completion dicts (or chunk streams)."""
+
+    def chat_completion_handler(*, llama, messages, functions=None, function_call=None, tools=None,
+                                tool_choice=None, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                                min_p: float = 0.05, typical_p: float = 1.0, stream: bool = False, stop=[],  # noqa: B006
+                                seed=None, response_format=None, max_tokens=None, presence_penalty: float = 0.0,
+                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.1, tfs_z: float = 1.0,
+                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                                model=None, logits_processor=None, grammar=None, logit_bias=None, logprobs=None,
+                                top_logprobs=None, **kwargs):
+        if response_format is not None and response_format.get("type") == "json_object":
+            raise UnsupportedFeatureError("response_format={'type': 'json_object'} needs grammar-constrained "
+                                          "sampling, which is not supported by llmplace.Llama yet")
+        if isinstance(tool_choice, dict) or isinstance(function_call, dict):
+            raise UnsupportedFeatureError("forcing a tool or function call needs grammar-constrained sampling, "
+                                          "which is not supported by llmplace.Llama yet")
+        result = chat_formatter(messages=messages, functions=functions, function_call=function_call, tools=tools,
+                                tool_choice=tool_choice, **kwargs)
+        prompt = llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        if result.stop is not None:
+            stop = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+            stop = stop + (result.stop if isinstance(result.stop, list) else [result.stop])
+        completion = llama.create_completion(
+            prompt=prompt, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+            logprobs=top_logprobs if logprobs else None, stream=stream, stop=stop, seed=seed, max_tokens=max_tokens,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
+            tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+            model=model, logits_processor=logits_processor, stopping_criteria=result.stopping_criteria,
+            grammar=grammar, logit_bias=logit_bias)
+        return _chat.chat_chunks(completion) if stream else _chat.chat_completion(completion)
+
+    return chat_completion_handler
+
+
+class Jinja2ChatFormatter:
+    """Render messages with a Hugging Face style Jinja chat template (sandboxed, trim_blocks and lstrip_blocks,
+    `raise_exception`, `strftime_now`, a `tojson` filter keeping non-ASCII text)."""
+
+    def __init__(self, template: str, eos_token: str, bos_token: str, add_generation_prompt: bool = True,
+                 stop_token_ids: Optional[List[int]] = None) -> None:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.template, self.eos_token, self.bos_token = template, eos_token, bos_token
+        self.add_generation_prompt = add_generation_prompt
+        self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else None
+        environment = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=[jinja2.ext.loopcontrols])
+        environment.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        self._template = environment.from_string(template)
+
+    def __call__(self, *, messages, functions=None, function_call=None, tools=None, tool_choice=None,
+                 **kwargs: Any) -> ChatFormatterResponse:
+        def raise_exception(message: str):
+            raise ValueError(message)
+
+        prompt = self._template.render(
+            messages=messages, eos_token=self.eos_token, bos_token=self.bos_token, raise_exception=raise_exception,
+            add_generation_prompt=self.add_generation_prompt, functions=functions, function_call=function_call,
+            tools=tools, tool_choice=tool_choice, strftime_now=lambda f: datetime.now().strftime(f), **kwargs)
+        stopping_criteria = None
+        if self.stop_token_ids is not None:
+            ids = self.stop_token_ids
+            # llama-cpp-python's criterion: the last token evaluated is one of the stop token ids.
+            stopping_criteria = [lambda tokens, logits: len(tokens) > 0 and int(tokens[-1]) in ids]
+            from .llama import StoppingCriteriaList
+
+            stopping_criteria = StoppingCriteriaList(stopping_criteria)
+        return ChatFormatterResponse(prompt=prompt, stop=[self.eos_token], stopping_criteria=stopping_criteria,
+                                     added_special=True)
+
+    def to_chat_handler(self) -> LlamaChatCompletionHandler:
+        return chat_formatter_to_chat_completion_handler(self)
