@@ -395,10 +395,11 @@ def test_a_file_that_is_not_a_model_raises_value_error(tmp_path):
 
 
 @pytest.mark.parametrize("call", [
-    lambda llm: llm("hi", max_tokens=2, grammar=object()),
     lambda llm: llm("hi", max_tokens=2, mirostat_mode=2),
-    lambda llm: llm.create_chat_completion([{"role": "user", "content": "hi"}], response_format={"type": "json_object"}),
+    lambda llm: llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2,
+                                           tool_choice={"type": "function", "function": {"name": "f"}}),
     lambda llm: llm.set_cache(object()),
+    lambda llm: __import__("llmplace.compat").compat.LlamaGrammar.from_json_schema("{}"),
 ])
 def test_unsupported_features_raise_a_typed_not_implemented_error(me, call):
     with pytest.raises(NotImplementedError) as info:
@@ -526,3 +527,35 @@ def test_install_refuses_when_llama_cpp_python_is_already_imported():
 
     with pytest.raises(ValueError, match="already imported"):
         compat.install()
+
+
+# ---- grammars ----
+def test_grammar_constrained_completion_matches(up, me):
+    from llmplace.compat import LlamaGrammar
+
+    gbnf = 'root ::= "yes" | "no"'
+    expected = up("Is the sky blue? Answer:", max_tokens=8, temperature=0,
+                  grammar=llama_cpp.LlamaGrammar.from_string(gbnf))
+    got = me("Is the sky blue? Answer:", max_tokens=8, temperature=0, grammar=LlamaGrammar.from_string(gbnf))
+    assert_same(got, expected)
+    # llama-cpp-python's own LlamaGrammar objects are accepted too
+    assert values(me("Is the sky blue? Answer:", max_tokens=8, temperature=0,
+                     grammar=llama_cpp.LlamaGrammar.from_string(gbnf))) == values(expected)
+
+
+def test_json_mode_replies_with_a_json_object(me):
+    import json
+
+    reply = me.create_chat_completion(
+        [{"role": "user", "content": "Give me a JSON object describing a cat with a name and an age."}],
+        max_tokens=60, temperature=0, response_format={"type": "json_object"})
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert isinstance(json.loads(reply["choices"][0]["message"]["content"]), dict)
+
+
+def test_invalid_grammar_raises_at_the_call(me):
+    from llmplace.compat import LlamaGrammar
+
+    for stream in (False, True):
+        with pytest.raises(ValueError, match="rejected the grammar"):
+            me("hi", max_tokens=2, grammar=LlamaGrammar.from_string("root ::= [unclosed"), stream=stream)

@@ -4,11 +4,13 @@ format_chat), complete, and reshape the `text_completion` result into `chat.comp
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Iterator
 
 from ..chat import format_chat
 from ..errors import InvalidParameterError
-from .errors import UnsupportedFeatureError
+from .errors import CompatibilityWarning, UnsupportedFeatureError
+from .llama_grammar import JSON_GBNF, LlamaGrammar
 
 if TYPE_CHECKING:
     from .llama import Llama
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
 CHAT_FORMAT_NAMES = {
     "llama-2": "llama2", "llama-3": "llama3", "chatml": "chatml", "mistral-instruct": "mistral-v1",
     "gemma": "gemma", "zephyr": "zephyr", "vicuna": "vicuna", "openchat": "openchat", "phi-3": "phi3",
-    "qwen": "chatml", "chatglm3": "chatglm3", "saiga": "saiga", "mistrallite": "mistral-v1",
+    "qwen": "chatml", "chatglm3": "chatglm3", "mistrallite": "mistral-v1",
 }
 
 
@@ -68,9 +70,7 @@ def create(llama: "Llama", *, messages, functions, function_call, tools, tool_ch
            min_p, typical_p, stream, stop, seed, response_format, max_tokens, presence_penalty, frequency_penalty,
            repeat_penalty, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, model, logits_processor, grammar,
            logit_bias, logprobs, top_logprobs):
-    if response_format is not None and response_format.get("type") == "json_object":
-        raise UnsupportedFeatureError("response_format={'type': 'json_object'} needs grammar-constrained sampling, "
-                                      "which is not supported by llmplace.Llama yet; ask for JSON in the prompt instead")
+    grammar = json_grammar(response_format, grammar)
     if isinstance(tool_choice, dict) or isinstance(function_call, dict):
         raise UnsupportedFeatureError("forcing a tool or function call (tool_choice / function_call naming one) "
                                       "needs grammar-constrained sampling, which is not supported by llmplace.Llama yet")
@@ -88,6 +88,16 @@ def create(llama: "Llama", *, messages, functions, function_call, tools, tool_ch
     if stream:
         return chat_chunks(completion)
     return chat_completion(completion)
+
+
+def json_grammar(response_format, grammar):
+    """The grammar for response_format={"type": "json_object"} (any JSON object), else `grammar` unchanged."""
+    if response_format is None or response_format.get("type") != "json_object":
+        return grammar
+    if "schema" in response_format:
+        warnings.warn("response_format's schema is not enforced by llmplace.Llama yet: the reply is constrained to "
+                      "a JSON object, not to the schema", CompatibilityWarning, stacklevel=4)
+    return LlamaGrammar.from_string(JSON_GBNF)
 
 
 def chat_logprobs(logprobs):

@@ -23,6 +23,7 @@ from ..errors import ContextOverflowError, InvalidParameterError
 from ..generation import _StopMatcher, stream_generate
 from ..sampling import Sampler, SamplingParams
 from .errors import UnsupportedFeatureError
+from .llama_grammar import GrammarConstraint
 
 if TYPE_CHECKING:
     from .llama import Llama
@@ -112,12 +113,13 @@ class _HookedRun:
     logprobs). Same sampler chain, prefix reuse and stop-string handling as stream_generate."""
 
     def __init__(self, llama: "Llama", tokens: list[int], max_tokens: int, stops: list[str], params: SamplingParams,
-                 processors, criteria, keep_rows: bool, prompt_rows: bool) -> None:
+                 processors, criteria, keep_rows: bool, prompt_rows: bool, grammar=None) -> None:
         self.llama, self.tokens, self.max_tokens, self.stops, self.params = llama, tokens, max_tokens, stops, params
         self.processors, self.criteria, self.keep_rows = processors, criteria, keep_rows
         self.rows: list[np.ndarray] = []          # the logits each generated token was drawn from
         self.prompt_rows: np.ndarray | None = None  # row i: logits after prompt token i (echo with logprobs)
         self.want_prompt_rows = prompt_rows
+        self.grammar = grammar
 
     def __iter__(self) -> Iterator[_Step]:
         llama, tokens = self.llama, self.tokens
@@ -142,6 +144,8 @@ class _HookedRun:
             yield from self._steps(ctx, vocab, sampler)
         finally:
             sampler.close()
+            if self.grammar is not None:
+                self.grammar.close()
 
     def _steps(self, ctx, vocab, sampler) -> Iterator[_Step]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -154,7 +158,11 @@ class _HookedRun:
                 self.rows.append(raw)
             if self.processors:
                 logits[:] = self.processors(np.asarray(ctx.tokens, dtype=np.intc), logits)
+            if self.grammar is not None:
+                self.grammar.apply(logits)
             token = sampler.sample(ctx)
+            if self.grammar is not None and not vocab.is_eog(token):
+                self.grammar.accept(token)
             if self.criteria is not None and self.criteria(np.asarray(ctx.tokens, dtype=np.intc), raw):
                 # As llama-cpp-python: the token that met the criteria is dropped, the reply ends with "stop".
                 if self.keep_rows:
@@ -245,9 +253,6 @@ def _logprobs(llama: "Llama", entries: list[tuple[int, np.ndarray | None]], base
 def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo, stop,
            frequency_penalty, presence_penalty, repeat_penalty, top_k, stream, seed, mirostat_mode, model,
            stopping_criteria, logits_processor, grammar, logit_bias):
-    if grammar is not None:
-        raise UnsupportedFeatureError("grammar-constrained sampling (LlamaGrammar) is not supported by "
-                                      "llmplace.Llama yet; generate without grammar=")
     if mirostat_mode:
         raise UnsupportedFeatureError(f"mirostat sampling (mirostat_mode={mirostat_mode}) is not supported by "
                                       "llmplace.Llama yet; use mirostat_mode=0 (top-k/top-p/min-p sampling)")
@@ -267,10 +272,13 @@ def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, mi
     params = sampling_params(llama, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                              presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
-    hooked = logprobs is not None or bool(logits_processor) or bool(stopping_criteria)
+    hooked = logprobs is not None or bool(logits_processor) or bool(stopping_criteria) or grammar is not None
     if hooked:
+        # Built now, so that a grammar llama.cpp rejects raises at the call, streaming or not.
+        constraint = GrammarConstraint(llama._model, grammar) if grammar is not None else None
         run = _HookedRun(llama, tokens, max_tokens, stops, params, logits_processor or None, stopping_criteria or None,
-                         keep_rows=logprobs is not None, prompt_rows=logprobs is not None and echo and not stream)
+                         keep_rows=logprobs is not None, prompt_rows=logprobs is not None and echo and not stream,
+                         grammar=constraint)
         steps = iter(run)
     else:
         run = None

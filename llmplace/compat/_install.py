@@ -19,12 +19,13 @@ ALIASES = {
     "llama_cpp.llama_types": "llmplace.compat.llama_types",
     "llama_cpp.llama_speculative": "llmplace.compat.llama_speculative",
     "llama_cpp.llama_chat_format": "llmplace.compat.llama_chat_format",
+    "llama_cpp.llama_grammar": "llmplace.compat.llama_grammar",
 }
 
 
 def install(*, replace: bool = False) -> None:
     """Make `import llama_cpp` (and its submodules llama, llama_cpp, llama_types, llama_speculative,
-    llama_chat_format) import llmplace's compatibility layer in this process. Call it before the code that
+    llama_chat_format, llama_grammar) import llmplace's compatibility layer in this process. Call it before the code that
     imports llama_cpp.
 
     If the real llama-cpp-python is already imported, this raises, since objects already made by it would

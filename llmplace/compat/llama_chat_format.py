@@ -99,9 +99,7 @@ def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> 
                                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                                 model=None, logits_processor=None, grammar=None, logit_bias=None, logprobs=None,
                                 top_logprobs=None, **kwargs):
-        if response_format is not None and response_format.get("type") == "json_object":
-            raise UnsupportedFeatureError("response_format={'type': 'json_object'} needs grammar-constrained "
-                                          "sampling, which is not supported by llmplace.Llama yet")
+        grammar = _chat.json_grammar(response_format, grammar)
         if isinstance(tool_choice, dict) or isinstance(function_call, dict):
             raise UnsupportedFeatureError("forcing a tool or function call needs grammar-constrained sampling, "
                                           "which is not supported by llmplace.Llama yet")
