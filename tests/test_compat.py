@@ -559,3 +559,45 @@ def test_invalid_grammar_raises_at_the_call(me):
     for stream in (False, True):
         with pytest.raises(ValueError, match="rejected the grammar"):
             me("hi", max_tokens=2, grammar=LlamaGrammar.from_string("root ::= [unclosed"), stream=stream)
+
+
+# ---- from_pretrained (the Hub is replaced by a stand-in: no network in tests) ----
+@pytest.fixture
+def fake_hub(monkeypatch, path):
+    import sys
+    import types
+
+    files = ["org/repo/README.md", "org/repo/model-Q4_1.gguf", "org/repo/model-Q8_0.gguf", "org/repo/sub/x-Q4_1.gguf"]
+    downloads = []
+
+    def hf_hub_download(repo_id, filename, subfolder=None, local_dir=None, cache_dir=None, **extra):
+        downloads.append((repo_id, subfolder, filename, extra))
+        return path
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.HfFileSystem = lambda: types.SimpleNamespace(ls=lambda repo, recursive: [{"name": f} for f in files])
+    hub.hf_hub_download = hf_hub_download
+    hub.utils = types.SimpleNamespace(validate_repo_id=lambda repo: None)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    return downloads
+
+
+def test_from_pretrained_downloads_the_one_matching_file(fake_hub):
+    with llmplace.Llama.from_pretrained("org/repo", "model-Q4*.gguf", verbose=False, n_ctx=64) as llm:
+        assert llm.n_vocab() == 49152
+    assert fake_hub == [("org/repo", None, "model-Q4_1.gguf", {})]
+
+
+@pytest.mark.parametrize("pattern,message", [("*.bin", "No file found in org/repo that match"),
+                                             ("*Q4_1.gguf", "Multiple files found in org/repo matching")])
+def test_from_pretrained_needs_exactly_one_match(fake_hub, pattern, message):
+    with pytest.raises(ValueError, match=message):
+        llmplace.Llama.from_pretrained("org/repo", pattern, verbose=False)
+
+
+def test_from_pretrained_without_huggingface_hub_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ImportError, match="pip install huggingface-hub"):
+        llmplace.Llama.from_pretrained("org/repo", "*.gguf")

@@ -30,6 +30,7 @@ What differs (each is warned about or raises a typed error when used):
 - Logprobs are Python floats (llama-cpp-python returns numpy float32 in non-streamed completions).
 - n_threads=None means all available cores (llama-cpp-python: half of them); verbose=True does not print
   llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
+- `Llama.from_pretrained(repo_id, filename_glob)` needs huggingface_hub (not a dependency of llmplace).
 - `install()` makes `import llama_cpp` in this process give this layer (for third-party code that imports
   llama_cpp itself); nothing is installed on disk.
 - `llm.model` / `llm.ctx` (raw ctypes pointers upstream) do not exist: use `llm.llmplace_model` and

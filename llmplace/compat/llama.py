@@ -476,6 +476,18 @@ class Llama:
         output = results[0] if isinstance(input, str) else results
         return (output, total) if return_count else output
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: Optional[str], additional_files: Optional[List] = None,
+                        local_dir=None, local_dir_use_symlinks="auto", cache_dir=None, **kwargs: Any) -> "Llama":
+        """Download the GGUF of Hugging Face Hub repository `repo_id` whose name matches the glob `filename`
+        (exactly one must match; huggingface_hub's cache is reused) and load it with the other keywords.
+        local_dir_use_symlinks is accepted and ignored (huggingface_hub no longer uses it)."""
+        from ._hub import download
+
+        model_path = download(repo_id, filename, additional_files=additional_files, local_dir=local_dir,
+                              cache_dir=cache_dir)
+        return cls(model_path=model_path, **kwargs)
+
     # ---- llama-cpp-python helpers people call ----
     @staticmethod
     def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
