@@ -315,3 +315,22 @@ class Context(NativeObject):
         return {"prompt_ms": data.t_p_eval_ms, "prompt_tokens": data.n_p_eval,
                 "eval_ms": data.t_eval_ms, "eval_tokens": data.n_eval}
 
+    # ---- saving and restoring ----
+    def save_state(self) -> bytes:
+        """The whole state (KV cache, last outputs, sampler RNG) as bytes, for `load_state` on a context of the
+        same model and size. `tokens` says which tokens it holds."""
+        ptr = self._ptr
+        size = C.llama_state_get_size(ptr)
+        buf = ffi.new("uint8_t[]", size)
+        n = C.llama_state_get_data(ptr, buf, size)
+        return ffi.buffer(buf, n)[:]
+
+    def load_state(self, data: bytes, tokens: Sequence[int]) -> None:
+        """Restore a state from `save_state`; `tokens` are the tokens it holds (they become `self.tokens`)."""
+        buf = ffi.from_buffer("uint8_t[]", data)
+        if C.llama_state_set_data(self._ptr, buf, len(data)) != len(data):
+            self.clear()  # a partial restore leaves the cache in no known state
+            raise InvalidParameterError("this state does not fit this context (saved from another model or another "
+                                        "context size?); the context was cleared")
+        self.tokens = [int(t) for t in tokens]
+

@@ -398,7 +398,7 @@ def test_a_file_that_is_not_a_model_raises_value_error(tmp_path):
     lambda llm: llm("hi", max_tokens=2, mirostat_mode=2),
     lambda llm: llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2,
                                            tool_choice={"type": "function", "function": {"name": "f"}}),
-    lambda llm: llm.set_cache(object()),
+    lambda llm: __import__("llmplace.compat").compat.LlamaDiskCache(),
     lambda llm: __import__("llmplace.compat").compat.LlamaGrammar.from_json_schema("{}"),
 ])
 def test_unsupported_features_raise_a_typed_not_implemented_error(me, call):
@@ -601,3 +601,33 @@ def test_from_pretrained_without_huggingface_hub_says_what_to_install(monkeypatc
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError, match="pip install huggingface-hub"):
         llmplace.Llama.from_pretrained("org/repo", "*.gguf")
+
+
+# ---- states and the prompt cache ----
+def test_save_and_load_state_restore_the_context(me):
+    first = me("The capital of France is", max_tokens=6, temperature=0)
+    state = me.save_state()
+    assert state.n_tokens == len(me.input_ids) and state.llama_state_size == len(state.llama_state) > 0
+    me("Something else entirely", max_tokens=3, temperature=0)
+    me.load_state(state)
+    assert list(me.input_ids) == list(state.input_ids)
+    before = me.llmplace_context.perf()["prompt_tokens"]
+    assert values(me("The capital of France is", max_tokens=6, temperature=0)) == values(first)
+    assert me.llmplace_context.perf()["prompt_tokens"] - before <= 1  # the prompt came from the restored state
+
+
+def test_ram_cache_restores_the_longest_matching_state(path):
+    from llmplace.compat import LlamaRAMCache
+
+    with llmplace.Llama(path, **COMMON) as llm:
+        cache = LlamaRAMCache(capacity_bytes=1 << 30)
+        llm.set_cache(cache)
+        a = llm("The capital of France is", max_tokens=4, temperature=0)
+        llm("Once upon a time", max_tokens=4, temperature=0)
+        assert len(cache.cache_state) == 2
+        before = llm.llmplace_context.perf()["prompt_tokens"]
+        assert values(llm("The capital of France is", max_tokens=4, temperature=0)) == values(a)
+        assert llm.llmplace_context.perf()["prompt_tokens"] - before <= 1
+        streamed = "".join(c["choices"][0]["text"] for c in llm("Hello there", max_tokens=4, temperature=0,
+                                                                 stream=True))
+        assert streamed and len(cache.cache_state) == 3  # streams are cached too (the same prompt+reply overwrites)

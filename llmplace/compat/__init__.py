@@ -14,7 +14,8 @@ What differs (each is warned about or raises a typed error when used):
   enforced by llama.cpp's grammar sampler; a `schema` in response_format is not enforced (any JSON object is
   allowed, with a warning) and `LlamaGrammar.from_json_schema` is not provided.
 - Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): mirostat, a forced
-  tool/function call, `set_cache`, `LlamaGrammar.from_json_schema`, image content parts.
+  tool/function call, `LlamaDiskCache`, `LlamaGrammar.from_json_schema`, image content parts.
+- `save_state()`'s LlamaState holds no scores (an empty array).
 - Accepted but not applied, with a `CompatibilityWarning`: kv_overrides, lora_path/lora_base, numa, a
   draft_model that is a Python LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those
   silently). `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
@@ -39,10 +40,11 @@ What differs (each is warned about or raises a typed error when used):
 
 from __future__ import annotations
 
-from . import llama_chat_format, llama_grammar, llama_speculative, llama_types
+from . import llama_cache, llama_chat_format, llama_grammar, llama_speculative, llama_types
 from ._install import install, uninstall
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama import Llama, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError, StoppingCriteriaList
+from .llama_cache import LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
 from .llama_grammar import LlamaGrammar
 from .llama_cpp import *  # noqa: F401,F403 - the low-level names (LLAMA_SPLIT_MODE_*, llama_supports_gpu_offload ...)
 from .llama_cpp import __all__ as _low_level_names
@@ -53,4 +55,5 @@ __version__ = "0.3.36"
 
 __all__ = ["Llama", "LogitsProcessorList", "StoppingCriteriaList", "MinTokensLogitsProcessor", "llama_types",
            "llama_speculative", "llama_chat_format", "llama_grammar", "LlamaGrammar", "install", "uninstall",
+           "llama_cache", "LlamaCache", "LlamaRAMCache", "LlamaDiskCache", "LlamaState",
            "UnsupportedFeatureError", "CompatibilityWarning", "ModelPathError", *_low_level_names]

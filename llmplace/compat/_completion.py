@@ -23,6 +23,7 @@ from ..errors import ContextOverflowError, InvalidParameterError
 from ..generation import _StopMatcher, stream_generate
 from ..sampling import Sampler, SamplingParams
 from .errors import UnsupportedFeatureError
+from .llama_cache import longest_token_prefix
 from .llama_grammar import GrammarConstraint
 
 if TYPE_CHECKING:
@@ -269,6 +270,8 @@ def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, mi
     stops = stop if isinstance(stop, list) else [stop] if isinstance(stop, str) else []
     if logprobs is not None and not llama._logits_all:
         raise InvalidParameterError("logprobs is not supported for models created with logits_all=False")
+    if llama.cache is not None:
+        _restore_from_cache(llama, ctx, tokens)
     params = sampling_params(llama, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                              presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
@@ -288,8 +291,24 @@ def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, mi
     info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()),
             "model": model if model is not None else llama.model_path}
     if stream:
-        return _chunks(llama, steps, run, info, logprobs, prompt)
+        return _chunks(llama, steps, run, info, logprobs, prompt, tokens)
     return _whole(llama, steps, run, info, tokens, prompt, logprobs, echo, text_suffix)
+
+
+def _restore_from_cache(llama: "Llama", ctx, tokens: list[int]) -> None:
+    """Load the cached state sharing the longest prefix with the prompt, when it shares more than the context."""
+    try:
+        item = llama.cache[tokens]
+    except KeyError:
+        return
+    cached = longest_token_prefix(item.input_ids[:item.n_tokens].tolist(), tokens)
+    if cached > longest_token_prefix(ctx.tokens, tokens):
+        llama.load_state(item)
+
+
+def _save_to_cache(llama: "Llama", prompt_tokens: list[int], tokens: list[int]) -> None:
+    if llama.cache is not None:
+        llama.cache[prompt_tokens + tokens] = llama.save_state()
 
 
 def _is_end_token(llama: "Llama", token: int) -> bool:
@@ -305,6 +324,7 @@ def _whole(llama, steps, run, info, prompt_tokens, prompt, logprobs, echo, text_
         finish = step.finish_reason
     if tokens and finish == "stop" and _is_end_token(llama, tokens[-1]):
         tokens.pop()  # the end-of-generation token is not part of the reply
+    _save_to_cache(llama, prompt_tokens, tokens)
     text = "".join(texts)
     if echo:
         text = (prompt if isinstance(prompt, str) else llama.detokenize(prompt).decode("utf-8", errors="ignore")) + text
@@ -325,7 +345,7 @@ def _whole(llama, steps, run, info, prompt_tokens, prompt, logprobs, echo, text_
                       "total_tokens": len(prompt_tokens) + len(tokens)}}
 
 
-def _chunks(llama, steps, run, info, logprobs, prompt) -> Iterator[dict]:
+def _chunks(llama, steps, run, info, logprobs, prompt, prompt_tokens) -> Iterator[dict]:
     cid, created, model = info["id"], info["created"], info["model"]
 
     def chunk(text, chunk_logprobs, finish):
@@ -333,15 +353,18 @@ def _chunks(llama, steps, run, info, logprobs, prompt) -> Iterator[dict]:
                 "choices": [{"text": text, "index": 0, "logprobs": chunk_logprobs, "finish_reason": finish}]}
 
     finish = "length"
+    tokens = []
     if logprobs is None:
         for step in steps:
             if step.text:
                 yield chunk(step.text, None, None)
             finish = step.finish_reason
+            tokens.append(step.token)
     else:
         offset = len(prompt)
         for step in steps:
             finish = step.finish_reason
+            tokens.append(step.token)
             if finish == "stop" and _is_end_token(llama, step.token):
                 if step.text:
                     yield chunk(step.text, None, None)
@@ -349,4 +372,8 @@ def _chunks(llama, steps, run, info, logprobs, prompt) -> Iterator[dict]:
             entry = _logprobs(llama, [(step.token, run.rows[-1])], offset, logprobs)
             offset += len(step.text)
             yield chunk(step.text, entry, None)
+    if llama.cache is not None:
+        if tokens and finish == "stop" and _is_end_token(llama, tokens[-1]):
+            tokens.pop()
+        _save_to_cache(llama, prompt_tokens, tokens)
     yield chunk("", None, finish)

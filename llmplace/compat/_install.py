@@ -20,12 +20,13 @@ ALIASES = {
     "llama_cpp.llama_speculative": "llmplace.compat.llama_speculative",
     "llama_cpp.llama_chat_format": "llmplace.compat.llama_chat_format",
     "llama_cpp.llama_grammar": "llmplace.compat.llama_grammar",
+    "llama_cpp.llama_cache": "llmplace.compat.llama_cache",
 }
 
 
 def install(*, replace: bool = False) -> None:
     """Make `import llama_cpp` (and its submodules llama, llama_cpp, llama_types, llama_speculative,
-    llama_chat_format, llama_grammar) import llmplace's compatibility layer in this process. Call it before the code that
+    llama_chat_format, llama_grammar, llama_cache) import llmplace's compatibility layer in this process. Call it before the code that
     imports llama_cpp.
 
     If the real llama-cpp-python is already imported, this raises, since objects already made by it would

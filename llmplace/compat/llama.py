@@ -23,6 +23,7 @@ from ..placement import n_cpu_moe as _n_cpu_moe_rules
 from . import _chat, _completion
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama_chat_format import registered_handler
+from .llama_cache import LlamaState
 from .llama_cpp import LLAMA_DEFAULT_SEED
 from .llama_speculative import speculation_options
 from .llama_types import (ChatCompletionRequestMessage, CreateChatCompletionResponse,
@@ -296,11 +297,25 @@ class Llama:
         self._seed = seed
 
     def set_cache(self, cache) -> None:
-        if cache is not None:
-            raise UnsupportedFeatureError("set_cache (LlamaRAMCache / LlamaDiskCache) is not supported by "
-                                          "llmplace.Llama yet; the context already reuses the cached prefix of "
-                                          "the previous prompt")
-        self.cache = None
+        """Keep the state after each completion in `cache` (a LlamaRAMCache, or None for no cache); a prompt
+        sharing a longer prefix with a cached state than with the context restores it first."""
+        if cache is not None and not all(hasattr(cache, m) for m in ("__getitem__", "__setitem__")):
+            raise InvalidParameterError(f"the cache must be a LlamaRAMCache (or map token sequences to LlamaState), "
+                                        f"not {type(cache).__name__}")
+        self.cache = cache
+
+    def save_state(self) -> LlamaState:
+        """The context's state (KV cache and tokens) for load_state."""
+        ctx = self._context()
+        data = ctx.save_state()
+        return LlamaState(input_ids=np.asarray(ctx.tokens, dtype=np.intc),
+                          scores=np.empty((0, self.n_vocab()), dtype=np.single), n_tokens=len(ctx.tokens),
+                          llama_state=data, llama_state_size=len(data), seed=self._seed)
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restore a state from save_state (same model and n_ctx)."""
+        self._context().load_state(state.llama_state, state.input_ids[:state.n_tokens].tolist())
+        self._seed = state.seed
 
     # ---- text <-> tokens ----
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
