@@ -94,3 +94,8 @@ def rpc_devices():
 def pytest_collection_modifyitems(items):
     # RPC devices, once registered, take part in every later load (as GPUs would): run those tests last.
     items.sort(key=lambda item: "rpc_devices" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session")
+def small_qwen3moe_path(model_cache) -> Path:
+    return models.synthetic_path(model_cache, "small-qwen3moe")

@@ -134,3 +134,23 @@ def test_fit_command_draws_bars_and_prints_the_plan(smollm2_path, capsys):
     assert main(["fit", str(smollm2_path), "--budget", "host=50MiB", "--ctx", "1024", "--json"]) == 3
     data = json.loads(capsys.readouterr().out)
     assert data["success"] is False and data["memories"]["host"]["total"] > 50 * MiB
+
+
+def test_fit_moves_experts_off_a_device_to_meet_its_budget(rpc_devices, small_qwen3moe_path):
+    device = rpc_devices[0].name
+    opts = dict(n_ctx=512, n_ubatch=16, devices=[device])
+    everything = estimate(small_qwen3moe_path, n_ctx=512, n_ubatch=16, devices=[device])[device].total
+    budget = everything - 12 * MiB
+    result = fit(small_qwen3moe_path, budget={device: budget}, margin=0, **opts)
+    assert result.success, result.message
+    assert result.estimate[device].total <= budget < everything
+    with llmplace.load(small_qwen3moe_path, progress=False, devices=[device], **result.load_kwargs()) as model:
+        moved = [t for t in model.placement_report() if t.rule is not None]
+        with llmplace.Context(model, n_ctx=512, n_ubatch=16) as ctx:
+            used = breakdown(ctx._ptr)[device].total
+            assert llmplace.generate(model, "Hi", max_tokens=3, temperature=0, context=ctx).tokens
+    # llama.cpp's fit moves whole expert tensors, and for the boundary layer a pattern (ffn_(gate|...).*) that
+    # also takes that layer's router: the moved bytes are experts, all of it now in host memory.
+    assert moved and all(t.role in ("experts", "router") and is_host_buffer(t.buffer_type) for t in moved)
+    assert sum(t.n_bytes for t in moved if t.role == "experts") > 0.99 * sum(t.n_bytes for t in moved)
+    assert used <= budget
