@@ -410,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: one per core)")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
     p.set_defaults(func=cmd_chat)
+
+    from . import server
+
+    p = sub.add_parser("serve", help="answer the OpenAI API (completions, chat, embeddings) over HTTP")
+    server.add_arguments(p)
+    p.set_defaults(func=server.run)
     return parser
 
 
