@@ -215,7 +215,6 @@ class ModelDrafter:
 
     def __init__(self, target: Context, draft, params: SamplingParams, rng) -> None:
         self._owned: list = []
-        self._shared_pools = False
         if isinstance(draft, Context):
             self.context = draft
             model = draft.model
@@ -232,11 +231,14 @@ class ModelDrafter:
             if self.context is None:
                 self.context = Context(model, n_ctx=target.n_ctx, n_threads=target.n_threads)
                 self._owned.insert(0, self.context)
-            # The draft runs between the target's decodes, on the same cores: one thread pool serves both.
-            # With a pool each, the idle pool's threads spin-wait against the working ones.
-            from ._ffi import C
-            C.llama_attach_threadpool(self.context._ptr, target._pools[0], target._pools[-1])
-            self._shared_pools = True
+            # Draft and target take turns on the same cores. After computing, a ggml pool's threads spin for
+            # a while waiting for more work: against the other pool's working threads that made decoding up
+            # to 20x slower on 2 cores. So each pool is paused (its threads sleep; the next decode wakes
+            # them) before the other computes. (Sharing one pool instead leaves a pointer to the target's
+            # pool cached in the draft context's CPU backend, which deadlocks once that pool is freed.)
+            self._pause = _pool_pause_function()
+            self._target_pools = target._pools
+            self._draft_pools = self.context._pools
         except BaseException:
             self.close()
             raise
@@ -247,11 +249,12 @@ class ModelDrafter:
         self.rng = rng
         self.vocab = model.vocab
 
+    def _pause_pools(self, pools) -> None:
+        if self._pause is not None:
+            for pool in pools:
+                self._pause(pool)
+
     def close(self) -> None:
-        if self._shared_pools and not self.context.closed:
-            from ._ffi import C
-            C.llama_attach_threadpool(self.context._ptr, self.context._pools[0], self.context._pools[-1])
-            self._shared_pools = False
         for obj in self._owned:
             obj.close()
         self._owned.clear()
@@ -272,6 +275,13 @@ class ModelDrafter:
         todo = seq[cached:]
         if max(todo) >= self.model.n_vocab:  # a target-only token: the draft cannot follow this sequence
             return [], None
+        self._pause_pools(self._target_pools)
+        try:
+            return self._draft(ctx, todo, k)
+        finally:
+            self._pause_pools(self._draft_pools)
+
+    def _draft(self, ctx: Context, todo: list[int], k: int):
         if len(todo) == 1:
             ctx.decode_one(todo[0])
         else:
@@ -326,6 +336,32 @@ class LookupDrafter:
         return None
 
 
+_pause_function = False
+
+
+def _pool_pause_function():
+    """ggml_threadpool_pause of the loaded CPU backend module, or None. The CPU backend does not offer it
+    through ggml_backend_reg_get_proc_address, so it is looked up in the module llmplace already loaded
+    (RTLD_NOLOAD: never a second copy)."""
+    global _pause_function
+    if _pause_function is False:
+        _pause_function = None
+        try:
+            import ctypes
+
+            from ._ffi import ffi
+            from .backends import backend_modules
+
+            for module in backend_modules():
+                if module.name == "cpu" and module.loaded:
+                    lib = ctypes.CDLL(str(module.path), mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
+                    address = ctypes.cast(lib.ggml_threadpool_pause, ctypes.c_void_p).value
+                    _pause_function = ffi.cast("void (*)(struct ggml_threadpool *)", address)
+        except (OSError, AttributeError):
+            pass  # no pausing: correct, only slower with several threads
+    return _pause_function
+
+
 def make_drafter(target: Context, draft, lookup: bool, params: SamplingParams, rng):
     """The drafter for `target` (the target's context): prompt lookup or a draft model, checked now."""
     if isinstance(draft, str) and draft == "lookup":
@@ -373,8 +409,9 @@ class DepthController:
         self.acc, self.rej = 1.4, 0.6             # prior: acceptance rate 0.7, weight 2
         self.t_verify: dict[int, float] = {}      # batch size → EMA seconds
         self.t_draft: float | None = None         # EMA seconds per drafted token
-        self.plain_rounds = 0
-        self.backoff = 4
+        self.plain_rounds = 0                     # plain rounds since drafting last paid or was probed
+        self.backoff = 4                          # plain rounds between probes
+        self.probing = False
 
     def _verify_cost(self, size: int) -> float:
         t = self.t_verify
@@ -402,7 +439,10 @@ class DepthController:
             self.plain_rounds += 1
             if self.plain_rounds >= self.backoff:
                 self.plain_rounds = 0
+                self.probing = True
                 return 1
+        else:
+            self.plain_rounds = 0
         return best_k
 
     def update(self, k: int, drafted: int, accepted: int, t_draft: float, t_verify: float) -> None:
@@ -415,8 +455,9 @@ class DepthController:
             rejected = 1 if accepted < drafted else 0
             self.acc = self.acc * self.DECAY + accepted
             self.rej = self.rej * self.DECAY + rejected
-            if k == 1 and self.plain_rounds == 0:
+            if self.probing:
                 self.backoff = min(self.backoff * 2, 64) if rejected else 4
+        self.probing = False
 
 
 # ---- verification ----
@@ -513,4 +554,5 @@ def speculative_steps(model: Model, context: Context, params: SamplingParams, to
             context.truncate(len(seq) - 1)
     finally:
         # However iteration ends, leave the cache holding a prefix of the sequence, as plain generation does.
-        context.truncate(len(seq) - 1)
+        if not context.closed:
+            context.truncate(len(seq) - 1)

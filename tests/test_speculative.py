@@ -141,6 +141,17 @@ def test_closing_the_stream_early_leaves_a_usable_context(smollm2):
         assert again.tokens == plain(smollm2, PROMPT, max_tokens=10).tokens
 
 
+def test_a_draft_context_outlives_the_target_contexts_it_served(smollm2, tiny_llama):
+    """Thread pools stay per context: a draft Context used with one target context, then (after that one is
+    closed) with another, must neither hang nor crash, with several threads per pool."""
+    with llmplace.Context(tiny_llama, n_ctx=256, n_threads=2) as draft_ctx:
+        for _ in range(2):
+            with llmplace.Context(smollm2, n_ctx=256, n_threads=2) as ctx:
+                result = plain(smollm2, PROMPT, max_tokens=6, context=ctx, draft=draft_ctx, adaptive_depth=False)
+                assert result.speculative.drafted > 0
+        draft_ctx.decode_one(1)
+
+
 def test_context_limit_ends_like_plain_decoding(smollm2):
     with context(smollm2, 256) as ctx:
         words = smollm2.tokenize("red green blue " * 200, add_special=False)
@@ -257,7 +268,7 @@ def test_acceptance_rule_reproduces_the_target_distribution(smollm2, tiny_llama,
     rng = np.random.default_rng(1234)
     for q in proposals:
         counts: dict[int, int] = {}
-        for _ in range(6000):
+        for _ in range(3000):
             if q is None:
                 token, qs = second, None
             else:
@@ -284,14 +295,19 @@ def _first_token_counts(model, prompt, n, **kwargs):
 def test_speculative_sampling_keeps_the_target_distribution_end_to_end(smollm2, tiny_llama):
     """Through stream_generate, seeds 0..N-1, draft = random llama (its proposals are mostly rejected, so the
     residual distribution does most of the work), then prompt lookup on a prompt whose last bigram recurs."""
-    for prompt, kwargs in ((PROMPT, dict(draft=tiny_llama, depth=1)),
-                           ("red green blue red green blue red green", dict(lookup=True, depth=1))):
-        with context(smollm2, 64) as ctx:
-            ctx.decode(smollm2.tokenize(prompt))
-            ids, probs = speculative.Distribution(SAMPLE_PARAMS, smollm2.n_vocab)(ctx.logits())
-        expected = dict(zip(ids.tolist(), probs.tolist()))
-        counts = _first_token_counts(smollm2, prompt, 300, **kwargs)
-        assert _chi_square_p_value(counts, expected) > 1e-3, (counts, expected)
+    with context(tiny_llama, 128) as draft_ctx:  # a Context as the draft: reused, not made per call
+        for prompt, kwargs in ((PROMPT, dict(draft=draft_ctx, depth=1)),
+                               ("red green blue red green blue red green", dict(lookup=True, depth=1))):
+            with context(smollm2, 64) as ctx:
+                ctx.decode(smollm2.tokenize(prompt))
+                ids, probs = speculative.Distribution(SAMPLE_PARAMS, smollm2.n_vocab)(ctx.logits())
+            expected = dict(zip(ids.tolist(), probs.tolist()))
+            with context(smollm2, 128) as ctx:  # the drafter does propose a token for the first position
+                once = llmplace.generate(smollm2, prompt, max_tokens=2, sampling=SAMPLE_PARAMS, context=ctx,
+                                         adaptive_depth=False, **kwargs)
+                assert once.speculative.drafted == 1
+            counts = _first_token_counts(smollm2, prompt, 250, **kwargs)
+            assert _chi_square_p_value(counts, expected) > 1e-3, (counts, expected)
 
 
 def test_seeded_speculative_sampling_is_reproducible(smollm2, smollm2_q4_0):

@@ -1,0 +1,147 @@
+"""Speculative decoding: tokens/s with and without speculation, and the acceptance rate, on one target model.
+
+    python benchmarks/speculative.py [MODEL.gguf] [--threads N] [--reps 3] [--max-tokens 128]
+                                     [--depth 5] [--n-gpu-layers 0] [--out FILE.json]
+
+Cases, all greedy (so every case emits the same tokens as plain decoding, which the script checks), each
+on a text prompt and, for prompt lookup, on an "edit this code" chat prompt:
+- plain: no speculation (the baseline of each prompt);
+- self draft: the target drafting for itself, fixed depth: every token accepted, each drafted token as
+  costly as a target step: the ceiling of acceptance, not of speed;
+- requantized draft: the target requantized to q4_0 by llmplace.quantize (same size class: on its own it
+  shows the verification machinery, not a small-draft speedup), fixed and adaptive depth;
+- random draft: a tiny random-weight llama with the target's tokenizer (tests/models.py): a draft that is
+  always wrong, adaptive depth: what a bad draft costs;
+- lookup: prompt lookup (n-gram match in the context), fixed and adaptive depth.
+Reps are interleaved case by case; the figure is the median decode rate (generated tokens / seconds after
+the prompt), and the ratio is to plain decoding of the same prompt in the same rep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import llmplace
+from llmplace.context import default_threads
+
+TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+CODE = '''def mean(values):
+    total = 0
+    for v in values:
+        total += v
+    return total / len(values)
+
+
+def variance(values):
+    m = mean(values)
+    total = 0
+    for v in values:
+        total += (v - m) ** 2
+    return total / len(values)
+'''
+EDIT_PROMPT = ("<|im_start|>user\nRename the parameter `values` to `xs` in this code and output the whole code:\n\n"
+               f"{CODE}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def default_model() -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import models
+
+    return models.smollm2_path()
+
+
+def run_case(model, prompt, args, **spec) -> dict:
+    with llmplace.Context(model, n_ctx=1024, n_threads=args.threads) as ctx:
+        result = llmplace.generate(model, prompt, max_tokens=args.max_tokens, temperature=0, context=ctx, **spec)
+    stats = result.speculative
+    return {"tokens": result.tokens, "tps": result.generation_tps,
+            "drafted": stats.drafted if stats else 0, "accepted": stats.accepted if stats else 0,
+            "rounds": stats.rounds if stats else len(result.tokens)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=5)
+    parser.add_argument("--n-gpu-layers", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    model_path = args.model or default_model()
+
+    work = Path(tempfile.mkdtemp(prefix="llmplace-spec-bench-"))
+    requantized = llmplace.quantize(model_path, work / "draft-q4_0.gguf", "q4_0")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import models
+
+    target = llmplace.load(model_path, n_gpu_layers=args.n_gpu_layers, progress=False)
+    drafts = {"requantized": llmplace.load(requantized, n_gpu_layers=args.n_gpu_layers, progress=False)}
+    try:
+        drafts["random"] = llmplace.load(models.synthetic_path(work, "tiny-llama"), n_gpu_layers=args.n_gpu_layers,
+                                         progress=False)
+    except Exception as exc:  # noqa: BLE001 - the synthetic writer needs the gguf package
+        print(f"no random draft: {exc}", file=sys.stderr)
+    d = args.depth
+    cases = [
+        ("text", "plain", {}),
+        ("text", "self draft, fixed", dict(draft=target, depth=d, adaptive_depth=False)),
+        ("text", "self draft, adaptive", dict(draft=target, depth=d)),
+        ("text", "requantized q4_0 draft, fixed", dict(draft=drafts["requantized"], depth=d, adaptive_depth=False)),
+        ("text", "requantized q4_0 draft, adaptive", dict(draft=drafts["requantized"], depth=d)),
+        ("text", "lookup, adaptive", dict(lookup=True, depth=d)),
+        ("edit", "plain", {}),
+        ("edit", "lookup, fixed", dict(lookup=True, depth=d, adaptive_depth=False)),
+        ("edit", "lookup, adaptive", dict(lookup=True, depth=d)),
+        ("edit", "requantized q4_0 draft, adaptive", dict(draft=drafts["requantized"], depth=d)),
+    ]
+    if "random" in drafts:
+        cases.insert(5, ("text", "random draft, fixed", dict(draft=drafts["random"], depth=d, adaptive_depth=False)))
+        cases.insert(6, ("text", "random draft, adaptive", dict(draft=drafts["random"], depth=d)))
+    prompts = {"text": TEXT_PROMPT, "edit": EDIT_PROMPT}
+    runs: dict[tuple[str, str], list[dict]] = {(p, name): [] for p, name, _ in cases}
+    for _ in range(args.reps):
+        for prompt_name, name, spec in cases:
+            runs[(prompt_name, name)].append(run_case(target, prompts[prompt_name], args, **spec))
+
+    rows = []
+    for prompt_name, name, _ in cases:
+        reps = runs[(prompt_name, name)]
+        baseline = runs[(prompt_name, "plain")]
+        identical = all(r["tokens"] == baseline[0]["tokens"] for r in reps)
+        ratios = [r["tps"] / b["tps"] for r, b in zip(reps, baseline)]
+        drafted, accepted = sum(r["drafted"] for r in reps), sum(r["accepted"] for r in reps)
+        rows.append({"prompt": prompt_name, "case": name, "tokens_per_s": statistics.median(r["tps"] for r in reps),
+                     "ratio_to_plain": statistics.median(ratios), "drafted": drafted // len(reps),
+                     "accepted": accepted // len(reps), "acceptance_rate": accepted / drafted if drafted else None,
+                     "tokens_per_target_decode": statistics.median(len(r["tokens"]) / r["rounds"] for r in reps),
+                     "same_tokens_as_plain": identical, "generated": len(reps[0]["tokens"])})
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
+              "processor": platform.processor() or platform.machine(), "model": model_path.name,
+              "target": target.description, "threads": args.threads, "reps": args.reps,
+              "max_tokens": args.max_tokens, "depth": args.depth, "n_gpu_layers": args.n_gpu_layers,
+              "devices": [dev.name for dev in llmplace.devices()],
+              # This machine is shared: the load average says how much else ran during the measurement.
+              "load_average_after": list(os.getloadavg()), "rows": rows}
+    print(f"{'prompt':6} {'case':34} {'tok/s':>7} {'ratio':>6} {'drafted':>7} {'accept':>6} {'tok/dec':>7} same")
+    for r in rows:
+        rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.2f}"
+        print(f"{r['prompt']:6} {r['case']:34} {r['tokens_per_s']:7.1f} {r['ratio_to_plain']:6.2f} {r['drafted']:7d} "
+              f"{rate:>6} {r['tokens_per_target_decode']:7.2f} {r['same_tokens_as_plain']}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for model in (target, *drafts.values()):
+        model.close()
+
+
+if __name__ == "__main__":
+    main()
