@@ -62,8 +62,32 @@ _rpc_devices: dict[str, list[Device]] = {}   # endpoint → its devices, each se
 _initialized = False
 
 
+def plugin_mismatch(folder: Path) -> str | None:
+    """Why a plugin folder must not be loaded (None if it matches this build). A backend module from another
+    llama.cpp commit or llmplace version links against a different ggml-base: loading it could crash."""
+    from . import __version__
+
+    info_path = folder / "_build_info.py"
+    info: dict = {}
+    try:
+        exec(compile(info_path.read_text(), str(info_path), "exec"), info)  # noqa: S102 - our own build's file
+    except OSError:
+        return f"{folder} has no _build_info.py: not a plugin built for llmplace"
+    try:
+        from ._build_info import LLAMA_CPP_COMMIT
+    except ImportError:  # pragma: no cover - a source tree without the compiled parts
+        return None
+    theirs = (info.get("LLAMA_CPP_COMMIT"), info.get("LLMPLACE_VERSION"))
+    if theirs != (LLAMA_CPP_COMMIT, __version__):
+        return (f"the plugin in {folder} was built for llmplace {theirs[1]} from llama.cpp {str(theirs[0])[:10]}, "
+                f"but this is llmplace {__version__} from llama.cpp {LLAMA_CPP_COMMIT[:10]}: install the plugin "
+                f"version that matches (pip install '{folder.name.replace('_', '-')}=={__version__}')")
+    return None
+
+
 def backend_dirs() -> list[Path]:
-    """Folders llmplace loads backend modules from: its own, then each installed plugin's."""
+    """Folders llmplace loads backend modules from: its own, then each installed plugin's (plugins built
+    from another llama.cpp commit or llmplace version are refused, see `backend_modules()`)."""
     dirs = [LIB_DIR]
     for package in PLUGIN_PACKAGES:
         spec = importlib.util.find_spec(package)
@@ -127,6 +151,11 @@ def ensure_initialized() -> None:
             return
         logs.install()
         for directory in backend_dirs():
+            mismatch = plugin_mismatch(directory) if directory != LIB_DIR else None
+            if mismatch is not None:
+                logs.logger.warning("%s", mismatch)
+                _modules.append(BackendModule(directory.name, directory, False, mismatch))
+                continue
             modules = _load_from(directory)
             for module in modules:
                 if not module.loaded:

@@ -46,3 +46,17 @@ def test_a_backend_module_that_fails_to_load_is_reported(tmp_path):
     assert result.name == "broken" and not result.loaded
     assert result.error  # the dynamic loader's reason
     assert any(d.name == "CPU" for d in llmplace.devices())  # nothing else was disturbed
+
+
+def test_a_plugin_built_from_another_llama_cpp_is_refused_with_the_fix(tmp_path):
+    from llmplace._build_info import LLAMA_CPP_COMMIT
+    from llmplace.backends import plugin_mismatch
+
+    plugin = tmp_path / "llmplace_cuda13"
+    plugin.mkdir()
+    assert "no _build_info.py" in plugin_mismatch(plugin)
+    (plugin / "_build_info.py").write_text(f'LLAMA_CPP_COMMIT = "{LLAMA_CPP_COMMIT}"\nLLMPLACE_VERSION = "{llmplace.__version__}"\n')
+    assert plugin_mismatch(plugin) is None
+    (plugin / "_build_info.py").write_text('LLAMA_CPP_COMMIT = "0123456789abcdef"\nLLMPLACE_VERSION = "0.0.1"\n')
+    message = plugin_mismatch(plugin)
+    assert "0123456789" in message and f"pip install 'llmplace-cuda13=={llmplace.__version__}'" in message
