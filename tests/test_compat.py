@@ -22,9 +22,13 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the differential tests need llama-cpp-python 0.3.36")
 
-import llmplace  # noqa: E402
-from llmplace.compat import (CompatibilityWarning, LogitsProcessorList, StoppingCriteriaList,  # noqa: E402
-                             UnsupportedFeatureError)
+import llmplace
+from llmplace.compat import (
+    CompatibilityWarning,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    UnsupportedFeatureError,
+)
 
 # One thread each: the results do not depend on it, and the shared 2-core machine is often busy (spinning
 # ggml threads on an oversubscribed machine slow decoding ten-fold).
@@ -113,7 +117,7 @@ def test_llama_is_exported_lazily_from_llmplace():
 
 
 def test_low_level_names_have_llama_cpp_pythons_values():
-    import llmplace.compat as compat
+    from llmplace import compat
 
     for name in ("LLAMA_SPLIT_MODE_NONE", "LLAMA_SPLIT_MODE_LAYER", "LLAMA_SPLIT_MODE_ROW", "LLAMA_POOLING_TYPE_NONE",
                  "LLAMA_POOLING_TYPE_MEAN", "LLAMA_POOLING_TYPE_CLS", "LLAMA_POOLING_TYPE_LAST",
@@ -194,7 +198,7 @@ def test_reply_ending_with_end_of_text_matches(up, me):
 def test_streamed_completion_matches(up, me, prompt, max_tokens, stop):
     expected = list(up(prompt, max_tokens=max_tokens, temperature=0, stop=stop, stream=True))
     got = list(me(prompt, max_tokens=max_tokens, temperature=0, stop=stop, stream=True))
-    text = lambda chunks: "".join(c["choices"][0]["text"] for c in chunks)  # noqa: E731
+    text = lambda chunks: "".join(c["choices"][0]["text"] for c in chunks)
     assert text(got) == text(expected)
     assert structure(got[0]) == structure(expected[0]) and structure(got[-1]) == structure(expected[-1])
     assert values(got[-1]) == values(expected[-1])  # the final chunk: "" and the finish reason
@@ -217,7 +221,7 @@ def test_completion_with_logits_processor_matches(up, me):
 
 
 def test_completion_with_stopping_criteria_matches(up, me):
-    long_enough = lambda input_ids, logits: len(input_ids) > 8  # noqa: E731
+    long_enough = lambda input_ids, logits: len(input_ids) > 8
     expected = up("The capital of France is", max_tokens=10, temperature=0,
                   stopping_criteria=llama_cpp.StoppingCriteriaList([long_enough]))
     assert expected["choices"][0]["finish_reason"] == "stop"
@@ -315,7 +319,7 @@ def test_chat_logprobs_match_within_tolerance(up_logits, me_logits):
     expected = up_logits.create_chat_completion(messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     got = me_logits.create_chat_completion(messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     assert structure(got) == structure(expected)
-    tokens = lambda r: [c["token"] for c in r["choices"][0]["logprobs"]["content"]]  # noqa: E731
+    tokens = lambda r: [c["token"] for c in r["choices"][0]["logprobs"]["content"]]
     assert tokens(got) == tokens(expected)
 
 
@@ -441,7 +445,10 @@ def test_override_tensor_places_weights(path):
 # ---- speculative decoding through draft_model ----
 @pytest.mark.parametrize("draft", ["lookup", "model"])
 def test_draft_model_keeps_greedy_output(path, me, draft):
-    from llmplace.compat.llama_speculative import LlamaDraftModelFile, LlamaPromptLookupDecoding
+    from llmplace.compat.llama_speculative import (
+        LlamaDraftModelFile,
+        LlamaPromptLookupDecoding,
+    )
 
     draft_model = LlamaPromptLookupDecoding(num_pred_tokens=4) if draft == "lookup" else LlamaDraftModelFile(path, 3)
     with llmplace.Llama(path, draft_model=draft_model, **COMMON) as spec:
@@ -491,8 +498,11 @@ def test_jinja2_chat_formatter_handler_matches(up, me, path):
 
 
 def test_registered_chat_format_is_used(path):
-    from llmplace.compat.llama_chat_format import (ChatFormatterResponse, LlamaChatCompletionHandlerRegistry,
-                                                   register_chat_format)
+    from llmplace.compat.llama_chat_format import (
+        ChatFormatterResponse,
+        LlamaChatCompletionHandlerRegistry,
+        register_chat_format,
+    )
 
     @register_chat_format("llmplace-test-plain")
     def plain(messages, **kwargs):
@@ -523,7 +533,7 @@ def test_install_aliases_llama_cpp_for_third_party_code():
 
 
 def test_install_refuses_when_llama_cpp_python_is_already_imported():
-    import llmplace.compat as compat
+    from llmplace import compat
 
     with pytest.raises(ValueError, match="already imported"):
         compat.install()

@@ -17,7 +17,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-import llmplace  # noqa: E402
+import llmplace
 
 KEY = "test-key"
 

@@ -45,9 +45,10 @@ from ._install import install, uninstall
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama import Llama, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError, StoppingCriteriaList
 from .llama_cache import LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
-from .llama_grammar import LlamaGrammar
-from .llama_cpp import *  # noqa: F401,F403 - the low-level names (LLAMA_SPLIT_MODE_*, llama_supports_gpu_offload ...)
+# The low-level names (LLAMA_SPLIT_MODE_*, GGML_TYPE_*, llama_supports_gpu_offload ...), as llama_cpp exports them.
+from .llama_cpp import *  # noqa: F403
 from .llama_cpp import __all__ as _low_level_names
+from .llama_grammar import LlamaGrammar
 
 # The llama-cpp-python version whose interface this layer follows (what `llama_cpp.__version__` reads after
 # install()); llmplace's own version is llmplace.__version__.

@@ -5,7 +5,8 @@ format_chat), complete, and reshape the `text_completion` result into `chat.comp
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..chat import format_chat
 from ..errors import InvalidParameterError
@@ -50,7 +51,7 @@ def _plain_messages(messages) -> list[dict]:
     return out
 
 
-def render(llama: "Llama", messages) -> list[int]:
+def render(llama: Llama, messages) -> list[int]:
     """The prompt tokens for `messages` with the Llama's chat format (the model's own template by default)."""
     model = llama._model
     fmt = llama.chat_format
@@ -66,7 +67,7 @@ def render(llama: "Llama", messages) -> list[int]:
     return tokens
 
 
-def create(llama: "Llama", *, messages, functions, function_call, tools, tool_choice, temperature, top_p, top_k,
+def create(llama: Llama, *, messages, functions, function_call, tools, tool_choice, temperature, top_p, top_k,
            min_p, typical_p, stream, stop, seed, response_format, max_tokens, presence_penalty, frequency_penalty,
            repeat_penalty, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, model, logits_processor, grammar,
            logit_bias, logprobs, top_logprobs):

@@ -14,7 +14,8 @@ import random
 import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def _special_token(vocab, getter) -> int:
     return -1 if token == C.LLAMA_TOKEN_NULL else int(token)
 
 
-def build_prompt(llama: "Llama", prompt, suffix: str | None) -> tuple[list[int], str | None]:
+def build_prompt(llama: Llama, prompt, suffix: str | None) -> tuple[list[int], str | None]:
     """The prompt tokens llama-cpp-python 0.3.36 builds, and the suffix to append to the text when the model
     has no fill-in-the-middle tokens (None otherwise)."""
     vocab = llama._model.vocab
@@ -83,7 +84,7 @@ def build_prompt(llama: "Llama", prompt, suffix: str | None) -> tuple[list[int],
 
 
 # ---- sampling ----
-def next_seed(llama: "Llama", seed: int | None) -> int | None:
+def next_seed(llama: Llama, seed: int | None) -> int | None:
     """llama-cpp-python's seed sequence: an explicit seed sticks; otherwise each call derives the next one from
     the previous (reproducible from the constructor's seed). None means llama.cpp draws a random one."""
     llama._seed = seed if seed is not None else random.Random(llama._seed).randint(0, 2**32)
@@ -91,7 +92,7 @@ def next_seed(llama: "Llama", seed: int | None) -> int | None:
     return None if value == _NO_SEED else value
 
 
-def sampling_params(llama: "Llama", *, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+def sampling_params(llama: Llama, *, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                     frequency_penalty, presence_penalty, seed, logit_bias) -> SamplingParams:
     """SamplingParams giving the sampler chain llama-cpp-python builds (same samplers, same order)."""
     bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
@@ -103,7 +104,7 @@ def sampling_params(llama: "Llama", *, temperature, top_k, top_p, min_p, typical
     if temperature == 0:
         return SamplingParams(temperature=0.0, **common)
     # llama.cpp treats p >= 1 as "off" and p <= 0 as "keep one token"; SamplingParams takes (0, 1].
-    clamp = lambda p: min(max(float(p), 1e-9), 1.0)  # noqa: E731
+    clamp = lambda p: min(max(float(p), 1e-9), 1.0)
     return SamplingParams(temperature=temperature, top_k=max(0, int(top_k)), top_p=clamp(top_p),
                           min_p=min(max(float(min_p), 0.0), 1.0), typical_p=clamp(typical_p), **common)
 
@@ -113,7 +114,7 @@ class _HookedRun:
     """Generation that exposes each token's logits before the draw (logits processors, stopping criteria,
     logprobs). Same sampler chain, prefix reuse and stop-string handling as stream_generate."""
 
-    def __init__(self, llama: "Llama", tokens: list[int], max_tokens: int, stops: list[str], params: SamplingParams,
+    def __init__(self, llama: Llama, tokens: list[int], max_tokens: int, stops: list[str], params: SamplingParams,
                  processors, criteria, keep_rows: bool, prompt_rows: bool, grammar=None) -> None:
         self.llama, self.tokens, self.max_tokens, self.stops, self.params = llama, tokens, max_tokens, stops, params
         self.processors, self.criteria, self.keep_rows = processors, criteria, keep_rows
@@ -185,7 +186,7 @@ class _HookedRun:
             yield _Step(token, text, None)
 
 
-def generate_tokens(llama: "Llama", tokens, params: SamplingParams, reset: bool, processors, criteria):
+def generate_tokens(llama: Llama, tokens, params: SamplingParams, reset: bool, processors, criteria):
     """Llama.generate: yield sampled token ids without end (the caller stops); a value sent into the generator
     (a list of token ids) is decoded after the token, as in llama-cpp-python."""
     ctx = llama._context()
@@ -215,10 +216,10 @@ def generate_tokens(llama: "Llama", tokens, params: SamplingParams, reset: bool,
 
 
 # ---- logprobs ----
-def _logprobs(llama: "Llama", entries: list[tuple[int, np.ndarray | None]], base_offset: int, n_top: int,
+def _logprobs(llama: Llama, entries: list[tuple[int, np.ndarray | None]], base_offset: int, n_top: int,
               first_null: bool = False) -> dict:
     """llama-cpp-python's CompletionLogprobs for (token, logits it was drawn from) pairs."""
-    piece = lambda t: llama.detokenize([t])  # noqa: E731
+    piece = lambda t: llama.detokenize([t])
     bos = llama.token_bos()
     tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
     consumed = b""
@@ -251,7 +252,7 @@ def _logprobs(llama: "Llama", entries: list[tuple[int, np.ndarray | None]], base
 
 
 # ---- create_completion ----
-def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo, stop,
+def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo, stop,
            frequency_penalty, presence_penalty, repeat_penalty, top_k, stream, seed, mirostat_mode, model,
            stopping_criteria, logits_processor, grammar, logit_bias):
     if mirostat_mode:
@@ -295,7 +296,7 @@ def create(llama: "Llama", prompt, *, suffix, max_tokens, temperature, top_p, mi
     return _whole(llama, steps, run, info, tokens, prompt, logprobs, echo, text_suffix)
 
 
-def _restore_from_cache(llama: "Llama", ctx, tokens: list[int]) -> None:
+def _restore_from_cache(llama: Llama, ctx, tokens: list[int]) -> None:
     """Load the cached state sharing the longest prefix with the prompt, when it shares more than the context."""
     try:
         item = llama.cache[tokens]
@@ -306,12 +307,12 @@ def _restore_from_cache(llama: "Llama", ctx, tokens: list[int]) -> None:
         llama.load_state(item)
 
 
-def _save_to_cache(llama: "Llama", prompt_tokens: list[int], tokens: list[int]) -> None:
+def _save_to_cache(llama: Llama, prompt_tokens: list[int], tokens: list[int]) -> None:
     if llama.cache is not None:
         llama.cache[prompt_tokens + tokens] = llama.save_state()
 
 
-def _is_end_token(llama: "Llama", token: int) -> bool:
+def _is_end_token(llama: Llama, token: int) -> bool:
     return token < 0 or llama._model.vocab.is_eog(token)
 
 

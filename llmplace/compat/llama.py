@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -22,13 +23,19 @@ from ..placement import Placement
 from ..placement import n_cpu_moe as _n_cpu_moe_rules
 from . import _chat, _completion
 from .errors import CompatibilityWarning, UnsupportedFeatureError
-from .llama_chat_format import registered_handler
 from .llama_cache import LlamaState
+from .llama_chat_format import registered_handler
 from .llama_cpp import LLAMA_DEFAULT_SEED
 from .llama_speculative import speculation_options
-from .llama_types import (ChatCompletionRequestMessage, CreateChatCompletionResponse,
-                          CreateChatCompletionStreamResponse, CreateCompletionResponse,
-                          CreateCompletionStreamResponse, CreateEmbeddingResponse)
+from .llama_types import (
+    ChatCompletionRequestMessage,
+    CreateChatCompletionResponse,
+    CreateChatCompletionStreamResponse,
+    CreateCompletionResponse,
+    CreateCompletionStreamResponse,
+    CreateEmbeddingResponse,
+)
+
 
 class _DropOutputOverrideNotice(logging.Filter):
     """embed() decodes with llama_batch_get_one, which asks for the last token's output only; in embedding mode
@@ -74,19 +81,19 @@ class Llama:
         n_gpu_layers: int = 0,
         split_mode: int = C.LLAMA_SPLIT_MODE_LAYER,
         main_gpu: int = 0,
-        tensor_split: Optional[List[float]] = None,
+        tensor_split: list[float] | None = None,
         vocab_only: bool = False,
         use_mmap: bool = True,
         use_mlock: bool = False,
-        kv_overrides: Optional[Dict[str, Union[bool, int, float, str]]] = None,
+        kv_overrides: dict[str, bool | int | float | str] | None = None,
         # context parameters
         seed: int = LLAMA_DEFAULT_SEED,
         n_ctx: int = 512,
         n_batch: int = 512,
         n_ubatch: int = 512,
-        n_threads: Optional[int] = None,
-        n_threads_batch: Optional[int] = None,
-        rope_scaling_type: Optional[int] = C.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        rope_scaling_type: int | None = C.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
         pooling_type: int = C.LLAMA_POOLING_TYPE_UNSPECIFIED,
         attention_type: int = C.LLAMA_ATTENTION_TYPE_UNSPECIFIED,
         rope_freq_base: float = 0.0,
@@ -100,35 +107,35 @@ class Llama:
         embedding: bool = False,
         offload_kqv: bool = True,
         flash_attn: bool = False,
-        op_offload: Optional[bool] = None,
-        swa_full: Optional[bool] = None,
+        op_offload: bool | None = None,
+        swa_full: bool | None = None,
         # sampling parameters
         no_perf: bool = False,
         last_n_tokens_size: int = 64,
         # LoRA
-        lora_base: Optional[str] = None,
+        lora_base: str | None = None,
         lora_scale: float = 1.0,
-        lora_path: Optional[str] = None,
+        lora_path: str | None = None,
         # backend
-        numa: Union[bool, int] = False,
+        numa: bool | int = False,
         # chat
-        chat_format: Optional[str] = None,
-        chat_handler: Optional[Any] = None,
+        chat_format: str | None = None,
+        chat_handler: Any | None = None,
         # speculative decoding
-        draft_model: Optional[Any] = None,
+        draft_model: Any | None = None,
         # tokenizer override
-        tokenizer: Optional[Any] = None,
+        tokenizer: Any | None = None,
         # KV cache types (GGML_TYPE_* ints, or llmplace's names such as "q8_0")
-        type_k: Optional[Union[int, str]] = None,
-        type_v: Optional[Union[int, str]] = None,
+        type_k: int | str | None = None,
+        type_v: int | str | None = None,
         # misc
         spm_infill: bool = False,
         verbose: bool = True,
         # llmplace's own
         override_tensor: Any = None,
         placement: Any = None,
-        n_cpu_moe: Optional[int] = None,
-        rpc_servers: Optional[Sequence[str]] = None,
+        n_cpu_moe: int | None = None,
+        rpc_servers: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Load `model_path` and create its context. Keywords as llama_cpp.Llama, plus llmplace's placement:
@@ -192,7 +199,7 @@ class Llama:
                                 tensor_split=tensor_split, rpc_servers=rpc_servers)
         except ModelLoadError as exc:
             raise ModelPathError(f"Failed to load model from file: {model_path} ({exc})") from exc
-        self.metadata: Dict[str, str] = self._model.metadata
+        self.metadata: dict[str, str] = self._model.metadata
         self.tokenizer_ = tokenizer
 
         # ---- the context ----
@@ -238,7 +245,7 @@ class Llama:
         if self._model is not None:
             self._model.close()
 
-    def __enter__(self) -> "Llama":
+    def __enter__(self) -> Llama:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -318,14 +325,14 @@ class Llama:
         self._seed = state.seed
 
     # ---- text <-> tokens ----
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         """Tokens of UTF-8 `text` (bytes). add_bos adds BOS (and EOS) as the model asks; special parses
         special-token text such as '<|im_start|>'."""
         if self.tokenizer_ is not None:
             return self.tokenizer_.tokenize(text, add_bos, special)
         return self._model.vocab.tokenize(text, add_special=add_bos, parse_special=special)
 
-    def detokenize(self, tokens: List[int], prev_tokens: Optional[List[int]] = None, special: bool = False) -> bytes:
+    def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
         """The bytes `tokens` stand for. prev_tokens is accepted for compatibility (llama-cpp-python ignores it too)."""
         if self.tokenizer_ is not None:
             return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
@@ -372,16 +379,16 @@ class Llama:
                                            stopping_criteria or None)
 
     # ---- completion ----
-    def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None,
-                          max_tokens: Optional[int] = 16, temperature: float = 0.8, top_p: float = 0.95,
-                          min_p: float = 0.05, typical_p: float = 1.0, logprobs: Optional[int] = None,
-                          echo: bool = False, stop: Optional[Union[str, List[str]]] = [],  # noqa: B006 - as upstream
+    def create_completion(self, prompt: str | list[int], suffix: str | None = None,
+                          max_tokens: int | None = 16, temperature: float = 0.8, top_p: float = 0.95,
+                          min_p: float = 0.05, typical_p: float = 1.0, logprobs: int | None = None,
+                          echo: bool = False, stop: str | list[str] | None = [],  # noqa: B006 - as upstream
                           frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
-                          top_k: int = 40, stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
+                          top_k: int = 40, stream: bool = False, seed: int | None = None, tfs_z: float = 1.0,
                           mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
-                          model: Optional[str] = None, stopping_criteria=None, logits_processor=None,
-                          grammar=None, logit_bias: Optional[Dict[int, float]] = None,
-                          ) -> Union[CreateCompletionResponse, Iterator[CreateCompletionStreamResponse]]:
+                          model: str | None = None, stopping_criteria=None, logits_processor=None,
+                          grammar=None, logit_bias: dict[int, float] | None = None,
+                          ) -> CreateCompletionResponse | Iterator[CreateCompletionStreamResponse]:
         """Generate text from a prompt (str or token ids): a `text_completion` dict, or with stream=True an
         iterator of chunks. Arguments are checked here, also for streams."""
         return _completion.create(
@@ -391,16 +398,16 @@ class Llama:
             seed=seed, mirostat_mode=mirostat_mode, model=model, stopping_criteria=stopping_criteria,
             logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
 
-    def __call__(self, prompt: Union[str, List[int]], suffix: Optional[str] = None, max_tokens: Optional[int] = 16,
+    def __call__(self, prompt: str | list[int], suffix: str | None = None, max_tokens: int | None = 16,
                  temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
-                 logprobs: Optional[int] = None, echo: bool = False,
-                 stop: Optional[Union[str, List[str]]] = [],  # noqa: B006 - as upstream
+                 logprobs: int | None = None, echo: bool = False,
+                 stop: str | list[str] | None = [],  # noqa: B006 - as upstream
                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
-                 top_k: int = 40, stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
+                 top_k: int = 40, stream: bool = False, seed: int | None = None, tfs_z: float = 1.0,
                  mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
-                 model: Optional[str] = None, stopping_criteria=None, logits_processor=None, grammar=None,
-                 logit_bias: Optional[Dict[int, float]] = None,
-                 ) -> Union[CreateCompletionResponse, Iterator[CreateCompletionStreamResponse]]:
+                 model: str | None = None, stopping_criteria=None, logits_processor=None, grammar=None,
+                 logit_bias: dict[int, float] | None = None,
+                 ) -> CreateCompletionResponse | Iterator[CreateCompletionStreamResponse]:
         """Same as create_completion."""
         return self.create_completion(
             prompt, suffix=suffix, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
@@ -411,17 +418,17 @@ class Llama:
             logit_bias=logit_bias)
 
     # ---- chat ----
-    def create_chat_completion(self, messages: List[ChatCompletionRequestMessage], functions=None,
+    def create_chat_completion(self, messages: list[ChatCompletionRequestMessage], functions=None,
                                function_call=None, tools=None, tool_choice=None, temperature: float = 0.2,
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
-                               stream: bool = False, stop: Optional[Union[str, List[str]]] = [],  # noqa: B006
-                               seed: Optional[int] = None, response_format=None, max_tokens: Optional[int] = None,
+                               stream: bool = False, stop: str | list[str] | None = [],  # noqa: B006
+                               seed: int | None = None, response_format=None, max_tokens: int | None = None,
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
-                               mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None,
-                               logits_processor=None, grammar=None, logit_bias: Optional[Dict[int, float]] = None,
-                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None,
-                               ) -> Union[CreateChatCompletionResponse, Iterator[CreateChatCompletionStreamResponse]]:
+                               mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
+                               logits_processor=None, grammar=None, logit_bias: dict[int, float] | None = None,
+                               logprobs: bool | None = None, top_logprobs: int | None = None,
+                               ) -> CreateChatCompletionResponse | Iterator[CreateChatCompletionStreamResponse]:
         """Reply to `messages` rendered with the model's chat template: a `chat.completion` dict, or with
         stream=True an iterator of `chat.completion.chunk` dicts."""
         options = dict(messages=messages, functions=functions, function_call=function_call, tools=tools,
@@ -450,7 +457,7 @@ class Llama:
         return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
 
     # ---- embeddings ----
-    def create_embedding(self, input: Union[str, List[str]], model: Optional[str] = None) -> CreateEmbeddingResponse:
+    def create_embedding(self, input: str | list[str], model: str | None = None) -> CreateEmbeddingResponse:
         """Embed a string or a list of strings: an OpenAI-shaped `list` of `embedding` objects."""
         vectors, total = self.embed(input if isinstance(input, list) else [input], return_count=True)
         return {"object": "list",
@@ -458,7 +465,7 @@ class Llama:
                 "model": model if model is not None else self.model_path,
                 "usage": {"prompt_tokens": total, "total_tokens": total}}
 
-    def embed(self, input: Union[str, List[str]], normalize: bool = False, truncate: bool = True,
+    def embed(self, input: str | list[str], normalize: bool = False, truncate: bool = True,
               return_count: bool = False):
         """Embeddings of a string (one vector, or one per token when the model does not pool) or of a list of
         strings (a list of those)."""
@@ -492,8 +499,8 @@ class Llama:
         return (output, total) if return_count else output
 
     @classmethod
-    def from_pretrained(cls, repo_id: str, filename: Optional[str], additional_files: Optional[List] = None,
-                        local_dir=None, local_dir_use_symlinks="auto", cache_dir=None, **kwargs: Any) -> "Llama":
+    def from_pretrained(cls, repo_id: str, filename: str | None, additional_files: list | None = None,
+                        local_dir=None, local_dir_use_symlinks="auto", cache_dir=None, **kwargs: Any) -> Llama:
         """Download the GGUF of Hugging Face Hub repository `repo_id` whose name matches the glob `filename`
         (exactly one must match; huggingface_hub's cache is reused) and load it with the other keywords.
         local_dir_use_symlinks is accepted and ignored (huggingface_hub no longer uses it)."""

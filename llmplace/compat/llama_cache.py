@@ -8,7 +8,7 @@ LlamaDiskCache (which needs the diskcache package) is not provided yet.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -59,13 +59,13 @@ class LlamaRAMCache(BaseLlamaCache):
 
     def __init__(self, capacity_bytes: int = (2 << 30)) -> None:
         super().__init__(capacity_bytes)
-        self.cache_state: "OrderedDict[Tuple[int, ...], LlamaState]" = OrderedDict()
+        self.cache_state: OrderedDict[tuple[int, ...], LlamaState] = OrderedDict()
 
     @property
     def cache_size(self) -> int:
         return sum(state.llama_state_size for state in self.cache_state.values())
 
-    def _find_longest_prefix_key(self, key: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+    def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
         best, best_len = None, 0
         for k in self.cache_state:
             n = longest_token_prefix(k, key)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable, Dict, List, Optional, Protocol, Union
+from typing import Any, Protocol
 
 from . import _chat
 from .errors import UnsupportedFeatureError
@@ -22,13 +23,13 @@ class ChatFormatterResponse:
     """A rendered prompt, and the stop strings (and stopping criteria) the format needs."""
 
     prompt: str
-    stop: Optional[Union[str, List[str]]] = None
-    stopping_criteria: Optional[Any] = None
+    stop: str | list[str] | None = None
+    stopping_criteria: Any | None = None
     added_special: bool = False  # True when the prompt text already holds BOS: do not add another
 
 
 class ChatFormatter(Protocol):
-    def __call__(self, *, messages: List[Dict[str, Any]], **kwargs: Any) -> ChatFormatterResponse: ...
+    def __call__(self, *, messages: list[dict[str, Any]], **kwargs: Any) -> ChatFormatterResponse: ...
 
 
 LlamaChatCompletionHandler = Callable[..., Any]
@@ -41,7 +42,7 @@ class LlamaChatCompletionHandlerNotFoundException(Exception):
 class LlamaChatCompletionHandlerRegistry:
     """Name → chat completion handler (one registry per process, as in llama-cpp-python)."""
 
-    _chat_handlers: Dict[str, LlamaChatCompletionHandler] = {}
+    _chat_handlers: dict[str, LlamaChatCompletionHandler] = {}
 
     def register_chat_completion_handler(self, name: str, chat_handler: LlamaChatCompletionHandler,
                                          overwrite: bool = False) -> None:
@@ -66,7 +67,7 @@ def get_chat_completion_handler(name: str) -> LlamaChatCompletionHandler:
     return LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
 
 
-def registered_handler(name: Optional[str]) -> Optional[LlamaChatCompletionHandler]:
+def registered_handler(name: str | None) -> LlamaChatCompletionHandler | None:
     """The handler registered under `name`, or None (llmplace then renders with its own templates)."""
     return LlamaChatCompletionHandlerRegistry._chat_handlers.get(name) if name else None
 
@@ -126,7 +127,7 @@ class Jinja2ChatFormatter:
     `raise_exception`, `strftime_now`, a `tojson` filter keeping non-ASCII text)."""
 
     def __init__(self, template: str, eos_token: str, bos_token: str, add_generation_prompt: bool = True,
-                 stop_token_ids: Optional[List[int]] = None) -> None:
+                 stop_token_ids: list[int] | None = None) -> None:
         import jinja2
         import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment

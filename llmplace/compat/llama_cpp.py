@@ -14,9 +14,18 @@ _ENUM_PREFIXES = ("LLAMA_SPLIT_MODE_", "LLAMA_POOLING_TYPE_", "LLAMA_ROPE_SCALIN
                   "LLAMA_VOCAB_TYPE_", "LLAMA_FTYPE_", "LLAMA_FLASH_ATTN_TYPE_", "LLAMA_TOKEN_ATTR_",
                   "GGML_TYPE_", "GGML_NUMA_STRATEGY_", "LLAMA_ROPE_TYPE_")
 
-__all__ = ["LLAMA_DEFAULT_SEED", "LLAMA_MAX_DEVICES", "LLAMA_TOKEN_NULL", "llama_supports_gpu_offload",
-           "llama_supports_mmap", "llama_supports_mlock", "llama_supports_rpc", "llama_print_system_info",
-           "llama_max_devices", "llama_time_us"]
+__all__ = [
+    "LLAMA_DEFAULT_SEED",
+    "LLAMA_MAX_DEVICES",
+    "LLAMA_TOKEN_NULL",
+    "llama_max_devices",
+    "llama_print_system_info",
+    "llama_supports_gpu_offload",
+    "llama_supports_mlock",
+    "llama_supports_mmap",
+    "llama_supports_rpc",
+    "llama_time_us",
+]
 
 for _name in dir(C):
     if _name.startswith(_ENUM_PREFIXES):

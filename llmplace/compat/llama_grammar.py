@@ -9,7 +9,6 @@ invalid one raises InvalidParameterError quoting llama.cpp's reason, before anyt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -60,11 +59,11 @@ class LlamaGrammar:
         self._root = LLAMA_GRAMMAR_DEFAULT_ROOT
 
     @classmethod
-    def from_string(cls, grammar: str, verbose: bool = True) -> "LlamaGrammar":
+    def from_string(cls, grammar: str, verbose: bool = True) -> LlamaGrammar:
         return cls(_grammar=grammar)
 
     @classmethod
-    def from_file(cls, file: Union[str, Path], verbose: bool = True) -> "LlamaGrammar":
+    def from_file(cls, file: str | Path, verbose: bool = True) -> LlamaGrammar:
         try:
             text = Path(file).read_text()
         except OSError as exc:
@@ -72,7 +71,7 @@ class LlamaGrammar:
         return cls.from_string(text, verbose=verbose)
 
     @classmethod
-    def from_json_schema(cls, json_schema: str, verbose: bool = True) -> "LlamaGrammar":
+    def from_json_schema(cls, json_schema: str, verbose: bool = True) -> LlamaGrammar:
         raise UnsupportedFeatureError("LlamaGrammar.from_json_schema is not supported by llmplace yet; write the "
                                       "GBNF yourself, or use JSON_GBNF (any JSON object)")
 

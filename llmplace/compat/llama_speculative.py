@@ -51,7 +51,7 @@ class LlamaDraftModelFile(LlamaDraftModel):
     """A draft model (a smaller GGUF of the same vocabulary, a path or an llmplace Model) proposing up to
     `num_pred_tokens` tokens per step through llmplace's speculative decoding."""
 
-    def __init__(self, model: "str | os.PathLike | Any", num_pred_tokens: int = 5) -> None:
+    def __init__(self, model: str | os.PathLike | Any, num_pred_tokens: int = 5) -> None:
         self.model = model
         self.num_pred_tokens = num_pred_tokens
 

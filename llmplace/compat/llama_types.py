@@ -6,7 +6,7 @@ The same names, so `from llama_cpp.llama_types import ChatCompletionRequestMessa
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, TypedDict, Union
+from typing import Any, Literal, TypedDict, Union
 
 try:  # Python >= 3.11
     from typing import NotRequired
@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - Python 3.10
 
         NotRequired = _NotRequired  # type: ignore[misc,assignment]
 
-JsonType = Union[None, int, str, bool, List[Any], Dict[str, Any]]
+JsonType = Union[None, int, str, bool, list[Any], dict[str, Any]]
 
 
 # ---- embeddings ----
@@ -34,29 +34,29 @@ class EmbeddingUsage(TypedDict):
 class Embedding(TypedDict):
     index: int
     object: str
-    embedding: Union[List[float], List[List[float]]]
+    embedding: list[float] | list[list[float]]
 
 
 class CreateEmbeddingResponse(TypedDict):
     object: Literal["list"]
     model: str
-    data: List[Embedding]
+    data: list[Embedding]
     usage: EmbeddingUsage
 
 
 # ---- text completion ----
 class CompletionLogprobs(TypedDict):
-    text_offset: List[int]
-    token_logprobs: List[Optional[float]]
-    tokens: List[str]
-    top_logprobs: List[Optional[Dict[str, float]]]
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
 
 
 class CompletionChoice(TypedDict):
     text: str
     index: int
-    logprobs: Optional[CompletionLogprobs]
-    finish_reason: Optional[Literal["stop", "length"]]
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
 
 
 class CompletionUsage(TypedDict):
@@ -70,7 +70,7 @@ class CreateCompletionResponse(TypedDict):
     object: Literal["text_completion"]
     created: int
     model: str
-    choices: List[CompletionChoice]
+    choices: list[CompletionChoice]
     usage: NotRequired[CompletionUsage]
 
 
@@ -81,8 +81,8 @@ class ChatCompletionResponseFunctionCall(TypedDict):
 
 
 class ChatCompletionResponseMessage(TypedDict):
-    content: Optional[str]
-    tool_calls: NotRequired["ChatCompletionMessageToolCalls"]
+    content: str | None
+    tool_calls: NotRequired[ChatCompletionMessageToolCalls]
     role: Literal["assistant", "function"]
     function_call: NotRequired[ChatCompletionResponseFunctionCall]  # deprecated by OpenAI
 
@@ -90,29 +90,29 @@ class ChatCompletionResponseMessage(TypedDict):
 class ChatCompletionFunction(TypedDict):
     name: str
     description: NotRequired[str]
-    parameters: Dict[str, JsonType]
+    parameters: dict[str, JsonType]
 
 
 class ChatCompletionTopLogprobToken(TypedDict):
     token: str
     logprob: float
-    bytes: Optional[List[int]]
+    bytes: list[int] | None
 
 
 class ChatCompletionLogprobToken(ChatCompletionTopLogprobToken):
-    top_logprobs: List[ChatCompletionTopLogprobToken]
+    top_logprobs: list[ChatCompletionTopLogprobToken]
 
 
 class ChatCompletionLogprobs(TypedDict):
-    content: Optional[List[ChatCompletionLogprobToken]]
-    refusal: Optional[List[ChatCompletionLogprobToken]]
+    content: list[ChatCompletionLogprobToken] | None
+    refusal: list[ChatCompletionLogprobToken] | None
 
 
 class ChatCompletionResponseChoice(TypedDict):
     index: int
-    message: "ChatCompletionResponseMessage"
-    logprobs: Optional[ChatCompletionLogprobs]
-    finish_reason: Optional[str]
+    message: ChatCompletionResponseMessage
+    logprobs: ChatCompletionLogprobs | None
+    finish_reason: str | None
 
 
 class CreateChatCompletionResponse(TypedDict):
@@ -120,13 +120,13 @@ class CreateChatCompletionResponse(TypedDict):
     object: Literal["chat.completion"]
     created: int
     model: str
-    choices: List["ChatCompletionResponseChoice"]
+    choices: list[ChatCompletionResponseChoice]
     usage: CompletionUsage
 
 
 # ---- chat completion: stream chunks ----
 class ChatCompletionMessageToolCallChunkFunction(TypedDict):
-    name: Optional[str]
+    name: str | None
     arguments: str
 
 
@@ -147,17 +147,17 @@ class ChatCompletionStreamResponseDeltaFunctionCall(TypedDict):
 
 
 class ChatCompletionStreamResponseDelta(TypedDict):
-    content: NotRequired[Optional[str]]
-    function_call: NotRequired[Optional[ChatCompletionStreamResponseDeltaFunctionCall]]  # deprecated by OpenAI
-    tool_calls: NotRequired[Optional[List[ChatCompletionMessageToolCallChunk]]]
-    role: NotRequired[Optional[Literal["system", "user", "assistant", "tool"]]]
+    content: NotRequired[str | None]
+    function_call: NotRequired[ChatCompletionStreamResponseDeltaFunctionCall | None]  # deprecated by OpenAI
+    tool_calls: NotRequired[list[ChatCompletionMessageToolCallChunk] | None]
+    role: NotRequired[Literal["system", "user", "assistant", "tool"] | None]
 
 
 class ChatCompletionStreamResponseChoice(TypedDict):
     index: int
-    delta: Union[ChatCompletionStreamResponseDelta, ChatCompletionStreamResponseDeltaEmpty]
-    finish_reason: Optional[Literal["stop", "length", "tool_calls", "function_call"]]
-    logprobs: NotRequired[Optional[ChatCompletionLogprobs]]
+    delta: ChatCompletionStreamResponseDelta | ChatCompletionStreamResponseDeltaEmpty
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None
+    logprobs: NotRequired[ChatCompletionLogprobs | None]
 
 
 class CreateChatCompletionStreamResponse(TypedDict):
@@ -165,14 +165,14 @@ class CreateChatCompletionStreamResponse(TypedDict):
     model: str
     object: Literal["chat.completion.chunk"]
     created: int
-    choices: List[ChatCompletionStreamResponseChoice]
+    choices: list[ChatCompletionStreamResponseChoice]
 
 
 # ---- chat completion: requests ----
 class ChatCompletionFunctions(TypedDict):
     name: str
     description: NotRequired[str]
-    parameters: Dict[str, JsonType]
+    parameters: dict[str, JsonType]
 
 
 class ChatCompletionFunctionCallOption(TypedDict):
@@ -196,7 +196,7 @@ class ChatCompletionRequestMessageContentPartImageImageUrl(TypedDict):
 
 class ChatCompletionRequestMessageContentPartImage(TypedDict):
     type: Literal["image_url"]
-    image_url: Union[str, ChatCompletionRequestMessageContentPartImageImageUrl]
+    image_url: str | ChatCompletionRequestMessageContentPartImageImageUrl
 
 
 ChatCompletionRequestMessageContentPart = Union[
@@ -205,12 +205,12 @@ ChatCompletionRequestMessageContentPart = Union[
 
 class ChatCompletionRequestSystemMessage(TypedDict):
     role: Literal["system"]
-    content: Optional[str]
+    content: str | None
 
 
 class ChatCompletionRequestUserMessage(TypedDict):
     role: Literal["user"]
-    content: Optional[Union[str, List[ChatCompletionRequestMessageContentPart]]]
+    content: str | list[ChatCompletionRequestMessageContentPart] | None
 
 
 class ChatCompletionMessageToolCallFunction(TypedDict):
@@ -224,7 +224,7 @@ class ChatCompletionMessageToolCall(TypedDict):
     function: ChatCompletionMessageToolCallFunction
 
 
-ChatCompletionMessageToolCalls = List[ChatCompletionMessageToolCall]
+ChatCompletionMessageToolCalls = list[ChatCompletionMessageToolCall]
 
 
 class ChatCompletionRequestAssistantMessageFunctionCall(TypedDict):
@@ -241,13 +241,13 @@ class ChatCompletionRequestAssistantMessage(TypedDict):
 
 class ChatCompletionRequestToolMessage(TypedDict):
     role: Literal["tool"]
-    content: Optional[str]
+    content: str | None
     tool_call_id: str
 
 
 class ChatCompletionRequestFunctionMessage(TypedDict):
     role: Literal["function"]
-    content: Optional[str]
+    content: str | None
     name: str
 
 
@@ -261,7 +261,7 @@ class ChatCompletionRequestFunctionCallOption(TypedDict):
 
 
 ChatCompletionRequestFunctionCall = Union[Literal["none", "auto"], ChatCompletionRequestFunctionCallOption]
-ChatCompletionFunctionParameters = Dict[str, JsonType]
+ChatCompletionFunctionParameters = dict[str, JsonType]
 
 
 class ChatCompletionToolFunction(TypedDict):

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["make_server", "serve", "main"]
+__all__ = ["main", "make_server", "serve"]
 
 
 def make_server(*args, **kwargs):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -64,7 +63,7 @@ class ModelService:
         self.queue = FifoLock()
         self.busy = 0  # requests holding the model (0 or 1): /health reports it
 
-    def __enter__(self) -> "ModelService":
+    def __enter__(self) -> ModelService:
         self.queue.__enter__()
         self.busy += 1
         return self
@@ -83,7 +82,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     service: ModelService  # set on the subclass make_server creates
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by the base class
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # the access log would go to stderr for every request
 
     # ---- plumbing ----
@@ -130,13 +129,13 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # noqa: BLE001 - an unexpected failure is answered, not dropped
             self._send_json(500, APIError(500, f"{type(exc).__name__}: {exc}", "server_error").body)
 
-    def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
+    def do_GET(self) -> None:
         routes = {"/v1/models": self._models,
                   "/health": lambda: self._send_json(200, {"status": "ok", "busy": self.service.busy > 0})}
         route = routes.get(self.path.split("?")[0].rstrip("/"))
         self._handle(route or (lambda: self._not_found()))
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         routes = {"/v1/completions": self._completions, "/v1/chat/completions": self._chat,
                   "/v1/embeddings": self._embeddings, "/extras/tokenize": self._tokenize,
                   "/extras/tokenize/count": self._tokenize_count, "/extras/detokenize": self._detokenize}
@@ -163,6 +162,13 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as exc:  # noqa: BLE001 - headers are sent: report the failure as the stream's last event
+            error = APIError(500, f"{type(exc).__name__}: {exc}", "server_error").body
+            try:
+                self.wfile.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+                self.wfile.flush()
+            except OSError:
+                pass
         finally:
             chunks.close()  # ends stream_generate now: the sampler is freed and the context stays consistent
 
