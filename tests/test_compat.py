@@ -641,3 +641,49 @@ def test_ram_cache_restores_the_longest_matching_state(path):
         streamed = "".join(c["choices"][0]["text"] for c in llm("Hello there", max_tokens=4, temperature=0,
                                                                  stream=True))
         assert streamed and len(cache.cache_state) == 3  # streams are cached too (the same prompt+reply overwrites)
+
+
+# ---- llama-cpp-python's README examples, with only the import changed ----
+def test_llama_cpp_python_readme_examples_run_unchanged(path):
+    from llmplace import Llama  # was: from llama_cpp import Llama
+    from llmplace.compat.llama_speculative import LlamaPromptLookupDecoding  # was: llama_cpp.llama_speculative
+
+    llm = Llama(model_path=path)
+    output = llm("Q: Name the planets in the solar system? A: ", max_tokens=16, stop=["Q:", "\n"], echo=True)
+    assert output["choices"][0]["text"].startswith("Q: Name the planets in the solar system? A: ")
+
+    llm = Llama(model_path=path, chat_format="chatml")
+    reply = llm.create_chat_completion(messages=[
+        {"role": "system", "content": "You are an assistant who perfectly describes images."},
+        {"role": "user", "content": "Describe this image in detail please."}], max_tokens=16)
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+
+    llm = Llama(model_path=path, chat_format="chatml")
+    reply = llm.create_chat_completion(
+        messages=[{"role": "system", "content": "You are a helpful assistant that outputs in JSON."},
+                  {"role": "user", "content": "Who won the world series in 2020"}],
+        response_format={"type": "json_object"}, temperature=0.7, max_tokens=8)
+    assert reply["choices"][0]["message"]["content"].lstrip().startswith("{")
+
+    with pytest.warns(CompatibilityWarning, match="schema is not enforced"):
+        llm.create_chat_completion(
+            messages=[{"role": "user", "content": "Who won the world series in 2020"}],
+            response_format={"type": "json_object", "schema": {"type": "object",
+                                                               "properties": {"team_name": {"type": "string"}}}},
+            temperature=0.7, max_tokens=8)
+
+    llm = Llama(model_path=path, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
+    assert llm("Q: 1, 2, 3, 1, 2, 3? A:", max_tokens=8)["usage"]["completion_tokens"] <= 8
+
+    llm = Llama(model_path=path, embedding=True)
+    embeddings = llm.create_embedding("Hello, world!")
+    assert embeddings["object"] == "list" and len(llm.embed(["Hello, world!", "Goodbye, world!"])) == 2
+
+    llm = Llama(model_path=path, n_ctx=2048)
+    assert llm.n_ctx() == 2048
+
+
+def test_function_calling_chat_formats_raise_a_typed_error(path):
+    with llmplace.Llama(path, chat_format="chatml-function-calling", **COMMON) as llm:
+        with pytest.raises(UnsupportedFeatureError, match="chatml-function-calling"):
+            llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2)

@@ -24,6 +24,11 @@ CHAT_FORMAT_NAMES = {
 }
 
 
+# llama-cpp-python's formats that are programs (function calling, vision), not templates.
+UNSUPPORTED_FORMATS = {"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2", "llava-1-5",
+                       "llava-1-6", "moondream2", "nanollava", "llama-3-vision-alpha", "minicpm-v-2.6", "qwen2.5-vl"}
+
+
 def _plain_messages(messages) -> list[dict]:
     """Messages as {'role', 'content': str}: None content becomes "", text parts are joined."""
     if not isinstance(messages, list):
@@ -55,6 +60,9 @@ def render(llama: Llama, messages) -> list[int]:
     """The prompt tokens for `messages` with the Llama's chat format (the model's own template by default)."""
     model = llama._model
     fmt = llama.chat_format
+    if fmt in UNSUPPORTED_FORMATS:
+        raise UnsupportedFeatureError(f"chat_format={fmt!r} (function calling or vision in llama-cpp-python) is not "
+                                      "supported by llmplace.Llama yet; use the model's own template (chat_format=None)")
     template = None if fmt in (None, "chat_template.default") else CHAT_FORMAT_NAMES.get(fmt, fmt)
     text = format_chat(model, [{"role": m.get("role"), "content": m["content"]} for m in _plain_messages(messages)],
                        add_generation_prompt=True, template=template)
