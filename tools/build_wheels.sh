@@ -18,7 +18,8 @@ python3 -m pip wheel --no-build-isolation --no-deps -w dist plugins/cuda 2>&1 | 
 ls -la dist
 if [ "${1:-}" = "--check" ]; then
     rm -rf /tmp/llmplace-venv && python3 -m venv /tmp/llmplace-venv
-    /tmp/llmplace-venv/bin/python -m pip install -q --no-index --find-links dist --find-links .whl --find-links .whl-venv llmplace-cuda13
+    # PYTHONPATH unset: pip must not count packages found there (e.g. a staged cffi) as installed in the venv
+    env -u PYTHONPATH /tmp/llmplace-venv/bin/python -m pip install -q --no-index --find-links dist --find-links .whl --find-links .whl-venv llmplace-cuda13
     (cd /tmp && env -u PYTHONPATH /tmp/llmplace-venv/bin/python -c "
 import llmplace
 for d in llmplace.devices():
