@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .gguf_validate import validate
 
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 GGUF_MAGIC = b"GGUF"
@@ -37,6 +38,8 @@ def check_header(path: Path) -> None:
     if version not in SUPPORTED_GGUF_VERSIONS:
         raise ModelLoadError(f"{path} has GGUF version {version}; this llama.cpp reads versions "
                              f"{SUPPORTED_GGUF_VERSIONS}. Re-convert the model with a current llama.cpp")
+    # The header, key/values and tensor table, bounds-checked before llama.cpp trusts them (cached per file).
+    validate(path)
 
 
 @dataclass(frozen=True)

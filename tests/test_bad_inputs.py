@@ -54,7 +54,7 @@ def test_truncated_gguf_with_intact_header(tmp_path, tiny_llama_path, still_work
     data = tiny_llama_path.read_bytes()
     path = tmp_path / "truncated.gguf"
     path.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(ModelLoadError, match="could not load"):
+    with pytest.raises(ModelLoadError, match="beyond the end of the file.*re-download"):
         llmplace.load(path, progress=False)
 
 
@@ -68,7 +68,7 @@ def test_tensor_data_offset_past_end_of_file(tmp_path, tiny_llama_path, still_wo
     offset_part[0] = path.stat().st_size * 4
     reader.data.flush()
     del reader
-    with pytest.raises(ModelLoadError, match="could not load"):
+    with pytest.raises(ModelLoadError, match="beyond the end of the file"):
         llmplace.load(path, progress=False)
 
 
