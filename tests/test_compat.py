@@ -687,3 +687,13 @@ def test_function_calling_chat_formats_raise_a_typed_error(path):
     with llmplace.Llama(path, chat_format="chatml-function-calling", **COMMON) as llm:
         with pytest.raises(UnsupportedFeatureError, match="chatml-function-calling"):
             llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+@pytest.mark.parametrize("prompt,max_tokens,penalties", [
+    ("The capital of France is", 16, {"repeat_penalty": 1.3}),
+    ("1, 2, 3,", 24, {"frequency_penalty": 0.5}),
+    ("Once upon a time", 24, {"presence_penalty": 0.8, "repeat_penalty": 1.1}),
+])
+def test_repetition_penalties_count_generated_tokens_as_llama_cpp_python(up, me, prompt, max_tokens, penalties):
+    assert_same(me(prompt, max_tokens=max_tokens, temperature=0, **penalties),
+                up(prompt, max_tokens=max_tokens, temperature=0, **penalties))

@@ -22,8 +22,6 @@ What differs (each is warned about or raises a typed error when used):
   speculative decoding, which refuses repetition penalties and typical_p; calls with logits processors,
   stopping criteria or logprobs decode without speculation.
 - Arguments are checked when `create_completion(stream=True)` is called, not at the first chunk.
-- Repetition penalties also count the prompt's tokens (as llama.cpp's own server and CLI do);
-  llama-cpp-python counts only generated tokens. Outputs with repeat/frequency/presence penalties differ.
 - `suffix=` uses the model's fill-in-the-middle tokens; a model without them gets the suffix appended
   to the text (llama-cpp-python puts token 0 in their place).
 - A stream never yields an empty-text chunk before the final one (llama-cpp-python sometimes does when a

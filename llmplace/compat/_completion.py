@@ -138,11 +138,8 @@ class _HookedRun:
                 cached += 1
             ctx.truncate(cached)
             ctx.decode(tokens[cached:])
-        sampler = Sampler(llama.n_vocab(), self.params)
+        sampler = Sampler(llama.n_vocab(), self.params)  # a new chain: penalties see only generated tokens
         try:
-            if self.params.uses_penalties:
-                for t in tokens:
-                    sampler.accept(t)
             yield from self._steps(ctx, vocab, sampler)
         finally:
             sampler.close()
@@ -276,7 +273,10 @@ def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_
     params = sampling_params(llama, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                              presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
-    hooked = logprobs is not None or bool(logits_processor) or bool(stopping_criteria) or grammar is not None
+    # Repetition penalties go through this module's loop too: llama-cpp-python penalizes only generated tokens,
+    # stream_generate (as llama.cpp's server) the prompt's as well.
+    hooked = (logprobs is not None or bool(logits_processor) or bool(stopping_criteria) or grammar is not None
+              or params.uses_penalties)
     if hooked:
         # Built now, so that a grammar llama.cpp rejects raises at the call, streaming or not.
         constraint = GrammarConstraint(llama._model, grammar) if grammar is not None else None
