@@ -14,19 +14,24 @@ What differs (each is warned about or raises a typed error when used):
   enforced by llama.cpp's grammar sampler; a `schema` in response_format is not enforced (any JSON object is
   allowed, with a warning) and `LlamaGrammar.from_json_schema` is not provided.
 - Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): mirostat, a forced
-  tool/function call, `LlamaDiskCache`, `LlamaGrammar.from_json_schema`, image content parts.
-- `save_state()`'s LlamaState holds no scores (an empty array).
+  tool/function call, the function-calling and vision chat formats ("chatml-function-calling", "functionary",
+  "llava-1-5" ...), `LlamaDiskCache`, `LlamaGrammar.from_json_schema`, image content parts.
 - Accepted but not applied, with a `CompatibilityWarning`: kv_overrides, lora_path/lora_base, numa, a
   draft_model that is a Python LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those
   silently). `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
-  speculative decoding, which refuses repetition penalties and typical_p; calls with logits processors,
-  stopping criteria or logprobs decode without speculation.
+  speculative decoding, which refuses typical_p; calls with penalties, logits processors, stopping criteria,
+  grammars or logprobs decode without speculation.
 - Arguments are checked when `create_completion(stream=True)` is called, not at the first chunk.
 - `suffix=` uses the model's fill-in-the-middle tokens; a model without them gets the suffix appended
   to the text (llama-cpp-python puts token 0 in their place).
-- A stream never yields an empty-text chunk before the final one (llama-cpp-python sometimes does when a
-  stop string ends the reply); the concatenated text is the same.
-- Logprobs are Python floats (llama-cpp-python returns numpy float32 in non-streamed completions).
+- Streams: text held back because it may begin a stop string comes out in one chunk (llama-cpp-python sends
+  it one chunk per token, sometimes with an empty chunk before the final one); the text is the same.
+- Logprobs are Python floats (llama-cpp-python returns numpy float32 in non-streamed completions); with
+  echo=True each prompt token gets the logprob it was predicted with (llama-cpp-python's are one position
+  late for models without BOS, and it leaves out the last token).
+- embed() of several texts gives each the same vectors as embedding it alone (llama-cpp-python 0.3.36 reads
+  the per-token embeddings of every text after the first at a wrong offset).
+- `save_state()`'s LlamaState holds no scores (an empty array).
 - n_threads=None means all available cores (llama-cpp-python: half of them); verbose=True does not print
   llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
 - `Llama.from_pretrained(repo_id, filename_glob)` needs huggingface_hub (not a dependency of llmplace).
@@ -34,6 +39,10 @@ What differs (each is warned about or raises a typed error when used):
   llama_cpp itself); nothing is installed on disk.
 - `llm.model` / `llm.ctx` (raw ctypes pointers upstream) do not exist: use `llm.llmplace_model` and
   `llm.llmplace_context`.
+
+Greedy text equals llama-cpp-python's wherever the two builds' logits agree to the last bits that matter:
+the llama-cpp-python wheel built for this CPU (AVX-512, OpenMP) computes one-token decodes about 1e-2 away
+from its own batched decode, so the texts part at the first near-tie (see tests/test_compat.py).
 """
 
 from __future__ import annotations
