@@ -317,8 +317,8 @@ class Context(NativeObject):
 
     # ---- saving and restoring ----
     def save_state(self) -> bytes:
-        """The whole state (KV cache, last outputs, sampler RNG) as bytes, for `load_state` on a context of the
-        same model and size. `tokens` says which tokens it holds."""
+        """The whole state (KV cache and last outputs; samplers are separate) as bytes, for `load_state` on a
+        context of the same model and size. `tokens` says which tokens it holds."""
         ptr = self._ptr
         size = C.llama_state_get_size(ptr)
         buf = ffi.new("uint8_t[]", size)
