@@ -32,7 +32,8 @@ from pathlib import Path
 import llmplace
 from llmplace.context import default_threads
 
-TEXT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+TEXT_PROMPT = ("<|im_start|>user\nWrite a short story about a lighthouse keeper who finds a message in a bottle."
+               "<|im_end|>\n<|im_start|>assistant\n")
 CODE = '''def mean(values):
     total = 0
     for v in values:
@@ -59,8 +60,12 @@ def default_model() -> Path:
 
 
 def run_case(model, prompt, args, **spec) -> dict:
+    # Every case generates max_tokens tokens: end-of-generation tokens get a -inf bias (applied alike with and
+    # without speculation).
+    eog = {t: -1e9 for t in (model.vocab.eos, model.vocab.eot) if t is not None}
     with llmplace.Context(model, n_ctx=1024, n_threads=args.threads) as ctx:
-        result = llmplace.generate(model, prompt, max_tokens=args.max_tokens, temperature=0, context=ctx, **spec)
+        result = llmplace.generate(model, prompt, max_tokens=args.max_tokens, temperature=0, context=ctx,
+                                   logit_bias=eog, **spec)
     stats = result.speculative
     return {"tokens": result.tokens, "tps": result.generation_tps,
             "drafted": stats.drafted if stats else 0, "accepted": stats.accepted if stats else 0,

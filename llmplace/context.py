@@ -266,7 +266,11 @@ class Context(NativeObject):
             batch.logits[i] = 1
         batch.n_tokens = n
         self._abort_flag[0] = 0
-        check(C.llama_decode(ptr, batch), "llama_decode")
+        rc = C.llama_decode(ptr, batch)
+        if rc != 0:
+            # Aborted or failed: drop whatever part of the batch reached the cache, so `tokens` stays true.
+            C.llama_memory_seq_rm(C.llama_get_memory(ptr), 0, pos0, -1)
+        check(rc, "llama_decode")
         self.tokens.extend(tokens)
         n_vocab = self.model.n_vocab
         # Rows come back in batch order (llama_get_logits undoes any reordering of the outputs).

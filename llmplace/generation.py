@@ -129,7 +129,8 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
     Speculative decoding (see llmplace/speculative.py): draft= a draft Model, a GGUF path, a Context of the
     draft model (its cache is reused across calls) or "lookup"; lookup=True drafts by prompt lookup instead.
     depth: the most tokens drafted per target decode; adaptive_depth=False always drafts `depth` (for
-    measuring). Greedy output equals plain decoding's; sampled output has the same distribution. An
+    measuring, and for seed-reproducible sampling: adaptive depth follows timings). Greedy output equals
+    plain decoding's; sampled output has the same distribution. An
     incompatible draft raises IncompatibleDraftError; repetition penalties and typical_p are refused.
     The last step's `speculative` field holds the counts (drafted, accepted, acceptance_rate).
 
@@ -163,7 +164,7 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
     sampler = drafter = None
     try:
         sampler = Sampler(model.n_vocab, params)
-        if speculate and max_tokens > 0:
+        if speculate:
             # Loads and checks the draft now, before any decoding: an incompatible pair raises here.
             rng = speculative.make_rng(params)
             drafter = speculative.make_drafter(context, draft, bool(lookup), params, rng)
@@ -173,7 +174,7 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
         if own_context:
             context.close()
         raise
-    if drafter is not None:
+    if drafter is not None and max_tokens > 0:
         steps = speculative.speculative_steps(model, context, params, tokens, max_tokens, stops, drafter, depth,
                                               bool(adaptive_depth), rng)
     else:

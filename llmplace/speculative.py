@@ -13,7 +13,9 @@ Guarantees:
   norm(max(0, p - q)); when every draft token is accepted a bonus token is drawn from p. p and q are the
   distributions after the same transforms llama.cpp's sampler chain applies (logit bias, top-k, top-p,
   min-p, temperature), computed here in numpy, with a numpy generator seeded from `seed`. So the output is
-  distributed exactly as plain sampling, though a given seed gives other samples than plain sampling.
+  distributed exactly as plain sampling, though a given seed gives other samples than plain sampling, and
+  reproduces its own samples only at a fixed depth (adaptive_depth=False): adaptive depth follows measured
+  timings, which change which positions are drafted and so the draws.
   Prompt lookup proposes deterministically: q is a point mass, x is accepted with probability p(x).
 - Repetition penalties and typical sampling are refused with a draft (InvalidParameterError): their state
   depends on every accepted token and is not reproduced here.
@@ -414,13 +416,20 @@ class DepthController:
         self.probing = False
 
     def _verify_cost(self, size: int) -> float:
+        """Seconds for a target batch of `size` tokens: measured, else on the line through the smallest and
+        largest sizes measured. With one size measured, the extra tokens of a batch are assumed to cost 10%
+        of a single-token decode each (a GPU-like guess, so that drafting gets tried; measuring corrects it:
+        on a CPU a batch costs nearly size x a token, and then drafting rarely pays)."""
         t = self.t_verify
         if size in t:
             return t[size]
-        below = [s for s in t if s < size]
-        if below:
-            return t[max(below)]                  # optimistic: flat in the batch size until measured
-        return min(t.values()) if t else 1.0
+        if not t:
+            return 1.0
+        lo, hi = min(t), max(t)
+        if lo == hi:
+            return t[lo] * (1 + 0.1 * (size - 1)) / (1 + 0.1 * (lo - 1))
+        slope = max((t[hi] - t[lo]) / (hi - lo), 0.0)
+        return max(t[lo] + slope * (size - lo), 1e-6)
 
     def choose(self, limit: int) -> int:
         if limit <= 0:
