@@ -26,6 +26,9 @@ DEFAULT_ALIGNMENT = 32
 MAX_TENSOR_NAME = 63          # GGML_MAX_NAME (64) less the terminating NUL
 MAX_DIMS = 4                  # GGML_MAX_DIMS
 INT64_MAX = (1 << 63) - 1
+MAX_LAYERS = 512              # LLAMA_MAX_LAYERS
+MAX_EXPERTS = 1024            # LLAMA_MAX_EXPERTS
+ROPE_SCALING_TYPES = {b"none", b"linear", b"yarn", b"longrope"}
 FIX = "the file is truncated or not a GGUF model; re-download or re-convert it"
 
 # ggml's type traits at the pinned commit: id -> (name, elements per block, bytes per block). Taken from
@@ -62,6 +65,10 @@ _TYPED_KEYS: dict[str, tuple[int, int | None]] = {
     "tokenizer.ggml.token_type": (ARRAY, 5),
     "tokenizer.ggml.merges": (ARRAY, STRING),
 }
+
+# String arrays whose entries must differ: a repeated token fails a GGML_ASSERT in llama-vocab.cpp (the
+# process aborts) instead of failing the load. Found by tests/test_gguf_fuzz.py.
+_DISTINCT_STRINGS = {"tokenizer.ggml.tokens"}
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -131,13 +138,26 @@ class _Reader:
             for i in range(count):
                 (n,) = unpack(buf, pos)
                 pos += 8 + n
-        except struct.error:
-            # unpack_from past the end: the previous string's length pointed beyond the file.
+        except (struct.error, OverflowError):
+            # unpack_from past the end (or past any address): the previous string's length was wrong.
             raise _Bad(pos, f"string {i} of {what} starts past the end of the file (a string length before it "
                             "is wrong)") from None
         if pos > size:
             raise _Bad(self.pos, f"the strings of {what} run {pos - size} bytes past the end of the file")
         self.pos = pos
+
+    def check_distinct_strings(self, pos: int, count: int, what: str) -> None:
+        """Walk the `count` strings at `pos` (bounds-checked by skip_strings) and refuse a repeated one."""
+        buf, unpack = self.buf, _U64.unpack_from
+        seen: set[bytes] = set()
+        for i in range(count):
+            (n,) = unpack(buf, pos)
+            # llama.cpp names an empty token "[EMPTY_<id>]"; that name can clash too.
+            text = buf[pos + 8:pos + 8 + n] if n else b"[EMPTY_%d]" % i
+            if text in seen:
+                raise _Bad(pos, f"{what} holds the token {text!r} twice (at id {i}); llama.cpp would abort on it")
+            seen.add(text)
+            pos += 8 + n
 
 
 def _key_text(key: bytes) -> str:
@@ -168,7 +188,10 @@ def _read_value(r: _Reader, vtype: int, key: str) -> object:
         if count > (r.size - r.pos) // 8:
             raise _Bad(start, f"array '{key}' claims {count} strings, more than the {r.size - r.pos} bytes left "
                               "in the file can hold")
+        strings_at = r.pos
         r.skip_strings(count, f"array '{key}'")
+        if key in _DISTINCT_STRINGS:
+            r.check_distinct_strings(strings_at, count, f"array '{key}'")
         return ("array", etype, count, start)
     if etype not in _SCALARS:
         raise _Bad(start, f"array '{key}' has unknown element type {etype} (known: 0-8, 10-12)")
@@ -180,8 +203,10 @@ def _read_value(r: _Reader, vtype: int, key: str) -> object:
     return ("array", etype, count, start)
 
 
-def _check_kv(r: _Reader, n_kv: int) -> dict[str, object]:
+def _check_kv(r: _Reader, n_kv: int) -> tuple[dict[str, object], dict[str, int]]:
+    """Walk the key/values; returns the values (arrays summarized) and where each key starts."""
     values: dict[str, object] = {}
+    offsets: dict[str, int] = {}
     for i in range(n_kv):
         start = r.pos
         raw = r.string(f"the name of key/value {i}")
@@ -203,7 +228,8 @@ def _check_kv(r: _Reader, n_kv: int) -> dict[str, object]:
                     f" of {_TYPE_NAMES.get(got_elem, str(got_elem))}" if got_elem is not None else "")
                 raise _Bad(value_start, f"key '{key}' must be {want_text}, not {got_text}")
         values[key] = value
-    return values
+        offsets[key] = start
+    return values, offsets
 
 
 def _check_vocab_arrays(values: dict[str, object]) -> None:
@@ -216,6 +242,49 @@ def _check_vocab_arrays(values: dict[str, object]) -> None:
         other = values.get(key)
         if isinstance(other, tuple) and other[2] < tokens[2]:
             raise _Bad(other[3], f"array '{key}' has {other[2]} entries but tokenizer.ggml.tokens has {tokens[2]}")
+
+
+def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> None:
+    """The hyperparameters llama.cpp checks with GGML_ASSERT (aborting the process) instead of failing the
+    load (llama-model.cpp, load_hparams), or that fail an assertion at the first decode. Found by
+    tests/test_gguf_fuzz.py; arrays (per-layer values) are left to llama.cpp."""
+    arch = values.get("general.architecture")
+    if not isinstance(arch, bytes):
+        return
+    prefix = arch.decode("utf-8", errors="replace") + "."
+
+    def get(name: str, default: int = 0) -> int | float:
+        value = values.get(prefix + name, default)
+        return default if isinstance(value, (tuple, bytes)) else value
+
+    def bad(name: str, message: str) -> _Bad:
+        return _Bad(offsets.get(prefix + name, 0), f"key '{prefix}{name}' {message}")
+
+    n_layer = get("block_count", 1)
+    if not 1 <= n_layer <= MAX_LAYERS:
+        raise bad("block_count", f"is {n_layer}; llama.cpp takes 1 to {MAX_LAYERS} layers")
+    if get("nextn_predict_layers") > n_layer:
+        raise bad("nextn_predict_layers", f"is {get('nextn_predict_layers')}, more than block_count {n_layer}")
+    n_expert, n_used = get("expert_count"), get("expert_used_count")
+    n_groups, n_group_used = get("expert_group_count"), get("expert_group_used_count")
+    if n_expert > MAX_EXPERTS:
+        raise bad("expert_count", f"is {n_expert}; llama.cpp takes at most {MAX_EXPERTS} experts")
+    if n_used > n_expert or (n_expert > 0 and n_used == 0):
+        raise bad("expert_used_count", f"is {n_used} with expert_count {n_expert} (must be 1 to expert_count, or "
+                                       "0 without experts)")
+    if n_expert > 0 and (n_groups >= n_expert or (n_groups > 1 and (n_expert % n_groups
+                                                                     or not 0 < n_group_used < n_groups))):
+        raise bad("expert_group_count", f"is {n_groups} with {n_expert} experts and expert_group_used_count "
+                                        f"{n_group_used} (groups must divide the experts, more than are used)")
+    if n_expert == 0 and n_groups:
+        raise bad("expert_group_count", f"is {n_groups} in a model without experts")
+    scaling = values.get(prefix + "rope.scaling.type")
+    if scaling is not None and scaling not in ROPE_SCALING_TYPES:
+        raise bad("rope.scaling.type", f"is {scaling!r}; llama.cpp knows {sorted(t.decode() for t in ROPE_SCALING_TYPES)}")
+    for name in ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon"):
+        eps = get(name, 0.0)
+        if not (isinstance(eps, (int, float)) and 0.0 <= eps < float("inf")):
+            raise bad(name, f"is {eps}; a norm epsilon must be a finite number >= 0 (ggml asserts it)")
 
 
 def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str, int, int]]:
@@ -311,8 +380,9 @@ def _parse(buf, size: int) -> GGUFLayout:
         raise _Bad(16, f"the header claims {n_kv} key/values, more than a file of {size} bytes can hold")
     if n_tensors > (size - 24) // 33:
         raise _Bad(8, f"the header claims {n_tensors} tensors, more than a file of {size} bytes can hold")
-    values = _check_kv(r, n_kv)
+    values, offsets = _check_kv(r, n_kv)
     _check_vocab_arrays(values)
+    _check_hparams(values, offsets)
     alignment = values.get("general.alignment", DEFAULT_ALIGNMENT)
     if alignment == 0 or alignment & (alignment - 1):
         raise _Bad(24, f"general.alignment is {alignment}, not a power of two")
