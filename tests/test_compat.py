@@ -697,3 +697,11 @@ def test_function_calling_chat_formats_raise_a_typed_error(path):
 def test_repetition_penalties_count_generated_tokens_as_llama_cpp_python(up, me, prompt, max_tokens, penalties):
     assert_same(me(prompt, max_tokens=max_tokens, temperature=0, **penalties),
                 up(prompt, max_tokens=max_tokens, temperature=0, **penalties))
+
+
+def test_fit_chooses_the_context_within_a_budget(path):
+    with llmplace.Llama(path, fit=True, n_ctx=0, verbose=False, n_threads=1) as llm:
+        assert llm.n_ctx() == llm.llmplace_model.fit_result.n_ctx == 8192  # the trained size fits in free RAM
+        assert llm("The capital of France is", max_tokens=3, temperature=0)["choices"][0]["text"] == " Paris.\n"
+    with pytest.raises(ValueError, match="fit=True"):
+        llmplace.Llama(path, budget={"host": "1GiB"}, verbose=False)

@@ -18,7 +18,7 @@ import numpy as np
 from .._ffi import C
 from ..context import KV_TYPES, Context
 from ..errors import InvalidParameterError, ModelLoadError
-from ..model import Model
+from ..model import Model, load
 from ..placement import Placement
 from ..placement import n_cpu_moe as _n_cpu_moe_rules
 from . import _chat, _completion
@@ -136,13 +136,17 @@ class Llama:
         placement: Any = None,
         n_cpu_moe: int | None = None,
         rpc_servers: Sequence[str] | None = None,
+        fit: bool = False,
+        budget: Any = None,
         **kwargs: Any,
     ) -> None:
         """Load `model_path` and create its context. Keywords as llama_cpp.Llama, plus llmplace's placement:
 
         override_tensor: llama.cpp `-ot` rules ("exps=CPU,blk\\.1[0-9]\\.=CUDA0") or llmplace Rules;
         placement: a llmplace Placement (or anything Placement.parse reads); n_cpu_moe: keep the MoE experts of
-        the first N layers in RAM; rpc_servers: "host:port" strings (or one comma-separated string).
+        the first N layers in RAM; rpc_servers: "host:port" strings (or one comma-separated string);
+        fit=True: choose n_gpu_layers / tensor_split / overrides (and n_ctx when it is 0) that fit each device's
+        `budget` ({"CUDA0": "12GiB", "host": "32GiB"}; default: free memory), keeping the placement rules.
         """
         self._model: Model | None = None
         self._ctx: Context | None = None
@@ -192,12 +196,23 @@ class Llama:
         except KeyError:
             raise InvalidParameterError(f"split_mode={split_mode!r} is not one of the LLAMA_SPLIT_MODE_* values "
                                         f"{sorted(_SPLIT_MODES)}") from None
+        if budget is not None and not fit:
+            raise InvalidParameterError("budget= is used by the memory fit: pass fit=True as well")
         try:
-            self._model = Model(model_path, n_gpu_layers=n_gpu_layers, split_mode=split, main_gpu=main_gpu,
-                                use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock, vocab_only=vocab_only,
-                                progress=False, placement=rules if len(rules) else None,
-                                tensor_split=tensor_split, rpc_servers=rpc_servers)
+            if fit:
+                # llmplace's memory fit picks the offload and, for n_ctx=0, the largest context that fits.
+                self._model = load(model_path, fit=True, budget=budget, n_ctx=n_ctx, split_mode=split,
+                                   main_gpu=main_gpu, use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock,
+                                   progress=False, placement=rules if len(rules) else None, rpc_servers=rpc_servers)
+                n_ctx = self._model.fit_result.n_ctx
+            else:
+                self._model = Model(model_path, n_gpu_layers=n_gpu_layers, split_mode=split, main_gpu=main_gpu,
+                                    use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock,
+                                    vocab_only=vocab_only, progress=False, placement=rules if len(rules) else None,
+                                    tensor_split=tensor_split, rpc_servers=rpc_servers)
         except ModelLoadError as exc:
+            if isinstance(exc, ValueError):
+                raise
             raise ModelPathError(f"Failed to load model from file: {model_path} ({exc})") from exc
         self.metadata: dict[str, str] = self._model.metadata
         self.tokenizer_ = tokenizer
