@@ -148,14 +148,17 @@ class _Reader:
 
     def check_distinct_strings(self, pos: int, count: int, what: str) -> None:
         """Walk the `count` strings at `pos` (bounds-checked by skip_strings) and refuse a repeated one."""
-        buf, unpack = self.buf, _U64.unpack_from
+        # One copy of the region, then slices of bytes: several times faster than slicing the mapping.
+        buf, unpack = bytes(self.buf[pos:self.pos]), _U64.unpack_from
+        base, pos = pos, 0
         seen: set[bytes] = set()
         for i in range(count):
             (n,) = unpack(buf, pos)
             # llama.cpp names an empty token "[EMPTY_<id>]"; that name can clash too.
             text = buf[pos + 8:pos + 8 + n] if n else b"[EMPTY_%d]" % i
             if text in seen:
-                raise _Bad(pos, f"{what} holds the token {text!r} twice (at id {i}); llama.cpp would abort on it")
+                raise _Bad(base + pos, f"{what} holds the token {text!r} twice (at id {i}); llama.cpp would abort "
+                                       "on it")
             seen.add(text)
             pos += 8 + n
 
