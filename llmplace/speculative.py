@@ -250,6 +250,18 @@ class ModelDrafter:
         self.dist = Distribution(params, self.n_common)
         self.rng = rng
         self.vocab = model.vocab
+        self.synced = 0                  # seq[:synced] is in the draft cache, followed by `self.tail`
+        self.tail: list[int] = []        # drafted tokens decoded into the draft cache after seq[:synced]
+        self.catchup = (0, 0.0)          # (tokens, seconds) the last propose spent catching up with seq
+
+    def pending(self, seq: list[int]) -> int:
+        """Tokens of `seq` the draft would have to decode before drafting (after plain rounds: all of them)."""
+        n = self.synced
+        for token in self.tail:
+            if n >= len(seq) - 1 or seq[n] != token:
+                break
+            n += 1
+        return len(seq) - n
 
     def _pause_pools(self, pools) -> None:
         if self._pause is not None:
@@ -268,8 +280,8 @@ class ModelDrafter:
         k = min(k, room + 1)
         if k <= 0:
             return [], None
-        cached = 0
         limit = min(len(ctx.tokens), len(seq) - 1)
+        cached = min(self.synced, limit)  # known to match: start comparing there (seq only grows in a call)
         tokens = ctx.tokens
         while cached < limit and tokens[cached] == seq[cached]:
             cached += 1
@@ -284,10 +296,13 @@ class ModelDrafter:
             self._pause_pools(self._draft_pools)
 
     def _draft(self, ctx: Context, todo: list[int], k: int):
+        start = time.perf_counter()
         if len(todo) == 1:
             ctx.decode_one(todo[0])
         else:
             ctx.decode(todo)
+        self.catchup = (len(todo) - 1, time.perf_counter() - start)  # the last one is needed to draft at all
+        self.synced = len(ctx.tokens)
         drafted, qs = [], None if self.greedy else []
         n_common, is_eog = self.n_common, self.vocab.is_eog
         for i in range(k):
@@ -302,6 +317,7 @@ class ModelDrafter:
             if i == k - 1 or is_eog(token):
                 break
             ctx.decode_one(token)
+        self.tail = drafted[:-1]
         return drafted, qs
 
 
@@ -336,6 +352,11 @@ class LookupDrafter:
     @property
     def model(self):
         return None
+
+    def pending(self, seq: list[int]) -> int:
+        return 0
+
+    catchup = (0, 0.0)
 
 
 _pause_function = False
@@ -411,6 +432,8 @@ class DepthController:
         self.acc, self.rej = 1.4, 0.6             # prior: acceptance rate 0.7, weight 2
         self.t_verify: dict[int, float] = {}      # batch size → EMA seconds
         self.t_draft: float | None = None         # EMA seconds per drafted token
+        self.t_catchup: float | None = None       # EMA seconds per token the draft decodes to catch up
+        self.plain_time = 0.0                     # seconds of plain rounds since the last draft
         self.plain_rounds = 0                     # plain rounds since drafting last paid or was probed
         self.backoff = 4                          # plain rounds between probes
         self.probing = False
@@ -431,7 +454,8 @@ class DepthController:
         slope = max((t[hi] - t[lo]) / (hi - lo), 0.0)
         return max(t[lo] + slope * (size - lo), 1e-6)
 
-    def choose(self, limit: int) -> int:
+    def choose(self, limit: int, pending: int = 0) -> int:
+        """Tokens to draft next (at most `limit`); `pending`: tokens the draft must first catch up on."""
         if limit <= 0:
             return 0
         if not self.adaptive:
@@ -439,14 +463,19 @@ class DepthController:
         a = min(self.acc / (self.acc + self.rej), 0.999)
         t1 = self._verify_cost(1)
         cd = 0.0 if self.cost_free else (self.t_draft if self.t_draft is not None else 0.25 * t1)
+        # After plain rounds a draft model must first decode what it missed: on a CPU that costs about as
+        # much per token as drafting, which is what makes probing an expensive draft expensive.
+        catchup = pending * (self.t_catchup if self.t_catchup is not None else cd)
         best_k, best = 0, 1.0 / t1
         for k in range(1, min(self.max, limit) + 1):
-            rate = (1.0 - a ** (k + 1)) / (1.0 - a) / (k * cd + self._verify_cost(k + 1))
+            rate = (1.0 - a ** (k + 1)) / (1.0 - a) / (k * cd + catchup + self._verify_cost(k + 1))
             if rate > best:
                 best_k, best = k, rate
         if best_k == 0:
             self.plain_rounds += 1
-            if self.plain_rounds >= self.backoff:
+            # Probe now and then, spaced further after each failed probe, and only while catching up costs
+            # under a tenth of the plain decoding done since: a bad or costly draft then costs little.
+            if self.plain_rounds >= self.backoff and catchup <= 0.1 * self.plain_time:
                 self.plain_rounds = 0
                 self.probing = True
                 return 1
@@ -454,12 +483,23 @@ class DepthController:
             self.plain_rounds = 0
         return best_k
 
-    def update(self, k: int, drafted: int, accepted: int, t_draft: float, t_verify: float) -> None:
+    def update(self, k: int, drafted: int, accepted: int, t_draft: float, t_verify: float,
+               catchup: tuple[int, float] = (0, 0.0)) -> None:
         size = drafted + 1
         old = self.t_verify.get(size)
         self.t_verify[size] = t_verify if old is None else 0.8 * old + 0.2 * t_verify
+        if not drafted:
+            self.plain_time += t_verify
+            self.probing = False
+            return
+        self.plain_time = 0.0
+        n_catchup, t_catchup = catchup
+        if n_catchup > 0:
+            per = t_catchup / n_catchup
+            self.t_catchup = per if self.t_catchup is None else 0.8 * self.t_catchup + 0.2 * per
+            t_draft -= t_catchup
         if drafted:
-            per = t_draft / drafted
+            per = max(t_draft, 0.0) / drafted
             self.t_draft = per if self.t_draft is None else 0.8 * self.t_draft + 0.2 * per
             rejected = 1 if accepted < drafted else 0
             self.acc = self.acc * self.DECAY + accepted
@@ -534,13 +574,15 @@ def speculative_steps(model: Model, context: Context, params: SamplingParams, to
     try:
         while finish is None:
             # Draft no more than fits in the context after the pending token, nor more than can be emitted.
-            k = control.choose(min(n_ctx - len(context.tokens) - 1, max_tokens - generated - 1))
+            k = control.choose(min(n_ctx - len(context.tokens) - 1, max_tokens - generated - 1),
+                               drafter.pending(seq) if adaptive else 0)
             t0 = perf()
             drafted, qs = drafter.propose(seq, k) if k > 0 else ([], None)
             t1 = perf()
             rows = context.decode_all([seq[-1], *drafted])
             emitted = verify(rows, drafted, qs, dist, greedy, rng, n_vocab)
-            control.update(k, len(drafted), len(emitted) - 1, t1 - t0, perf() - t1)
+            control.update(k, len(drafted), len(emitted) - 1, t1 - t0, perf() - t1,
+                           drafter.catchup if drafted else (0, 0.0))
             rounds += 1
             drafted_total += len(drafted)
             accepted_total += len(emitted) - 1
