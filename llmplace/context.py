@@ -217,17 +217,22 @@ class Context(NativeObject):
             raise InvalidParameterError(f"token id {bad} is outside the vocabulary (0 .. {n_vocab - 1})")
         n_batch = len(self._token_buf)
         self._abort_flag[0] = 0
-        for start in range(0, n, n_batch):
-            chunk = tokens[start:start + n_batch]
-            self._token_buf[0:len(chunk)] = chunk
-            rc = C.llama_decode(ptr, C.llama_batch_get_one(self._token_buf, len(chunk)))
-            if rc == 2 or rc < -1:
-                # Aborted or failed part way: llama.cpp keeps the micro-batches it finished. Re-read
-                # where sequence 0 ends so `tokens` stays true to the cache.
-                kept = C.llama_memory_seq_pos_max(C.llama_get_memory(ptr), 0) + 1
-                self.tokens.extend(chunk[:max(0, kept - len(self.tokens))])
-            check(rc, "llama_decode")
-            self.tokens.extend(chunk)
+        base = len(self.tokens)
+        try:
+            for start in range(0, n, n_batch):
+                chunk = tokens[start:start + n_batch]
+                self._token_buf[0:len(chunk)] = chunk
+                rc = C.llama_decode(ptr, C.llama_batch_get_one(self._token_buf, len(chunk)))
+                if rc == 2 or rc < -1:
+                    # Aborted or failed part way: llama.cpp keeps the micro-batches it finished. Re-read
+                    # where sequence 0 ends so `tokens` stays true to the cache.
+                    kept = C.llama_memory_seq_pos_max(C.llama_get_memory(ptr), 0) + 1
+                    self.tokens.extend(chunk[:max(0, kept - len(self.tokens))])
+                check(rc, "llama_decode")
+                self.tokens.extend(chunk)
+        except KeyboardInterrupt:
+            self._resync(tokens, base)
+            raise
 
     def decode_one(self, token: int) -> None:
         """Append one token and compute it (the generation hot path: no validation beyond n_ctx)."""
@@ -235,8 +240,20 @@ class Context(NativeObject):
             raise ContextOverflowError(f"the context of {self.n_ctx} tokens is full; create the Context with a "
                                        "larger n_ctx or clear() it")
         self._token_buf[0] = token
-        check(C.llama_decode(self._ptr, C.llama_batch_get_one(self._token_buf, 1)), "llama_decode")
-        self.tokens.append(token)
+        base = len(self.tokens)
+        try:
+            check(C.llama_decode(self._ptr, C.llama_batch_get_one(self._token_buf, 1)), "llama_decode")
+            self.tokens.append(token)
+        except KeyboardInterrupt:
+            self._resync([token], base)
+            raise
+
+    def _resync(self, tokens: Sequence[int], base: int) -> None:
+        """After Ctrl-C in a decode: Python raises KeyboardInterrupt as soon as llama_decode returns, before
+        `tokens` records what it computed. Re-read where sequence 0 ends so `tokens` stays true to the cache
+        (else the next prompt's cached prefix is wrong). `base`: len(self.tokens) when the decode began."""
+        kept = C.llama_memory_seq_pos_max(C.llama_get_memory(self._ptr), 0) + 1
+        self.tokens[base:] = list(tokens[:max(0, kept - base)])
 
     def decode_all(self, tokens: Sequence[int]) -> np.ndarray:
         """Append up to n_batch tokens to sequence 0 in ONE llama_decode call, with logits for every one of
