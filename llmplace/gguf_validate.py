@@ -29,7 +29,7 @@ INT64_MAX = (1 << 63) - 1
 MAX_LAYERS = 512              # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024            # LLAMA_MAX_EXPERTS
 ROPE_SCALING_TYPES = {b"none", b"linear", b"yarn", b"longrope"}
-FIX = "the file is truncated or not a GGUF model; re-download or re-convert it"
+FIX = "the file is damaged or truncated, or not a GGUF model; re-download or re-convert it"
 
 # ggml's type traits at the pinned commit: id -> (name, elements per block, bytes per block). Taken from
 # ggml itself, not from the `gguf` package, whose table lacks Q2_0 and gives Q8_1 a stale size (40, not 36);

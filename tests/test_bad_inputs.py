@@ -147,3 +147,49 @@ def test_use_after_close(smollm2_path, still_works):
     with pytest.raises(ClosedError):
         llmplace.Context(model)
     model.close()  # twice is fine
+
+
+def _first_equal_length_tokens(field) -> tuple[int, int]:
+    strings = [field.parts[i] for i in field.data]
+    by_length: dict[int, int] = {}
+    for i, s in enumerate(strings[:1000]):
+        if len(s) > 3 and len(s) in by_length:
+            return by_length[len(s)], i
+        by_length.setdefault(len(s), i)
+    raise AssertionError("no two tokens of the same length")
+
+
+def _repeat_a_token(reader) -> None:
+    field = reader.fields["tokenizer.ggml.tokens"]
+    a, b = _first_equal_length_tokens(field)
+    field.parts[field.data[b]][:] = field.parts[field.data[a]]
+
+
+# Each damages one field of a copy of a valid model; the validator names it before llama.cpp parses the file.
+# The first two would abort the process inside llama.cpp (GGML_ASSERT) without the check.
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda r: r.fields["llama.block_count"].parts[-1].__setitem__(0, 0), "block_count' is 0"),
+    (lambda r: r.fields["llama.attention.layer_norm_rms_epsilon"].parts[-1].__setitem__(0, -1.0), "epsilon"),
+    (_repeat_a_token, "twice"),
+    (lambda r: r.fields["GGUF.tensor_count"].parts[0].__setitem__(0, 2**40), "claims 1099511627776 tensors"),
+    (lambda r: r.fields["GGUF.kv_count"].parts[0].__setitem__(0, 2**62), "key/values"),
+    (lambda r: r.fields["general.architecture"].parts[2].__setitem__(0, 77), "unknown value type 77"),
+    (lambda r: r.tensors[1].field.parts[2].__setitem__(0, 5), "5 dimensions"),
+    (lambda r: r.tensors[1].field.parts[3].__setitem__(0, 0), "dimension 0 of tensor"),
+    (lambda r: r.tensors[1].field.parts[4].__setitem__(0, 4), "ggml type 4"),
+    (lambda r: r.tensors[1].field.parts[-1].__setitem__(0, r.tensors[1].field.parts[-1][0] + 1), "alignment"),
+    (lambda r: r.tensors[1].field.parts[-1].__setitem__(0, r.tensors[0].field.parts[-1][0]), "overlaps"),
+])
+def test_malformed_gguf_is_refused_before_llama_cpp_parses_it(tmp_path, tiny_llama_path, damage, fragment,
+                                                              still_works):
+    from gguf import GGUFReader
+
+    path = tmp_path / "damaged.gguf"
+    shutil.copy(tiny_llama_path, path)
+    reader = GGUFReader(path, "r+")
+    damage(reader)
+    reader.data.flush()
+    del reader
+    with pytest.raises(ModelLoadError, match=fragment) as info:
+        llmplace.load(path, progress=False)
+    assert "at byte" in str(info.value) and "re-download or re-convert" in str(info.value)
