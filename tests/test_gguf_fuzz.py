@@ -230,3 +230,53 @@ def test_ggml_type_table_matches_the_compiled_ggml():
     known = {t: (ffi.string(C.ggml_type_name(t)).decode().upper(), C.ggml_blck_size(t), C.ggml_type_size(t))
              for t in range(C.GGML_TYPE_COUNT) if C.ggml_blck_size(t)}
     assert known == GGML_TYPES
+
+
+@pytest.mark.parametrize("alignment,type_id,fragment", [
+    (64, 4, None),                                   # valid: data padded to 64 bytes
+    (48, 4, "not a power of two"),
+    (0, 4, "not a power of two"),
+    (64, 5, "must be uint32, not int32"),
+])
+def test_general_alignment_must_be_a_uint32_power_of_two(tmp_path, alignment, type_id, fragment):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "aligned.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_custom_alignment(64)
+    writer.add_tensor("t", np.zeros(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = bytearray(path.read_bytes())
+    at = data.index(b"general.alignment") + len(b"general.alignment")
+    data[at:at + 8] = struct.pack("<II", type_id, alignment)
+    path.write_bytes(data)
+    if fragment is None:
+        assert validate(path).alignment == 64
+    else:
+        with pytest.raises(ModelLoadError, match=fragment):
+            validate(path)
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("qwen3moe.expert_used_count", 0, "expert_used_count' is 0"),
+    ("qwen3moe.expert_used_count", 9, "expert_used_count' is 9"),
+    ("qwen3moe.expert_count", 5000, "at most 1024 experts"),
+])
+def test_expert_counts_llama_cpp_would_abort_on_are_refused(tmp_path, tiny_qwen3moe_path, key, value, fragment):
+    # Each fails a GGML_ASSERT in llama.cpp's load_hparams, which aborts the process.
+    import shutil
+
+    from gguf import GGUFReader
+
+    path = tmp_path / "moe.gguf"
+    shutil.copy(tiny_qwen3moe_path, path)
+    reader = GGUFReader(path, "r+")
+    reader.fields[key].parts[-1][0] = value
+    reader.data.flush()
+    del reader
+    with pytest.raises(ModelLoadError, match=fragment):
+        llmplace.load(path, progress=False)
