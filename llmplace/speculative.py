@@ -434,6 +434,7 @@ class DepthController:
         self.t_draft: float | None = None         # EMA seconds per drafted token
         self.t_catchup: float | None = None       # EMA seconds per token the draft decodes to catch up
         self.plain_time = 0.0                     # seconds of plain rounds since the last draft
+        self.started = False                      # a draft was verified: catch-up costs count from then on
         self.plain_rounds = 0                     # plain rounds since drafting last paid or was probed
         self.backoff = 4                          # plain rounds between probes
         self.probing = False
@@ -465,7 +466,9 @@ class DepthController:
         cd = 0.0 if self.cost_free else (self.t_draft if self.t_draft is not None else 0.25 * t1)
         # After plain rounds a draft model must first decode what it missed: on a CPU that costs about as
         # much per token as drafting, which is what makes probing an expensive draft expensive.
-        catchup = pending * (self.t_catchup if self.t_catchup is not None else cd)
+        # The first draft is the experiment that measures the costs: its catch-up (the prompt) is not held
+        # against it.
+        catchup = pending * (self.t_catchup if self.t_catchup is not None else cd) if self.started else 0.0
         best_k, best = 0, 1.0 / t1
         for k in range(1, min(self.max, limit) + 1):
             rate = (1.0 - a ** (k + 1)) / (1.0 - a) / (k * cd + catchup + self._verify_cost(k + 1))
@@ -493,6 +496,7 @@ class DepthController:
             self.probing = False
             return
         self.plain_time = 0.0
+        self.started = True
         n_catchup, t_catchup = catchup
         if n_catchup > 0:
             per = t_catchup / n_catchup
