@@ -13,6 +13,7 @@ The rules are those of the pinned llama.cpp's gguf.cpp, plus a few stricter ones
 from __future__ import annotations
 
 import functools
+import itertools
 import mmap
 import struct
 from dataclasses import dataclass
@@ -351,7 +352,7 @@ def _check_data(r: _Reader, tensors: list[tuple[str, int, int]], alignment: int)
                        f"the data of tensor '{name}' (bytes {data_offset + offset} to {data_offset + offset + n_bytes}) "
                        f"lies beyond the end of the file ({r.size} bytes)")
     by_offset = sorted(tensors, key=lambda t: t[1])
-    for (prev, prev_offset, prev_bytes), (name, offset, _) in zip(by_offset, by_offset[1:]):
+    for (prev, prev_offset, prev_bytes), (name, offset, _) in itertools.pairwise(by_offset):
         if offset < prev_offset + prev_bytes:
             raise _Bad(data_offset + offset, f"the data of tensor '{name}' overlaps that of '{prev}' (offsets "
                                              f"{offset} and {prev_offset}, {prev_bytes} bytes)")
@@ -405,7 +406,7 @@ def validate(path: str | Path) -> GGUFLayout:
 
 
 @functools.lru_cache(maxsize=32)
-def _validate(path: str, size: int, mtime_ns: int) -> GGUFLayout:  # noqa: ARG001 - mtime keys the cache
+def _validate(path: str, size: int, mtime_ns: int) -> GGUFLayout:  # mtime_ns only keys the cache
     with open(path, "rb") as f:
         if size == 0:
             raise ModelLoadError(f"{path} is empty; {FIX}")

@@ -17,7 +17,7 @@ from llmplace._ffi import C
 
 PROMPT = "Summarise this: " + "the cat sat on the mat and looked at the sea. " * 60
 STORY = "Once upon a time, in a small village,"  # SmolLM2 goes on for 200+ tokens from this, greedily
-GREEDY = dict(temperature=0)
+GREEDY = {"temperature": 0}
 
 
 def _cache_length(ctx) -> int:
@@ -107,9 +107,8 @@ def test_ctrl_c_during_prompt_processing_stops_within_one_batch(smollm2):
     # decode() hands llama.cpp n_batch tokens per call; Python raises KeyboardInterrupt between the calls.
     with llmplace.Context(smollm2, n_ctx=1024, n_batch=32, n_ubatch=32, n_threads=1) as ctx:
         prompt = smollm2.tokenize(PROMPT)
-        with _SigintWhen(lambda: len(ctx.tokens) >= 32):
-            with pytest.raises(KeyboardInterrupt):
-                llmplace.generate(smollm2, prompt, max_tokens=4, context=ctx, **GREEDY)
+        with _SigintWhen(lambda: len(ctx.tokens) >= 32), pytest.raises(KeyboardInterrupt):
+            llmplace.generate(smollm2, prompt, max_tokens=4, context=ctx, **GREEDY)
         assert 32 <= len(ctx.tokens) < len(prompt)
         assert ctx.tokens == prompt[:len(ctx.tokens)]
         _assert_reusable(smollm2, ctx)
@@ -118,11 +117,9 @@ def test_ctrl_c_during_prompt_processing_stops_within_one_batch(smollm2):
 def test_ctrl_c_during_generation_stops_and_the_context_is_reusable(smollm2):
     with llmplace.Context(smollm2, n_ctx=512, n_threads=1) as ctx:
         steps = []
-        with _SigintWhen(lambda: len(steps) >= 3):
-            with pytest.raises(KeyboardInterrupt):
-                for step in llmplace.stream_generate(smollm2, STORY, max_tokens=200,
-                                                     context=ctx, **GREEDY):
-                    steps.append(step)
+        with _SigintWhen(lambda: len(steps) >= 3), pytest.raises(KeyboardInterrupt):
+            for step in llmplace.stream_generate(smollm2, STORY, max_tokens=200, context=ctx, **GREEDY):
+                steps.append(step)  # noqa: PERF402 - one at a time: the other thread watches len(steps)
         assert 3 <= len(steps) < 200
         _assert_reusable(smollm2, ctx)
 
@@ -141,9 +138,8 @@ def test_abort_during_generation_from_another_thread(smollm2):
         thread.start()
         try:
             with pytest.raises(AbortedError):
-                for step in llmplace.stream_generate(smollm2, STORY, max_tokens=200,
-                                                     context=ctx, **GREEDY):
-                    steps.append(step)
+                for step in llmplace.stream_generate(smollm2, STORY, max_tokens=200, context=ctx, **GREEDY):
+                    steps.append(step)  # noqa: PERF402 - one at a time: the other thread watches len(steps)
         finally:
             done.set()
             thread.join()

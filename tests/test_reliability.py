@@ -92,7 +92,8 @@ def test_handles_are_freed_at_interpreter_exit_without_errors(smollm2_path, orde
         else:
             keep = (model, ctx)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("[")
     for marker in ("Traceback", "Exception ignored", "error", "Error", "Segmentation", "abort"):
