@@ -273,7 +273,8 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> None:
     n_groups, n_group_used = get("expert_group_count"), get("expert_group_used_count")
     if n_expert > MAX_EXPERTS:
         raise bad("expert_count", f"is {n_expert}; llama.cpp takes at most {MAX_EXPERTS} experts")
-    if n_used > n_expert or (n_expert > 0 and n_used == 0):
+    per_layer_used = isinstance(values.get(prefix + "expert_used_count"), tuple)  # an array: left to llama.cpp
+    if not per_layer_used and (n_used > n_expert or (n_expert > 0 and n_used == 0)):
         raise bad("expert_used_count", f"is {n_used} with expert_count {n_expert} (must be 1 to expert_count, or "
                                        "0 without experts)")
     if n_expert > 0 and (n_groups >= n_expert or (n_groups > 1 and (n_expert % n_groups
