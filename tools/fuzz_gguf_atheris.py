@@ -17,11 +17,8 @@ import tempfile
 
 import atheris
 
-with atheris.instrument_imports():
-    from llmplace import gguf_validate
-
 import llmplace
-from llmplace import LlmplaceError, ModelLoadError
+from llmplace import LlmplaceError, ModelLoadError, gguf_validate
 
 _PATH = os.path.join(tempfile.mkdtemp(prefix="llmplace-fuzz-"), "input.gguf")
 
@@ -48,6 +45,9 @@ def main() -> None:
     seed_dir = tempfile.mkdtemp(prefix="llmplace-fuzz-corpus-")
     with open(sys.argv[1], "rb") as src, open(os.path.join(seed_dir, "seed.gguf"), "wb") as dst:
         dst.write(src.read())
+    # instrument_all, not instrument_imports: an editable install imports llmplace through a custom loader,
+    # which instrument_imports does not see (no coverage feedback at all).
+    atheris.instrument_all()
     atheris.Setup([sys.argv[0], seed_dir, *sys.argv[2:]], test_one_input)
     atheris.Fuzz()
 
