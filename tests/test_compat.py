@@ -519,7 +519,7 @@ def test_registered_chat_format_is_used(path):
         LlamaChatCompletionHandlerRegistry().unregister_chat_handler("llmplace-test-plain")
 
 
-def test_install_aliases_llama_cpp_for_third_party_code():
+def test_install_aliases_llama_cpp_for_third_party_code(tmp_path):
     import subprocess
     import sys
 
@@ -529,7 +529,9 @@ def test_install_aliases_llama_cpp_for_third_party_code():
             "from llama_cpp.llama_speculative import LlamaPromptLookupDecoding\n"
             "assert Llama is llmplace.Llama and llama_cpp.__version__ == '0.3.36'\n"
             "assert llama_cpp.LLAMA_SPLIT_MODE_LAYER == 1\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # Run outside the checkout: `python -c` puts the current folder first on sys.path, and the source tree's
+    # llmplace/ (without the compiled module) would hide the installed package (seen on a fresh clone).
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 def test_install_refuses_when_llama_cpp_python_is_already_imported():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 
@@ -92,8 +93,10 @@ def test_handles_are_freed_at_interpreter_exit_without_errors(smollm2_path, orde
         else:
             keep = (model, ctx)
     """)
+    # From outside the checkout: `python -c` puts the current folder first on sys.path, and the source tree's
+    # llmplace/ (no compiled module) would hide the installed package on a fresh clone.
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          check=False)
+                          check=False, cwd=tempfile.gettempdir())
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().startswith("[")
     for marker in ("Traceback", "Exception ignored", "error", "Error", "Segmentation", "abort"):

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -37,7 +38,8 @@ def _start(path, *extra):
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "serve", str(path), "--port", str(port),
                                 "--api-key", KEY, "--threads", "1", "--n-ctx", "1024", *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               cwd=tempfile.gettempdir())  # outside the checkout: its llmplace/ has no compiled module
     deadline = time.monotonic() + 60
     while True:
         try:
