@@ -99,19 +99,19 @@ def main() -> None:
     d = args.depth
     cases = [
         ("text", "plain", {}),
-        ("text", "self draft, fixed", dict(draft=target, depth=d, adaptive_depth=False)),
-        ("text", "self draft, adaptive", dict(draft=target, depth=d)),
-        ("text", "requantized q4_0 draft, fixed", dict(draft=drafts["requantized"], depth=d, adaptive_depth=False)),
-        ("text", "requantized q4_0 draft, adaptive", dict(draft=drafts["requantized"], depth=d)),
-        ("text", "lookup, adaptive", dict(lookup=True, depth=d)),
+        ("text", "self draft, fixed", {"draft": target, "depth": d, "adaptive_depth": False}),
+        ("text", "self draft, adaptive", {"draft": target, "depth": d}),
+        ("text", "requantized q4_0 draft, fixed", {"draft": drafts["requantized"], "depth": d, "adaptive_depth": False}),
+        ("text", "requantized q4_0 draft, adaptive", {"draft": drafts["requantized"], "depth": d}),
+        ("text", "lookup, adaptive", {"lookup": True, "depth": d}),
         ("edit", "plain", {}),
-        ("edit", "lookup, fixed", dict(lookup=True, depth=d, adaptive_depth=False)),
-        ("edit", "lookup, adaptive", dict(lookup=True, depth=d)),
-        ("edit", "requantized q4_0 draft, adaptive", dict(draft=drafts["requantized"], depth=d)),
+        ("edit", "lookup, fixed", {"lookup": True, "depth": d, "adaptive_depth": False}),
+        ("edit", "lookup, adaptive", {"lookup": True, "depth": d}),
+        ("edit", "requantized q4_0 draft, adaptive", {"draft": drafts["requantized"], "depth": d}),
     ]
     if "random" in drafts:
-        cases.insert(5, ("text", "random draft, fixed", dict(draft=drafts["random"], depth=d, adaptive_depth=False)))
-        cases.insert(6, ("text", "random draft, adaptive", dict(draft=drafts["random"], depth=d)))
+        cases.insert(5, ("text", "random draft, fixed", {"draft": drafts["random"], "depth": d, "adaptive_depth": False}))
+        cases.insert(6, ("text", "random draft, adaptive", {"draft": drafts["random"], "depth": d}))
     prompts = {"text": TEXT_PROMPT, "edit": EDIT_PROMPT}
     runs: dict[tuple[str, str], list[dict]] = {(p, name): [] for p, name, _ in cases}
     for _ in range(args.reps):

@@ -35,7 +35,7 @@ class GenerationStep:
     prompt_tps: float            # prompt tokens computed per second
     generation_tps: float        # generated tokens per second so far
     elapsed: float               # seconds since the call started
-    speculative: "SpeculativeStats | None" = None  # drafted/accepted counts, on the last step of a speculative call
+    speculative: SpeculativeStats | None = None  # drafted/accepted counts, on the last step of a speculative call
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Generation:
     prompt_tokens: int
     prompt_tps: float
     generation_tps: float
-    speculative: "SpeculativeStats | None" = None  # set when a draft model or prompt lookup was used
+    speculative: SpeculativeStats | None = None  # set when a draft model or prompt lookup was used
 
     def __str__(self) -> str:
         return self.text

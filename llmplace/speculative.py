@@ -33,8 +33,8 @@ import os
 import random
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ class SpeculativeStats:
 
 # ---- compatibility ----
 
-_known_compatible: "weakref.WeakKeyDictionary[Model, weakref.WeakSet[Model]]" = weakref.WeakKeyDictionary()
+_known_compatible: weakref.WeakKeyDictionary[Model, weakref.WeakSet[Model]] = weakref.WeakKeyDictionary()
 
 
 def first_differing_token(target: Model, draft: Model) -> tuple[int, str, str] | None:

@@ -83,7 +83,7 @@ def test_greedy_with_a_random_weight_draft_equals_plain(smollm2, tiny_llama):
 
 def test_greedy_with_prompt_lookup_equals_plain_and_accepts_on_repetitive_text(smollm2):
     reference = plain(smollm2, CODE_PROMPT, max_tokens=40)
-    for kwargs in (dict(lookup=True), dict(draft="lookup")):
+    for kwargs in ({"lookup": True}, {"draft": "lookup"}):
         result = plain(smollm2, CODE_PROMPT, max_tokens=40, adaptive_depth=False, **kwargs)
         assert result.tokens == reference.tokens and result.text == reference.text
         assert result.speculative.source == "lookup"
@@ -110,7 +110,7 @@ def test_steps_look_like_plain_steps_and_honour_max_tokens_and_stop_strings(smol
     full = plain(smollm2, PROMPT, max_tokens=40).text
     stop = full[14:18]
     reference = plain(smollm2, PROMPT, max_tokens=40, stop=[stop])
-    for kwargs in (dict(draft=smollm2, adaptive_depth=False), dict(lookup=True)):
+    for kwargs in ({"draft": smollm2, "adaptive_depth": False}, {"lookup": True}):
         result = plain(smollm2, PROMPT, max_tokens=40, stop=[stop], **kwargs)
         assert result.finish_reason == "stop" and result.text == reference.text == full[:full.find(stop)]
         assert result.tokens == reference.tokens
@@ -157,7 +157,7 @@ def test_context_limit_ends_like_plain_decoding(smollm2):
         words = smollm2.tokenize("red green blue " * 200, add_special=False)
         prompt = words[:ctx.n_ctx - 6]  # room for 6 more tokens: plain decoding emits 7 (the last one undecoded)
         reference = plain(smollm2, prompt, max_tokens=50, context=ctx)
-        for kwargs in (dict(draft=smollm2, depth=4), dict(lookup=True, depth=5)):
+        for kwargs in ({"draft": smollm2, "depth": 4}, {"lookup": True, "depth": 5}):
             result = plain(smollm2, prompt, max_tokens=50, context=ctx, adaptive_depth=False, **kwargs)
             assert result.tokens == reference.tokens and result.finish_reason == reference.finish_reason == "length"
             assert len(result.tokens) == 7
@@ -187,10 +187,10 @@ def _chain_distribution(model, params: SamplingParams, logits: np.ndarray) -> di
     return {int(t): float(p) for t, p in zip(kept["id"], kept["p"])}
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0, top_k=8, top_p=1.0, min_p=0.0),
-                                     dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05),
-                                     dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0),
-                                     dict(temperature=0.8, top_k=0, top_p=1.0, min_p=0.1, logit_bias={11: 3.0})])
+@pytest.mark.parametrize("options", [{"temperature": 1.0, "top_k": 8, "top_p": 1.0, "min_p": 0.0},
+                                     {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05},
+                                     {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.0},
+                                     {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "logit_bias": {11: 3.0}}])
 def test_numpy_distribution_equals_llama_cpp_sampler_chain(smollm2, options):
     params = SamplingParams(seed=1, **options)
     with context(smollm2, 128) as ctx:
@@ -296,8 +296,8 @@ def test_speculative_sampling_keeps_the_target_distribution_end_to_end(smollm2, 
     """Through stream_generate, seeds 0..N-1, draft = random llama (its proposals are mostly rejected, so the
     residual distribution does most of the work), then prompt lookup on a prompt whose last bigram recurs."""
     with context(tiny_llama, 128) as draft_ctx:  # a Context as the draft: reused, not made per call
-        for prompt, kwargs in ((PROMPT, dict(draft=draft_ctx, depth=1)),
-                               ("red green blue red green blue red green", dict(lookup=True, depth=1))):
+        for prompt, kwargs in ((PROMPT, {"draft": draft_ctx, "depth": 1}),
+                               ("red green blue red green blue red green", {"lookup": True, "depth": 1})):
             with context(smollm2, 64) as ctx:
                 ctx.decode(smollm2.tokenize(prompt))
                 ids, probs = speculative.Distribution(SAMPLE_PARAMS, smollm2.n_vocab)(ctx.logits())
@@ -313,7 +313,7 @@ def test_speculative_sampling_keeps_the_target_distribution_end_to_end(smollm2, 
 def test_seeded_speculative_sampling_is_reproducible_at_fixed_depth(smollm2, smollm2_q4_0):
     """Adaptive depth follows measured timings, so which positions were drafted (and so the draws) can differ
     from run to run; at a fixed depth a seed gives the same tokens."""
-    kwargs = dict(max_tokens=20, temperature=0.8, seed=7, draft=smollm2_q4_0, adaptive_depth=False)
+    kwargs = {"max_tokens": 20, "temperature": 0.8, "seed": 7, "draft": smollm2_q4_0, "adaptive_depth": False}
     with context(smollm2) as ctx:
         first = llmplace.generate(smollm2, PROMPT, context=ctx, **kwargs)
         assert llmplace.generate(smollm2, PROMPT, context=ctx, **kwargs).tokens == first.tokens
