@@ -295,7 +295,7 @@ def _save_png(result, path: str) -> None:
     except ImportError:
         raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
     memories = list(result.estimate.memories.values())
-    fig, ax = plt.subplots(figsize=(8, 1 + 0.6 * len(memories)))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.6 * len(memories)))
     gib = 1 << 30
     left = [0.0] * len(memories)
     for label, key, color in (("weights", "weights", "#4c72b0"), ("KV cache", "kv", "#dd8452"),
@@ -308,7 +308,7 @@ def _save_png(result, path: str) -> None:
         if cap:
             ax.plot([cap / gib] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
     ax.set_xlabel("GiB (black line: budget)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, frameon=False)
     ax.set_title(("fits: " if result.success else "does not fit: ") + result.message[:90], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
