@@ -31,7 +31,7 @@ _EXPORTS = {
     **{name: "errors" for name in (
         "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",
         "DeviceNotFoundError", "OutOfMemoryError", "ContextOverflowError", "TokenizationError", "DecodeError",
-        "AbortedError", "IncompatibleDraftError", "TemplateError")},
+        "AbortedError", "BusyError", "IncompatibleDraftError", "TemplateError")},
     "Chat": "chat", "Reply": "chat", "format_chat": "chat",
     "Llama": "compat.llama",
     "quantize": "quantization", "QUANTIZE_TYPES": "quantization", "SpeculativeStats": "speculative",

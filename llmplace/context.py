@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import weakref
 from typing import Mapping, Sequence
 
@@ -12,7 +14,7 @@ from . import logs
 from ._handle import NativeObject
 from .backends import cpu_backend_function
 from ._ffi import C, ffi
-from .errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
+from .errors import BusyError, ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
 
 # KV-cache element types accepted for type_k / type_v.
@@ -69,6 +71,24 @@ def _free_context(handle, pools) -> None:
     _, free = _thread_pool_functions()
     for pool in pools:
         free(pool)
+
+
+BUSY_MESSAGE = ("this Context is in use by another thread (llama.cpp contexts are not thread-safe): give each "
+                "thread its own Context (one Model serves several), or serialize the calls with a lock")
+
+
+def exclusive(method):
+    """Run a Context method only if no other thread is using the context (else BusyError, never a corrupted
+    cache). The lock is reentrant: a generation holding the context may decode on it."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if not self._in_use.acquire(blocking=False):
+            raise BusyError(BUSY_MESSAGE)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._in_use.release()
+    return run
 
 
 class Context(NativeObject):
@@ -134,6 +154,8 @@ class Context(NativeObject):
         # what the llama-cpp-python drop-in passes through. An unknown name raises AttributeError.
         for name, value in (extra_params or {}).items():
             setattr(params, name, value)
+        # Held by the thread decoding or generating on this context (see `exclusive`).
+        self._in_use = threading.RLock()
         # Set by abort() from any thread; read by the shim's C abort callback at every graph node.
         self._abort_flag = ffi.new("int *", 0)
         params.abort_callback = C.llmplace_abort_if_flag_set
@@ -198,6 +220,7 @@ class Context(NativeObject):
         del self.tokens[n_keep:]
 
     # ---- decoding ----
+    @exclusive
     def decode(self, tokens: Sequence[int]) -> None:
         """Append tokens to sequence 0 and compute them, n_batch at a time; logits are kept for the last one.
 
@@ -234,6 +257,7 @@ class Context(NativeObject):
             self._resync(tokens, base)
             raise
 
+    @exclusive
     def decode_one(self, token: int) -> None:
         """Append one token and compute it (the generation hot path: no validation beyond n_ctx)."""
         if len(self.tokens) >= self.n_ctx:
@@ -255,6 +279,7 @@ class Context(NativeObject):
         kept = C.llama_memory_seq_pos_max(C.llama_get_memory(self._ptr), 0) + 1
         self.tokens[base:] = list(tokens[:max(0, kept - base)])
 
+    @exclusive
     def decode_all(self, tokens: Sequence[int]) -> np.ndarray:
         """Append up to n_batch tokens to sequence 0 in ONE llama_decode call, with logits for every one of
         them: returns a float32 [len(tokens), n_vocab] copy (row i predicts the token after tokens[i]).

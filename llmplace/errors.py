@@ -60,6 +60,10 @@ class DecodeError(LlmplaceError, RuntimeError):
     """llama_decode failed."""
 
 
+class BusyError(LlmplaceError, RuntimeError):
+    """A Context (or a Llama, Chat) is in use by another thread."""
+
+
 class AbortedError(LlmplaceError, RuntimeError):
     """A callback asked llama.cpp to stop (a progress callback returned False, or an abort was requested)."""
 

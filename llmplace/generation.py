@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from .context import Context
-from .errors import ContextOverflowError, InvalidParameterError
+from .context import BUSY_MESSAGE, Context
+from .errors import BusyError, ContextOverflowError, InvalidParameterError
 from .model import Model
 from .sampling import Sampler, SamplingParams
 
@@ -179,16 +179,25 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
                                               bool(adaptive_depth), rng)
     else:
         steps = _generate_steps(model, context, sampler, params, tokens, max_tokens, stops)
-    return _owning(steps, sampler, context if own_context else None, drafter)
+    return _owning(steps, sampler, context if own_context else None, drafter, hold=context)
 
 
 def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None,
-            drafter=None) -> Iterator[GenerationStep]:
-    """Yield the steps, then free the sampler, a drafter (and a context made for this call), however
+            drafter=None, hold: Context | None = None) -> Iterator[GenerationStep]:
+    """Yield the steps, holding `hold` (the context generated on) so that no other thread decodes on it
+    meanwhile (BusyError), then free the sampler, a drafter (and a context made for this call), however
     iteration ends."""
+    held = hold is not None and hold._in_use.acquire(blocking=False)
     try:
+        if hold is not None and not held:
+            raise BusyError(BUSY_MESSAGE)
         yield from steps
     finally:
+        if held:
+            try:
+                hold._in_use.release()
+            except RuntimeError:  # finalized by the garbage collector in another thread: nothing to release
+                pass
         sampler.close()
         if drafter is not None:
             drafter.close()

@@ -1,5 +1,5 @@
 """The OpenAI-compatible server: the official `openai` client against real `llmplace serve` processes on 127.0.0.1
-(SmolLM2): models, completion, chat, streaming, embeddings, 16 concurrent streaming clients, a client that
+(SmolLM2): models, completion, chat, streaming, embeddings, 32 concurrent streaming clients, a client that
 disconnects mid-stream, the API key, OpenAI-shaped errors."""
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ def _health(port: int) -> dict:
         return json.loads(response.read())
 
 
+_PROCESSES: dict[int, subprocess.Popen] = {}   # port → server process (for its memory use)
+
+
 def _start(path, *extra):
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "serve", str(path), "--port", str(port),
@@ -66,6 +69,7 @@ def _stop(process) -> None:
 @pytest.fixture(scope="module")
 def server(smollm2_path):
     process, port = _start(smollm2_path)
+    _PROCESSES[port] = process
     yield port
     _stop(process)
 
@@ -117,7 +121,10 @@ def test_streamed_completion(client):
     assert chunks[-1].choices[0].finish_reason == "length" and "".join(c.choices[0].text for c in chunks)
 
 
-def test_sixteen_concurrent_streaming_clients_all_succeed(client):
+def test_thirty_two_concurrent_streaming_clients_all_succeed_in_bounded_memory(client, server):
+    import psutil
+
+    process = psutil.Process(_PROCESSES[server].pid)
     results, errors = {}, []
 
     def one(i):
@@ -128,12 +135,16 @@ def test_sixteen_concurrent_streaming_clients_all_succeed(client):
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    rss_before = process.memory_info().rss
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(32)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert errors == [] and len(results) == 16 and set(results.values()) <= {"stop", "length"}
+    growth = (process.memory_info().rss - rss_before) / 2**20
+    print(f"server RSS growth over 32 concurrent streams: {growth:.1f} MiB")
+    assert errors == [] and len(results) == 32 and set(results.values()) <= {"stop", "length"}
+    assert growth < 64
 
 
 def test_a_client_that_disconnects_stops_its_generation(client, server):
