@@ -209,6 +209,16 @@ class Context(NativeObject):
         C.llama_memory_clear(C.llama_get_memory(self._ptr), True)
         self.tokens.clear()
 
+    def reuse_prefix(self, tokens: Sequence[int], keep_last: int = 1) -> int:
+        """Keep the longest cached prefix of `tokens`, leaving at least `keep_last` of them to compute (the
+        last prompt token must be decoded again for its logits); drop the rest of the cache. Returns the
+        number of tokens reused."""
+        cached, limit = 0, min(len(self.tokens), len(tokens) - keep_last)
+        while cached < limit and self.tokens[cached] == tokens[cached]:
+            cached += 1
+        self.truncate(cached)
+        return cached
+
     def truncate(self, n_keep: int) -> None:
         """Keep the first n_keep tokens of sequence 0 in the KV cache, drop the rest."""
         if n_keep >= len(self.tokens):

@@ -210,11 +210,7 @@ def _generate_steps(model: Model, context: Context, sampler: Sampler, params: Sa
     n_ctx = context.n_ctx
     start = time.perf_counter()
     # Reuse the longest cached prefix, but always compute at least the last prompt token (for its logits).
-    cached = 0
-    limit = min(len(context.tokens), len(tokens) - 1)
-    while cached < limit and context.tokens[cached] == tokens[cached]:
-        cached += 1
-    context.truncate(cached)
+    cached = context.reuse_prefix(tokens)
     context.decode(tokens[cached:])
     if params.uses_penalties:
         for t in tokens:

@@ -299,7 +299,6 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     placement: your rules, kept as they are; the fit places what they leave. draft: a draft model to co-fit.
     Never raises for "does not fit": the result says success=False and why.
     """
-    from .model import Model  # noqa: F401  (imported for the side effect of initializing backends)
     from .backends import ensure_initialized
 
     ensure_initialized()

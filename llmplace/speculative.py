@@ -552,11 +552,7 @@ def speculative_steps(model: Model, context: Context, params: SamplingParams, to
     start = time.perf_counter()
     # The target cache holds the sequence but its last token: that one opens each verification batch.
     # Reuse the longest cached prefix of the prompt, as plain generation does.
-    cached = 0
-    limit = min(len(context.tokens), len(tokens) - 1)
-    while cached < limit and context.tokens[cached] == tokens[cached]:
-        cached += 1
-    context.truncate(cached)
+    cached = context.reuse_prefix(tokens)
     if cached < len(tokens) - 1:
         context.decode(tokens[cached:-1])
     prompt_done = time.perf_counter()

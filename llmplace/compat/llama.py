@@ -23,7 +23,7 @@ from ..placement import Placement
 from ..placement import n_cpu_moe as _n_cpu_moe_rules
 from . import _chat, _completion
 from .errors import CompatibilityWarning, UnsupportedFeatureError
-from .llama_cache import LlamaState
+from .llama_cache import LlamaState, longest_token_prefix
 from .llama_chat_format import registered_handler
 from .llama_cpp import LLAMA_DEFAULT_SEED
 from .llama_speculative import speculation_options
@@ -538,12 +538,7 @@ class Llama:
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
+        return longest_token_prefix(a, b)
 
     def __repr__(self) -> str:
         return f"<llmplace.Llama {os.path.basename(str(self.model_path))}>"
