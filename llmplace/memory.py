@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -65,11 +65,13 @@ class MemoryUse:
     """What one memory (a device, or the host's RAM) holds for a model and its context."""
 
     memory: str          # "host", or the device's name ("CUDA0", "RPC0[127.0.0.1:50052]")
-    weights: int         # bytes of model weights (host: includes mmap'd weights, which the page cache holds)
+    weights: int         # bytes of model weights, `mapped` included
     kv: int              # bytes of KV cache (and other context state)
     compute: int         # bytes of compute buffers
     free: int | None = None    # the device's free memory when measured (None for the host)
     budget: int | None = None  # the budget it was fitted to, if any
+    mapped: int = 0      # of `weights`: bytes of the tensors read through the mmap'd model file (page cache,
+    #                      shared with the file) rather than copied into allocated RAM buffers
 
     @property
     def total(self) -> int:
@@ -90,11 +92,15 @@ class Estimate:
         return [m for name, m in self.memories.items() if name != HOST]
 
     def __str__(self) -> str:
-        lines = [f"{'memory':<26} {'weights':>11} {'KV cache':>11} {'compute':>11} {'total':>11} {'free':>11}"]
+        head = f"{'memory':<26} {'weights':>11} {'(mmap)':>11} {'KV cache':>11} {'compute':>11} {'total':>11}"
+        lines = [f"{head} {'free':>11}"]
         for m in self.memories.values():
             free = "" if m.free is None else _human(m.free)
-            lines.append(f"{m.memory:<26} {_human(m.weights):>11} {_human(m.kv):>11} {_human(m.compute):>11} "
-                         f"{_human(m.total):>11} {free:>11}")
+            mapped = _human(m.mapped) if m.mapped else ""
+            lines.append(f"{m.memory:<26} {_human(m.weights):>11} {mapped:>11} {_human(m.kv):>11} "
+                         f"{_human(m.compute):>11} {_human(m.total):>11} {free:>11}")
+        if any(m.mapped for m in self.memories.values()):
+            lines.append("(mmap): the part of the weights read from the memory-mapped model file (page cache)")
         return "\n".join(lines)
 
 
@@ -134,9 +140,37 @@ def _device_names() -> dict[str, tuple[str, int, int]]:
     return result
 
 
-def measure(model, cparams) -> dict[str, MemoryUse]:
+def _mmap_buffer_types() -> frozenset[str]:
+    """Buffer types whose weights a load with use_mmap maps from the file instead of copying them: the CPU's
+    default one, and the GPUs' pinned host ones (with mmap llama.cpp puts those weights on the CPU's default
+    buffer type, llama-model-loader.cpp). A dry run maps nothing, so this names what a real load would map."""
+    names = set()
+    for i in range(C.ggml_backend_dev_count()):
+        dev = C.ggml_backend_dev_get(i)
+        if C.ggml_backend_dev_type(dev) == C.GGML_BACKEND_DEVICE_TYPE_CPU:
+            buft = C.ggml_backend_dev_buffer_type(dev)
+        else:
+            buft = C.ggml_backend_dev_host_buffer_type(dev)
+        if buft != ffi.NULL:
+            names.add(c_string(C.ggml_backend_buft_name(buft)))
+    return frozenset(names)
+
+
+def _tensor_bytes(model_ptr) -> dict[str, int]:
+    """Bytes of the model's weight tensors per buffer type name."""
+    totals: dict[str, int] = {}
+    name, buft, n_bytes = ffi.new("const char **"), ffi.new("const char **"), ffi.new("uint64_t *")
+    for i in range(C.llmplace_model_tensor_count(model_ptr)):
+        if C.llmplace_model_tensor_info(model_ptr, i, name, buft, n_bytes):
+            key = ffi.string(buft[0]).decode()
+            totals[key] = totals.get(key, 0) + int(n_bytes[0])
+    return totals
+
+
+def measure(model, cparams, *, use_mmap: bool = True) -> dict[str, MemoryUse]:
     """Create a context for `model` (a dry-run or loaded Model) and read llama.cpp's memory breakdown of both.
-    On a dry-run model nothing is allocated, and the numbers are what a real load would allocate."""
+    On a dry-run model nothing is allocated, and the numbers are what a real load would allocate (a load
+    with `use_mmap` maps the host weights it can: they are reported as mapped)."""
     with logs.capture() as messages:
         ctx = C.llama_init_from_model(model._ptr, cparams)
     if ctx == ffi.NULL:
@@ -144,14 +178,19 @@ def measure(model, cparams) -> dict[str, MemoryUse]:
         raise OutOfMemoryError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for "
                                f"{model.path.name}: {reason}")
     try:
-        return breakdown(ctx)
+        return breakdown(ctx, would_map=_mmap_buffer_types() if model.dry_run and use_mmap else ())
     finally:
         C.llama_free(ctx)
 
 
-def breakdown(ctx) -> dict[str, MemoryUse]:
+def breakdown(ctx, *, would_map: Sequence[str] = ()) -> dict[str, MemoryUse]:
     """Bytes per memory of a llama_context (and its model), host buffers of every kind counted as host
-    (llama.cpp's own fit drops some of them, e.g. CPU_REPACK)."""
+    (llama.cpp's own fit drops some of them, e.g. CPU_REPACK).
+
+    Weights in mmap'd buffers ("CPU_Mapped") count as the bytes of the tensors placed there, and as `mapped`:
+    llama.cpp reports such a buffer as the whole file range it maps, which also spans the tensors that were
+    copied to other devices, so that those bytes would count twice. would_map: buffer types whose weights
+    a real load will map (for a dry run, which maps nothing)."""
     n = C.llmplace_memory_breakdown(ctx, 0, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL, ffi.NULL)
     if n < 0:
         raise OutOfMemoryError("llama.cpp's memory breakdown failed")
@@ -160,18 +199,26 @@ def breakdown(ctx) -> dict[str, MemoryUse]:
         ffi.new("int32_t[]", max(n, 1))
     n = min(n, C.llmplace_memory_breakdown(ctx, n, names, model_b, context_b, compute_b, host))
     devices = _device_names()
+    tensor_bytes = None
     sums: dict[str, list[int]] = {}
     for i in range(n):
         buft = ffi.string(names[i]).decode()
         memory = HOST if host[i] or is_host_buffer(buft) else devices.get(buft, (buft,))[0]
-        acc = sums.setdefault(memory, [0, 0, 0])
-        acc[0] += int(model_b[i])
+        acc = sums.setdefault(memory, [0, 0, 0, 0])
+        weights = int(model_b[i])
+        if weights and (buft.endswith("_Mapped") or buft in would_map):
+            if tensor_bytes is None:
+                tensor_bytes = _tensor_bytes(C.llama_get_model(ctx))
+            weights = tensor_bytes.get(buft, 0)
+            acc[3] += weights
+        acc[0] += weights
         acc[1] += int(context_b[i])
         acc[2] += int(compute_b[i])
     free_of = {name: free for name, free, _ in devices.values()}
-    result = {HOST: MemoryUse(HOST, *sums.pop(HOST, [0, 0, 0]))}
-    for memory, (w, k, c) in sums.items():
-        result[memory] = MemoryUse(memory, w, k, c, free=free_of.get(memory))
+    w, k, c, m = sums.pop(HOST, [0, 0, 0, 0])
+    result = {HOST: MemoryUse(HOST, w, k, c, mapped=m)}
+    for memory, (w, k, c, m) in sums.items():
+        result[memory] = MemoryUse(memory, w, k, c, free=free_of.get(memory), mapped=m)
     return result
 
 
@@ -182,10 +229,11 @@ def _model_path(model) -> Path:
 
 def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
              flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, draft=None, draft_placement=None,
-             n_gpu_layers: int = -1, **split) -> Estimate:
+             n_gpu_layers: int = -1, use_mmap: bool = True, **split) -> Estimate:
     """Bytes of weights, KV cache and compute buffers per device (and host) for `model` (a path or a Model)
     under `placement` with a context of n_ctx tokens, from a dry run: nothing is read or allocated.
     draft: a draft model (path or Model) whose needs are added, with a context of the same size.
+    use_mmap: as the load will be (load's default: True); host weights it maps are reported as `mapped`.
     split takes load()'s split keywords (split_mode, tensor_split, main_gpu, devices)."""
     from .model import Model
 
@@ -193,16 +241,16 @@ def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k
                              flash_attn=flash_attn)
     with Model(_model_path(model), n_gpu_layers=n_gpu_layers, placement=placement, dry_run=True, progress=False,
                **split) as dry:
-        memories = measure(dry, cparams)
+        memories = measure(dry, cparams, use_mmap=use_mmap)
         chosen_ctx = C.llama_n_ctx_train(dry._ptr) if n_ctx == 0 else n_ctx
     if draft is not None:
         cparams.n_ctx = chosen_ctx
         with Model(_model_path(draft), n_gpu_layers=n_gpu_layers, placement=draft_placement, dry_run=True,
                    progress=False) as dry:
-            for name, use in measure(dry, cparams).items():
+            for name, use in measure(dry, cparams, use_mmap=use_mmap).items():
                 mine = memories.get(name, MemoryUse(name, 0, 0, 0, free=use.free))
-                memories[name] = MemoryUse(name, mine.weights + use.weights, mine.kv + use.kv,
-                                           mine.compute + use.compute, free=mine.free)
+                memories[name] = replace(mine, weights=mine.weights + use.weights, kv=mine.kv + use.kv,
+                                         compute=mine.compute + use.compute, mapped=mine.mapped + use.mapped)
     return Estimate(memories, chosen_ctx)
 
 
@@ -289,7 +337,7 @@ def _describe_changes(path: Path, fitted: Placement, n_gpu_layers: int, n_layer:
 def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | str = "1GiB", n_ctx: int = 0,
         n_ctx_min: int = 4096, draft=None, placement=None, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
         flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, devices: Sequence[str] | None = None,
-        attempts: int = 3) -> FitResult:
+        attempts: int = 3, use_mmap: bool = True) -> FitResult:
     """Find n_gpu_layers, tensor_split, overrides and (if n_ctx=0) the context size that fit each device.
 
     budget: {"CUDA0": "12GiB", ...} caps a device below its free memory (default: its free memory).
@@ -297,6 +345,8 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     n_batch / n_ubatch / n_seq / type_k / type_v / flash_attn: the context's settings (they size the KV cache
     and compute buffers; use the same when creating the Context).
     placement: your rules, kept as they are; the fit places what they leave. draft: a draft model to co-fit.
+    use_mmap: whether the model will be loaded with mmap (load's default): only says which host weights
+    the estimate reports as mapped.
     Never raises for "does not fit": the result says success=False and why.
     """
     from .backends import ensure_initialized
@@ -379,11 +429,10 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             kw["tensor_split"] = split
         measured = estimate(path, combined, n_ctx=chosen_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,
                             flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, draft=draft,
-                            n_gpu_layers=ngl, **kw)
+                            n_gpu_layers=ngl, use_mmap=use_mmap, **kw)
         over = {name: measured[name].total - usable[name] for name in usable
                 if name in measured.memories and measured[name].total > usable[name]}
-        memories = {k: (MemoryUse(v.memory, v.weights, v.kv, v.compute, v.free, usable.get(k)))
-                    for k, v in measured.memories.items()}
+        memories = {k: replace(v, budget=usable.get(k)) for k, v in measured.memories.items()}
         measured = Estimate(memories, measured.n_ctx)
         changes = _describe_changes(path, fitted, ngl, n_layer, chosen_ctx, n_ctx)
         if status == 0 and not over:

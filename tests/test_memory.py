@@ -26,17 +26,45 @@ def test_unreadable_sizes_are_refused(text):
         parse_size(text)
 
 
-def test_estimate_matches_the_real_allocation(rpc_devices, smollm2_path):
-    planned = estimate(smollm2_path, n_ctx=1024, tensor_split=[2, 1])
-    with llmplace.load(smollm2_path, tensor_split=[2, 1], progress=False) as model, \
+def test_mmapped_weights_are_reported_as_mapped_not_counted_twice(smollm2_path):
+    # No RPC device yet (those tests run last): every weight is in host memory.
+    mapped, copied = (estimate(smollm2_path, n_ctx=512, use_mmap=mm)["host"] for mm in (True, False))
+    assert mapped.mapped == mapped.weights > 0 and copied.mapped == 0
+    assert mapped.total == copied.total and mapped.weights == copied.weights
+    for use_mmap, planned in ((True, mapped), (False, copied)):
+        with llmplace.load(smollm2_path, use_mmap=use_mmap, progress=False) as model, \
+                llmplace.Context(model, n_ctx=512) as ctx:
+            real = breakdown(ctx._ptr)["host"]
+        assert real == planned, use_mmap
+    assert "(mmap)" in str(estimate(smollm2_path, n_ctx=512))
+
+
+# Placements on two RPC "GPUs": everything offloaded (the output layer on the second device), and 20 of 31
+# layers offloaded (the rest, mmap'd, in host memory: llama.cpp's mapped buffer spans the file range of the
+# offloaded tensors too, which the breakdown must not count as host memory).
+@pytest.mark.parametrize("load_kwargs", [{"tensor_split": [2, 1]}, {"tensor_split": [2, 1], "n_gpu_layers": 20}],
+                         ids=["all-offloaded", "20-layers"])
+def test_estimate_matches_the_real_allocation(rpc_devices, smollm2_path, load_kwargs):
+    planned = estimate(smollm2_path, n_ctx=1024, **load_kwargs)
+    with llmplace.load(smollm2_path, progress=False, **load_kwargs) as model, \
             llmplace.Context(model, n_ctx=1024) as ctx:
         real = breakdown(ctx._ptr)
     assert set(planned.memories) == set(real) == {"host", rpc_devices[0].name, rpc_devices[1].name}
+    full_offload = "n_gpu_layers" not in load_kwargs
     for name, used in real.items():
-        assert planned[name].weights == used.weights and planned[name].kv == used.kv, name
-        # Compute buffers: equal, except that the dry run over-counts the device computing the output by a
-        # few MiB (measured: 4.5 MiB of 110 MiB); an estimate may err only on the safe side.
-        assert used.total <= planned[name].total <= used.total * 1.05, name
+        est = planned[name]
+        assert (est.weights, est.mapped, est.kv) == (used.weights, used.mapped, used.kv), name
+        if full_offload and name == rpc_devices[1].name:
+            # The one inexact figure, llama.cpp's own: with every layer offloaded, llama.cpp pins the first norm
+            # of each layer to that layer's device while it builds the graph, but a no_alloc dry run sizes the
+            # compute buffers through ggml_backend_sched_reserve_size, which resets the scheduler first and so
+            # drops those pins. In the dry-run graph the first norm of the second device's first layer runs on
+            # the first device and is copied over, and the second device's buffer comes out 4.5 MiB larger
+            # (n_ubatch 512: 4.3% of its compute buffer, 2.8% of its total). Only ever on the safe side.
+            assert used.compute < est.compute <= used.compute * 1.05, name
+            assert used.total < est.total <= used.total * 1.03, name
+        else:
+            assert est == used, name
 
 
 def _loaded_bytes(model, ctx) -> dict[str, int]:
