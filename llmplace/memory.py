@@ -380,13 +380,12 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     result = None
     for _ in range(max(1, attempts)):
         mparams = C.llama_model_default_params()
-        keep = []
         if devices is not None:
-            array = ffi.new("ggml_backend_dev_t[]", len(devs) + 1)
+            # NULL-terminated; this local keeps the array alive while llama.cpp's fit reads it
+            device_array = ffi.new("ggml_backend_dev_t[]", len(devs) + 1)
             for i, d in enumerate(devs):
-                array[i] = d
-            mparams.devices = array
-            keep.append(array)
+                device_array[i] = d
+            mparams.devices = device_array
         cparams = context_params(n_ctx, n_seq=n_seq, n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k,
                                  type_v=type_v, flash_attn=flash_attn)
         tensor_split = ffi.new("float[]", C.llama_max_devices())
@@ -454,5 +453,4 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             break
         for i, name in enumerate(names):  # llama.cpp's plan overshot: refit with the overshoot as extra margin
             extra_margin[i] += over.get(name, 0) + (16 << 20 if name in over else 0)
-        del keep
     return result
