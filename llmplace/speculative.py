@@ -20,9 +20,11 @@ Guarantees:
 - Repetition penalties and typical sampling are refused with a draft (InvalidParameterError): their state
   depends on every accepted token and is not reproduced here.
 
-Depth adapts: an estimate of the per-token acceptance rate and measured costs (a drafted token, a target
-batch of each size) pick the number of tokens to draft that maximizes expected tokens per second,
-including 0 (plain decoding, with an occasional probe) so that a poor draft costs little.
+Depth adapts (DepthController): an estimate of the per-token acceptance rate and costs measured in the
+call (a drafter step, a catch-up token, a target batch of each size: the curve is learned, not assumed)
+pick the number of tokens to draft that maximizes expected tokens per second, including 0: plain
+decoding, during which a draft model is left out of step. Probes, and catching a draft model up, are paid
+from a budget of a few percent of the time elapsed, so that a poor or costly drafter costs little.
 """
 
 from __future__ import annotations
@@ -253,6 +255,8 @@ class ModelDrafter:
         self.synced = 0                  # seq[:synced] is in the draft cache, followed by `self.tail`
         self.tail: list[int] = []        # drafted tokens decoded into the draft cache after seq[:synced]
         self.catchup = (0, 0.0)          # (tokens, seconds) the last propose spent catching up with seq
+        # Prior for the controller: a draft step costs about what its weights weigh against the target's.
+        self.size_ratio = model.size / max(target.model.size, 1)
 
     def pending(self, seq: list[int]) -> int:
         """Tokens of `seq` the draft would have to decode before drafting (after plain rounds: all of them)."""
@@ -280,13 +284,7 @@ class ModelDrafter:
         k = min(k, room + 1)
         if k <= 0:
             return [], None
-        limit = min(len(ctx.tokens), len(seq) - 1)
-        cached = min(self.synced, limit)  # known to match: start comparing there (seq only grows in a call)
-        tokens = ctx.tokens
-        while cached < limit and tokens[cached] == seq[cached]:
-            cached += 1
-        ctx.truncate(cached)
-        todo = seq[cached:]
+        todo = seq[self._common_prefix(seq):]
         if max(todo) >= self.model.n_vocab:  # a target-only token: the draft cannot follow this sequence
             return [], None
         self._pause_pools(self._target_pools)
@@ -295,13 +293,44 @@ class ModelDrafter:
         finally:
             self._pause_pools(self._draft_pools)
 
-    def _draft(self, ctx: Context, todo: list[int], k: int):
+    def advance(self, seq: list[int], n: int) -> tuple[int, float]:
+        """Decode up to n tokens of `seq` the draft misses (never its last one) in one batch; returns
+        (tokens decoded, seconds)."""
+        ctx = self.context
         start = time.perf_counter()
-        if len(todo) == 1:
-            ctx.decode_one(todo[0])
-        else:
+        cached = self._common_prefix(seq)
+        todo = seq[cached:min(cached + n, len(seq) - 1)]
+        if not todo or max(todo) >= self.model.n_vocab:
+            return 0, 0.0
+        self._pause_pools(self._target_pools)
+        try:
             ctx.decode(todo)
-        self.catchup = (len(todo) - 1, time.perf_counter() - start)  # the last one is needed to draft at all
+        finally:
+            self._pause_pools(self._draft_pools)
+        self.synced, self.tail = len(ctx.tokens), []
+        return len(todo), time.perf_counter() - start
+
+    def _common_prefix(self, seq: list[int]) -> int:
+        """Keep the longest prefix of seq[:-1] the draft cache holds, drop the rest; returns its length."""
+        ctx = self.context
+        limit = min(len(ctx.tokens), len(seq) - 1)
+        cached = min(self.synced, limit)  # known to match: start comparing there (seq only grows in a call)
+        tokens = ctx.tokens
+        while cached < limit and tokens[cached] == seq[cached]:
+            cached += 1
+        ctx.truncate(cached)
+        return cached
+
+    def _draft(self, ctx: Context, todo: list[int], k: int):
+        # The tokens the draft missed are decoded as one batch (timed: the catch-up), the last one alone, as
+        # the first of the steps that each decode a token and pick the next: len(drafted) steps in all.
+        if len(todo) > 1:
+            start = time.perf_counter()
+            ctx.decode(todo[:-1])
+            self.catchup = (len(todo) - 1, time.perf_counter() - start)
+        else:
+            self.catchup = (0, 0.0)
+        ctx.decode_one(todo[-1])
         self.synced = len(ctx.tokens)
         drafted, qs = [], None if self.greedy else []
         n_common, is_eog = self.n_common, self.vocab.is_eog
@@ -326,6 +355,7 @@ class LookupDrafter:
     propose the tokens that followed it. An index of n-grams is updated as the sequence grows."""
 
     source = "lookup"
+    size_ratio = 0.0
 
     def __init__(self) -> None:
         self.index: dict[tuple[int, ...], int] = {}   # n-gram → position right after its latest occurrence
@@ -414,102 +444,236 @@ def make_rng(params: SamplingParams) -> np.random.Generator:
 
 # ---- adaptive depth ----
 
-class DepthController:
-    """Picks how many tokens to draft next from the estimated acceptance rate and measured costs.
+def _low_median(samples) -> float:
+    """The lower median: robust to the slow outliers a shared or warming-up machine produces."""
+    s = sorted(samples)
+    return s[(len(s) - 1) // 2]
 
-    With acceptance rate a, drafting k tokens yields (1 - a^(k+1)) / (1 - a) tokens on average, for k draft
-    steps plus one target batch of k + 1 tokens. The k in 0..max maximizing tokens per second wins. k = 0 is
-    plain decoding; then a probe (k = 1) every few rounds, spaced out further after each failed probe,
-    keeps the estimate alive at a small cost.
+
+class DepthController:
+    """Picks how many tokens to draft next, from measurements only, with a bounded cost of finding out.
+
+    Model. With per-token acceptance rate a, drafting k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens
+    on average, for one target batch of k + 1 tokens, k drafter steps and the catch-up of tokens the
+    drafter missed. Every cost is learned from this call's timings:
+    - the target's batch cost curve t(n): the lower median of recent samples of each size, made
+      non-decreasing (a size measured on a hiccup is corrected by any larger size measured), interpolated
+      between measured sizes, extrapolated past the largest with the slope fitted over the measured sizes
+      >= 2 (size 1 is often special: CUDA graphs serve single-token decodes only). The shape is not
+      assumed (flat on a GPU, nearly linear on a CPU, a step at 2: all are learned). Depth grows at most one
+      past the largest size measured, so the curve is explored a size at a time; until two sizes >= 2
+      are measured, the slope past them is guessed optimistic (PRIOR_SLOPE), so that a deeper draft is tried;
+    - a drafter step (decode and pick) and a catch-up token (batched), measured; before that, t(1) (and
+      the prompt's cost per token) times the draft's weight in bytes over the target's (lookup: free).
+    The k maximizing E(k) / cost(k) is drafted when that beats plain decoding (1 / t(1)) by MARGIN.
+
+    Bounded cost. `debt` adds up what speculation cost beyond plain decoding of the tokens it emitted (round
+    seconds - tokens x t(1), plus catch-ups; negative when drafting pays). When the model says plain
+    decoding is faster, a draft model is left out of step (no catch-up) and a probe is made every `backoff`
+    plain rounds (doubled after a probe that did not pay for itself), only if its worst case (everything
+    rejected) keeps the debt within BUDGET of the seconds elapsed, the prompt included. When the model
+    says drafting pays but the draft model is out of step, catch_up_now() brings it back in batches the
+    budget affords; drafting stops while the debt is over budget. A little SLACK (target steps) keeps the
+    start of a call, when BUDGET of little is nothing, from stopping on one unlucky round. So a bad or
+    costly drafter costs about BUDGET of the time of plain decoding, and the first draft of a draft model
+    (its catch-up on the whole prompt) waits until it is affordable. The first round is plain: it measures
+    t(1), the baseline.
     """
 
-    DECAY = 0.9
+    DECAY = 0.9          # weight of the acceptance history per round
+    PRIOR_SLOPE = 0.1    # guessed extra cost per batch token (x t(1)) until two sizes >= 2 are measured
+    BUDGET = 0.04        # the most that speculation may lose, as a fraction of the seconds elapsed
+    SLACK = 2.0          # ... plus this many target steps
+    MARGIN = 1.03        # drafting must beat plain decoding by this factor (measurement noise)
+    WINDOW = 7           # recent samples kept per cost
 
-    def __init__(self, max_depth: int, adaptive: bool, draft_cost_free: bool) -> None:
+    def __init__(self, max_depth: int, adaptive: bool, draft_cost_free: bool, *, draft_size_ratio: float = 1.0,
+                 prompt_seconds: float = 0.0, prompt_seconds_per_token: float | None = None) -> None:
         self.max = max_depth
         self.adaptive = adaptive
         self.cost_free = draft_cost_free
-        self.acc, self.rej = 1.4, 0.6             # prior: acceptance rate 0.7, weight 2
-        self.t_verify: dict[int, float] = {}      # batch size → EMA seconds
-        self.t_draft: float | None = None         # EMA seconds per drafted token
-        self.t_catchup: float | None = None       # EMA seconds per token the draft decodes to catch up
-        self.plain_time = 0.0                     # seconds of plain rounds since the last draft
-        self.started = False                      # a draft was verified: catch-up costs count from then on
-        self.plain_rounds = 0                     # plain rounds since drafting last paid or was probed
-        self.backoff = 4                          # plain rounds between probes
+        self.ratio = draft_size_ratio                  # prior: draft step cost / target step cost
+        self.prompt_per_token = prompt_seconds_per_token
+        self.acc, self.rej = 1.4, 0.6                  # prior: acceptance rate 0.7, weight 2
+        self.samples: dict[int, list[float]] = {}      # batch size -> recent seconds
+        self.step_samples: list[float] = []            # seconds per drafter step
+        self.catchup_samples: list[float] = []         # seconds per token of a batched catch-up
+        self._curve: dict[int, float] | None = None
+        self._slope: float | None = None
+        self.elapsed = prompt_seconds                  # seconds of this call so far
+        self.debt = 0.0                                # seconds speculation lost against plain decoding
+        self.plain_rounds = 0                          # plain rounds since the last draft or probe
+        self.backoff = 4                               # plain rounds between probes
         self.probing = False
 
-    def _verify_cost(self, size: int) -> float:
-        """Seconds for a target batch of `size` tokens: measured, else on the line through the smallest and
-        largest sizes measured. With one size measured, the extra tokens of a batch are assumed to cost 10%
-        of a single-token decode each (a GPU-like guess, so that drafting gets tried; measuring corrects it:
-        on a CPU a batch costs nearly size x a token, and then drafting rarely pays)."""
-        t = self.t_verify
-        if size in t:
-            return t[size]
-        if not t:
+    @staticmethod
+    def _add(samples: list[float], value: float, window: int) -> None:
+        samples.append(value)
+        if len(samples) > window:
+            del samples[0]
+
+    # ---- the learned costs ----
+
+    def _fit(self) -> None:
+        est = {n: _low_median(s) for n, s in self.samples.items()}
+        running = math.inf
+        for n in sorted(est, reverse=True):   # non-decreasing in n
+            running = min(running, est[n])
+            est[n] = running
+        big = sorted(n for n in est if n >= 2)
+        slope = None
+        if len(big) >= 2:   # least-squares slope over the sizes >= 2
+            mx = sum(big) / len(big)
+            my = sum(est[n] for n in big) / len(big)
+            slope = max(sum((n - mx) * (est[n] - my) for n in big) / sum((n - mx) ** 2 for n in big), 0.0)
+        self._curve, self._slope = est, slope
+
+    def verify_cost(self, size: int) -> float:
+        """Seconds for a target batch of `size` tokens, from the measurements (see the class)."""
+        if self._curve is None:
+            self._fit()
+        est = self._curve
+        if size in est:
+            return est[size]
+        if not est:
             return 1.0
-        lo, hi = min(t), max(t)
-        if lo == hi:
-            return t[lo] * (1 + 0.1 * (size - 1)) / (1 + 0.1 * (lo - 1))
-        slope = max((t[hi] - t[lo]) / (hi - lo), 0.0)
-        return max(t[lo] + slope * (size - lo), 1e-6)
+        sizes = sorted(est)
+        below = [n for n in sizes if n < size]
+        above = [n for n in sizes if n > size]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return est[lo] + (est[hi] - est[lo]) * (size - lo) / (hi - lo)
+        if above:                       # below every measured size: never more than the smallest
+            return est[above[0]]
+        top = below[-1]
+        t1 = est.get(1, est[sizes[0]])
+        slope = self._slope if self._slope is not None else self.PRIOR_SLOPE * t1
+        return est[top] + slope * (size - top)
+
+    def step_cost(self) -> float:
+        """Seconds per drafter step (one draft decode and pick)."""
+        if self.cost_free:
+            return 0.0
+        if self.step_samples:
+            return _low_median(self.step_samples)
+        return self.ratio * self.verify_cost(1)
+
+    def catchup_cost(self, pending: int) -> float:
+        """Seconds for the drafter to decode the `pending` - 1 tokens it missed before its first step."""
+        if self.cost_free or pending <= 1:
+            return 0.0
+        if self.catchup_samples:
+            per = _low_median(self.catchup_samples)
+        elif self.prompt_per_token is not None:
+            per = self.ratio * self.prompt_per_token
+        else:
+            per = self.step_cost()
+        return per * (pending - 1)
+
+    @property
+    def acceptance(self) -> float:
+        return min(self.acc / (self.acc + self.rej), 0.999)
+
+    def expected_tokens(self, k: int) -> float:
+        a = self.acceptance
+        return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def best_depth(self, limit: int, pending: int = 0) -> tuple[int, float]:
+        """(k >= 1, tokens per second) of the best depth to draft under the model, this round's catch-up
+        included."""
+        setup, cd = self.catchup_cost(pending), self.step_cost()
+        best_k, best = 1, 0.0
+        # At most one token past the largest batch measured: the curve is explored a size at a time, so a
+        # guess about sizes never measured costs at most one step of the curve.
+        for k in range(1, min(self.max, limit, max(self.samples, default=1)) + 1):
+            rate = self.expected_tokens(k) / (setup + k * cd + self.verify_cost(k + 1))
+            if rate > best:
+                best_k, best = k, rate
+        return best_k, best
+
+    # ---- decisions ----
+
+    def _allowance(self, slack: float = 0.0) -> float:
+        """Seconds speculation may still lose now: BUDGET of the time elapsed (plus `slack` seconds)."""
+        return self.BUDGET * self.elapsed + slack - self.debt
 
     def choose(self, limit: int, pending: int = 0) -> int:
-        """Tokens to draft next (at most `limit`); `pending`: tokens the draft must first catch up on."""
+        """Tokens to draft next (at most `limit`); `pending`: tokens the drafter must decode before drafting
+        (1 or 2 when it is in step with the sequence)."""
+        self.probing = False
         if limit <= 0:
             return 0
         if not self.adaptive:
             return min(self.max, limit)
-        a = min(self.acc / (self.acc + self.rej), 0.999)
-        t1 = self._verify_cost(1)
-        cd = 0.0 if self.cost_free else (self.t_draft if self.t_draft is not None else 0.25 * t1)
-        # After plain rounds a draft model must first decode what it missed: on a CPU that costs about as
-        # much per token as drafting, which is what makes probing an expensive draft expensive.
-        # The first draft is the experiment that measures the costs: its catch-up (the prompt) is not held
-        # against it.
-        catchup = pending * (self.t_catchup if self.t_catchup is not None else cd) if self.started else 0.0
-        best_k, best = 0, 1.0 / t1
-        for k in range(1, min(self.max, limit) + 1):
-            rate = (1.0 - a ** (k + 1)) / (1.0 - a) / (k * cd + catchup + self._verify_cost(k + 1))
-            if rate > best:
-                best_k, best = k, rate
-        if best_k == 0:
-            self.plain_rounds += 1
-            # Probe now and then, spaced further after each failed probe, and only while catching up costs
-            # under a tenth of the plain decoding done since: a bad or costly draft then costs little.
-            if self.plain_rounds >= self.backoff and catchup <= 0.1 * self.plain_time:
+        if 1 not in self.samples:          # the baseline first
+            return 0
+        t1 = self.verify_cost(1)
+        k, rate = self.best_depth(limit, min(pending, 2))
+        if rate * t1 > self.MARGIN:        # drafting pays once the drafter is in step
+            # SLACK: early in a call BUDGET of little is nothing; one unlucky round must not stop drafting
+            # that the measured costs favour.
+            if pending <= 2 and self._allowance(self.SLACK * t1) >= 0:
                 self.plain_rounds = 0
-                self.probing = True
-                return 1
-        else:
-            self.plain_rounds = 0
-        return best_k
+                return k
+            return 0                       # out of step: catch_up_now() brings it in step as affordable
+        self.plain_rounds += 1
+        if self.plain_rounds < self.backoff:
+            return 0
+        worst = self.catchup_cost(pending) + k * self.step_cost() + self.verify_cost(k + 1) - t1
+        if worst > self._allowance(0.5 * self.SLACK * t1):
+            return 0
+        self.plain_rounds = 0
+        self.probing = True
+        return k
 
-    def update(self, k: int, drafted: int, accepted: int, t_draft: float, t_verify: float,
+    def catch_up_now(self, limit: int, pending: int) -> int:
+        """After a plain round: how many of the `pending` tokens a draft model should decode now, in one batch,
+        to get back in step: only while drafting in step would pay, and no more than the allowance pays for
+        (at least 8 at a time, so that the batch's cost per token is measured for what it is). 0: none."""
+        if self.cost_free or not self.adaptive or pending <= 2 or 1 not in self.samples:
+            return 0
+        _, rate = self.best_depth(max(limit, 1), 2)
+        if rate * self.verify_cost(1) <= self.MARGIN:
+            return 0
+        per = self.catchup_cost(2)
+        allowance = self._allowance(self.SLACK * self.verify_cost(1))
+        n = min(pending - 1, int(allowance / per) if per > 0 else pending - 1)
+        return n if n >= min(8, pending - 1) else 0
+
+    def caught_up(self, n: int, seconds: float) -> None:
+        """A catch-up of `n` tokens took `seconds` (charged to speculation until drafting pays it back)."""
+        if n:
+            self._add(self.catchup_samples, seconds / n, self.WINDOW)
+        self.elapsed += seconds
+        self.debt += seconds
+
+    def update(self, drafted: int, accepted: int, t_draft: float, t_verify: float, *, steps: int = 0,
                catchup: tuple[int, float] = (0, 0.0)) -> None:
+        """Learn from one round: `drafted` tokens proposed (0: a plain round), `accepted` of them,
+        seconds drafting (`catchup` included: (tokens, seconds) of it spent catching up) and verifying;
+        `steps`: drafter steps taken (default `drafted`)."""
         size = drafted + 1
-        old = self.t_verify.get(size)
-        self.t_verify[size] = t_verify if old is None else 0.8 * old + 0.2 * t_verify
+        self._add(self.samples.setdefault(size, []), t_verify, self.WINDOW)
+        self._curve = None
+        t_round = t_draft + t_verify
+        self.elapsed += t_round
+        if drafted or t_draft > 0:
+            # What the round cost beyond plain decoding of the tokens it emitted.
+            self.debt += t_round - (accepted + 1) * self.verify_cost(1)
         if not drafted:
-            self.plain_time += t_verify
-            self.probing = False
             return
-        self.plain_time = 0.0
-        self.started = True
         n_catchup, t_catchup = catchup
         if n_catchup > 0:
-            per = t_catchup / n_catchup
-            self.t_catchup = per if self.t_catchup is None else 0.8 * self.t_catchup + 0.2 * per
-            t_draft -= t_catchup
-        if drafted:
-            per = max(t_draft, 0.0) / drafted
-            self.t_draft = per if self.t_draft is None else 0.8 * self.t_draft + 0.2 * per
-            rejected = 1 if accepted < drafted else 0
-            self.acc = self.acc * self.DECAY + accepted
-            self.rej = self.rej * self.DECAY + rejected
-            if self.probing:
-                self.backoff = min(self.backoff * 2, 64) if rejected else 4
+            self._add(self.catchup_samples, t_catchup / n_catchup, self.WINDOW)
+        steps = steps or drafted
+        if not self.cost_free:
+            self._add(self.step_samples, max(t_draft - t_catchup, 0.0) / steps, self.WINDOW)
+        rejected = 1 if accepted < drafted else 0
+        self.acc = self.acc * self.DECAY + accepted
+        self.rej = self.rej * self.DECAY + rejected
+        if self.probing:   # probe sooner again after one that paid for itself, later after one that did not
+            paid = t_round < (accepted + 1) * self.verify_cost(1)
+            self.backoff = 4 if paid else min(self.backoff * 2, 64)
         self.probing = False
 
 
@@ -565,7 +729,10 @@ def speculative_steps(model: Model, context: Context, params: SamplingParams, to
     matcher = _StopMatcher(stops)
     dist = Distribution(params, n_vocab)
     greedy = params.greedy
-    control = DepthController(depth, adaptive, drafter.source == "lookup")
+    lookup = drafter.source == "lookup"
+    control = DepthController(depth, adaptive, lookup, draft_size_ratio=drafter.size_ratio,
+                              prompt_seconds=prompt_done - start,
+                              prompt_seconds_per_token=(prompt_done - start) / n_computed if n_computed >= 8 else None)
     n_prompt = len(tokens)
     seq = list(tokens)
     generated = drafted_total = accepted_total = rounds = 0
@@ -574,15 +741,25 @@ def speculative_steps(model: Model, context: Context, params: SamplingParams, to
     try:
         while finish is None:
             # Draft no more than fits in the context after the pending token, nor more than can be emitted.
-            k = control.choose(min(n_ctx - len(context.tokens) - 1, max_tokens - generated - 1),
-                               drafter.pending(seq) if adaptive else 0)
+            limit = min(n_ctx - len(context.tokens) - 1, max_tokens - generated - 1)
             t0 = perf()
-            drafted, qs = drafter.propose(seq, k) if k > 0 else ([], None)
+            if lookup:
+                # Prompt lookup costs nothing: look first, then let the controller pick how much to verify.
+                proposal = drafter.propose(seq, min(depth, limit))[0] if limit > 0 else []
+                k = control.choose(len(proposal)) if proposal else 0
+                drafted, qs = proposal[:k], None
+            else:
+                k = control.choose(limit, drafter.pending(seq) if adaptive else 0)
+                drafted, qs = drafter.propose(seq, k) if k > 0 else ([], None)
             t1 = perf()
             rows = context.decode_all([seq[-1], *drafted])
             emitted = verify(rows, drafted, qs, dist, greedy, rng, n_vocab)
-            control.update(k, len(drafted), len(emitted) - 1, t1 - t0, perf() - t1,
-                           drafter.catchup if drafted else (0, 0.0))
+            control.update(len(drafted), len(emitted) - 1, t1 - t0 if k > 0 else 0.0, perf() - t1,
+                           catchup=drafter.catchup if drafted else (0, 0.0))
+            if not drafted and not lookup:
+                n = control.catch_up_now(limit, drafter.pending(seq) + len(emitted))
+                if n:
+                    control.caught_up(*drafter.advance([*seq, *emitted], n))
             rounds += 1
             drafted_total += len(drafted)
             accepted_total += len(emitted) - 1

@@ -4,6 +4,8 @@ distribution; incompatible drafts are refused; llmplace.quantize makes the requa
 from __future__ import annotations
 
 import math
+import random
+import statistics
 
 import numpy as np
 import pytest
@@ -169,6 +171,113 @@ def test_adaptive_depth_drafts_little_with_a_draft_that_is_always_wrong(smollm2,
     stats = result.speculative
     assert stats.accepted <= 2
     assert stats.drafted < 30, stats  # fixed depth 8 would have drafted ~8 per token
+
+
+def test_adaptive_depth_catching_up_a_draft_in_batches_keeps_greedy_output(smollm2, smollm2_q4_0, monkeypatch):
+    """Force the controller's favourable path (flat batch costs, free draft steps, no budget limit): the draft
+    model is brought in step with ModelDrafter.advance, then drafts; the output is still plain decoding's."""
+    advanced = []
+    advance = speculative.ModelDrafter.advance
+
+    def spy(self, seq, n):
+        got = advance(self, seq, n)
+        advanced.append(got[0])
+        return got
+
+    monkeypatch.setattr(speculative.ModelDrafter, "advance", spy)
+    monkeypatch.setattr(speculative.DepthController, "BUDGET", 100.0)
+    monkeypatch.setattr(speculative.DepthController, "verify_cost", lambda self, size: 1.0 if size == 1 else 1.01)
+    monkeypatch.setattr(speculative.DepthController, "step_cost", lambda self: 0.0)
+    reference = plain(smollm2, PROMPT, max_tokens=30)
+    result = plain(smollm2, PROMPT, max_tokens=30, draft=smollm2_q4_0, depth=4)
+    assert result.tokens == reference.tokens
+    assert advanced and advanced[0] >= 5 and result.speculative.drafted > 10
+
+
+# ---- the depth controller, on synthetic timings ----
+
+def simulate(n_tokens, verify_cost, *, accept, step_cost=0.0, catchup_cost=0.0, lookup=False, depth=5,
+             prompt_tokens=40, ratio=1.0, seed=0):
+    """Drive a DepthController as speculative_steps does, with synthetic costs (seconds) and a drafter whose
+    tokens are each accepted with probability `accept`. Returns (seconds after the prompt, depth per round)."""
+    rng = random.Random(seed)
+    prompt = verify_cost(prompt_tokens)
+    control = speculative.DepthController(depth, True, lookup, draft_size_ratio=0.0 if lookup else ratio,
+                                          prompt_seconds=prompt, prompt_seconds_per_token=prompt / prompt_tokens)
+    clock, generated, depths = 0.0, 0, []
+    pending = 0 if lookup else prompt_tokens + 1  # tokens the draft model has to decode before drafting
+    while generated < n_tokens:
+        limit = n_tokens - generated - 1
+        k = control.choose(limit, pending)
+        accepted, t_draft = 0, 0.0
+        if k:
+            t_catchup = catchup_cost * (pending - 1)
+            t_draft = t_catchup + k * step_cost
+            while accepted < k and rng.random() < accept:
+                accepted += 1
+            control.update(k, accepted, t_draft, verify_cost(k + 1), catchup=(pending - 1, t_catchup))
+            pending = 0 if lookup else (2 if accepted == k else 1)
+        else:
+            control.update(0, 0, 0.0, verify_cost(1))
+            if not lookup:
+                pending += 1
+                n = control.catch_up_now(limit, pending)
+                if n:
+                    control.caught_up(n, n * catchup_cost)
+                    clock += n * catchup_cost
+                    pending -= n
+        clock += t_draft + verify_cost(k + 1)
+        generated += accepted + 1
+        depths.append(k)
+    return clock, depths
+
+
+def gpu_costs(n):
+    """A GPU: a batch costs about as much whatever its size, more than one token (CUDA graphs serve those)."""
+    return 1.35e-3 if n == 1 else 2.2e-3 + 0.02e-3 * n
+
+
+def cpu_costs(n):
+    """A CPU: a batch costs nearly its size times a token."""
+    return 2e-3 + 18.5e-3 * n
+
+
+@pytest.mark.parametrize("lookup", [True, False])
+def test_depth_controller_learns_flat_batch_costs_and_drafts_deep(lookup):
+    draft = {} if lookup else {"step_cost": 0.2e-3, "catchup_cost": 0.02e-3, "ratio": 0.125}
+    for n in (96, 500):
+        clock, depths = simulate(n, gpu_costs, accept=0.9, lookup=lookup, **draft)
+        drafting = [k for k in depths if k]
+        assert statistics.median(drafting) == 5 and len(drafting) >= 0.8 * len(depths), depths
+        assert n * gpu_costs(1) / clock > (2.0 if lookup else 1.5)
+
+
+def test_depth_controller_decodes_plainly_with_linear_costs_and_a_costly_draft():
+    for accept in (0.6, 1.0):   # a requantized draft, the target itself
+        for n in (96, 500):
+            clock, depths = simulate(n, cpu_costs, accept=accept, step_cost=17e-3, catchup_cost=6e-3, ratio=0.9)
+            assert sum(1 for k in depths if k) <= 2, depths
+            assert clock <= 1.04 * n * cpu_costs(1)
+
+
+@pytest.mark.parametrize("costs", [gpu_costs, cpu_costs])
+def test_depth_controller_bounds_what_a_draft_that_is_always_wrong_costs(costs):
+    for draft in ({"lookup": True}, {"step_cost": 0.05 * costs(1), "catchup_cost": 0.003 * costs(1), "ratio": 0.07}):
+        for n, loss in ((96, 0.07), (500, 0.04)):
+            clock, depths = simulate(n, costs, accept=0.0, **draft)
+            assert clock <= (1 + loss) * n * costs(1), (draft, n, depths)
+
+
+def test_depth_controller_cost_curve_is_learned_from_measurements():
+    control = speculative.DepthController(8, True, True)
+    assert control.choose(8) == 0                     # the first round measures plain decoding
+    for size, seconds in ((1, 1.0), (1, 1.1), (1, 0.9), (3, 9.0), (3, 2.0), (5, 2.4), (5, 2.2)):
+        control.update(size - 1, 0, 0.0, seconds)
+    assert control.verify_cost(1) == 1.0              # the lower median of what was measured
+    assert control.verify_cost(3) == 2.0              # the 9.0 s hiccup does not count
+    assert control.verify_cost(4) == pytest.approx(2.1)   # between measured sizes: interpolated
+    assert control.verify_cost(7) == pytest.approx(2.2 + 0.1 * 2)  # past them: the slope fitted over sizes >= 2
+    assert control.verify_cost(2) == pytest.approx(1.5)   # 1 and 3 measured: interpolated
 
 
 # ---- sampling: the target's distribution, exactly ----
