@@ -184,6 +184,10 @@ class Context(NativeObject):
         # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since
         # a larger batch fails an assertion that aborts the process.
         self._token_buf = ffi.new("llama_token[]", C.llama_n_batch(handle))
+        # decode_one's batch: the first token of _token_buf, no positions (llama.cpp continues sequence 0).
+        # llama_decode takes the batch by value, so one struct serves every call.
+        self._one_token_batch = C.llama_batch_get_one(self._token_buf, 1)
+        self._n_ctx = C.llama_n_ctx(handle)  # fixed for the context's life
         self._batch = None  # a llama_batch with per-token logits flags, made by the first decode_all
 
     # ---- sizes ----
@@ -270,14 +274,23 @@ class Context(NativeObject):
     @exclusive
     def decode_one(self, token: int) -> None:
         """Append one token and compute it (the generation hot path: no validation beyond n_ctx)."""
-        if len(self.tokens) >= self.n_ctx:
-            raise ContextOverflowError(f"the context of {self.n_ctx} tokens is full; create the Context with a "
+        self._decode_one(token)
+
+    def _decode_one(self, token: int) -> None:
+        """decode_one for a caller that already holds `_in_use` (the generation loop, which holds it for the
+        whole generation): no lock per token, and the one-token batch is built once."""
+        ptr = self._ptr  # raises ClosedError on a closed context
+        tokens = self.tokens
+        base = len(tokens)
+        if base >= self._n_ctx:
+            raise ContextOverflowError(f"the context of {self._n_ctx} tokens is full; create the Context with a "
                                        "larger n_ctx or clear() it")
         self._token_buf[0] = token
-        base = len(self.tokens)
         try:
-            check(C.llama_decode(self._ptr, C.llama_batch_get_one(self._token_buf, 1)), "llama_decode")
-            self.tokens.append(token)
+            rc = C.llama_decode(ptr, self._one_token_batch)
+            if rc:
+                check(rc, "llama_decode")
+            tokens.append(token)
         except KeyboardInterrupt:
             self._resync([token], base)
             raise

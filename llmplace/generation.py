@@ -65,20 +65,35 @@ class _StopMatcher:
         """Return (text safe to emit, whether a stop string was found)."""
         if not self.stops:
             return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
+        pending = self.pending + text
+        cut = -1
+        for stop in self.stops:
+            i = pending.find(stop)
+            if i >= 0 and (cut < 0 or i < cut):
+                cut = i
+        if cut >= 0:
+            self.pending = ""
+            return pending[:cut], True
+        # Hold back the longest end of `pending` that begins some stop string. Only a position holding a
+        # stop's first character can start one, so most tokens cost one rfind per stop.
+        n = len(pending)
         hold = 0
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(stop[:k]):
-                    hold = k
+            lo = n - min(len(stop) - 1, n)  # the earliest start: a held part is shorter than the stop
+            if lo >= n - hold:
+                continue
+            first = stop[0]
+            j = pending.find(first, lo)
+            while 0 <= j < n - hold:
+                if stop.startswith(pending[j:]):
+                    hold = n - j
                     break
-        out = self.pending[:len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold:]
-        return out, False
+                j = pending.find(first, j + 1)
+        if hold:
+            self.pending = pending[n - hold:]
+            return pending[:n - hold], False
+        self.pending = ""
+        return pending, False
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
@@ -136,6 +151,16 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
 
     Arguments are checked when this is called, not at the first step: a bad value raises here.
     """
+    return _setup(model, prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, context=context,
+                  add_special=add_special, draft=draft, depth=depth, lookup=lookup, adaptive_depth=adaptive_depth,
+                  **sampling_kwargs).steps()
+
+
+def _setup(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
+           stop: str | Sequence[str] = (), sampling: SamplingParams | None = None, context: Context | None = None,
+           add_special: bool = True, draft=None, depth: int = 5, lookup: bool = False, adaptive_depth: bool = True,
+           **sampling_kwargs) -> _Run:
+    """stream_generate's checks and resources (sampler, drafter, a context when none is given), as a _Run."""
     if sampling is not None and sampling_kwargs:
         raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, not both")
     params = sampling or SamplingParams(**sampling_kwargs)
@@ -174,12 +199,41 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
         if own_context:
             context.close()
         raise
-    if drafter is not None and max_tokens > 0:
-        steps = speculative.speculative_steps(model, context, params, tokens, max_tokens, stops, drafter, depth,
-                                              bool(adaptive_depth), rng)
-    else:
-        steps = _generate_steps(model, context, sampler, params, tokens, max_tokens, stops)
-    return _owning(steps, sampler, context if own_context else None, drafter, hold=context)
+    if drafter is None or max_tokens == 0:  # plain generation (a drafter made for nothing is freed all the same)
+        return _Run(model, context, own_context, sampler, params, tokens, max_tokens, stops, drafter)
+    return _Run(model, context, own_context, sampler, params, tokens, max_tokens, stops, drafter,
+                lambda: speculative.speculative_steps(model, context, params, tokens, max_tokens, stops, drafter,
+                                                      depth, bool(adaptive_depth), rng))
+
+
+class _Run:
+    """A checked generation request holding its sampler (and drafter, and context when made for it): iterate
+    it as GenerationSteps (`steps`) or as (token, text, finish_reason) tuples (`token_steps`, what `generate`
+    and the llama-cpp-python layer read: no per-token object or timing)."""
+
+    def __init__(self, model: Model, context: Context, own_context: bool, sampler: Sampler, params: SamplingParams,
+                 tokens: list[int], max_tokens: int, stops: list[str], drafter=None, speculative_steps=None) -> None:
+        self.model, self.context, self.own_context, self.sampler, self.params = model, context, own_context, sampler, params
+        self.tokens, self.max_tokens, self.stops = tokens, max_tokens, stops
+        self.drafter, self.speculative_steps = drafter, speculative_steps
+
+    def _own(self, steps):
+        return _owning(steps, self.sampler, self.context if self.own_context else None, self.drafter,
+                       hold=self.context)
+
+    def steps(self) -> Iterator[GenerationStep]:
+        if self.speculative_steps is not None:
+            return self._own(self.speculative_steps())
+        return self._own(_generate_steps(self.model, self.context, self.sampler, self.params, self.tokens,
+                                         self.max_tokens, self.stops))
+
+    def token_steps(self, stats: list | None = None) -> Iterator[tuple[int, str, str | None]]:
+        """(token, text, finish_reason) per token; `stats` (plain generation only) receives [start,
+        prompt_done, prompt_cached, prompt_tps] before the first one."""
+        if self.speculative_steps is not None:
+            return ((step.token, step.text, step.finish_reason) for step in self.steps())
+        return self._own(_token_steps(self.model, self.context, self.sampler, self.params, self.tokens,
+                                      self.max_tokens, self.stops, [] if stats is None else stats))
 
 
 def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None,
@@ -205,8 +259,28 @@ def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context 
             context.close()
 
 
-def _generate_steps(model: Model, context: Context, sampler: Sampler, params: SamplingParams, tokens: list[int],
-                    max_tokens: int, stops: list[str]) -> Iterator[GenerationStep]:
+def _new_step(token: int, text: str, finish_reason: str | None, prompt_tokens: int, prompt_cached: int,
+              generated_tokens: int, prompt_tps: float, generation_tps: float, elapsed: float) -> GenerationStep:
+    """GenerationStep(...) without the frozen dataclass's __init__ (one object.__setattr__ per field, a few
+    microseconds per token): the same object, fields written into its __dict__ at once."""
+    step = _object_new(GenerationStep)
+    step.__dict__.update(token=token, text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                         prompt_cached=prompt_cached, generated_tokens=generated_tokens, prompt_tps=prompt_tps,
+                         generation_tps=generation_tps, elapsed=elapsed, speculative=None)
+    return step
+
+
+_object_new = object.__new__
+
+
+def _token_steps(model: Model, context: Context, sampler: Sampler, params: SamplingParams, tokens: list[int],
+                 max_tokens: int, stops: list[str], stats: list) -> Iterator[tuple[int, str, str | None]]:
+    """The plain generation loop: (token, text it adds, finish reason) per token, as `_next_text` assembles
+    them. `stats` receives [start, prompt_done, prompt_cached, prompt_tps] before the first token.
+
+    The caller holds `context._in_use`. Per token: one sampler call, one cached vocabulary look-up, one decode.
+    A piece that is whole UTF-8 while no character is pending skips the incremental decoder (whose result
+    would be the same); with no stop strings the matcher is skipped."""
     n_ctx = context.n_ctx
     start = time.perf_counter()
     # Reuse the longest cached prefix, but always compute at least the last prompt token (for its logits).
@@ -216,41 +290,89 @@ def _generate_steps(model: Model, context: Context, sampler: Sampler, params: Sa
         for t in tokens:
             sampler.accept(t)
     prompt_done = time.perf_counter()
-    prompt_tps = (len(tokens) - cached) / max(prompt_done - start, 1e-9)
+    stats[:] = [start, prompt_done, cached, (len(tokens) - cached) / max(prompt_done - start, 1e-9)]
+    if max_tokens <= 0:
+        yield -1, "", "length"
+        return
 
-    vocab = model.vocab
+    entry = model.vocab.generation_entry
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decode = decoder.decode
+    partial = False  # the decoder holds the first bytes of a character
     matcher = _StopMatcher(stops)
+    feed = matcher.feed if matcher.stops else None
+    sample = sampler.sample
+    decode_one = context._decode_one
     generated = 0
-    finish: str | None = None if max_tokens > 0 else "length"
-    token = -1
-    while finish is None:
-        token = sampler.sample(context)
+    while True:
+        token = sample(context)
         generated += 1
-        text, finish = _next_text(vocab, decoder, matcher, token,
-                                  generated >= max_tokens or len(context.tokens) >= n_ctx)
-        if finish is None:
-            context.decode_one(token)
-        now = time.perf_counter()
-        yield GenerationStep(token=token, text=text, finish_reason=finish, prompt_tokens=len(tokens),
-                             prompt_cached=cached, generated_tokens=generated, prompt_tps=prompt_tps,
-                             generation_tps=generated / max(now - prompt_done, 1e-9), elapsed=now - start)
-    if max_tokens == 0:
-        now = time.perf_counter()
-        yield GenerationStep(token=-1, text="", finish_reason="length", prompt_tokens=len(tokens),
-                             prompt_cached=cached, generated_tokens=0, prompt_tps=prompt_tps,
-                             generation_tps=0.0, elapsed=now - start)
+        eog, data, text = entry(token)
+        if eog:
+            text = decode(b"", final=True) if partial else ""
+            yield token, (text + matcher.flush() if feed is not None else text), "stop"
+            return
+        if partial or text is None:
+            text = decode(data)
+            partial = bool(decoder.getstate()[0])
+        if feed is not None:
+            text, hit = feed(text)
+            if hit:
+                yield token, text, "stop"
+                return
+        if generated >= max_tokens or len(context.tokens) >= n_ctx:
+            tail = decode(b"", final=True) if partial else ""
+            if feed is not None:
+                tail, hit = feed(tail)
+                if hit:
+                    yield token, text + tail, "stop"
+                    return
+                tail += matcher.flush()
+            yield token, text + tail, "length"
+            return
+        decode_one(token)
+        yield token, text, None
+
+
+def _generate_steps(model: Model, context: Context, sampler: Sampler, params: SamplingParams, tokens: list[int],
+                    max_tokens: int, stops: list[str]) -> Iterator[GenerationStep]:
+    stats: list = []
+    perf = time.perf_counter
+    n_prompt = len(tokens)
+    generated = 0
+    for token, text, finish in _token_steps(model, context, sampler, params, tokens, max_tokens, stops, stats):
+        if not generated:
+            start, prompt_done, cached, prompt_tps = stats
+        if token >= 0:
+            generated += 1
+        now = perf()
+        yield _new_step(token, text, finish, n_prompt, cached, generated, prompt_tps,
+                        generated / max(now - prompt_done, 1e-9), now - start)
 
 
 def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs) -> Generation:
     """Generate and return the whole reply; takes the same keywords as `stream_generate`."""
+    run = _setup(model, prompt, **kwargs)
+    if run.speculative_steps is not None:
+        pieces, tokens = [], []
+        last = None
+        for step in run.steps():
+            pieces.append(step.text)
+            if step.token >= 0:
+                tokens.append(step.token)
+            last = step
+        return Generation(text="".join(pieces), tokens=tokens, finish_reason=last.finish_reason,
+                          prompt_tokens=last.prompt_tokens, prompt_tps=last.prompt_tps,
+                          generation_tps=last.generation_tps, speculative=last.speculative)
+    stats: list = []
     pieces, tokens = [], []
-    last = None
-    for step in stream_generate(model, prompt, **kwargs):
-        pieces.append(step.text)
-        if step.token >= 0:
-            tokens.append(step.token)
-        last = step
-    return Generation(text="".join(pieces), tokens=tokens, finish_reason=last.finish_reason,
-                      prompt_tokens=last.prompt_tokens, prompt_tps=last.prompt_tps,
-                      generation_tps=last.generation_tps, speculative=last.speculative)
+    finish = None
+    for token, text, finish in run.token_steps(stats):
+        pieces.append(text)
+        tokens.append(token)
+    now = time.perf_counter()
+    if tokens[-1] < 0:  # max_tokens=0: the one step carries no token
+        tokens.pop()
+    _, prompt_done, _, prompt_tps = stats
+    return Generation(text="".join(pieces), tokens=tokens, finish_reason=finish, prompt_tokens=len(run.tokens),
+                      prompt_tps=prompt_tps, generation_tps=len(tokens) / max(now - prompt_done, 1e-9))

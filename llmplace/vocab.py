@@ -38,6 +38,10 @@ class Vocab:
     def __init__(self, model: "Model") -> None:
         self._model = model
         self._pieces: dict[int, bytes] = {}      # token → bytes of its piece (special tokens not rendered)
+        self._eog: dict[int, bool] = {}          # token → is_eog(token), filled as tokens are seen
+        # token → (is_eog, piece, piece as text or None when it is not whole UTF-8 by itself): what generation
+        # needs per token in one dictionary look-up (see `generation_entry`).
+        self._entries: dict[int, tuple[bool, bytes, str | None]] = {}
         self._buf = ffi.new("char[]", 256)
 
     @property
@@ -81,7 +85,24 @@ class Vocab:
 
     def is_eog(self, token: int) -> bool:
         """Does this token end generation (EOS, EOT, or another end-of-generation token)?"""
-        return bool(C.llama_vocab_is_eog(self._ptr, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(C.llama_vocab_is_eog(self._ptr, token))
+        return eog
+
+    def generation_entry(self, token: int) -> tuple[bool, bytes, str | None]:
+        """(is_eog, piece bytes, the piece decoded when it is whole UTF-8 on its own else None) for a sampled
+        token, cached: the generation loop's only per-token look-up into the vocabulary."""
+        entry = self._entries.get(token)
+        if entry is None:
+            eog = self.is_eog(token)
+            data = b"" if eog else self.piece(token)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:  # part of a character split across tokens, or invalid bytes
+                text = None
+            entry = self._entries[token] = (eog, data, text)
+        return entry
 
     def is_control(self, token: int) -> bool:
         return bool(C.llama_vocab_is_control(self._ptr, token))

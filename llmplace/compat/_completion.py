@@ -21,7 +21,7 @@ import numpy as np
 
 from .._ffi import C
 from ..errors import ContextOverflowError, InvalidParameterError
-from ..generation import _StopMatcher, stream_generate
+from ..generation import _setup, _StopMatcher
 from ..sampling import Sampler, SamplingParams
 from .errors import UnsupportedFeatureError
 from .llama_cache import longest_token_prefix
@@ -287,8 +287,9 @@ def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_
     else:
         run = None
         speculation = llama._speculation or {}
-        steps = stream_generate(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
-                                **speculation)
+        # stream_generate's request, read as (token, text, finish_reason) tuples: no per-token step object.
+        steps = _setup(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
+                       **speculation).token_steps()
     info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()),
             "model": model if model is not None else llama.model_path}
     if stream:
@@ -319,10 +320,9 @@ def _is_end_token(llama: Llama, token: int) -> bool:
 def _whole(llama, steps, run, info, prompt_tokens, prompt, logprobs, echo, text_suffix) -> dict:
     texts, tokens = [], []
     finish = "length"
-    for step in steps:
-        texts.append(step.text)
-        tokens.append(step.token)
-        finish = step.finish_reason
+    for token, text, finish in steps:  # (token, text, finish_reason)
+        texts.append(text)
+        tokens.append(token)
     if tokens and finish == "stop" and _is_end_token(llama, tokens[-1]):
         tokens.pop()  # the end-of-generation token is not part of the reply
     _save_to_cache(llama, prompt_tokens, tokens)
@@ -355,24 +355,24 @@ def _chunks(llama, steps, run, info, logprobs, prompt, prompt_tokens) -> Iterato
 
     finish = "length"
     tokens = []
+    append = tokens.append
     if logprobs is None:
-        for step in steps:
-            if step.text:
-                yield chunk(step.text, None, None)
-            finish = step.finish_reason
-            tokens.append(step.token)
+        for token, text, finish in steps:  # (token, text, finish_reason); the chunk built inline: per token
+            if text:
+                yield {"id": cid, "object": "text_completion", "created": created, "model": model,
+                       "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": None}]}
+            append(token)
     else:
         offset = len(prompt)
-        for step in steps:
-            finish = step.finish_reason
-            tokens.append(step.token)
-            if finish == "stop" and _is_end_token(llama, step.token):
-                if step.text:
-                    yield chunk(step.text, None, None)
+        for token, text, finish in steps:
+            append(token)
+            if finish == "stop" and _is_end_token(llama, token):
+                if text:
+                    yield chunk(text, None, None)
                 continue
-            entry = _logprobs(llama, [(step.token, run.rows[-1])], offset, logprobs)
-            offset += len(step.text)
-            yield chunk(step.text, entry, None)
+            entry = _logprobs(llama, [(token, run.rows[-1])], offset, logprobs)
+            offset += len(text)
+            yield chunk(text, entry, None)
     if llama.cache is not None:
         if tokens and finish == "stop" and _is_end_token(llama, tokens[-1]):
             tokens.pop()
