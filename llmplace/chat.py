@@ -111,12 +111,7 @@ class Chat:
         self._owned: list = []          # what close() frees: the context, and models loaded from paths
         self._context: Context | None = None
         try:
-            if isinstance(model, (str, os.PathLike)):
-                model = load(model)
-                self._owned.append(model)
-            elif not isinstance(model, Model):
-                raise InvalidParameterError(f"model must be a Model or the path of a .gguf file, not "
-                                            f"{type(model).__name__}")
+            model = self._load_or_check(model, "model")
             self.model = model
             self.template = ChatTemplate.resolve(model, template)
             self._defaults = self._options({"max_tokens": max_tokens, "stop": stop, **sampling})
@@ -162,6 +157,17 @@ class Chat:
 
             speculative.check_params(params)
 
+    def _load_or_check(self, value, what: str) -> Model:
+        """`value` (the `what` argument) as a Model: loaded when a path, and then owned by the Chat."""
+        if isinstance(value, (str, os.PathLike)):
+            model = load(value)
+            self._owned.append(model)
+            return model
+        if not isinstance(value, Model):
+            raise InvalidParameterError(f"{what} must be a Model or the path of a .gguf file, not "
+                                        f"{type(value).__name__}")
+        return value
+
     def _speculation_options(self, draft, depth, lookup, n_threads) -> dict:
         """stream_generate's speculative keywords, checked now (an incompatible draft, a bad depth or sampling
         options speculation refuses raise here rather than at the first turn)."""
@@ -182,12 +188,7 @@ class Chat:
         self._check_sampling(self._defaults, speculating=True)
         options = {}
         if draft is not None:
-            if isinstance(draft, (str, os.PathLike)):
-                draft = load(draft)
-                self._owned.append(draft)
-            elif not isinstance(draft, Model):
-                raise InvalidParameterError(f"draft must be a Model or the path of a .gguf file, not "
-                                            f"{type(draft).__name__}")
+            draft = self._load_or_check(draft, "draft")
             speculative.check_compatible(self.model, draft)
             # The draft's own context, sized like the target's and kept for the Chat's life, so that its
             # cache too is reused from turn to turn (stream_generate takes a draft Context for this).
