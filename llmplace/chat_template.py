@@ -113,17 +113,24 @@ def _looks_like_name(template: str) -> bool:
     return "{" not in template and "\n" not in template and len(template) < 64
 
 
+def check_message_list(messages) -> None:
+    """Check the shape of a conversation: a list (a sequence other than text) of dicts (mappings). What
+    their roles and contents must be is validate_messages' business (compat normalizes contents first)."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise InvalidParameterError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, not "
+                                    f"{type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise InvalidParameterError(f"message {i} must be a dict with 'role' and 'content', not {message!r}")
+
+
 def validate_messages(messages, *, any_role: bool = False) -> list[dict[str, str]]:
     """Check a conversation and return it as plain {'role', 'content'} dicts (copies). Roles must be one of
     ROLES unless any_role (then any non-empty str: format_chat serves callers with roles of their own, such
     as OpenAI's old "function")."""
-    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-        raise InvalidParameterError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, not "
-                                    f"{type(messages).__name__}")
+    check_message_list(messages)
     out = []
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidParameterError(f"message {i} must be a dict with 'role' and 'content', not {message!r}")
         if "role" not in message or "content" not in message:
             missing = "role" if "role" not in message else "content"
             raise InvalidParameterError(f"message {i} has no {missing!r}: every message needs both 'role' (one of "

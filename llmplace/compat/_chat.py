@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..chat import format_chat
-from ..errors import InvalidParameterError
+from ..chat_template import check_message_list
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama_grammar import JSON_GBNF, LlamaGrammar
 
@@ -30,14 +30,12 @@ UNSUPPORTED_FORMATS = {"chatml-function-calling", "functionary", "functionary-v1
 
 
 def _plain_messages(messages) -> list[dict]:
-    """Messages as {'role', 'content': str}: None content becomes "", text parts are joined."""
-    if not isinstance(messages, list):
-        raise InvalidParameterError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, "
-                                    f"not {type(messages).__name__}")
+    """Messages as {'role', 'content': str}: None content becomes "", text parts are joined. The shape is
+    checked as everywhere in llmplace (chat_template.check_message_list); roles and contents then by
+    format_chat."""
+    check_message_list(messages)
     out = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidParameterError(f"message {i} must be a dict with 'role' and 'content', not {message!r}")
         content = message.get("content")
         if content is None:
             content = ""
