@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import time
 from datetime import datetime, timezone
+from collections.abc import Sequence
 from pathlib import Path
 
 import llmplace
@@ -29,9 +30,11 @@ from llmplace.context import default_threads
 N_PROMPT, N_GEN = 512, 128
 
 
-def llama_bench(model: Path, threads: int, flash_attn: int, ngl: int) -> dict[str, float]:
+def llama_bench(model: Path, threads: int, flash_attn: int, ngl: int, extra: Sequence[str] = ()) -> dict[str, float]:
+    """One llama-bench run (pp512 and tg128); `extra`: more of its options (-ot, -ncmoe, -sm, -ts ...)."""
     cmd = [str(BIN_DIR / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(N_PROMPT),
-           "-n", str(N_GEN), "-b", "2048", "-ub", "512", "-fa", str(flash_attn), "-ngl", str(ngl), "-r", "1", "-o", "json"]
+           "-n", str(N_GEN), "-b", "2048", "-ub", "512", "-fa", str(flash_attn), "-ngl", str(ngl), "-r", "1",
+           "-o", "json", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=LIB_DIR)
     rows = json.loads(out.stdout)
     result = {}
@@ -47,7 +50,7 @@ def llmplace_run(model: llmplace.Model, threads: int, flash_attn: bool) -> dict[
     with llmplace.Context(model, n_ctx=N_PROMPT + N_GEN + 16, n_batch=2048, n_ubatch=512, n_threads=threads,
                           flash_attn=flash_attn) as ctx:
         prompt = [rng.randrange(n_vocab) for _ in range(N_PROMPT)]
-        ctx.decode(prompt[:8])  # warm-up, as llama-bench does
+        ctx.decode(prompt)  # warm-up with the whole prompt, as llama-bench does (GPU kernels, graph buffers)
         ctx.clear()
         ctx.synchronize()
         start = time.perf_counter()

@@ -142,6 +142,9 @@ LLAMA_70B = LlamaShape(  # Llama 3.1 70B
     n_layer=80, n_embd=8192, n_ff=28672, n_head=64, n_head_kv=8,
     n_ctx_train=131072, rope_theta=500000.0, rms_eps=1e-5,
 )
+SMOLLM2_135M = LlamaShape(  # SmolLM2-135M (its real file ties output to token_embd; this one has an output)
+    n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3, n_ctx_train=8192, rope_theta=100000.0,
+)
 QWEN3_30B_A3B = Qwen3MoeShape(
     n_layer=48, n_embd=2048, n_ff=6144, n_head=32, n_head_kv=4, head_dim=128,
     n_expert=128, n_expert_used=8, n_ff_exp=768,
@@ -152,6 +155,7 @@ QWEN3_30B_A3B = Qwen3MoeShape(
 SHAPES: dict[str, Shape] = {
     "tiny-llama": TINY_LLAMA,
     "tiny-qwen3moe": TINY_QWEN3MOE,
+    "smollm2-135m": SMOLLM2_135M,
     "llama-8b": LLAMA_8B,
     "llama-70b": LLAMA_70B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,

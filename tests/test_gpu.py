@@ -62,3 +62,87 @@ def test_distribute_on_one_gpu_says_why_it_keeps_layer_split(gpu, tiny_llama_pat
     with llmplace.load(tiny_llama_path, placement=distribute(), progress=False) as model:
         assert model.split.mode == "layer" and "two or more GPUs" in model.split.reason
         assert model.split.devices == (gpu.name,)
+
+
+AGREEMENT_PROMPTS = [
+    "The history of the printing press begins",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "<|im_start|>user\nGive me three tips for staying focused while studying.<|im_end|>\n<|im_start|>assistant\n",
+    "Photosynthesis is the process by which",
+]
+
+
+def test_cpu_and_gpu_greedy_choices_agree_on_a_real_model(gpu, smollm2_path):
+    """The issue's figure: how often a CPU and a GPU placement make the same greedy choice (first 256 tokens).
+
+    The CPU's greedy text is the reference. The GPU follows the same text one token at a time, as generation
+    would, and its greedy choice is compared at every position: a single near-tie would otherwise make every
+    later token of a free-running comparison differ, so this counts disagreements, not their consequences.
+
+    Measured on the H100 with SmolLM2-135M Q4_1: 0.907, not the 0.99 hoped for. The GPU's own greedy text is
+    llama.cpp's (test below: identical to llama-simple -ngl 99), and llama-simple's CPU and GPU texts part
+    after the same few tokens: CUDA's kernels round differently (activations quantized per block, other
+    reduction orders), and this small 4-bit model has many near-ties. The bound guards against a real fault
+    (a wrong kernel or a broken cache gives far less), not against rounding."""
+    n_tokens = 256
+    agree = total = 0
+    prefixes = []
+    with llmplace.load(smollm2_path, n_gpu_layers=0, progress=False) as cpu_model, \
+            llmplace.load(smollm2_path, progress=False) as gpu_model:
+        assert {t.memory for t in gpu_model.placement_report() if t.name.startswith("blk.")} == {gpu.name}
+        for prompt in AGREEMENT_PROMPTS:
+            reference = llmplace.generate(cpu_model, prompt, max_tokens=n_tokens, temperature=0).tokens
+            free = llmplace.generate(gpu_model, prompt, max_tokens=n_tokens, temperature=0).tokens
+            prefixes.append(next((i for i, (a, b) in enumerate(zip(reference, free)) if a != b),
+                                 min(len(reference), len(free))))
+            with llmplace.Context(gpu_model, n_ctx=512) as ctx:
+                ctx.decode(gpu_model.tokenize(prompt))
+                for token in reference:
+                    agree += int(ctx.logits(copy=False).argmax()) == token
+                    total += 1
+                    ctx.decode([token])
+    rate = agree / total
+    print(f"\nCPU vs GPU greedy agreement, SmolLM2-135M: {agree}/{total} = {rate:.4f}; "
+          f"free-running common prefixes {prefixes}")
+    assert total >= 3 * 64
+    assert rate >= 0.85
+
+
+@pytest.mark.parametrize("prompt", AGREEMENT_PROMPTS[::2])
+def test_gpu_greedy_text_equals_llama_simple_on_the_gpu(gpu, smollm2_path, prompt):
+    """llmplace on the GPU computes what llama.cpp's own llama-simple computes there, token for token."""
+    import subprocess
+
+    from llmplace._ffi import BIN_DIR, LIB_DIR
+
+    n = 48
+    out = subprocess.run([str(BIN_DIR / "llama-simple"), "-m", str(smollm2_path), "-n", str(n), "-ngl", "99",
+                          prompt], capture_output=True, text=True, errors="replace", cwd=LIB_DIR, check=True)
+    with llmplace.load(smollm2_path, progress=False) as model:
+        ours = llmplace.generate(model, prompt, max_tokens=n, temperature=0).text
+    assert ours.strip() and ours in out.stdout
+
+
+def test_chat_on_the_gpu_reuses_its_cache(gpu, smollm2_path):
+    with llmplace.load(smollm2_path, progress=False) as model:
+        chat = llmplace.Chat(model, system_prompt="You are a concise assistant.")
+        first = chat.submit("What is the capital of France?", max_tokens=24, temperature=0)
+        assert "Paris" in first.text
+        second = chat.submit("And of Italy?", max_tokens=24, temperature=0)
+        assert second.text.strip() and second.generated_tokens > 0
+        # the second turn computed only its own message, not the history again
+        assert 0 < second.prompt_evaluated < second.prompt_tokens - first.prompt_tokens
+
+
+@pytest.mark.parametrize("placement", [None, "exps=CPU"])
+def test_estimate_matches_the_allocation_on_the_gpu(gpu, small_qwen3moe_path, placement):
+    from llmplace.memory import breakdown, estimate
+
+    planned = estimate(small_qwen3moe_path, placement, n_ctx=1024)
+    with llmplace.load(small_qwen3moe_path, placement=placement, progress=False) as model, \
+            llmplace.Context(model, n_ctx=1024) as ctx:
+        real = breakdown(ctx._ptr)
+    for memory, use in real.items():
+        assert memory in planned.memories, memory
+        print(f"\n{placement}: {memory} estimate {planned[memory].total} real {use.total}")
+        assert abs(planned[memory].total - use.total) <= 0.01 * use.total, memory

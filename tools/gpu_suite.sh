@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The GPU benchmark table and GPU tests, on the lent GPU machine, one step per call (each call has 10 minutes;
+# /tmp survives between the calls of one lease). Results go to $OUT (or ./gpu-out).
+#
+#   STEP=build   build the CUDA stage (or unpack a carried .stage/stage.tar.xz.*), pack it into $OUT (parts under
+#                16 MiB, to carry to another machine), write the SmolLM2- and Llama-8B-shaped models, run the
+#                drop-in comparison
+#   STEP=moe     the placement table on the Qwen3-30B-A3B shape (all on GPU, experts on CPU, n_cpu_moe sweep, fit)
+#   STEP=tests   tests/test_gpu.py (CPU-vs-GPU agreement on the real SmolLM2 included), the placement table on the
+#                Llama-8B shape
+#   STEP=split   two GPUs: write the Llama-70B shape, run the split table
+#
+# Carry .whl (cffi, pycparser, gguf for cp312), .tok (tiny-llama.gguf, SmolLM2's tokenizer; or .dev), .dev
+# (llama.cpp.tar.xz, to build) or .stage (a packed stage). The real SmolLM2 (98 MB) is over one call's carry
+# limit: it travels in three thirds, .spec1, .spec2, .spec3, one per call of build, moe, tests, kept in /tmp.
+set -euo pipefail
+repo=$PWD; out=$(realpath -m "${OUT:-gpu-out}"); mkdir -p "$out"
+if [ -d .whl ]; then  # kept in /tmp/site for the later calls of the lease
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/stage:/tmp/site PYTHONUNBUFFERED=1
+if [ ! -f /tmp/stage/llmplace/_build_info.py ]; then
+    if ls .stage/stage.tar.xz.* >/dev/null 2>&1; then
+        cat .stage/stage.tar.xz.* | xz -d -T0 | tar xf - -C /tmp
+    else
+        [ -d .dev ] || { echo "carry .dev (to build) or .stage (a packed stage)"; exit 1; }
+        tools/build_cuda_stage.sh /tmp/b /tmp/stage "${CUDA_ARCH:-90}" > "$out/build.log" 2>&1 \
+            || { tail -40 "$out/build.log"; exit 1; }
+        tar cf - -C /tmp stage | xz -T0 -6 | split -b 15M -d -a 1 - "$out/stage.tar.xz."
+    fi
+fi
+(cd "$repo/llmplace" && find . -name "*.py" -not -path "./_native/*" -exec cp --parents {} /tmp/stage/llmplace/ \;)
+tok="$repo/.tok/tiny-llama.gguf"; [ -f "$tok" ] || tok="$repo/.dev/tiny-llama.gguf"
+for i in 1 2 3; do if [ -d "$repo/.spec$i" ]; then cp "$repo/.spec$i"/smol-part-* /tmp/; fi; done
+[ -n "${STEP_ONLY_COPY:-}" ] && exit 0  # a call that only brings files over
+synth() {  # synth SHAPE: write /tmp/SHAPE.gguf once
+    [ -f "/tmp/$1.gguf" ] || python3 -m llmplace.synthetic "/tmp/$1.gguf" --shape "$1" --dtype q4_0 --tokenizer-from "$tok"
+}
+cd /tmp
+case "${STEP:?set STEP}" in
+build)
+    synth smollm2-135m; synth llama-8b
+    python3 "$repo/benchmarks/gpu_suite.py" dropin /tmp/smollm2-135m.gguf /tmp/llama-8b.gguf --reps 5 \
+        --out "$out/gpu-dropin.json"
+    ;;
+tests)
+    cat /tmp/smol-part-0 /tmp/smol-part-1 /tmp/smol-part-2 > /tmp/smollm2-real.gguf
+    python3 "$repo/tools/gpu_agreement.py" /tmp/smollm2-real.gguf --tokens 128 2>&1 | tee "$out/agreement.txt"
+    LLMPLACE_TEST_SMOLLM2=/tmp/smollm2-real.gguf LLMPLACE_TEST_TOKENIZER=$tok \
+        python3 -m pytest -q -s -m gpu -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee "$out/test_gpu.txt" || true
+    synth llama-8b
+    python3 "$repo/benchmarks/gpu_suite.py" placements /tmp/llama-8b.gguf --reps 3 --out "$out/gpu-placements-dense.json"
+    ;;
+moe)
+    synth qwen3-30b-a3b
+    python3 "$repo/benchmarks/gpu_suite.py" placements /tmp/qwen3-30b-a3b.gguf --reps "${REPS:-2}" \
+        --out "$out/gpu-placements-moe.json"
+    ;;
+split)
+    synth llama-70b
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    python3 "$repo/benchmarks/gpu_suite.py" split /tmp/llama-70b.gguf --reps "${REPS:-2}" --out "$out/gpu-split.json"
+    ;;
+esac
