@@ -4,6 +4,10 @@ Text is assembled incrementally: each token's bytes go through an incremental UT
 character split across tokens is emitted whole, once, and the reply is never re-detokenized. Stop
 strings are matched across token boundaries; text that might be the start of a stop string is held
 back until it is known not to be.
+
+The loop is the per-token hot path (DESIGN §10: a few tens of microseconds of Python per token at most):
+one cached vocabulary look-up per token, the incremental decoder only while a character is split, and
+`generate` and the llama-cpp-python layer read plain (token, text, finish_reason) tuples from it.
 """
 
 from __future__ import annotations
@@ -224,8 +228,8 @@ class _Run:
     def steps(self) -> Iterator[GenerationStep]:
         if self.speculative_steps is not None:
             return self._own(self.speculative_steps())
-        return self._own(_generate_steps(self.model, self.context, self.sampler, self.params, self.tokens,
-                                         self.max_tokens, self.stops))
+        return self._own(_token_steps(self.model, self.context, self.sampler, self.params, self.tokens,
+                                      self.max_tokens, self.stops, as_steps=True))
 
     def token_steps(self, stats: list | None = None) -> Iterator[tuple[int, str, str | None]]:
         """(token, text, finish_reason) per token; `stats` (plain generation only) receives [start,
@@ -233,7 +237,7 @@ class _Run:
         if self.speculative_steps is not None:
             return ((step.token, step.text, step.finish_reason) for step in self.steps())
         return self._own(_token_steps(self.model, self.context, self.sampler, self.params, self.tokens,
-                                      self.max_tokens, self.stops, [] if stats is None else stats))
+                                      self.max_tokens, self.stops, stats))
 
 
 def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None,
@@ -259,6 +263,9 @@ def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context 
             context.close()
 
 
+_object_new = object.__new__
+
+
 def _new_step(token: int, text: str, finish_reason: str | None, prompt_tokens: int, prompt_cached: int,
               generated_tokens: int, prompt_tps: float, generation_tps: float, elapsed: float) -> GenerationStep:
     """GenerationStep(...) without the frozen dataclass's __init__ (one object.__setattr__ per field, a few
@@ -270,29 +277,36 @@ def _new_step(token: int, text: str, finish_reason: str | None, prompt_tokens: i
     return step
 
 
-_object_new = object.__new__
-
-
 def _token_steps(model: Model, context: Context, sampler: Sampler, params: SamplingParams, tokens: list[int],
-                 max_tokens: int, stops: list[str], stats: list) -> Iterator[tuple[int, str, str | None]]:
-    """The plain generation loop: (token, text it adds, finish reason) per token, as `_next_text` assembles
-    them. `stats` receives [start, prompt_done, prompt_cached, prompt_tps] before the first token.
+                 max_tokens: int, stops: list[str], stats: list | None = None, as_steps: bool = False
+                 ) -> Iterator[tuple[int, str, str | None]] | Iterator[GenerationStep]:
+    """The plain generation loop: per token, (token, text it adds, finish reason) as `_next_text` assembles
+    them, or with as_steps=True a GenerationStep. `stats` receives [start, prompt_done, prompt_cached,
+    prompt_tps] before the first token.
 
     The caller holds `context._in_use`. Per token: one sampler call, one cached vocabulary look-up, one decode.
     A piece that is whole UTF-8 while no character is pending skips the incremental decoder (whose result
     would be the same); with no stop strings the matcher is skipped."""
     n_ctx = context.n_ctx
-    start = time.perf_counter()
+    perf = time.perf_counter
+    start = perf()
     # Reuse the longest cached prefix, but always compute at least the last prompt token (for its logits).
     cached = context.reuse_prefix(tokens)
     context.decode(tokens[cached:])
     if params.uses_penalties:
         for t in tokens:
             sampler.accept(t)
-    prompt_done = time.perf_counter()
-    stats[:] = [start, prompt_done, cached, (len(tokens) - cached) / max(prompt_done - start, 1e-9)]
+    prompt_done = perf()
+    n_prompt = len(tokens)
+    prompt_tps = (n_prompt - cached) / max(prompt_done - start, 1e-9)
+    if stats is not None:
+        stats[:] = [start, prompt_done, cached, prompt_tps]
     if max_tokens <= 0:
-        yield -1, "", "length"
+        if as_steps:
+            now = perf()
+            yield _new_step(-1, "", "length", n_prompt, cached, 0, prompt_tps, 0.0, now - start)
+        else:
+            yield -1, "", "length"
         return
 
     entry = model.vocab.generation_entry
@@ -304,50 +318,43 @@ def _token_steps(model: Model, context: Context, sampler: Sampler, params: Sampl
     sample = sampler.sample
     decode_one = context._decode_one
     generated = 0
-    while True:
+    finish = None
+    while finish is None:
         token = sample(context)
         generated += 1
         eog, data, text = entry(token)
         if eog:
             text = decode(b"", final=True) if partial else ""
-            yield token, (text + matcher.flush() if feed is not None else text), "stop"
-            return
-        if partial or text is None:
-            text = decode(data)
-            partial = bool(decoder.getstate()[0])
-        if feed is not None:
-            text, hit = feed(text)
-            if hit:
-                yield token, text, "stop"
-                return
-        if generated >= max_tokens or len(context.tokens) >= n_ctx:
-            tail = decode(b"", final=True) if partial else ""
             if feed is not None:
-                tail, hit = feed(tail)
+                text += matcher.flush()
+            finish = "stop"
+        else:
+            if partial or text is None:
+                text = decode(data)
+                partial = bool(decoder.getstate()[0])
+            if feed is not None:
+                text, hit = feed(text)
                 if hit:
-                    yield token, text + tail, "stop"
-                    return
-                tail += matcher.flush()
-            yield token, text + tail, "length"
-            return
-        decode_one(token)
-        yield token, text, None
-
-
-def _generate_steps(model: Model, context: Context, sampler: Sampler, params: SamplingParams, tokens: list[int],
-                    max_tokens: int, stops: list[str]) -> Iterator[GenerationStep]:
-    stats: list = []
-    perf = time.perf_counter
-    n_prompt = len(tokens)
-    generated = 0
-    for token, text, finish in _token_steps(model, context, sampler, params, tokens, max_tokens, stops, stats):
-        if not generated:
-            start, prompt_done, cached, prompt_tps = stats
-        if token >= 0:
-            generated += 1
-        now = perf()
-        yield _new_step(token, text, finish, n_prompt, cached, generated, prompt_tps,
-                        generated / max(now - prompt_done, 1e-9), now - start)
+                    finish = "stop"
+            if finish is None:
+                if generated >= max_tokens or len(context.tokens) >= n_ctx:
+                    tail = decode(b"", final=True) if partial else ""
+                    finish = "length"
+                    if feed is not None:
+                        tail, hit = feed(tail)
+                        if hit:
+                            finish = "stop"
+                        else:
+                            tail += matcher.flush()
+                    text += tail
+                else:
+                    decode_one(token)
+        if as_steps:
+            now = perf()
+            yield _new_step(token, text, finish, n_prompt, cached, generated, prompt_tps,
+                            generated / max(now - prompt_done, 1e-9), now - start)
+        else:
+            yield token, text, finish
 
 
 def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs) -> Generation:
