@@ -45,6 +45,10 @@ def gpu_devices() -> list:
     return gpus
 
 
+def gpu_free() -> dict[str, int]:
+    return {d.name: d.memory_free for d in gpu_devices()}
+
+
 def machine() -> dict:
     return {"devices": [f"{d.name}: {d.description}" for d in llmplace.devices()], "threads": default_threads()}
 
@@ -53,15 +57,19 @@ def compare(path: Path, label: str, load_kwargs: dict, bench_args: list[str], ng
             threads: int, extra: dict | None = None) -> dict:
     """Interleaved reps of llama-bench and llmplace on one placement; medians, ratios, per-device bytes."""
     ref_runs, our_runs = [], []
+    free_before = gpu_free()
     with llmplace.load(path, progress=False, **load_kwargs) as model:
         with llmplace.Context(model, n_ctx=1024, flash_attn=True) as ctx:
             memory = {name: {"weights": use.weights, "kv": use.kv, "compute": use.compute}
                       for name, use in breakdown(ctx._ptr).items()}
+            # what each GPU lost: in tensor split mode llama.cpp's breakdown has one "Meta" device for all
+            used = {name: free_before[name] - free for name, free in gpu_free().items()}
         for _ in range(reps):
             ref_runs.append(llama_bench(path, threads, 1, ngl, bench_args))
             our_runs.append(llmplace_run(model, threads, True))
     ref, ours, ratios, paired = summarize(ref_runs, our_runs)
     row = {"placement": label, "llama_bench_args": ["-ngl", str(ngl), *bench_args], "memory": memory,
+           "gpu_bytes_used": used,
            "llama_bench_tps": ref, "llmplace_tps": ours, "ratio": ratios, "paired_ratio_median": paired,
            "runs": {"llama_bench": ref_runs, "llmplace": our_runs}, **(extra or {})}
     print(f"{path.name:<28} {label:<22} " + "  ".join(
@@ -180,14 +188,21 @@ def split(args) -> dict:
     rows = []
     for mode in ("layer", "tensor"):
         for ratio in ((1, 1), (2, 1)):
-            label = f"{mode} {ratio[0]}:{ratio[1]}"
-            row = compare(path, label, {"split_mode": mode, "tensor_split": list(ratio)},
-                          ["-sm", mode, "-ts", f"{ratio[0]}/{ratio[1]}"], 99, args.reps, args.threads)
-            weights = [row["memory"].get(g.name, {}).get("weights", 0) for g in gpus[:2]]
-            row["weights_per_gpu"] = weights
-            row["weight_ratio"] = weights[0] / weights[1] if weights[1] else None
-            row["weight_ratio_error"] = (row["weight_ratio"] / (ratio[0] / ratio[1]) - 1) if weights[1] else None
-            rows.append(row)
+            for split_by in (("bytes", "layers") if mode == "layer" else ("bytes",)):
+                label = f"{mode} {ratio[0]}:{ratio[1]}" + (f" by {split_by}" if mode == "layer" else "")
+                row = compare(path, label, {"split_mode": mode, "tensor_split": list(ratio), "split_by": split_by},
+                              ["-sm", mode, "-ts", f"{ratio[0]}/{ratio[1]}"], 99, args.reps, args.threads)
+                # weights per GPU: llama.cpp's breakdown where it names the GPUs (layer split), else what each
+                # GPU's free memory lost (weights, KV cache and compute buffers together)
+                per_gpu = [row["memory"].get(g.name, {}).get("weights", 0) for g in gpus[:2]]
+                row["bytes_per_gpu_source"] = "breakdown weights"
+                if not all(per_gpu):
+                    per_gpu = [row["gpu_bytes_used"][g.name] for g in gpus[:2]]
+                    row["bytes_per_gpu_source"] = "free memory lost"
+                row["bytes_per_gpu"] = per_gpu
+                row["byte_ratio"] = per_gpu[0] / per_gpu[1]
+                row["byte_ratio_error"] = row["byte_ratio"] / (ratio[0] / ratio[1]) - 1
+                rows.append(row)
     rows.append(compare(path, "one GPU", {"devices": [gpus[0].name]}, ["-dev", gpus[0].name], 99, args.reps,
                         args.threads))
     return {"kind": "split", "rows": rows}

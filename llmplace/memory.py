@@ -272,7 +272,8 @@ class FitResult:
         """Keywords for llmplace.load (n_gpu_layers, placement, tensor_split)."""
         kwargs = dict(n_gpu_layers=self.n_gpu_layers, placement=self.placement)
         if self.tensor_split is not None:
-            kwargs["tensor_split"] = self.tensor_split
+            # llama.cpp's fit computed these as shares of the layer count: keep its reading
+            kwargs.update(tensor_split=self.tensor_split, split_by="layers")
         return kwargs
 
     def to_ot(self) -> str:
@@ -281,7 +282,7 @@ class FitResult:
 
     def to_python(self) -> str:
         rules = ",\n    ".join(f"Rule({r.to!r}, pattern={r.pattern!r})" for r in self.placement.rules)
-        split = f", tensor_split={self.tensor_split!r}" if self.tensor_split is not None else ""
+        split = f", tensor_split={self.tensor_split!r}, split_by='layers'" if self.tensor_split is not None else ""
         return (f"placement = Placement([\n    {rules}\n])\n" if rules else "placement = Placement([])\n") + \
             f"model = llmplace.load(path, n_gpu_layers={self.n_gpu_layers}, placement=placement{split})\n" + \
             f"context = llmplace.Context(model, n_ctx={self.n_ctx})"
@@ -425,7 +426,7 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             split = None
         kw = dict(split_kwargs)
         if split is not None:
-            kw["tensor_split"] = split
+            kw.update(tensor_split=split, split_by="layers")  # llama.cpp's shares of the layer count
         measured = estimate(path, combined, n_ctx=chosen_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,
                             flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, draft=draft,
                             n_gpu_layers=ngl, use_mmap=use_mmap, **kw)

@@ -35,7 +35,8 @@ class Model(NativeObject):
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer",
                  main_gpu: int = 0, use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
                  check_tensors: bool = False, progress: bool | ProgressCallback | None = None,
-                 placement=None, tensor_split=None, devices=None, rpc_servers=None, dry_run: bool = False) -> None:
+                 placement=None, tensor_split=None, split_by: str = "bytes", devices=None, rpc_servers=None,
+                 dry_run: bool = False) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         if not isinstance(n_gpu_layers, int):
             raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
@@ -60,7 +61,8 @@ class Model(NativeObject):
         # The C arrays handed to llama.cpp (overrides, devices, tensor_split) must outlive the load.
         self.resolution, self.split, keep_alive = configure(params, self.path, self.placement, split_mode=split_mode,
                                                             tensor_split=tensor_split, main_gpu=main_gpu,
-                                                            devices=devices)
+                                                            devices=devices, n_gpu_layers=n_gpu_layers,
+                                                            split_by=split_by)
         self.overrides = self.resolution.overrides  # the (pattern, buffer type) list llama.cpp got
         relay = ProgressRelay(resolve(progress, f"loading {self.path.name}"))
         params.progress_callback = C._llmplace_progress_callback
@@ -188,8 +190,8 @@ class Model(NativeObject):
 
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
          use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
-         progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None, devices=None,
-         rpc_servers=None, fit: bool = False, budget=None, margin="1GiB", n_ctx: int = 0,
+         progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None,
+         split_by: str = "bytes", devices=None, rpc_servers=None, fit: bool = False, budget=None, margin="1GiB", n_ctx: int = 0,
          n_ctx_min: int = 4096) -> Model:
     """Load a GGUF model.
 
@@ -202,6 +204,10 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
     split_mode: "layer" (default), "row", "tensor" or "none" (everything on main_gpu).
     tensor_split: relative share of each device ([2, 1] → 2/3 and 1/3), indexed like llama.cpp's device
     list (RPC devices, then GPUs), or like `devices` when given. devices: names of the devices to use.
+    split_by: in layer split mode, what tensor_split shares: "bytes" (default: the layer boundaries are chosen
+    so each device's weight bytes follow the shares as closely as whole layers allow) or "layers" (llama.cpp's
+    own reading: shares of the layer count, the output counted as one more layer, so a device can get
+    noticeably more bytes than its share).
     rpc_servers: "host:port" of RPC servers whose devices to add (reachability is checked first).
     fit: first find the n_gpu_layers / tensor_split / overrides / context size that fit each device's
     `budget` ({"CUDA0": "12GiB", "host": "32GiB"}; default its free memory) less `margin`, keeping
@@ -218,7 +224,8 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
         raise InvalidParameterError("budget= is used by the memory fit: pass fit=True as well")
     return Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
                  use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
-                 placement=placement, tensor_split=tensor_split, devices=devices, rpc_servers=rpc_servers)
+                 placement=placement, tensor_split=tensor_split, split_by=split_by, devices=devices,
+                 rpc_servers=rpc_servers)
 
 
 def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, rpc_servers, progress, **kwargs

@@ -303,8 +303,51 @@ def plan_split(path, placement: "Placement", devs: list, split_mode: str) -> Spl
     return SplitPlan(split_mode, names, "as requested")
 
 
+def layer_shares_for_bytes(path, shares: Sequence[float], n_gpu_layers: int,
+                           overridden: frozenset[str] = frozenset()) -> list[float]:
+    """llama.cpp tensor_split values under which, in layer split mode, each device's weight bytes follow
+    `shares` as closely as whole layers allow.
+
+    llama.cpp reads tensor_split as shares of *layers*: offloaded layer j of n goes to the first device whose
+    cumulative share exceeds j / n, and the output counts as one more layer. Layers are alike but the output
+    layer (vocabulary x n_embd) is not, so 1:1 on a Llama-70B-shaped model put 41 layers on GPU 0 and 39 plus
+    the output on GPU 1: 1.039:1 in bytes (seen on two H200s). Here each boundary is put where the cumulative
+    bytes come closest to the cumulative share, then written as the shares that make llama.cpp draw exactly
+    those boundaries (a boundary after k layers: a cumulative share of (k - 0.5) / n). Tensors that placement
+    rules move elsewhere (`overridden`) do not count."""
+    info = read_gguf(path)
+    n_layer = int(info.metadata.get(f"{info.arch}.block_count", 0))
+    units = [0] * (n_layer + 1)  # bytes per layer; index n_layer is the output layer
+    has_output = any(t.name == "output.weight" for t in info.tensors)
+    for t in info.tensors:
+        if t.name in overridden:
+            continue
+        if t.layer is not None and t.layer < n_layer:
+            units[t.layer] += t.n_bytes
+        elif t.name.startswith("output") or (t.name == "token_embd.weight" and not has_output):
+            units[n_layer] += t.n_bytes  # a tied output is a copy of token_embd on the output layer's device
+    count = n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, n_layer + 1)
+    offloaded = units[n_layer + 1 - count:]
+    total = sum(offloaded)
+    weight_sum = sum(shares)
+    if count == 0 or total == 0:
+        return [w / weight_sum for w in shares]
+    cumulative = [0]
+    for n_bytes in offloaded:
+        cumulative.append(cumulative[-1] + n_bytes)
+    boundaries, target, k = [], 0.0, 0
+    for w in shares[:-1]:
+        target += w / weight_sum * total
+        if w > 0:  # a device with no share gets no layer
+            k = min(range(k, count + 1), key=lambda j: abs(cumulative[j] - target))
+        boundaries.append(k)
+    cuts = [max(b - 0.5, 0.0) / count for b in boundaries] + [1.0]
+    return [cut - previous for previous, cut in zip([0.0] + cuts[:-1], cuts)]
+
+
 def configure(params, path, placement: Placement, *, split_mode: str = "layer", tensor_split=None,
-              main_gpu: int = 0, devices: Sequence[str] | None = None) -> tuple[Resolution, SplitPlan, list]:
+              main_gpu: int = 0, devices: Sequence[str] | None = None,
+              n_gpu_layers: int = -1, split_by: str = "bytes") -> tuple[Resolution, SplitPlan, list]:
     """Fill the placement fields of llama_model_params, validating everything llama.cpp would otherwise
     abort on or reject with a generic error. Returns (the resolved rules, the split plan, C objects to keep
     alive during the load)."""
@@ -340,11 +383,8 @@ def configure(params, path, placement: Placement, *, split_mode: str = "layer", 
         if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf")
                for w in weights) or sum(weights) <= 0:
             raise PlacementError(f"tensor_split weights must be finite numbers >= 0 with a positive sum, got {weights}")
-        array = ffi.new("float[]", max_devices)
-        for i, w in enumerate(weights):
-            array[i] = w / sum(weights)
-        params.tensor_split = array
-        keep_alive.append(array)
+        if split_by not in ("bytes", "layers"):
+            raise PlacementError(f"split_by must be 'bytes' or 'layers', not {split_by!r}")
     resolution = EMPTY_RESOLUTION
     if placement.rules:
         resolution = placement.resolve(read_gguf(path).tensors)
@@ -365,6 +405,15 @@ def configure(params, path, placement: Placement, *, split_mode: str = "layer", 
             array[i].pattern = keep_alive[-1]
             array[i].buft = buffer_type(target)[0]
         params.tensor_buft_overrides = array
+        keep_alive.append(array)
+    if tensor_split is not None:
+        if split_mode == "layer" and split_by == "bytes" and len(weights) > 1:
+            overridden = frozenset(a.tensor.name for a in resolution.assignments)
+            weights = layer_shares_for_bytes(path, weights, n_gpu_layers, overridden)
+        array = ffi.new("float[]", max_devices)
+        for i, w in enumerate(weights):
+            array[i] = w / sum(weights)
+        params.tensor_split = array
         keep_alive.append(array)
     return resolution, split, keep_alive
 

@@ -60,10 +60,11 @@ def test_estimate_matches_the_real_allocation(rpc_devices, smollm2_path, load_kw
             # compute buffers through ggml_backend_sched_reserve_size, which resets the scheduler first and so
             # drops those pins. In the dry-run graph the first norm of the second device's first layer runs on
             # the first device and is copied over, and the second device's buffer comes out 4.5 MiB larger
-            # (n_ubatch 512: 4.3% of its compute buffer, 2.8% of its total), on the safe side. Without that
+            # (n_ubatch 512: about 4% of its compute buffer, 3.3% of its total with the byte-balanced split), on
+            # the safe side. Without that
             # reset (a one-line change to ggml, tried with a rebuilt libggml-base) every figure here is exact.
             assert used.compute <= est.compute <= used.compute * 1.05, name
-            assert used.total <= est.total <= used.total * 1.03, name
+            assert used.total <= est.total <= used.total * 1.05, name
         else:
             assert est == used, name
 

@@ -153,8 +153,8 @@ def layers_per_buffer(model) -> dict[str, int]:
 # llama.cpp splits n_layer + 1 slots (the output layer is the last) by the cumulative normalized weights:
 # slot i goes to the first device whose cumulative share exceeds i / (n_layer + 1). SmolLM2: 30 layers.
 @pytest.mark.parametrize("weights,expected", [([2, 1], (21, 9)), ([1, 1], (16, 14)), ([1, 4], (7, 23))])
-def test_tensor_split_divides_layers_by_normalized_weights(rpc_devices, smollm2_path, weights, expected):
-    with llmplace.load(smollm2_path, tensor_split=weights, progress=False) as model:
+def test_tensor_split_by_layers_divides_layers_by_normalized_weights(rpc_devices, smollm2_path, weights, expected):
+    with llmplace.load(smollm2_path, tensor_split=weights, split_by="layers", progress=False) as model:
         counts = layers_per_buffer(model)
     assert (counts[rpc_devices[0].buffer_type], counts[rpc_devices[1].buffer_type]) == expected
 
@@ -183,8 +183,36 @@ def test_bad_split_configurations_are_refused_before_loading(rpc_devices, smollm
     assert smollm2.tokenize("still alive")
 
 
+def device_weight_bytes(model, devices) -> list[int]:
+    from llmplace.placement import read_back
+
+    totals: dict[str, int] = {}
+    for buffer_type, n_bytes in read_back(model).values():
+        totals[buffer_type] = totals.get(buffer_type, 0) + n_bytes
+    return [totals.get(d.buffer_type, 0) for d in devices]
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [2, 1], [1, 4]])
+def test_tensor_split_shares_weight_bytes_by_default(rpc_devices, smollm2_path, weights):
+    """SmolLM2's output layer (its tied 49152 x 576 embedding) weighs as much as several layers, so llama.cpp's
+    layer-count reading gives the last device far more than its share; by bytes, each device's weights come
+    within one layer of its share."""
+    from llmplace.gguf_info import read
+
+    layer_bytes = max(sum(t.n_bytes for t in read(smollm2_path).tensors if t.layer == i) for i in range(30))
+    placed = {}
+    for split_by in ("bytes", "layers"):
+        with llmplace.load(smollm2_path, tensor_split=weights, split_by=split_by, progress=False) as model:
+            placed[split_by] = device_weight_bytes(model, rpc_devices[:2])
+            assert llmplace.generate(model, "Hi", max_tokens=3, temperature=0).tokens
+    share = weights[0] / sum(weights)
+    miss = {k: abs(b[0] - share * sum(b)) for k, b in placed.items()}
+    assert miss["bytes"] <= layer_bytes
+    assert miss["bytes"] < miss["layers"]
+
+
 def test_explain_follows_split_keywords(rpc_devices, smollm2_path):
-    plan = explain(smollm2_path, None, tensor_split=[1, 4])
+    plan = explain(smollm2_path, None, tensor_split=[1, 4], split_by="layers")
     layers = {}
     for t in plan.tensors:
         if t.layer is not None:
