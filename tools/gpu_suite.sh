@@ -3,8 +3,8 @@
 # /tmp survives between the calls of one lease). Results go to $OUT (or ./gpu-out).
 #
 #   STEP=build   build the CUDA stage (or unpack a carried .stage/stage.tar.xz.*), pack it into $OUT (parts under
-#                16 MiB, to carry to another machine), write the SmolLM2- and Llama-8B-shaped models, run the
-#                drop-in comparison
+#                16 MiB, to carry to another machine); every step starts with this
+#   STEP=dropin  the drop-in comparison on SmolLM2- and Llama-8B-shaped models
 #   STEP=moe     the placement table on the Qwen3-30B-A3B shape (all on GPU, experts on CPU, n_cpu_moe sweep, fit)
 #   STEP=tests   tests/test_gpu.py (CPU-vs-GPU agreement on the real SmolLM2 included), the placement table on the
 #                Llama-8B shape
@@ -12,7 +12,8 @@
 #
 # Carry .whl (cffi, pycparser, gguf for cp312), .tok (tiny-llama.gguf, SmolLM2's tokenizer; or .dev), .dev
 # (llama.cpp.tar.xz, to build) or .stage (a packed stage). The real SmolLM2 (98 MB) is over one call's carry
-# limit: it travels in three thirds, .spec1, .spec2, .spec3, one per call of build, moe, tests, kept in /tmp.
+# limit: it travels in three thirds, .spec1, .spec2, .spec3, in three calls (STEP_ONLY_COPY=1 for a call that
+# only brings files), kept in /tmp. Several steps in one call: STEP="tests dropin".
 set -euo pipefail
 repo=$PWD; out=$(realpath -m "${OUT:-gpu-out}"); mkdir -p "$out"
 if [ -d .whl ]; then  # kept in /tmp/site for the later calls of the lease
@@ -37,8 +38,10 @@ synth() {  # synth SHAPE: write /tmp/SHAPE.gguf once
     [ -f "/tmp/$1.gguf" ] || python3 -m llmplace.synthetic "/tmp/$1.gguf" --shape "$1" --dtype q4_0 --tokenizer-from "$tok"
 }
 cd /tmp
-case "${STEP:?set STEP}" in
-build)
+for step in ${STEP:?set STEP, e.g. STEP=build or STEP="tests dropin"}; do
+case $step in
+build) ;;  # the stage above
+dropin)
     synth smollm2-135m; synth llama-8b
     python3 "$repo/benchmarks/gpu_suite.py" dropin /tmp/smollm2-135m.gguf /tmp/llama-8b.gguf --reps 5 \
         --out "$out/gpu-dropin.json"
@@ -62,3 +65,4 @@ split)
     python3 "$repo/benchmarks/gpu_suite.py" split /tmp/llama-70b.gguf --reps "${REPS:-2}" --out "$out/gpu-split.json"
     ;;
 esac
+done
