@@ -274,16 +274,18 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
 
 
 def _memory_bars(result, width: int = 48) -> list[str]:
-    """One stacked bar per memory: W weights, K KV cache, C compute, . what is left of its budget."""
+    """One stacked bar per memory: W weights, M weights mapped from the file (page cache), K KV cache, C compute,
+    . what is left of its budget."""
     lines = []
     for m in result.estimate.memories.values():
         cap = result.budgets.get(m.memory) or m.free or m.total or 1
         scale = width / max(cap, m.total, 1)
-        bar = "".join(ch * round(n * scale) for ch, n in (("W", m.weights), ("K", m.kv), ("C", m.compute)))
+        parts = (("W", m.weights - m.mapped), ("M", m.mapped), ("K", m.kv), ("C", m.compute))
+        bar = "".join(ch * round(n * scale) for ch, n in parts)
         bar = (bar + "." * max(0, width - len(bar)))[:width] if cap >= m.total else bar[:width] + "!"
         limit = f" of {human_bytes(cap)}" if m.memory in result.budgets else ""
         lines.append(f"{m.memory:<24} [{bar}] {human_bytes(m.total)}{limit}")
-    lines.append(f"{'':<24}  W weights  K KV cache  C compute  . free within the budget  ! over")
+    lines.append(f"{'':<24}  W weights  M mapped weights  K KV cache  C compute  . free within the budget  ! over")
     return lines
 
 
@@ -298,9 +300,10 @@ def _save_png(result, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 1.6 + 0.6 * len(memories)))
     gib = 1 << 30
     left = [0.0] * len(memories)
-    for label, key, color in (("weights", "weights", "#4c72b0"), ("KV cache", "kv", "#dd8452"),
-                              ("compute", "compute", "#55a868")):
-        values = [getattr(m, key) / gib for m in memories]
+    for label, value, color in (("weights", lambda m: m.weights - m.mapped, "#4c72b0"),
+                                ("mapped weights", lambda m: m.mapped, "#8fb1dc"),
+                                ("KV cache", lambda m: m.kv, "#dd8452"), ("compute", lambda m: m.compute, "#55a868")):
+        values = [value(m) / gib for m in memories]
         ax.barh([m.memory for m in memories], values, left=left, label=label, color=color)
         left = [a + b for a, b in zip(left, values)]
     for i, m in enumerate(memories):
@@ -308,7 +311,7 @@ def _save_png(result, path: str) -> None:
         if cap:
             ax.plot([cap / gib] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
     ax.set_xlabel("GiB (black line: budget)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, frameon=False)
     ax.set_title(("fits: " if result.success else "does not fit: ") + result.message[:90], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
