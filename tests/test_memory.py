@@ -148,7 +148,7 @@ def test_fit_command_draws_bars_and_prints_the_plan(smollm2_path, capsys):
 
     assert main(["fit", str(smollm2_path), "--budget", "host=2GiB", "--ctx", "1024", "--margin", "0"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("fits:") and "[MM" in out  # host weights mapped from the file and "llmplace.load(path, n_gpu_layers=" in out
+    assert out.startswith("fits:") and "[MM" in out and "llmplace.load(path, n_gpu_layers=" in out  # M: mapped
     assert main(["fit", str(smollm2_path), "--budget", "host=50MiB", "--ctx", "1024", "--json"]) == 3
     data = json.loads(capsys.readouterr().out)
     assert data["success"] is False and data["memories"]["host"]["total"] > 50 * MiB
