@@ -131,10 +131,14 @@ def main() -> None:
     print(f"\n{'test':<16} {'llama-bench t/s':>16} {'llmplace t/s':>14} {'ratio':>7} {'paired':>7}")
     for key, ref_key in PAIRS:
         print(f"{key:<16} {ref[ref_key]:>16.1f} {ours[key]:>14.1f} {ratios[key]:>7.3f} {paired[key]:>7.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
+
+
+def write_result(path: Path | None, result: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

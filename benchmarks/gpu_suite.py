@@ -35,7 +35,7 @@ from llmplace.memory import breakdown, estimate, parse_size
 from llmplace.placement import n_cpu_moe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import PAIRS, llama_bench, llmplace_run, summarize  # noqa: E402
+from bench import PAIRS, llama_bench, llmplace_run, summarize, write_result  # noqa: E402
 
 
 def gpu_devices() -> list:
@@ -222,10 +222,7 @@ def main() -> None:
     result = {"kind": args.kind, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "reps": args.reps,
               **{"placements": placements, "dropin": dropin, "split": split}[args.kind](args)}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 #   STEP=moe     the placement table on the Qwen3-30B-A3B shape (all on GPU, experts on CPU, n_cpu_moe sweep, fit)
 #   STEP=tests   tests/test_gpu.py (CPU-vs-GPU agreement on the real SmolLM2 included), the placement table on the
 #                Llama-8B shape
+#   STEP=spec    speculative decoding on the real SmolLM2 (benchmarks/speculative.py), all on the GPU
 #   STEP=split   two GPUs: write the Llama-70B shape, run the split table
 #
 # Carry .whl (cffi, pycparser, gguf for cp312), .tok (tiny-llama.gguf, SmolLM2's tokenizer; or .dev), .dev
@@ -37,6 +38,9 @@ for i in 1 2 3; do if [ -d "$repo/.spec$i" ]; then cp "$repo/.spec$i"/smol-part-
 synth() {  # synth SHAPE: write /tmp/SHAPE.gguf once
     [ -f "/tmp/$1.gguf" ] || python3 -m llmplace.synthetic "/tmp/$1.gguf" --shape "$1" --dtype q4_0 --tokenizer-from "$tok"
 }
+real_smollm2() {  # the real SmolLM2, joined from the three thirds carried in earlier calls
+    [ -f /tmp/smollm2-real.gguf ] || cat /tmp/smol-part-0 /tmp/smol-part-1 /tmp/smol-part-2 > /tmp/smollm2-real.gguf
+}
 cd /tmp
 for step in ${STEP:?set STEP, e.g. STEP=build or STEP="tests dropin"}; do
 case $step in
@@ -47,7 +51,7 @@ dropin)
         --out "$out/gpu-dropin.json"
     ;;
 tests)
-    cat /tmp/smol-part-0 /tmp/smol-part-1 /tmp/smol-part-2 > /tmp/smollm2-real.gguf
+    real_smollm2
     python3 "$repo/tools/gpu_agreement.py" /tmp/smollm2-real.gguf --tokens 128 2>&1 | tee "$out/agreement.txt"
     LLMPLACE_TEST_SMOLLM2=/tmp/smollm2-real.gguf LLMPLACE_TEST_TOKENIZER=$tok \
         python3 -m pytest -q -s -m gpu -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee "$out/test_gpu.txt" || true
@@ -58,6 +62,11 @@ moe)
     synth qwen3-30b-a3b
     python3 "$repo/benchmarks/gpu_suite.py" placements /tmp/qwen3-30b-a3b.gguf --reps "${REPS:-2}" \
         --out "$out/gpu-placements-moe.json"
+    ;;
+spec)
+    real_smollm2
+    LLMPLACE_TEST_TOKENIZER=$tok python3 "$repo/benchmarks/speculative.py" /tmp/smollm2-real.gguf --n-gpu-layers 99 \
+        --threads 4 --reps "${REPS:-3}" --max-tokens 256 --depth 5 --out "$out/gpu-h100-smollm2-135m-speculative.json"
     ;;
 split)
     synth llama-70b
