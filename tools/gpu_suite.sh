@@ -8,6 +8,7 @@
 #   STEP=moe     the placement table on the Qwen3-30B-A3B shape (all on GPU, experts on CPU, n_cpu_moe sweep, fit)
 #   STEP=tests   tests/test_gpu.py (CPU-vs-GPU agreement on the real SmolLM2 included), the placement table on the
 #                Llama-8B shape
+#   STEP=batcheq whether a batch's logits equal one-token decodes' here (tools/gpu_batch_equality.py)
 #   STEP=spec    speculative decoding on the real SmolLM2 (benchmarks/speculative.py), all on the GPU
 #   STEP=split   two GPUs: write the Llama-70B shape, run the split table
 #
@@ -62,6 +63,10 @@ moe)
     synth qwen3-30b-a3b
     python3 "$repo/benchmarks/gpu_suite.py" placements /tmp/qwen3-30b-a3b.gguf --reps "${REPS:-2}" \
         --out "$out/gpu-placements-moe.json"
+    ;;
+batcheq)
+    synth smollm2-135m; synth llama-8b
+    python3 "$repo/tools/gpu_batch_equality.py" /tmp/smollm2-135m.gguf /tmp/llama-8b.gguf 2>&1 | tee "$out/batch-equality.txt"
     ;;
 spec)
     real_smollm2
