@@ -79,6 +79,13 @@ LLMPLACE_API int32_t llmplace_fit_params(const char * path, struct llama_model_p
  * a Python callback there would cost a GIL round trip per node. */
 LLMPLACE_API bool llmplace_abort_if_flag_set(void * user_data);
 
+/* llama.cpp's JSON schema -> GBNF converter (common/json-schema-to-grammar.cpp) on a schema given as JSON text.
+ * Returns the grammar's length in bytes: the NUL-terminated text is in out only when that length is below
+ * out_size (otherwise call again with a bigger buffer). On failure returns a negative code with the reason
+ * in out: -1 the text is not JSON, -2 the converter refuses the schema, -3 any other error. C++ exceptions
+ * never escape. */
+LLMPLACE_API int llmplace_json_schema_to_grammar(const char * schema_json, char * out, size_t out_size);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,6 +7,7 @@
 #include "llama-model.h"  // llama.cpp internal: llama_model::tensors_by_name
 
 #include "fit.h"          // llama.cpp common: common_fit_params
+#include "json-schema-to-grammar.h"  // llama.cpp common: json_schema_to_grammar, common_json
 
 #include "ggml-backend.h"
 
@@ -134,5 +135,39 @@ extern "C" int32_t llmplace_fit_params(const char * path, struct llama_model_par
     } catch (...) {
         copy_message("unknown C++ exception in common_fit_params", err, err_size);
         return 2;
+    }
+}
+
+extern "C" int llmplace_json_schema_to_grammar(const char * schema_json, char * out, size_t out_size) {
+    // Returns the GBNF's length (the text is complete in out only when that is < out_size), or a negative code
+    // with the reason in out: -1 not JSON, -2 a schema llama.cpp's converter refuses, -3 anything else.
+    if (schema_json == nullptr) {
+        copy_message("no schema given", out, out_size);
+        return -3;
+    }
+    common_json schema;
+    try {
+        schema = common_json::parse(schema_json);
+    } catch (const std::exception & e) {
+        copy_message(std::string("the schema is not valid JSON: ") + e.what(), out, out_size);
+        return -1;
+    } catch (...) {
+        copy_message("the schema is not valid JSON", out, out_size);
+        return -1;
+    }
+    try {
+        const std::string grammar = json_schema_to_grammar(schema, /* force_gbnf */ true);
+        if (grammar.size() > (size_t) INT32_MAX) {
+            copy_message("the grammar is too large", out, out_size);
+            return -3;
+        }
+        copy_message(grammar, out, out_size);
+        return (int) grammar.size();
+    } catch (const std::exception & e) {
+        copy_message(e.what(), out, out_size);
+        return -2;
+    } catch (...) {
+        copy_message("unknown C++ exception in json_schema_to_grammar", out, out_size);
+        return -3;
     }
 }
