@@ -6,6 +6,7 @@ import os
 import threading
 import weakref
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from . import logs
@@ -27,6 +28,48 @@ if TYPE_CHECKING:
 _load_lock = threading.Lock()
 
 
+_KEY_BYTES = 128  # llama_model_kv_override: char key[128] and char val_str[128], NUL included
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+def kv_override_array(overrides: Mapping[str, bool | int | float | str], metadata: Mapping | None = None):
+    """GGUF metadata overrides as llama.cpp's NULL-key-terminated llama_model_kv_override array.
+
+    The value's Python type picks the override's type (bool, int, float, str), as llama-cpp-python does. For a key
+    the file has (`metadata`), the types must agree: llama.cpp would only log a warning and keep the file's value."""
+    if not isinstance(overrides, Mapping):
+        raise InvalidParameterError(f"kv_overrides must be a dict of GGUF key -> bool, int, float or str, "
+                                    f"not {type(overrides).__name__}")
+    array = ffi.new("struct llama_model_kv_override[]", len(overrides) + 1)  # zeroed: the last key is empty
+    for item, (key, value) in zip(array, overrides.items()):
+        if not isinstance(key, str) or not key or len(key.encode()) >= _KEY_BYTES:
+            raise InvalidParameterError(f"kv_overrides key {key!r} must be a GGUF key name of 1 to "
+                                        f"{_KEY_BYTES - 1} bytes, e.g. 'llama.context_length'")
+        item.key = key.encode()
+        if metadata is not None and key in metadata:
+            have = metadata[key]
+            kind = bool if isinstance(have, bool) else int if isinstance(have, int) else type(have)
+            given = bool if isinstance(value, bool) else int if isinstance(value, int) else type(value)
+            if kind is not given and not (kind is float and given is int):
+                raise InvalidParameterError(f"kv_overrides[{key!r}] = {value!r} is of type {given.__name__}, but the "
+                                            f"file's {key} is of type {kind.__name__} ({have!r}): give a value "
+                                            f"of type {kind.__name__}")
+            if kind is float:
+                value = float(value)
+        if isinstance(value, bool):
+            item.tag, item.val_bool = C.LLAMA_KV_OVERRIDE_TYPE_BOOL, value
+        elif isinstance(value, int) and value in _INT64:
+            item.tag, item.val_i64 = C.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        elif isinstance(value, float):
+            item.tag, item.val_f64 = C.LLAMA_KV_OVERRIDE_TYPE_FLOAT, value
+        elif isinstance(value, str) and len(value.encode()) < _KEY_BYTES:
+            item.tag, item.val_str = C.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()
+        else:
+            raise InvalidParameterError(f"kv_overrides[{key!r}] = {value!r}: a value must be a bool, a 64-bit int, "
+                                        f"a float or a str under {_KEY_BYTES} bytes")
+    return array
+
+
 class Model(NativeObject):
     """A loaded model. Create with `llmplace.load(path)`; use as a context manager or call `close()`."""
 
@@ -36,7 +79,7 @@ class Model(NativeObject):
                  main_gpu: int = 0, use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
                  check_tensors: bool = False, progress: bool | ProgressCallback | None = None,
                  placement=None, tensor_split=None, split_by: str = "bytes", devices=None, rpc_servers=None,
-                 dry_run: bool = False) -> None:
+                 kv_overrides: Mapping[str, bool | int | float | str] | None = None, dry_run: bool = False) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         if not isinstance(n_gpu_layers, int):
             raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
@@ -52,6 +95,9 @@ class Model(NativeObject):
                             (False, True): C.LLAMA_LOAD_MODE_MLOCK}[(bool(use_mmap), bool(use_mlock))]
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        override_array = kv_override_array(kv_overrides, read_gguf(self.path).metadata) if kv_overrides else None
+        if override_array is not None:
+            params.kv_overrides = override_array
         params.no_alloc = dry_run
         if dry_run:
             # A dry run allocates nothing and maps nothing: llama.cpp asserts (aborting the process) if a
@@ -70,7 +116,7 @@ class Model(NativeObject):
 
         with _load_lock, logs.capture() as native_messages:
             handle = C.llama_model_load_from_file(str(self.path).encode(), params)
-        del keep_alive  # llama.cpp copied what it needed during the load
+        del keep_alive, override_array  # llama.cpp copied what it needed during the load
         if relay.exception is not None:
             if handle != ffi.NULL:
                 C.llama_model_free(handle)
@@ -191,7 +237,7 @@ class Model(NativeObject):
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
          use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
          progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None,
-         split_by: str = "bytes", devices=None, rpc_servers=None, fit: bool = False, budget=None, margin="1GiB", n_ctx: int = 0,
+         split_by: str = "bytes", devices=None, rpc_servers=None, kv_overrides=None, fit: bool = False, budget=None, margin="1GiB", n_ctx: int = 0,
          n_ctx_min: int = 4096) -> Model:
     """Load a GGUF model.
 
@@ -209,6 +255,8 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
     own reading: shares of the layer count, the output counted as one more layer, so a device can get
     noticeably more bytes than its share).
     rpc_servers: "host:port" of RPC servers whose devices to add (reachability is checked first).
+    kv_overrides: GGUF metadata to read differently, {"qwen3moe.expert_used_count": 4, "llama.context_length":
+    8192, "tokenizer.ggml.add_bos_token": False}; the value's type (bool, int, float, str) must match the key's.
     fit: first find the n_gpu_layers / tensor_split / overrides / context size that fit each device's
     `budget` ({"CUDA0": "12GiB", "host": "32GiB"}; default its free memory) less `margin`, keeping
     `placement`'s rules (see llmplace.fit); n_ctx (0 = as large as fits, down to n_ctx_min) becomes the
@@ -219,13 +267,13 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
         return _load_fitted(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
                             devices=devices, rpc_servers=rpc_servers, progress=progress, use_mmap=use_mmap,
                             use_mlock=use_mlock, check_tensors=check_tensors, split_mode=split_mode,
-                            main_gpu=main_gpu)
+                            main_gpu=main_gpu, kv_overrides=kv_overrides)
     if budget is not None:
         raise InvalidParameterError("budget= is used by the memory fit: pass fit=True as well")
     return Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
                  use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
                  placement=placement, tensor_split=tensor_split, split_by=split_by, devices=devices,
-                 rpc_servers=rpc_servers)
+                 rpc_servers=rpc_servers, kv_overrides=kv_overrides)
 
 
 def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, rpc_servers, progress, **kwargs
@@ -235,6 +283,8 @@ def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, 
     for endpoint in rpc_servers or ():
         add_rpc_server(endpoint)
     check_header(Path(os.fspath(path)).expanduser())
+    if kwargs.get("kv_overrides"):
+        kv_override_array(kwargs["kv_overrides"], read_gguf(path).metadata)  # bad overrides are refused as such, not as a failed fit
     result = fit_memory(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
                         devices=devices)
     if not result.success:

@@ -412,9 +412,15 @@ def test_unsupported_features_raise_a_typed_not_implemented_error(me, call):
 
 
 def test_unknown_and_unapplied_keywords_warn(path):
-    with pytest.warns(CompatibilityWarning, match="kv_overrides.*no_such_option"):
-        llm = llmplace.Llama(path, verbose=False, n_ctx=64, kv_overrides={"a": 1}, no_such_option=3)
+    with pytest.warns(CompatibilityWarning, match="no_such_option"):
+        llm = llmplace.Llama(path, verbose=False, n_ctx=64, no_such_option=3)
     llm.close()
+
+
+def test_kv_overrides_are_applied(path):
+    # n_ctx=0 takes the trained context, which the override changes (SmolLM2's file says 8192)
+    with llmplace.Llama(path, verbose=False, n_ctx=0, kv_overrides={"llama.context_length": 1024}) as llm:
+        assert llm.n_ctx() == 1024
 
 
 # ---- lifetime and llmplace's own keywords ----

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 import logging
+import re
 
 import psutil
 import pytest
@@ -138,3 +139,28 @@ def test_objects_freed_by_garbage_collection(smollm2_path):
     del model, ctx
     gc.collect()
     assert not any(f.alive for f in finalizers)
+
+
+def test_kv_overrides_change_what_llama_cpp_reads(smollm2_path):
+    overrides = {"llama.context_length": 2048, "tokenizer.ggml.add_bos_token": True,
+                 "llama.attention.layer_norm_rms_epsilon": 1}  # an int for a float key is taken as a float
+    with llmplace.load(smollm2_path, progress=False, kv_overrides=overrides) as model:
+        assert model.n_ctx_train == 2048
+        assert model.tokenize("hi")[0] == model.vocab.bos
+    with llmplace.load(smollm2_path, progress=False) as model:
+        assert model.n_ctx_train == 8192 and model.tokenize("hi")[0] != model.vocab.bos
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    ({"llama.context_length": "2048"}, "is of type str, but the file's llama.context_length is of type int"),
+    ({"k" * 128: 1}, "1 to 127 bytes"),
+    ({"llama.context_length": [1]}, "is of type list"),
+    ({"no.such.key": [1]}, "must be a bool, a 64-bit int"),
+    ({"general.name": "x" * 200}, "under 128 bytes"),
+    ({"llama.context_length": 1 << 64}, "64-bit int"),
+    ([("llama.context_length", 1)], "must be a dict"),
+])
+def test_bad_kv_overrides_are_refused_before_loading(smollm2_path, smollm2, overrides, fragment):
+    with pytest.raises(llmplace.InvalidParameterError, match=re.escape(fragment)):
+        llmplace.load(smollm2_path, progress=False, kv_overrides=overrides)
+    assert smollm2.tokenize("still alive")

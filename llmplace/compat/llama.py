@@ -153,8 +153,6 @@ class Llama:
         self.verbose = verbose
         self.model_path = model_path
         ignored = {name: value for name, value in kwargs.items()}
-        if kv_overrides:
-            ignored["kv_overrides"] = kv_overrides
         if lora_path is not None or lora_base is not None:
             ignored["lora_path/lora_base"] = lora_path or lora_base
         if numa:
@@ -203,13 +201,14 @@ class Llama:
                 # llmplace's memory fit picks the offload and, for n_ctx=0, the largest context that fits.
                 self._model = load(model_path, fit=True, budget=budget, n_ctx=n_ctx, split_mode=split,
                                    main_gpu=main_gpu, use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock,
-                                   progress=False, placement=rules if len(rules) else None, rpc_servers=rpc_servers)
+                                   progress=False, placement=rules if len(rules) else None, rpc_servers=rpc_servers,
+                                   kv_overrides=kv_overrides)
                 n_ctx = self._model.fit_result.n_ctx
             else:
                 self._model = Model(model_path, n_gpu_layers=n_gpu_layers, split_mode=split, main_gpu=main_gpu,
                                     use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock,
                                     vocab_only=vocab_only, progress=False, placement=rules if len(rules) else None,
-                                    tensor_split=tensor_split, rpc_servers=rpc_servers)
+                                    tensor_split=tensor_split, rpc_servers=rpc_servers, kv_overrides=kv_overrides)
         except ModelLoadError as exc:
             if isinstance(exc, ValueError):
                 raise
