@@ -3,11 +3,15 @@ llama.cpp grammar sampler that enforces it.
 
 A grammar is checked when a model first uses it (llama.cpp's GBNF parser needs the model's vocabulary): an
 invalid one raises InvalidParameterError quoting llama.cpp's reason, before anything is generated.
-`LlamaGrammar.from_json_schema` is not provided yet (llama-cpp-python converts schemas in Python).
+`LlamaGrammar.from_json_schema` / `json_schema_to_gbnf` convert with llama.cpp's own converter
+(common/json-schema-to-grammar.cpp, through the shim); a schema it refuses raises JsonSchemaError (a ValueError)
+at once. llama-cpp-python converts in Python: the two accept nearly the same schemas, and the grammars they
+write differ in rule names and whitespace, not in the JSON they allow.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,6 @@ from .. import logs
 from .._ffi import C, ffi
 from .._handle import NativeObject
 from ..errors import InvalidParameterError
-from .errors import UnsupportedFeatureError
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
@@ -49,6 +52,62 @@ ws ::= | " " | "\n" [ \t]{0,20}
 """
 
 
+class JsonSchemaError(InvalidParameterError):
+    """A JSON schema that is not JSON, or that llama.cpp's schema-to-grammar converter refuses (a ValueError)."""
+
+
+_SCHEMA_ERROR_KIND = {-1: "not JSON", -2: "refused by llama.cpp's converter"}
+
+
+def _ordered_properties(schema, order: dict[str, int]):
+    """The schema with every "properties" object's keys put in `order` first (the rest after, as they were):
+    llama.cpp's converter writes properties in their JSON order."""
+    if isinstance(schema, list):
+        return [_ordered_properties(item, order) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _ordered_properties(value, order) for key, value in schema.items()}
+    properties = out.get("properties")
+    if isinstance(properties, dict):
+        keys = sorted(properties, key=lambda k: (order.get(k, len(order)), list(properties).index(k)))
+        out["properties"] = {k: properties[k] for k in keys}
+    return out
+
+
+def json_schema_to_gbnf(schema: str, prop_order: list[str] | None = None) -> str:
+    """The GBNF grammar (root rule "root") of JSON text that validates against `schema` (JSON text; a dict is
+    taken too), written by llama.cpp's converter. prop_order: property names to write first, in that order,
+    in every object. Raises JsonSchemaError naming what is wrong."""
+    if not isinstance(schema, str):
+        try:
+            schema = json.dumps(schema)
+        except (TypeError, ValueError) as exc:
+            raise JsonSchemaError(f"the JSON schema cannot be written as JSON: {exc}") from None
+    if prop_order:
+        try:
+            parsed = json.loads(schema)
+        except ValueError as exc:
+            raise JsonSchemaError(f"invalid JSON schema (not JSON): {exc}") from None
+        schema = json.dumps(_ordered_properties(parsed, {name: i for i, name in enumerate(prop_order)}))
+    source = schema.encode("utf-8")
+    if b"\0" in source:
+        raise JsonSchemaError("invalid JSON schema: it holds a NUL character")
+    size = 4096
+    for _ in range(3):  # the needed size is known after the first call; the retry is exact
+        out = ffi.new("char[]", size)
+        n = C.llmplace_json_schema_to_grammar(source, out, size)
+        if n < 0:
+            reason = ffi.string(out).decode("utf-8", "replace").strip()
+            for prefix in ("JSON schema conversion failed:", "the schema is not valid JSON:"):
+                reason = reason.removeprefix(prefix).strip()
+            raise JsonSchemaError(f"invalid JSON schema ({_SCHEMA_ERROR_KIND.get(n, 'conversion failed')}): "
+                                  f"{reason or 'no reason given'}")
+        if n < size:
+            return ffi.string(out, n).decode("utf-8")
+        size = n + 1
+    raise JsonSchemaError("invalid JSON schema: the converter's output kept changing size")  # never seen
+
+
 class LlamaGrammar:
     """A GBNF grammar (llama.cpp's format) for `grammar=` of create_completion / create_chat_completion."""
 
@@ -72,8 +131,9 @@ class LlamaGrammar:
 
     @classmethod
     def from_json_schema(cls, json_schema: str, verbose: bool = True) -> LlamaGrammar:
-        raise UnsupportedFeatureError("LlamaGrammar.from_json_schema is not supported by llmplace yet; write the "
-                                      "GBNF yourself, or use JSON_GBNF (any JSON object)")
+        """The grammar of JSON that validates against `json_schema` (JSON text), converted by llama.cpp.
+        Raises JsonSchemaError (a ValueError) naming what is wrong with the schema."""
+        return cls.from_string(json_schema_to_gbnf(json_schema), verbose=verbose)
 
     def __repr__(self) -> str:
         return f"LlamaGrammar({self._grammar[:40]!r}...)"
