@@ -1,16 +1,23 @@
 """create_chat_completion for llmplace.Llama: render the messages with the chat template (llmplace.chat's
 format_chat), complete, and reshape the `text_completion` result into `chat.completion` dicts or
-`chat.completion.chunk` streams exactly as llama-cpp-python 0.3.36 does."""
+`chat.completion.chunk` streams exactly as llama-cpp-python 0.3.36 does.
+
+response_format {"type": "json_object"} (optionally with "schema") and {"type": "json_schema", "json_schema":
+{"schema": ...}} constrain the reply with a grammar (llama.cpp's schema converter, llama_grammar). A forced
+tool call (tool_choice={"type": "function", "function": {"name": N}}, or the legacy functions +
+function_call={"name": N}) constrains the reply to N's `parameters` schema and returns it as the message's
+tool_calls / function_call, as llama-cpp-python's default chat handler does."""
 
 from __future__ import annotations
 
-import warnings
+import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..chat import format_chat
 from ..chat_template import check_message_list
-from .errors import CompatibilityWarning, UnsupportedFeatureError
+from ..errors import InvalidParameterError
+from .errors import UnsupportedFeatureError
 from .llama_grammar import JSON_GBNF, LlamaGrammar
 
 if TYPE_CHECKING:
@@ -78,9 +85,9 @@ def create(llama: Llama, *, messages, functions, function_call, tools, tool_choi
            repeat_penalty, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, model, logits_processor, grammar,
            logit_bias, logprobs, top_logprobs):
     grammar = json_grammar(response_format, grammar)
-    if isinstance(tool_choice, dict) or isinstance(function_call, dict):
-        raise UnsupportedFeatureError("forcing a tool or function call (tool_choice / function_call naming one) "
-                                      "needs grammar-constrained sampling, which is not supported by llmplace.Llama yet")
+    tool = forced_tool(functions, function_call, tools, tool_choice)
+    if tool is not None:
+        grammar = tool_grammar(tool)
     tokens = render(llama, messages)
     stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
     eos = llama._model.vocab.eos
@@ -92,19 +99,75 @@ def create(llama: Llama, *, messages, functions, function_call, tools, tool_choi
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty,
         tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
         logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
-    if stream:
-        return chat_chunks(completion)
-    return chat_completion(completion)
+    return reshape(completion, stream, tool)
+
+
+def reshape(completion, stream: bool, tool: dict | None):
+    """The text completion (or its chunks) as a chat completion: a tool call when a tool was forced."""
+    if tool is not None:
+        name = tool["name"]
+        return tool_call_chunks(name, completion) if stream else tool_call_completion(name, completion)
+    return chat_chunks(completion) if stream else chat_completion(completion)
 
 
 def json_grammar(response_format, grammar):
-    """The grammar for response_format={"type": "json_object"} (any JSON object), else `grammar` unchanged."""
-    if response_format is None or response_format.get("type") != "json_object":
+    """The grammar response_format asks for: {"type": "json_object"} any JSON object, or the JSON its "schema"
+    describes; {"type": "json_schema", "json_schema": {"schema": ...}} that schema. Otherwise `grammar`
+    unchanged. A schema llama.cpp's converter refuses raises JsonSchemaError (a ValueError)."""
+    if response_format is None:
         return grammar
-    if "schema" in response_format:
-        warnings.warn("response_format's schema is not enforced by llmplace.Llama yet: the reply is constrained to "
-                      "a JSON object, not to the schema", CompatibilityWarning, stacklevel=4)
-    return LlamaGrammar.from_string(JSON_GBNF)
+    if not isinstance(response_format, dict):
+        raise InvalidParameterError(f"response_format must be a dict such as {{'type': 'json_object'}}, not "
+                                    f"{type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "json_object":
+        schema = response_format.get("schema")
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise InvalidParameterError("response_format of type 'json_schema' needs 'json_schema': "
+                                        "{'name': ..., 'schema': {...}}")
+        schema = spec.get("schema")
+    else:
+        return grammar
+    if schema is None:
+        return LlamaGrammar.from_string(JSON_GBNF)
+    return LlamaGrammar.from_json_schema(json.dumps(schema) if not isinstance(schema, str) else schema)
+
+
+def forced_tool(functions, function_call, tools, tool_choice) -> dict | None:
+    """The function a call forces ({"name", "parameters"}), or None. As llama-cpp-python: `functions` stand
+    for tools, and function_call={"name": N} for tool_choice naming N; "auto" / "none" / "required" force
+    nothing (the reply is plain text)."""
+    if functions is not None:
+        tools = [{"type": "function", "function": function} for function in functions]
+    if isinstance(function_call, dict):
+        if not isinstance(function_call.get("name"), str):
+            raise InvalidParameterError("function_call must be 'auto', 'none' or {'name': <function name>}")
+        tool_choice = {"type": "function", "function": {"name": function_call["name"]}}
+    elif function_call is not None:
+        tool_choice = function_call
+    if not isinstance(tool_choice, dict):
+        return None
+    chosen = tool_choice.get("function")
+    name = chosen.get("name") if isinstance(chosen, dict) else None
+    if not isinstance(name, str):
+        raise InvalidParameterError("tool_choice must be 'auto', 'none' or {'type': 'function', 'function': "
+                                    "{'name': <function name>}}")
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and function.get("name") == name:
+            parameters = function.get("parameters")
+            return {"name": name, "parameters": {"type": "object"} if parameters is None else parameters}
+    raise InvalidParameterError(f"Tool choice '{name}' not found in tools.")
+
+
+def tool_grammar(tool: dict) -> LlamaGrammar:
+    """The grammar of the forced function's arguments: JSON valid against its `parameters` schema."""
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(tool["parameters"]))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"function {tool['name']!r}: its parameters are not a usable JSON schema: {exc}") from None
 
 
 def chat_logprobs(logprobs):
@@ -140,3 +203,56 @@ def chat_chunks(chunks: Iterator[dict]) -> Iterator[dict]:
         yield {"id": cid, "model": model, "created": created, "object": "chat.completion.chunk",
                "choices": [{"index": 0, "delta": {"content": choice["text"]} if finish is None else {},
                             "logprobs": chat_logprobs(choice["logprobs"]), "finish_reason": finish}]}
+
+
+def _call_id(name: str, completion_id: str) -> str:
+    return f"call__0_{name}_{completion_id}"  # llama-cpp-python's tool call ids
+
+
+def tool_call_completion(name: str, completion: dict) -> dict:
+    """A forced call's completion as a chat.completion whose message holds the call (tool_calls and the
+    legacy function_call, both as llama-cpp-python fills them) and no content. finish_reason is "tool_calls",
+    or "length" when max_tokens cut the arguments short (llama-cpp-python says "tool_calls" then too)."""
+    choice = completion["choices"][0]
+    arguments = choice["text"]
+    finish = "length" if choice["finish_reason"] == "length" else "tool_calls"
+    message = {"role": "assistant", "content": None, "function_call": {"name": name, "arguments": arguments},
+               "tool_calls": [{"id": _call_id(name, completion["id"]), "type": "function",
+                               "function": {"name": name, "arguments": arguments}}]}
+    return {"id": "chat" + completion["id"], "object": "chat.completion", "created": completion["created"],
+            "model": completion["model"],
+            "choices": [{"index": 0, "message": message, "logprobs": chat_logprobs(choice["logprobs"]),
+                         "finish_reason": finish}],
+            "usage": completion["usage"]}
+
+
+def tool_call_chunks(name: str, chunks: Iterator[dict]) -> Iterator[dict]:
+    """A forced call streamed: a first chunk with the role, then one delta per piece of the arguments (each
+    with tool_calls [{"index": 0, "id", "type", "function": {"name", "arguments": piece}}] and the legacy
+    function_call), then an empty delta with finish_reason "tool_calls" (or "length")."""
+    cid = created = model = call_id = None
+    finish = "tool_calls"
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        if cid is None:
+            cid, created, model = "chat" + chunk["id"], chunk["created"], chunk["model"]
+            call_id = _call_id(name, chunk["id"])
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "finish_reason": None, "logprobs": None,
+                                "delta": {"role": "assistant", "content": None, "function_call": None,
+                                          "tool_calls": None}}]}
+        if choice["finish_reason"] is not None:
+            finish = "length" if choice["finish_reason"] == "length" else "tool_calls"
+        text = choice["text"]
+        if not text:
+            continue
+        yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "finish_reason": None, "logprobs": chat_logprobs(choice["logprobs"]),
+                            "delta": {"role": None, "content": None,
+                                      "function_call": {"name": name, "arguments": text},
+                                      "tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                                      "function": {"name": name, "arguments": text}}]}}]}
+    if cid is not None:
+        yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                            "delta": {"role": None, "content": None, "function_call": None, "tool_calls": None}}]}

@@ -15,7 +15,6 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from . import _chat
-from .errors import UnsupportedFeatureError
 
 
 @dataclasses.dataclass
@@ -101,9 +100,9 @@ def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> 
                                 model=None, logits_processor=None, grammar=None, logit_bias=None, logprobs=None,
                                 top_logprobs=None, **kwargs):
         grammar = _chat.json_grammar(response_format, grammar)
-        if isinstance(tool_choice, dict) or isinstance(function_call, dict):
-            raise UnsupportedFeatureError("forcing a tool or function call needs grammar-constrained sampling, "
-                                          "which is not supported by llmplace.Llama yet")
+        tool = _chat.forced_tool(functions, function_call, tools, tool_choice)
+        if tool is not None:  # the arguments are constrained to the function's parameters schema
+            grammar = _chat.tool_grammar(tool)
         result = chat_formatter(messages=messages, functions=functions, function_call=function_call, tools=tools,
                                 tool_choice=tool_choice, **kwargs)
         prompt = llama.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
@@ -117,7 +116,7 @@ def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> 
             tfs_z=tfs_z, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, logits_processor=logits_processor, stopping_criteria=result.stopping_criteria,
             grammar=grammar, logit_bias=logit_bias)
-        return _chat.chat_chunks(completion) if stream else _chat.chat_completion(completion)
+        return _chat.reshape(completion, stream, tool)
 
     return chat_completion_handler
 
