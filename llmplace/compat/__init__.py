@@ -10,12 +10,24 @@ sequence, and the common errors' types and messages (ValueError "Model path does
 logits_all=False").
 
 What differs (each is warned about or raises a typed error when used):
-- Grammars: `grammar=LlamaGrammar.from_string(gbnf)` and `response_format={"type": "json_object"}` are
-  enforced by llama.cpp's grammar sampler; a `schema` in response_format is not enforced (any JSON object is
-  allowed, with a warning) and `LlamaGrammar.from_json_schema` is not provided.
-- Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): mirostat, a forced
-  tool/function call, the function-calling and vision chat formats ("chatml-function-calling", "functionary",
-  "llava-1-5" ...), `LlamaDiskCache`, `LlamaGrammar.from_json_schema`, image content parts.
+- Grammars: `grammar=LlamaGrammar.from_string(gbnf)`, `response_format={"type": "json_object"}` (with or
+  without "schema") and `{"type": "json_schema", "json_schema": {"schema": ...}}` (llama-cpp-python ignores
+  this type) are enforced by llama.cpp's grammar sampler. `LlamaGrammar.from_json_schema` /
+  `llama_grammar.json_schema_to_gbnf` use llama.cpp's C++ converter, not llama-cpp-python's Python one: the
+  GBNF text differs (rule names, whitespace), and a schema the converter refuses raises
+  `llama_grammar.JsonSchemaError` (a ValueError) where llama-cpp-python's chat handler falls back to any JSON
+  object silently.
+- A forced tool / function call (`tool_choice={"type": "function", "function": {"name": N}}`, or `functions`
+  with `function_call={"name": N}`) constrains the reply to N's `parameters` schema and returns the message
+  with `tool_calls` and `function_call` (content None), streamed as tool_calls deltas, as llama-cpp-python's
+  default handler does; the tools are not shown to the model beyond what the chat template renders.
+  Differences: finish_reason is "length" (not "tool_calls") when max_tokens cuts the arguments short; a
+  tool_choice naming a function with no `tools` given raises ValueError (llama-cpp-python ignores it);
+  streams send no empty arguments delta before the final chunk.
+- Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): mirostat, the
+  function-calling and vision chat formats ("chatml-function-calling", "functionary", "llava-1-5" ...) and so
+  the model choosing a tool itself (tool_choice "auto" gives a plain text reply), `LlamaDiskCache`, image
+  content parts.
 - Accepted but not applied, with a `CompatibilityWarning`: kv_overrides, lora_path/lora_base, numa, a
   draft_model that is a Python LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those
   silently). `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
