@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # public name → module that defines it
 _EXPORTS = {
     "load": "model", "Model": "model",
-    "Context": "context",
+    "Context": "context", "LoRA": "lora",
     "generate": "generation", "stream_generate": "generation", "Generation": "generation",
     "GenerationStep": "generation",
     "SamplingParams": "sampling", "Sampler": "sampling",

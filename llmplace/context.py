@@ -105,7 +105,7 @@ class Context(NativeObject):
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
                  n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn="auto",
                  type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1,
-                 extra_params: Mapping[str, object] | None = None) -> None:
+                 extra_params: Mapping[str, object] | None = None, lora: Mapping | None = None) -> None:
         model_ptr = model._ptr  # raises ClosedError on a closed model
         if model.dry_run:
             raise InvalidParameterError("this Model comes from a dry run (no weights in memory): it can be "
@@ -189,6 +189,19 @@ class Context(NativeObject):
         self._one_token_batch = C.llama_batch_get_one(self._token_buf, 1)
         self._n_ctx = C.llama_n_ctx(handle)  # fixed for the context's life
         self._batch = None  # a llama_batch with per-token logits flags, made by the first decode_all
+        self.lora: dict = {}
+        if lora:
+            self.set_lora(lora)
+
+    @exclusive
+    def set_lora(self, adapters: Mapping) -> None:
+        """Apply these LoRA adapters ({adapter: scale}, from model.load_lora) from the next decode on; {} for none.
+        The KV cache is cleared: what it holds was computed with the previous weights."""
+        from . import lora as lora_module
+
+        lora_module.apply(self._ptr, self.model, adapters)
+        self.lora = dict(adapters)
+        self.clear()
 
     # ---- sizes ----
     @property

@@ -22,6 +22,7 @@ from .vocab import Vocab
 
 if TYPE_CHECKING:
     from .context import Context
+    from .lora import LoRA
 
 # llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state
 # (log capture, backend registry); loads are rare and long, so they are serialized.
@@ -130,6 +131,7 @@ class Model(NativeObject):
         self.dry_run = dry_run  # weights were placed but not allocated: metadata and placement only
         self.fit_result = None  # set by load(fit=True): the FitResult this model was loaded with
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
+        self._adapters: list[LoRA] = []  # freed by llama.cpp with the model
         self.vocab = Vocab(self)
 
     def close(self) -> None:
@@ -137,7 +139,16 @@ class Model(NativeObject):
         if not self.closed:
             for context in list(self._contexts):
                 context.close()
+            for adapter in self._adapters:
+                adapter._forget()
         super().close()
+
+    def load_lora(self, path: str | os.PathLike) -> LoRA:
+        """Load a LoRA adapter (GGUF) for this model; apply it with Context(model, lora={adapter: scale}) or
+        context.set_lora(...). It lives as long as the model."""
+        from .lora import LoRA
+
+        return LoRA(self, path)
 
     def __repr__(self) -> str:
         if self.closed:
@@ -237,7 +248,8 @@ class Model(NativeObject):
 def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
          use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
          progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None,
-         split_by: str = "bytes", devices=None, rpc_servers=None, kv_overrides=None, fit: bool = False, budget=None, margin="1GiB", n_ctx: int = 0,
+         split_by: str = "bytes", devices=None, rpc_servers=None, kv_overrides=None, fit: bool = False,
+         budget=None, margin="1GiB", n_ctx: int = 0,
          n_ctx_min: int = 4096) -> Model:
     """Load a GGUF model.
 
@@ -284,7 +296,8 @@ def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, 
         add_rpc_server(endpoint)
     check_header(Path(os.fspath(path)).expanduser())
     if kwargs.get("kv_overrides"):
-        kv_override_array(kwargs["kv_overrides"], read_gguf(path).metadata)  # bad overrides are refused as such, not as a failed fit
+        # bad overrides are refused as such, not reported as a failed fit
+        kv_override_array(kwargs["kv_overrides"], read_gguf(path).metadata)
     result = fit_memory(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
                         devices=devices)
     if not result.success:

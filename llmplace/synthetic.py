@@ -28,7 +28,7 @@ import sys
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,3 +552,36 @@ def _main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+def write_lora(path: str | os.PathLike[str], base: str | os.PathLike[str], *, rank: int = 8,
+               targets: Sequence[str] = ("attn_q.weight", "attn_v.weight"), alpha: float | None = None,
+               strength: float = 0.05, seed: int = 0) -> Path:
+    """Write a random LoRA adapter (GGUF, f32) for the model file `base`: a rank-`rank` delta B·A for every
+    tensor of every layer whose name ends with one of `targets`, as llama.cpp's loader expects it
+    (`<name>.lora_a` with ggml shape [n_in, rank], `<name>.lora_b` with [rank, n_out]). `strength` sets the
+    size of the entries, so the delta changes the model's output without drowning it. For tests and demos."""
+    from .gguf_info import read as read_gguf
+
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    info = read_gguf(base)
+    chosen = [t for t in info.tensors if t.layer is not None and any(t.name.endswith(s) for s in targets)]
+    if not chosen:
+        raise ValueError(f"no tensor of {base} ends with any of {list(targets)}")
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(Path(path), info.arch)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(alpha if alpha is not None else rank))
+    for t in chosen:
+        n_in, n_out = t.shape[0], t.shape[1]
+        # numpy order is ggml's reversed: lora_a [n_in, rank] is a (rank, n_in) array
+        writer.add_tensor(f"{t.name}.lora_a", (rng.standard_normal((rank, n_in)) * strength).astype(np.float32))
+        writer.add_tensor(f"{t.name}.lora_b", (rng.standard_normal((n_out, rank)) * strength).astype(np.float32))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)

@@ -153,8 +153,9 @@ class Llama:
         self.verbose = verbose
         self.model_path = model_path
         ignored = {name: value for name, value in kwargs.items()}
-        if lora_path is not None or lora_base is not None:
-            ignored["lora_path/lora_base"] = lora_path or lora_base
+        if lora_base is not None:
+            # llama-cpp-python passes it to llama.cpp's old API, which this llama.cpp no longer has
+            ignored["lora_base"] = lora_base
         if numa:
             ignored["numa"] = numa
         self._speculation = speculation_options(draft_model)
@@ -236,11 +237,12 @@ class Llama:
             c_params["swa_full"] = swa_full
         if not vocab_only:
             try:
+                lora = {self._model.load_lora(lora_path): lora_scale} if lora_path is not None else None
                 self._ctx = Context(self._model, n_ctx=n_ctx, n_batch=self.n_batch,
                                     n_ubatch=min(self.n_batch, n_ubatch), n_threads=n_threads,
                                     n_threads_batch=n_threads_batch, flash_attn=bool(flash_attn),
                                     type_k=_kv_type("type_k", type_k), type_v=_kv_type("type_v", type_v),
-                                    extra_params=c_params)
+                                    extra_params=c_params, lora=lora)
             except BaseException:
                 self._model.close()
                 raise
