@@ -226,3 +226,45 @@ def test_a_registered_chat_format_forces_tool_calls_too(smollm2_path):
                                            temperature=0, max_tokens=60)
     assert reply["choices"][0]["finish_reason"] == "tool_calls"
     check_weather_arguments(reply["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+
+
+# ---- against llama-cpp-python 0.3.36 ----
+def shape(value):
+    """Keys and value types, recursively."""
+    if isinstance(value, dict):
+        return {key: shape(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [shape(v) for v in value]
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+@pytest.fixture(scope="module")
+def up(smollm2_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the differential tests need llama-cpp-python 0.3.36")
+    llm = llama_cpp.Llama(str(smollm2_path), **COMMON)
+    yield llm
+    llm.close()
+
+
+@pytest.mark.parametrize("messages, options", [
+    (ASK_WEATHER, {"tools": [WEATHER], "tool_choice": FORCE_WEATHER}),
+    (ASK_WEATHER, {"functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}}),
+    (ASK_PERSON, {"response_format": {"type": "json_object", "schema": PERSON}}),
+], ids=["tools", "functions", "schema"])
+def test_same_dicts_and_json_as_llama_cpp_python(up, me, messages, options):
+    """The same dict structure, whole and streamed, and the same JSON value. The texts differ in whitespace
+    only: llama-cpp-python's Python converter writes a different grammar for the same schema."""
+    def reply_json(reply):
+        message = reply["choices"][0]["message"]
+        return json.loads(message["content"] if message["content"] is not None
+                          else message["tool_calls"][0]["function"]["arguments"])
+
+    theirs = up.create_chat_completion(messages, temperature=0, max_tokens=60, **options)
+    ours = me.create_chat_completion(messages, temperature=0, max_tokens=60, **options)
+    assert shape(ours) == shape(theirs)
+    assert ours["choices"][0]["finish_reason"] == theirs["choices"][0]["finish_reason"]
+    assert reply_json(ours) == reply_json(theirs)
+    theirs = list(up.create_chat_completion(messages, temperature=0, max_tokens=60, stream=True, **options))
+    ours = list(me.create_chat_completion(messages, temperature=0, max_tokens=60, stream=True, **options))
+    for i in (0, 1, -2, -1):
+        assert shape(ours[i]) == shape(theirs[i])
