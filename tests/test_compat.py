@@ -400,10 +400,6 @@ def test_a_file_that_is_not_a_model_raises_value_error(tmp_path):
 
 @pytest.mark.parametrize("call", [
     lambda llm: llm("hi", max_tokens=2, mirostat_mode=2),
-    lambda llm: llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2,
-                                           tool_choice={"type": "function", "function": {"name": "f"}}),
-    lambda llm: __import__("llmplace.compat").compat.LlamaDiskCache(),
-    lambda llm: __import__("llmplace.compat").compat.LlamaGrammar.from_json_schema("{}"),
 ])
 def test_unsupported_features_raise_a_typed_not_implemented_error(me, call):
     with pytest.raises(NotImplementedError) as info:
@@ -649,6 +645,27 @@ def test_ram_cache_restores_the_longest_matching_state(path):
         streamed = "".join(c["choices"][0]["text"] for c in llm("Hello there", max_tokens=4, temperature=0,
                                                                  stream=True))
         assert streamed and len(cache.cache_state) == 3  # streams are cached too (the same prompt+reply overwrites)
+
+
+def test_disk_cache_survives_the_process_and_restores_the_state(path, tmp_path):
+    from llmplace.compat import LlamaDiskCache
+
+    with llmplace.Llama(path, **COMMON) as llm:
+        llm.set_cache(LlamaDiskCache(cache_dir=str(tmp_path)))
+        a = llm("The capital of France is", max_tokens=4, temperature=0)
+        llm("Once upon a time", max_tokens=4, temperature=0)
+    assert len(list(tmp_path.glob("*.llamastate"))) == 2
+    with llmplace.Llama(path, **COMMON) as llm:  # a new model and context: only the files remember
+        cache = LlamaDiskCache(cache_dir=str(tmp_path))
+        assert llm.tokenize(b"The capital of France is") in cache
+        llm.set_cache(cache)
+        before = llm.llmplace_context.perf()["prompt_tokens"]
+        assert values(llm("The capital of France is", max_tokens=4, temperature=0)) == values(a)
+        assert llm.llmplace_context.perf()["prompt_tokens"] - before <= 1
+        other = cache[llm.tokenize(b"Once upon a time")]
+    small = LlamaDiskCache(cache_dir=str(tmp_path), capacity_bytes=1)  # over capacity: the oldest go first
+    small[[1, 2, 3]] = other
+    assert len(list(tmp_path.glob("*.llamastate"))) == 0 and small.cache_size == 0
 
 
 # ---- llama-cpp-python's README examples, with only the import changed ----
