@@ -16,7 +16,8 @@ What differs (each is warned about or raises a typed error when used):
   `llama_grammar.json_schema_to_gbnf` use llama.cpp's C++ converter, not llama-cpp-python's Python one: the
   GBNF text differs (rule names, whitespace), and a schema the converter refuses raises
   `llama_grammar.JsonSchemaError` (a ValueError) where llama-cpp-python's chat handler falls back to any JSON
-  object silently.
+  object silently. What the converter cannot enforce (e.g. a pattern not anchored with ^...$) it relaxes,
+  printing a warning on stderr (llama.cpp's fprintf, not the `logging` logger).
 - A forced tool / function call (`tool_choice={"type": "function", "function": {"name": N}}`, or `functions`
   with `function_call={"name": N}`) constrains the reply to N's `parameters` schema and returns the message
   with `tool_calls` and `function_call` (content None), streamed as tool_calls deltas, as llama-cpp-python's

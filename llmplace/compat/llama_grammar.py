@@ -5,7 +5,8 @@ A grammar is checked when a model first uses it (llama.cpp's GBNF parser needs t
 invalid one raises InvalidParameterError quoting llama.cpp's reason, before anything is generated.
 `LlamaGrammar.from_json_schema` / `json_schema_to_gbnf` convert with llama.cpp's own converter
 (common/json-schema-to-grammar.cpp, through the shim); a schema it refuses raises JsonSchemaError (a ValueError)
-at once. llama-cpp-python converts in Python: the two accept nearly the same schemas, and the grammars they
+at once; what it cannot enforce (e.g. an unanchored pattern) it relaxes with a warning llama.cpp prints on
+stderr. llama-cpp-python converts in Python: the two accept nearly the same schemas, and the grammars they
 write differ in rule names and whitespace, not in the JSON they allow.
 """
 
