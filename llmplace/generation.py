@@ -13,6 +13,7 @@ one cached vocabulary look-up per token, the incremental decoder only while a ch
 from __future__ import annotations
 
 import codecs
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -64,10 +65,14 @@ class _StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        # Finds a character that begins some stop string. Text without one, while nothing is held back, can
+        # neither hold a stop string nor end with the start of one: it passes as it is.
+        firsts = sorted({stop[0] for stop in self.stops})
+        self._first_char = re.compile("[" + "".join(re.escape(c) for c in firsts) + "]").search if firsts else None
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was found)."""
-        if not self.stops:
+        if not self.pending and (self._first_char is None or self._first_char(text) is None):
             return text, False
         pending = self.pending + text
         cut = -1
@@ -315,6 +320,7 @@ def _token_steps(model: Model, context: Context, sampler: Sampler, params: Sampl
     partial = False  # the decoder holds the first bytes of a character
     matcher = _StopMatcher(stops)
     feed = matcher.feed if matcher.stops else None
+    first_char = matcher._first_char
     sample = sampler.sample
     decode_one = context._decode_one
     generated = 0
@@ -332,7 +338,7 @@ def _token_steps(model: Model, context: Context, sampler: Sampler, params: Sampl
             if partial or text is None:
                 text = decode(data)
                 partial = bool(decoder.getstate()[0])
-            if feed is not None:
+            if feed is not None and (matcher.pending or first_char(text) is not None):
                 text, hit = feed(text)
                 if hit:
                     finish = "stop"
