@@ -27,6 +27,8 @@ class SamplingParams:
     probabilities add up to p (1 = off). min_p: drop tokens below p × the top probability (0 = off).
     typical_p: locally typical sampling (1 = off). repeat_penalty / frequency_penalty / presence_penalty
     apply to the last `penalty_last_n` tokens. seed: None = random. logit_bias: {token id: added logit}.
+    mirostat: 1 or 2 samples for a target surprise `mirostat_tau` with learning rate `mirostat_eta` instead of
+    top-k/top-p/min-p/typical (0 = off); temperature=0 stays greedy.
     """
 
     temperature: float = 0.8
@@ -40,6 +42,9 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
     def __post_init__(self) -> None:
         def number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
@@ -56,6 +61,10 @@ class SamplingParams:
         number("repeat_penalty", self.repeat_penalty, 0.0, 100.0, low_open=True)
         number("frequency_penalty", self.frequency_penalty, -100.0, 100.0)
         number("presence_penalty", self.presence_penalty, -100.0, 100.0)
+        if self.mirostat not in (0, 1, 2) or isinstance(self.mirostat, bool):
+            raise InvalidParameterError(f"mirostat must be 0 (off), 1 or 2, not {self.mirostat!r}")
+        number("mirostat_tau", self.mirostat_tau, 0.0, 100.0)
+        number("mirostat_eta", self.mirostat_eta, 0.0, 1.0)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidParameterError(f"top_k must be an int >= 0 (0 = off), not {self.top_k!r}")
         if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < -1:
@@ -107,6 +116,15 @@ class Sampler(NativeObject):
         if params.greedy:
             add(C.llama_sampler_init_greedy())
             return
+        seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
+        if params.mirostat:
+            # as llama.cpp's own samplers chain it: temperature, then mirostat picks the token
+            add(C.llama_sampler_init_temp(params.temperature))
+            if params.mirostat == 1:
+                add(C.llama_sampler_init_mirostat(n_vocab, seed, params.mirostat_tau, params.mirostat_eta, 100))
+            else:
+                add(C.llama_sampler_init_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta))
+            return
         if params.top_k > 0:
             add(C.llama_sampler_init_top_k(params.top_k))
         if params.typical_p < 1.0:
@@ -116,7 +134,6 @@ class Sampler(NativeObject):
         if params.min_p > 0.0:
             add(C.llama_sampler_init_min_p(params.min_p, 1))
         add(C.llama_sampler_init_temp(params.temperature))
-        seed = params.seed if params.seed is not None else random.randrange(MAX_SEED)
         add(C.llama_sampler_init_dist(seed))
 
     def sample(self, context, index: int = -1) -> int:

@@ -690,12 +690,12 @@ def test_llama_cpp_python_readme_examples_run_unchanged(path):
         response_format={"type": "json_object"}, temperature=0.7, max_tokens=8)
     assert reply["choices"][0]["message"]["content"].lstrip().startswith("{")
 
-    with pytest.warns(CompatibilityWarning, match="schema is not enforced"):
-        llm.create_chat_completion(
-            messages=[{"role": "user", "content": "Who won the world series in 2020"}],
-            response_format={"type": "json_object", "schema": {"type": "object",
-                                                               "properties": {"team_name": {"type": "string"}}}},
-            temperature=0.7, max_tokens=8)
+    reply = llm.create_chat_completion(
+        messages=[{"role": "user", "content": "Who won the world series in 2020"}],
+        response_format={"type": "json_object", "schema": {"type": "object",
+                                                           "properties": {"team_name": {"type": "string"}}}},
+        temperature=0.7, max_tokens=8)
+    assert reply["choices"][0]["message"]["content"].lstrip().startswith("{")  # the schema is enforced
 
     llm = Llama(model_path=path, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
     assert llm("Q: 1, 2, 3, 1, 2, 3? A:", max_tokens=8)["usage"]["completion_tokens"] <= 8
