@@ -398,13 +398,19 @@ def test_a_file_that_is_not_a_model_raises_value_error(tmp_path):
         llmplace.Llama(str(bad), verbose=False)
 
 
-@pytest.mark.parametrize("call", [
-    lambda llm: llm("hi", max_tokens=2, mirostat_mode=2),
-])
-def test_unsupported_features_raise_a_typed_not_implemented_error(me, call):
+def test_unsupported_features_raise_a_typed_not_implemented_error(me):
     with pytest.raises(NotImplementedError) as info:
-        call(me)
+        next(me.generate(me.tokenize(b"hi"), grammar=object()))
     assert isinstance(info.value, UnsupportedFeatureError) and "not supported" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_mirostat_sampling_is_seeded_and_greedy_at_temperature_zero(me, mode):
+    run = lambda **kw: me("Once upon a time", max_tokens=16, temperature=0.8, seed=3, **kw)["choices"][0]["text"]  # noqa: E731
+    first = run(mirostat_mode=mode, mirostat_tau=3.0)
+    assert first and run(mirostat_mode=mode, mirostat_tau=3.0) == first
+    assert me("Once upon a time", max_tokens=8, temperature=0, mirostat_mode=mode)["choices"][0]["text"] == \
+        me("Once upon a time", max_tokens=8, temperature=0)["choices"][0]["text"]  # temperature 0: greedy
 
 
 def test_unknown_and_unapplied_keywords_warn(path):

@@ -25,13 +25,16 @@ What differs (each is warned about or raises a typed error when used):
   Differences: finish_reason is "length" (not "tool_calls") when max_tokens cuts the arguments short; a
   tool_choice naming a function with no `tools` given raises ValueError (llama-cpp-python ignores it);
   streams send no empty arguments delta before the final chunk.
-- Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): mirostat, the
-  function-calling and vision chat formats ("chatml-function-calling", "functionary", "llava-1-5" ...) and so
-  the model choosing a tool itself (tool_choice "auto" gives a plain text reply), `LlamaDiskCache`, image
-  content parts.
-- Accepted but not applied, with a `CompatibilityWarning`: kv_overrides, lora_path/lora_base, numa, a
-  draft_model that is a Python LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those
-  silently). `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
+- Mirostat (`mirostat_mode` 1 and 2) runs llama.cpp's mirostat samplers on the raw logits, as
+  llama-cpp-python chains them; such a call decodes without speculation. `LlamaDiskCache` keeps states in
+  files of its own (no diskcache package). `kv_overrides` and `lora_path`/`lora_scale` are applied (a
+  kv_overrides value whose type differs from the file's key raises InvalidParameterError).
+- Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): the function-calling and
+  vision chat formats ("chatml-function-calling", "functionary", "llava-1-5" ...) and so the model choosing a
+  tool itself (tool_choice "auto" gives a plain text reply), image content parts, a grammar in
+  `Llama.generate`.
+- Accepted but not applied, with a `CompatibilityWarning`: lora_base, numa, a draft_model that is a Python
+  LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those silently). `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
   speculative decoding, which refuses typical_p; calls with penalties, logits processors, stopping criteria,
   grammars or logprobs decode without speculation.
 - Arguments are checked when `create_completion(stream=True)` is called, not at the first chunk.

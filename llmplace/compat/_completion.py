@@ -93,12 +93,17 @@ def next_seed(llama: Llama, seed: int | None) -> int | None:
 
 
 def sampling_params(llama: Llama, *, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                    frequency_penalty, presence_penalty, seed, logit_bias) -> SamplingParams:
+                    frequency_penalty, presence_penalty, seed, logit_bias, mirostat_mode=0, mirostat_tau=5.0,
+                    mirostat_eta=0.1) -> SamplingParams:
     """SamplingParams giving the sampler chain llama-cpp-python builds (same samplers, same order)."""
     bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
     common = dict(repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                   presence_penalty=presence_penalty, penalty_last_n=llama.last_n_tokens_size,
                   seed=next_seed(llama, seed), logit_bias=bias)
+    if mirostat_mode and temperature > 0:
+        # llama-cpp-python chains mirostat on the raw logits (no temperature; 0 stays greedy): temperature 1
+        return SamplingParams(temperature=1.0, mirostat=int(mirostat_mode), mirostat_tau=float(mirostat_tau),
+                              mirostat_eta=float(mirostat_eta), **common)
     if temperature < 0:  # llama-cpp-python: draw from the raw distribution, no truncation
         return SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, **common)
     if temperature == 0:
@@ -251,10 +256,7 @@ def _logprobs(llama: Llama, entries: list[tuple[int, np.ndarray | None]], base_o
 # ---- create_completion ----
 def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_p, typical_p, logprobs, echo, stop,
            frequency_penalty, presence_penalty, repeat_penalty, top_k, stream, seed, mirostat_mode, model,
-           stopping_criteria, logits_processor, grammar, logit_bias):
-    if mirostat_mode:
-        raise UnsupportedFeatureError(f"mirostat sampling (mirostat_mode={mirostat_mode}) is not supported by "
-                                      "llmplace.Llama yet; use mirostat_mode=0 (top-k/top-p/min-p sampling)")
+           stopping_criteria, logits_processor, grammar, logit_bias, mirostat_tau=5.0, mirostat_eta=0.1):
     if suffix is not None and not isinstance(suffix, str):
         raise InvalidParameterError(f"suffix must be a str or None, not {type(suffix).__name__}")
     ctx = llama._context()
@@ -272,7 +274,8 @@ def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_
         _restore_from_cache(llama, ctx, tokens)
     params = sampling_params(llama, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                             presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
+                             presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias,
+                             mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta)
     # Repetition penalties go through this module's loop too: llama-cpp-python penalizes only generated tokens,
     # stream_generate (as llama.cpp's server) the prompt's as well.
     hooked = (logprobs is not None or bool(logits_processor) or bool(stopping_criteria) or grammar is not None
@@ -286,7 +289,8 @@ def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_
         steps = iter(run)
     else:
         run = None
-        speculation = llama._speculation or {}
+        # mirostat's feedback does not fit speculative acceptance: a mirostat request decodes plainly
+        speculation = (llama._speculation or {}) if not params.mirostat else {}
         # stream_generate's request, read as (token, text, finish_reason) tuples: no per-token step object.
         steps = _setup(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
                        **speculation).token_steps()

@@ -384,13 +384,15 @@ class Llama:
                  penalize_nl: bool = True, logits_processor=None, stopping_criteria=None, grammar=None):
         """Yield sampled token ids after `tokens`, without end: stop iterating when done. reset=True reuses the
         cached prefix of `tokens`; reset=False appends them to what the context holds."""
-        if grammar is not None or mirostat_mode:
-            raise UnsupportedFeatureError("grammar and mirostat are not supported by llmplace.Llama yet")
+        if grammar is not None:
+            raise UnsupportedFeatureError("a grammar in Llama.generate is not supported by llmplace.Llama yet; "
+                                          "create_completion and create_chat_completion take grammar=")
         seed = self._seed & 0xFFFFFFFF
         params = _completion.sampling_params(
             self, temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
             repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-            seed=seed, logit_bias=None)
+            seed=seed, logit_bias=None, mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta)
         return _completion.generate_tokens(self, tokens, params, reset, logits_processor or None,
                                            stopping_criteria or None)
 
@@ -412,7 +414,8 @@ class Llama:
             typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop, frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, top_k=top_k, stream=stream,
             seed=seed, mirostat_mode=mirostat_mode, model=model, stopping_criteria=stopping_criteria,
-            logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
+            logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias, mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta)
 
     def __call__(self, prompt: str | list[int], suffix: str | None = None, max_tokens: int | None = 16,
                  temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
