@@ -444,10 +444,6 @@ def make_rng(params: SamplingParams) -> np.random.Generator:
 
 # ---- adaptive depth ----
 
-def _low_median(samples) -> float:
-    """The lower median: robust to the slow outliers a shared or warming-up machine produces."""
-    s = sorted(samples)
-    return s[(len(s) - 1) // 2]
 
 
 class DepthController:
@@ -456,8 +452,10 @@ class DepthController:
     Model. With per-token acceptance rate a, drafting k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens
     on average, for one target batch of k + 1 tokens, k drafter steps and the catch-up of tokens the
     drafter missed. Every cost is learned from this call's timings:
-    - the target's batch cost curve t(n): the lower median of recent samples of each size, made
-      non-decreasing (a size measured on a hiccup is corrected by any larger size measured), interpolated
+    - the target's batch cost curve t(n): the least of the recent samples of each size (other processes
+      and warm-ups only ever slow a decode down; the least is the cost itself, comparable between sizes
+      measured at different times of a drifting load), made non-decreasing (a size measured on a hiccup
+      is corrected by any larger size measured), interpolated
       between measured sizes, extrapolated past the largest with the slope fitted over the measured sizes
       >= 2 (size 1 is often special: CUDA graphs serve single-token decodes only). The shape is not
       assumed (flat on a GPU, nearly linear on a CPU, a step at 2: all are learned). Depth grows at most one
@@ -485,7 +483,7 @@ class DepthController:
     BUDGET = 0.04        # the most that speculation may lose, as a fraction of the seconds elapsed
     SLACK = 2.0          # ... plus this many target steps
     MARGIN = 1.03        # drafting must beat plain decoding by this factor (measurement noise)
-    WINDOW = 7           # recent samples kept per cost
+    WINDOW = 16          # recent samples kept per cost
 
     def __init__(self, max_depth: int, adaptive: bool, draft_cost_free: bool, *, draft_size_ratio: float = 1.0,
                  prompt_seconds: float = 0.0, prompt_seconds_per_token: float | None = None) -> None:
@@ -515,7 +513,7 @@ class DepthController:
     # ---- the learned costs ----
 
     def _fit(self) -> None:
-        est = {n: _low_median(s) for n, s in self.samples.items()}
+        est = {n: min(s) for n, s in self.samples.items()}
         running = math.inf
         for n in sorted(est, reverse=True):   # non-decreasing in n
             running = min(running, est[n])
@@ -555,7 +553,7 @@ class DepthController:
         if self.cost_free:
             return 0.0
         if self.step_samples:
-            return _low_median(self.step_samples)
+            return min(self.step_samples)
         return self.ratio * self.verify_cost(1)
 
     def catchup_cost(self, pending: int) -> float:
@@ -563,7 +561,7 @@ class DepthController:
         if self.cost_free or pending <= 1:
             return 0.0
         if self.catchup_samples:
-            per = _low_median(self.catchup_samples)
+            per = min(self.catchup_samples)
         elif self.prompt_per_token is not None:
             per = self.ratio * self.prompt_per_token
         else:
