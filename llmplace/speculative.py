@@ -134,6 +134,10 @@ def check_params(params: SamplingParams) -> None:
     if not params.greedy and params.typical_p < 1.0:
         raise InvalidParameterError("typical_p cannot be combined with speculative decoding; leave typical_p=1.0 "
                                     "or drop the draft/lookup option")
+    if not params.greedy and params.mirostat:
+        # mirostat's target surprise adapts after every token: no fixed distribution to accept drafts against
+        raise InvalidParameterError("mirostat cannot be combined with speculative decoding; use mirostat=0 or "
+                                    "drop the draft/lookup option")
 
 
 # ---- the target's sampling distribution, in numpy ----

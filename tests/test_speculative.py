@@ -454,6 +454,8 @@ def test_bad_speculative_arguments_are_refused_at_the_call(smollm2, tmp_path):
         llmplace.stream_generate(smollm2, PROMPT, lookup=True, repeat_penalty=1.1)
     with pytest.raises(llmplace.InvalidParameterError, match="typical_p"):
         llmplace.stream_generate(smollm2, PROMPT, draft=smollm2, typical_p=0.9)
+    with pytest.raises(llmplace.InvalidParameterError, match="mirostat"):
+        llmplace.stream_generate(smollm2, PROMPT, lookup=True, mirostat=2)
     with pytest.raises(llmplace.InvalidParameterError, match="draft must be"):
         llmplace.stream_generate(smollm2, PROMPT, draft=3)
     with pytest.raises(llmplace.ModelLoadError, match="not found"):
