@@ -9,6 +9,7 @@
 #   STEP=tests   tests/test_gpu.py (CPU-vs-GPU agreement on the real SmolLM2 included), the placement table on the
 #                Llama-8B shape
 #   STEP=batcheq whether a batch's logits equal one-token decodes' here (tools/gpu_batch_equality.py)
+#   STEP=overhead  Python work per token on the GPU (benchmarks/overhead.py, real SmolLM2)
 #   STEP=spec    speculative decoding on the real SmolLM2 (benchmarks/speculative.py), all on the GPU
 #   STEP=split   two GPUs: write the Llama-70B shape, run the split table
 #
@@ -67,6 +68,10 @@ moe)
 batcheq)
     synth smollm2-135m; synth llama-8b
     python3 "$repo/tools/gpu_batch_equality.py" /tmp/smollm2-135m.gguf /tmp/llama-8b.gguf 2>&1 | tee "$out/batch-equality.txt"
+    ;;
+overhead)
+    real_smollm2
+    python3 "$repo/benchmarks/overhead.py" /tmp/smollm2-real.gguf --out "$out/gpu-h100-overhead.json"
     ;;
 spec)
     real_smollm2
