@@ -488,6 +488,7 @@ class DepthController:
     SLACK = 2.0          # ... plus this many target steps
     MARGIN = 1.03        # drafting must beat plain decoding by this factor (measurement noise)
     WINDOW = 16          # recent samples kept per cost
+    WARMUP = 3.0         # a first batch of a size this many times over the prediction is a warm-up (see update)
 
     def __init__(self, max_depth: int, adaptive: bool, draft_cost_free: bool, *, draft_size_ratio: float = 1.0,
                  prompt_seconds: float = 0.0, prompt_seconds_per_token: float | None = None) -> None:
@@ -498,6 +499,7 @@ class DepthController:
         self.prompt_per_token = prompt_seconds_per_token
         self.acc, self.rej = 1.4, 0.6                  # prior: acceptance rate 0.7, weight 2
         self.samples: dict[int, list[float]] = {}      # batch size -> recent seconds
+        self.warmed_up: set[int] = set()               # batch sizes whose first (warm-up) round was set aside
         self.step_samples: list[float] = []            # seconds per drafter step
         self.catchup_samples: list[float] = []         # seconds per token of a batched catch-up
         self._curve: dict[int, float] | None = None
@@ -655,10 +657,19 @@ class DepthController:
         seconds drafting (`catchup` included: (tokens, seconds) of it spent catching up) and verifying;
         `steps`: drafter steps taken (default `drafted`)."""
         size = drafted + 1
-        self._add(self.samples.setdefault(size, []), t_verify, self.WINDOW)
-        self._curve = None
         t_round = t_draft + t_verify
         self.elapsed += t_round
+        if size > 1 and size not in self.samples and 1 in self.samples and size not in self.warmed_up \
+                and t_verify > self.WARMUP * self.verify_cost(size):
+            # The first batch of a new size in this context, far over what the curve predicts: kernels and
+            # graphs for that shape being set up (on the H100 a 2-token batch took 17 ms the first time, then
+            # 1.3 ms, against 1.2 ms for one token). Neither a cost to learn nor one to hold against drafting:
+            # the round is charged at the predicted cost, once per size.
+            self.warmed_up.add(size)
+            t_round = t_draft + self.verify_cost(size)
+        else:
+            self._add(self.samples.setdefault(size, []), t_verify, self.WINDOW)
+            self._curve = None
         if drafted or t_draft > 0:
             # What the round cost beyond plain decoding of the tokens it emitted.
             self.debt += t_round - (accepted + 1) * self.verify_cost(1)
