@@ -51,8 +51,20 @@ class BaseLlamaCache:
     def __getitem__(self, key: Sequence[int]) -> LlamaState:
         raise NotImplementedError
 
-    def __contains__(self, key: Sequence[int]) -> bool:
+    def _keys(self):
+        """The token tuples held."""
         raise NotImplementedError
+
+    def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
+        best, best_len = None, 0
+        for k in self._keys():
+            n = longest_token_prefix(k, key)
+            if n > best_len:
+                best, best_len = k, n
+        return best
+
+    def __contains__(self, key: Sequence[int]) -> bool:
+        return self._find_longest_prefix_key(tuple(key)) is not None
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         raise NotImplementedError
@@ -69,13 +81,8 @@ class LlamaRAMCache(BaseLlamaCache):
     def cache_size(self) -> int:
         return sum(state.llama_state_size for state in self.cache_state.values())
 
-    def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
-        best, best_len = None, 0
-        for k in self.cache_state:
-            n = longest_token_prefix(k, key)
-            if n > best_len:
-                best, best_len = k, n
-        return best
+    def _keys(self):
+        return self.cache_state
 
     def __getitem__(self, key: Sequence[int]) -> LlamaState:
         found = self._find_longest_prefix_key(tuple(key))
@@ -83,9 +90,6 @@ class LlamaRAMCache(BaseLlamaCache):
             raise KeyError("Key not found")
         self.cache_state.move_to_end(found)
         return self.cache_state[found]
-
-    def __contains__(self, key: Sequence[int]) -> bool:
-        return self._find_longest_prefix_key(tuple(key)) is not None
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         key = tuple(key)
@@ -128,13 +132,8 @@ class LlamaDiskCache(BaseLlamaCache):
     def cache_size(self) -> int:
         return sum(p.stat().st_size for p in self._index.values() if p.exists())
 
-    def _find_longest_prefix_key(self, key: tuple[int, ...]) -> tuple[int, ...] | None:
-        best, best_len = None, 0
-        for k in self._index:
-            n = longest_token_prefix(k, key)
-            if n > best_len:
-                best, best_len = k, n
-        return best
+    def _keys(self):
+        return self._index
 
     def __getitem__(self, key: Sequence[int]) -> LlamaState:
         found = self._find_longest_prefix_key(tuple(key))
@@ -146,9 +145,6 @@ class LlamaDiskCache(BaseLlamaCache):
         self._index.move_to_end(found)
         os.utime(path)  # recency survives the process too
         return state
-
-    def __contains__(self, key: Sequence[int]) -> bool:
-        return self._find_longest_prefix_key(tuple(key)) is not None
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         key = tuple(key)
