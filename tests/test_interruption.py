@@ -34,29 +34,42 @@ def _assert_reusable(model, ctx) -> None:
                                                  **GREEDY).tokens
 
 
-class _SigintWhen:
-    """Send SIGINT to this process from a thread once `ready()` is true (Python raises KeyboardInterrupt in
-    the main thread at its next bytecode, i.e. as soon as the running C call returns)."""
+class _WhenReady:
+    """Run `act()` once from a thread as soon as `ready()` is true, while the `with` block runs."""
 
-    def __init__(self, ready) -> None:
-        self.ready, self.stop = ready, threading.Event()
+    def __init__(self, ready, act) -> None:
+        self.ready, self.act, self.stop = ready, act, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self.stop.is_set():
             if self.ready():
-                os.kill(os.getpid(), signal.SIGINT)
+                self.act()
                 return
-            time.sleep(0.001)
+            time.sleep(0.0005)
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+
+class _SigintWhen(_WhenReady):
+    """Send SIGINT to this process once `ready()` is true (Python raises KeyboardInterrupt in the main thread
+    at its next bytecode, i.e. as soon as the running C call returns)."""
+
+    def __init__(self, ready) -> None:
+        super().__init__(ready, lambda: os.kill(os.getpid(), signal.SIGINT))
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
         signal.signal(signal.SIGINT, self.previous)
 
 
@@ -82,20 +95,8 @@ def test_abort_during_prompt_processing_stops_within_one_batch(smollm2):
         prompt = smollm2.tokenize(PROMPT)
         assert len(prompt) > 4 * 32
 
-        def abort_once_started():
-            while _cache_length(ctx) <= 0 and not done.is_set():
-                time.sleep(0.0005)
-            ctx.abort()
-
-        done = threading.Event()
-        thread = threading.Thread(target=abort_once_started)
-        thread.start()
-        try:
-            with pytest.raises(AbortedError):
-                ctx.decode(prompt)
-        finally:
-            done.set()
-            thread.join()
+        with _WhenReady(lambda: _cache_length(ctx) > 0, ctx.abort), pytest.raises(AbortedError):
+            ctx.decode(prompt)
         # llama.cpp checks the abort flag between graph nodes: the micro-batch running when it was set is
         # dropped, the ones before it are kept, and ctx.tokens says exactly which.
         assert 0 <= len(ctx.tokens) < len(prompt) and len(ctx.tokens) % 32 == 0
@@ -127,21 +128,8 @@ def test_ctrl_c_during_generation_stops_and_the_context_is_reusable(smollm2):
 def test_abort_during_generation_from_another_thread(smollm2):
     with llmplace.Context(smollm2, n_ctx=512, n_threads=1) as ctx:
         steps = []
-
-        def abort_after_three():
-            while len(steps) < 3 and not done.is_set():
-                time.sleep(0.0005)
-            ctx.abort()
-
-        done = threading.Event()
-        thread = threading.Thread(target=abort_after_three)
-        thread.start()
-        try:
-            with pytest.raises(AbortedError):
-                for step in llmplace.stream_generate(smollm2, STORY, max_tokens=200, context=ctx, **GREEDY):
-                    steps.append(step)  # noqa: PERF402 - one at a time: the other thread watches len(steps)
-        finally:
-            done.set()
-            thread.join()
+        with _WhenReady(lambda: len(steps) >= 3, ctx.abort), pytest.raises(AbortedError):
+            for step in llmplace.stream_generate(smollm2, STORY, max_tokens=200, context=ctx, **GREEDY):
+                steps.append(step)  # noqa: PERF402 - one at a time: the other thread watches len(steps)
         assert 3 <= len(steps) < 200
         _assert_reusable(smollm2, ctx)
