@@ -56,3 +56,22 @@ def synthetic_path(cache_dir: Path, shape_name: str) -> Path:
     if not target.exists():
         synthetic.write_model(target, shape, tokenizer_from=tokenizer_source(), dtype="q8_0", seed=1)
     return target
+
+
+def llama_simple_reply(model, prompt: str, n_predict: int, *, n_gpu_layers: int | None = None) -> str:
+    """The text llama.cpp's own llama-simple (built from the same source) generates greedily after `prompt`
+    with `model`'s file; n_gpu_layers: its -ngl (its default: everything on the GPU, where there is one)."""
+    import subprocess
+
+    from llmplace._ffi import BIN_DIR, LIB_DIR
+
+    cmd = [str(BIN_DIR / "llama-simple"), "-m", str(model.path), "-n", str(n_predict)]
+    if n_gpu_layers is not None:
+        cmd += ["-ngl", str(n_gpu_layers)]
+    # timeout: its 4 threads crawl on a busy 2-core machine
+    out = subprocess.run([*cmd, prompt], capture_output=True, timeout=900, cwd=LIB_DIR)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
+    stdout = out.stdout.decode("utf-8")
+    prompt_rendered = model.detokenize(model.tokenize(prompt, parse_special=True), special=True)
+    assert stdout.startswith(prompt_rendered)
+    return stdout[len(prompt_rendered):].rstrip("\n")
