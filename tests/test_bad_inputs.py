@@ -118,6 +118,9 @@ def test_bad_context_parameters(smollm2, kwargs, fragment, still_works):
     (dict(logit_bias={"a": 1.0}), "logit_bias"),
     (dict(logit_bias={10**9: 1.0}), "outside the vocabulary"),
     (dict(max_tokens=-1), "max_tokens"),
+    (dict(mirostat=3), "mirostat must be 0"),
+    (dict(mirostat=2, mirostat_eta=2.0), "mirostat_eta"),
+    (dict(mirostat=1, mirostat_tau=float("inf")), "mirostat_tau"),
 ])
 def test_bad_sampling_values(smollm2, kwargs, fragment, still_works):
     with pytest.raises(InvalidParameterError, match=fragment):

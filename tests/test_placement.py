@@ -171,6 +171,7 @@ def test_devices_restricts_offload_to_the_named_devices(rpc_devices, smollm2_pat
     (dict(tensor_split=[1, 1, 1]), PlacementError, "3 entries for 2 offload device"),
     (dict(tensor_split=[-1, 2]), PlacementError, "finite numbers >= 0"),
     (dict(tensor_split=[0, 0]), PlacementError, "positive sum"),
+    (dict(tensor_split=[1, 1], split_by="rows"), PlacementError, "split_by must be 'bytes' or 'layers'"),
     (dict(main_gpu=2), PlacementError, "main_gpu=2"),
     (dict(devices=["CPU"]), PlacementError, "leave it out"),
     (dict(devices=["RPC9"]), DeviceNotFoundError, "no device named"),
