@@ -488,7 +488,12 @@ class DepthController:
     SLACK = 2.0          # ... plus this many target steps
     MARGIN = 1.03        # drafting must beat plain decoding by this factor (measurement noise)
     WINDOW = 16          # recent samples kept per cost
-    WARMUP = 3.0         # a first batch of a size this many times over the prediction is a warm-up (see update)
+    WARMUP = 2.5         # a first batch of a size this many times over the prediction is a warm-up (see update)
+    BASELINE = 3         # plain rounds first (a GPU's first one-token decodes run without, then capture a graph)
+    EPISODE = 16         # rounds a draft episode runs before its measured rate is judged
+    TAIL = 2             # plain rounds after an episode that are charged to it (see the class)
+    METER_DECAY = 0.9    # weight of the measured rates' history per round
+    STICKY = 1.03        # another depth must promise this many times the rate of the last episode's
 
     def __init__(self, max_depth: int, adaptive: bool, draft_cost_free: bool, *, draft_size_ratio: float = 1.0,
                  prompt_seconds: float = 0.0, prompt_seconds_per_token: float | None = None) -> None:
@@ -499,7 +504,8 @@ class DepthController:
         self.prompt_per_token = prompt_seconds_per_token
         self.acc, self.rej = 1.4, 0.6                  # prior: acceptance rate 0.7, weight 2
         self.samples: dict[int, list[float]] = {}      # batch size -> recent seconds
-        self.warmed_up: set[int] = set()               # batch sizes whose first (warm-up) round was set aside
+        # batch size -> (seconds, seconds charged) of its warm-up rounds, set aside from the curve (see update)
+        self.warmed_up: dict[int, list[tuple[float, float]]] = {}
         self.step_samples: list[float] = []            # seconds per drafter step
         self.catchup_samples: list[float] = []         # seconds per token of a batched catch-up
         self._curve: dict[int, float] | None = None
@@ -509,6 +515,12 @@ class DepthController:
         self.plain_rounds = 0                          # plain rounds since the last draft or probe
         self.backoff = 4                               # plain rounds between probes
         self.probing = False
+        self.depth: int | None = None                  # tokens drafted per round in the current episode
+        self.last_depth: int | None = None             # ... in the last episode
+        self.episode = 0                               # rounds left in the current draft episode (0: none)
+        self.tail = 0                                  # plain rounds left to charge to the episode that ended
+        # Measured throughput of each regime: decayed [seconds, tokens, rounds].
+        self.meters = {"draft": [0.0, 0.0, 0.0], "plain": [0.0, 0.0, 0.0]}
 
     @staticmethod
     def _add(samples: list[float], value: float, window: int) -> None:
@@ -582,18 +594,28 @@ class DepthController:
         a = self.acceptance
         return (1.0 - a ** (k + 1)) / (1.0 - a)
 
+    def _depth_rate(self, k: int, pending: int = 0) -> float:
+        """Expected tokens per second drafting k tokens, this round's catch-up included."""
+        setup = self.catchup_cost(pending)
+        return self.expected_tokens(k) / (setup + k * self.step_cost() + self.verify_cost(k + 1))
+
     def best_depth(self, limit: int, pending: int = 0) -> tuple[int, float]:
         """(k >= 1, tokens per second) of the best depth to draft under the model, this round's catch-up
-        included."""
-        setup, cd = self.catchup_cost(pending), self.step_cost()
-        best_k, best = 1, 0.0
-        # At most one token past the largest batch measured: the curve is explored a size at a time, so a
-        # guess about sizes never measured costs at most one step of the curve.
-        for k in range(1, min(self.max, limit, max(self.samples, default=1)) + 1):
-            rate = self.expected_tokens(k) / (setup + k * cd + self.verify_cost(k + 1))
-            if rate > best:
-                best_k, best = k, rate
-        return best_k, best
+        included. The depth of the last episode is kept unless another is STICKY times better: changing it
+        costs a GPU a graph rebuild and capture (see _start_episode), which the model does not see."""
+        rates = {}
+        # A draft model: at most twice the largest batch measured: the curve is explored in doublings, so a
+        # guess about sizes never measured costs at most one step of the curve. Prompt lookup
+        # proposes for free, and a GPU pays for every change of batch shape (graphs rebuilt, re-captured):
+        # its depth goes straight to what the guessed curve favours.
+        grow = self.max if self.cost_free else 2 * max(self.samples, default=1) - 1
+        for k in range(1, min(self.max, limit, grow) + 1):
+            rates[k] = self._depth_rate(k, pending)
+        best_k = max(rates, key=rates.get)
+        kept = self.last_depth
+        if kept in rates and rates[kept] * self.STICKY >= rates[best_k]:
+            best_k = kept
+        return best_k, rates[best_k]
 
     # ---- decisions ----
 
@@ -601,23 +623,52 @@ class DepthController:
         """Seconds speculation may still lose now: BUDGET of the time elapsed (plus `slack` seconds)."""
         return self.BUDGET * self.elapsed + slack - self.debt
 
+    def _rate(self, regime: str) -> float | None:
+        """Measured tokens per second of a regime, or None while it has too few rounds to tell."""
+        seconds, tokens, rounds = self.meters[regime]
+        if rounds >= self.EPISODE / 2 and seconds > 0:
+            return tokens / seconds
+        return 1.0 / self.verify_cost(1) if regime == "plain" else None  # plain: its least cost measured so far
+
+    def _drafting_pays(self, limit: int, margin: float) -> bool:
+        """Whether drafting beats plain decoding by `margin`: measured, once a draft episode has been timed
+        (its rounds and the rounds after it: what the model of single rounds cannot see); until then, as
+        the model of single rounds predicts."""
+        drafted = self._rate("draft")
+        if drafted is not None:
+            return drafted > margin * self._rate("plain")
+        _, rate = self.best_depth(max(limit, 1), 2)
+        return rate * self.verify_cost(1) > margin
+
     def choose(self, limit: int, pending: int = 0) -> int:
         """Tokens to draft next (at most `limit`); `pending`: tokens the drafter must decode before drafting
         (1 or 2 when it is in step with the sequence)."""
-        self.probing = False
         if limit <= 0:
             return 0
         if not self.adaptive:
             return min(self.max, limit)
-        if 1 not in self.samples:          # the baseline first
+        if len(self.samples.get(1, ())) < self.BASELINE:   # the baseline first
             return 0
         t1 = self.verify_cost(1)
         k, rate = self.best_depth(limit, min(pending, 2))
-        if rate * t1 > self.MARGIN:        # drafting pays once the drafter is in step
-            # SLACK: early in a call BUDGET of little is nothing; one unlucky round must not stop drafting
-            # that the measured costs favour.
-            if pending <= 2 and self._allowance(self.SLACK * t1) >= 0:
-                self.plain_rounds = 0
+        # SLACK: early in a call BUDGET of little is nothing; one unlucky round must not stop drafting that
+        # the measured costs favour.
+        affordable = pending <= 2 and self._allowance(self.SLACK * t1) >= 0
+        if self.episode:
+            # Draft through the episode while the budget affords it, and while the model of single rounds,
+            # once it has measured the episode's batch size, does not say it loses (the acceptance rate is
+            # learned within a few rounds; what the meters see takes the whole episode).
+            depth = k if self.depth is None else min(self.depth, limit)
+            measured = depth + 1 in self.samples
+            if affordable and not (measured and self._depth_rate(depth, pending) * t1 < 1.0):
+                if self.depth is None:
+                    self.depth = self.last_depth = k
+                return depth
+            self._end_episode()
+            return 0
+        if self._drafting_pays(limit, self.MARGIN):
+            if affordable:
+                self._start_episode(probe=False, depth=k)
                 return k
             return 0                       # out of step: catch_up_now() brings it in step as affordable
         self.plain_rounds += 1
@@ -626,9 +677,23 @@ class DepthController:
         worst = self.catchup_cost(pending) + k * self.step_cost() + self.verify_cost(k + 1) - t1
         if worst > self._allowance(0.5 * self.SLACK * t1):
             return 0
-        self.plain_rounds = 0
-        self.probing = True
+        self._start_episode(probe=True, depth=k)
         return k
+
+    def _start_episode(self, probe: bool, depth: int | None) -> None:
+        """Draft for the next EPISODE rounds, at one depth (None: chosen at the episode's first draft): a
+        GPU runs a batch shape it ran the round before from a captured graph, and one that changed without
+        (on the H100 1.3 against 4-5 ms for a few tokens of SmolLM2-135M)."""
+        self.episode, self.tail, self.plain_rounds, self.probing = self.EPISODE, 0, 0, probe
+        self.depth = depth
+        if depth is not None:
+            self.last_depth = depth
+
+    def _end_episode(self) -> None:
+        """Stop drafting: the next TAIL plain rounds are still charged to the episode, and the next probe
+        waits twice as long as the last."""
+        self.episode, self.tail, self.plain_rounds, self.probing = 0, self.TAIL, 0, False
+        self.backoff = min(self.backoff * 2, 64)
 
     def catch_up_now(self, limit: int, pending: int) -> int:
         """After a plain round: how many of the `pending` tokens a draft model should decode now, in one batch,
@@ -636,8 +701,7 @@ class DepthController:
         (at least 8 at a time, so that the batch's cost per token is measured for what it is). 0: none."""
         if self.cost_free or not self.adaptive or pending <= 2 or 1 not in self.samples:
             return 0
-        _, rate = self.best_depth(max(limit, 1), 2)
-        if rate * self.verify_cost(1) <= self.MARGIN:
+        if not self._drafting_pays(limit, self.MARGIN):
             return 0
         per = self.catchup_cost(2)
         allowance = self._allowance(self.SLACK * self.verify_cost(1))
@@ -650,6 +714,11 @@ class DepthController:
             self._add(self.catchup_samples, seconds / n, self.WINDOW)
         self.elapsed += seconds
         self.debt += seconds
+        self.meters["draft"][0] += seconds
+
+    def _meter(self, regime: str, seconds: float, tokens: int) -> None:
+        m, d = self.meters[regime], self.METER_DECAY
+        m[0], m[1], m[2] = m[0] * d + seconds, m[1] * d + tokens, m[2] * d + 1
 
     def update(self, drafted: int, accepted: int, t_draft: float, t_verify: float, *, steps: int = 0,
                catchup: tuple[int, float] = (0, 0.0)) -> None:
@@ -659,20 +728,43 @@ class DepthController:
         size = drafted + 1
         t_round = t_draft + t_verify
         self.elapsed += t_round
-        if size > 1 and size not in self.samples and 1 in self.samples and size not in self.warmed_up \
-                and t_verify > self.WARMUP * self.verify_cost(size):
-            # The first batch of a new size in this context, far over what the curve predicts: kernels and
-            # graphs for that shape being set up (on the H100 a 2-token batch took 17 ms the first time, then
-            # 1.3 ms, against 1.2 ms for one token). Neither a cost to learn nor one to hold against drafting:
-            # the round is charged at the predicted cost, once per size.
-            self.warmed_up.add(size)
-            t_round = t_draft + self.verify_cost(size)
+        predicted = self.verify_cost(size) if 1 in self.samples else math.inf
+        aside = self.warmed_up.get(size)
+        if size > 1 and size not in self.samples and (
+                t_verify > self.WARMUP * predicted if aside is None
+                else len(aside) == 1 and self.WARMUP / 2 * predicted < t_verify < 0.9 * aside[0][0]):
+            # The first batch of a new size in this context, far over what the curve predicts: kernels loaded
+            # and the shape run without a CUDA graph (H100, SmolLM2: 4-17 ms, then a capture of 3.7 ms, then
+            # 1.3-1.6 ms, against 1.1 ms for one token). Neither a cost to learn nor one to hold against
+            # drafting: the round is charged at the predicted cost, and so is the next round of that size if
+            # it is still over the prediction but faster (the capture). Only the first size warmed up is
+            # free, an investment made once per context: warming up more sizes is charged in full, so that
+            # what a bad drafter costs stays bounded.
+            charged = t_draft + (predicted if not self.warmed_up or size in self.warmed_up else t_verify)
+            self.warmed_up.setdefault(size, []).append((t_verify, charged - t_draft))
+            t_round = charged
         else:
+            if aside and size not in self.samples and t_verify >= 0.9 * aside[-1][0]:
+                # The cost stayed: it was the batch's cost, not a warm-up. Charge what was let off.
+                self.debt += sum(seconds - charged for seconds, charged in aside)
             self._add(self.samples.setdefault(size, []), t_verify, self.WINDOW)
             self._curve = None
-        if drafted or t_draft > 0:
-            # What the round cost beyond plain decoding of the tokens it emitted.
+        if self.episode or self.tail:
+            # A round of the draft regime: what it cost beyond plain decoding of the tokens it emitted.
             self.debt += t_round - (accepted + 1) * self.verify_cost(1)
+            self._meter("draft", t_round, accepted + 1)
+            if self.episode:
+                self.episode -= 1
+                if not self.episode:       # judge the episode by what drafting measured against plain decoding
+                    if self._drafting_pays(1, 1.0):
+                        self._start_episode(probe=False, depth=None)
+                        self.backoff = 4
+                    else:
+                        self._end_episode()
+            else:
+                self.tail -= 1
+        else:
+            self._meter("plain", t_round, accepted + 1)
         if not drafted:
             return
         n_catchup, t_catchup = catchup
@@ -684,10 +776,6 @@ class DepthController:
         rejected = 1 if accepted < drafted else 0
         self.acc = self.acc * self.DECAY + accepted
         self.rej = self.rej * self.DECAY + rejected
-        if self.probing:   # probe sooner again after one that paid for itself, later after one that did not
-            paid = t_round < (accepted + 1) * self.verify_cost(1)
-            self.backoff = 4 if paid else min(self.backoff * 2, 64)
-        self.probing = False
 
 
 # ---- verification ----

@@ -210,15 +210,16 @@ def simulate(n_tokens, verify_cost, *, accept, step_cost=0.0, catchup_cost=0.0, 
         limit = n_tokens - generated - 1
         k = control.choose(limit, pending)
         accepted, t_draft = 0, 0.0
+        t_verify = verify_cost(k + 1)   # once per round: a cost model may keep state (GpuShapes)
         if k:
             t_catchup = catchup_cost * (pending - 1)
             t_draft = t_catchup + k * step_cost
             while accepted < k and rng.random() < accept:
                 accepted += 1
-            control.update(k, accepted, t_draft, verify_cost(k + 1), catchup=(pending - 1, t_catchup))
+            control.update(k, accepted, t_draft, t_verify, catchup=(pending - 1, t_catchup))
             pending = 0 if lookup else (2 if accepted == k else 1)
         else:
-            control.update(0, 0, 0.0, verify_cost(1))
+            control.update(0, 0, 0.0, t_verify)
             if not lookup:
                 pending += 1
                 n = control.catch_up_now(limit, pending)
@@ -226,7 +227,7 @@ def simulate(n_tokens, verify_cost, *, accept, step_cost=0.0, catchup_cost=0.0, 
                     control.caught_up(n, n * catchup_cost)
                     clock += n * catchup_cost
                     pending -= n
-        clock += t_draft + verify_cost(k + 1)
+        clock += t_draft + t_verify
         generated += accepted + 1
         depths.append(k)
     return clock, depths
@@ -242,14 +243,40 @@ def cpu_costs(n):
     return 2e-3 + 18.5e-3 * n
 
 
+class GpuShapes:
+    """The H100 with llmplace's build of llama.cpp (one_cuda_graph_per_batch_shape), SmolLM2-135M: a context
+    runs a batch shape's first decode without a CUDA graph, captures one on the second, replays it after; a
+    change of shape costs a graph rebuild on the host (tools/gpu_shape_switch.py measured 1.1 ms for one
+    token, 1.6 for six, 0.5 ms per change of shape)."""
+
+    def __init__(self):
+        self.previous, self.uses = None, {}
+
+    def __call__(self, n):
+        uses = self.uses[n] = self.uses.get(n, 0) + 1
+        changed, self.previous = n != self.previous, n
+        if uses == 1:
+            return 4.5e-3 if n > 1 else 2.6e-3
+        if uses == 2:
+            return 3.7e-3
+        return (1.1e-3 if n == 1 else 1.2e-3 + 0.06e-3 * n) + (0.5e-3 if changed else 0.0)
+
+
+def plain_seconds(n, costs):
+    return sum(costs(1) for _ in range(n))
+
+
 @pytest.mark.parametrize("lookup", [True, False])
 def test_depth_controller_learns_flat_batch_costs_and_drafts_deep(lookup):
     draft = {} if lookup else {"step_cost": 0.2e-3, "catchup_cost": 0.02e-3, "ratio": 0.125}
     for n in (96, 500):
         clock, depths = simulate(n, gpu_costs, accept=0.9, lookup=lookup, **draft)
         drafting = [k for k in depths if k]
-        assert statistics.median(drafting) == 5 and len(drafting) >= 0.8 * len(depths), depths
-        assert n * gpu_costs(1) / clock > (2.0 if lookup else 1.5)
+        # The first episodes draft what the prior and the sizes measured so far favour (a draft model's depth
+        # grows by doublings); a long call drafts the full depth.
+        assert statistics.median(drafting) >= (5 if n == 500 else 3) and max(drafting) == 5, depths
+        assert len(drafting) >= 0.8 * len(depths), depths
+        assert n * gpu_costs(1) / clock > (2.0 if lookup else 1.5) * (0.9 if n == 96 else 1.0)
 
 
 def test_depth_controller_sets_aside_the_warm_up_of_a_new_batch_size():
@@ -268,6 +295,21 @@ def test_depth_controller_sets_aside_the_warm_up_of_a_new_batch_size():
     assert 256 * gpu_costs(1) / clock > 1.8
 
 
+def test_depth_controller_drafts_in_episodes_of_one_batch_shape_on_a_gpu():
+    """A GPU pays for each new batch shape (a decode without a graph, then a capture) and a little for each
+    change of shape: speculation pays when it keeps one shape for a while, which single-round costs do not
+    show; the controller drafts in episodes at one depth and judges them by their measured throughput."""
+    for n in (96, 256):
+        clock, depths = simulate(n, GpuShapes(), accept=0.9, lookup=True)
+        assert plain_seconds(n, GpuShapes()) / clock > 1.5, depths
+        assert len(set(k for k in depths if k)) <= 2, depths           # few shapes
+        clock, depths = simulate(n, GpuShapes(), accept=0.5, lookup=True)
+        assert plain_seconds(n, GpuShapes()) / clock > 0.95, depths
+        for draft in ({"lookup": True}, {"step_cost": 0.05e-3, "catchup_cost": 0.005e-3, "ratio": 0.07}):
+            clock, depths = simulate(n, GpuShapes(), accept=0.0, **draft)
+            assert plain_seconds(n, GpuShapes()) / clock > 0.88, (draft, depths)
+
+
 def test_depth_controller_decodes_plainly_with_linear_costs_and_a_costly_draft():
     for accept in (0.6, 1.0):   # a requantized draft, the target itself
         for n in (96, 500):
@@ -279,7 +321,9 @@ def test_depth_controller_decodes_plainly_with_linear_costs_and_a_costly_draft()
 @pytest.mark.parametrize("costs", [gpu_costs, cpu_costs])
 def test_depth_controller_bounds_what_a_draft_that_is_always_wrong_costs(costs):
     for draft in ({"lookup": True}, {"step_cost": 0.05 * costs(1), "catchup_cost": 0.003 * costs(1), "ratio": 0.07}):
-        for n, loss in ((96, 0.07), (500, 0.04)):
+        # At 96 tokens one probe of the full depth of prompt lookup on a CPU (a batch of 5 costs 4.6 tokens'
+        # worth) is 7.5% of the call.
+        for n, loss in ((96, 0.08), (500, 0.04)):
             clock, depths = simulate(n, costs, accept=0.0, **draft)
             assert clock <= (1 + loss) * n * costs(1), (draft, n, depths)
 
@@ -287,10 +331,11 @@ def test_depth_controller_bounds_what_a_draft_that_is_always_wrong_costs(costs):
 def test_depth_controller_cost_curve_is_learned_from_measurements():
     control = speculative.DepthController(8, True, True)
     assert control.choose(8) == 0                     # the first round measures plain decoding
-    for size, seconds in ((1, 1.0), (1, 1.1), (1, 0.9), (3, 9.0), (3, 2.0), (5, 2.4), (5, 2.2)):
+    for size, seconds in ((1, 1.0), (1, 1.1), (1, 0.9), (3, 9.0), (3, 3.0), (3, 2.0), (5, 2.4), (5, 2.2)):
         control.update(size - 1, 0, 0.0, seconds)
     assert control.verify_cost(1) == 0.9              # the least of what was measured
-    assert control.verify_cost(3) == 2.0              # the 9.0 s hiccup does not count
+    assert control.warmed_up[3] == [(9.0, pytest.approx(1.08)), (3.0, pytest.approx(1.08))]  # warm-up, capture
+    assert control.verify_cost(3) == 2.0              # set aside: the 9.0 s of the first 3-token batch, then 3.0
     assert control.verify_cost(4) == pytest.approx(2.1)   # between measured sizes: interpolated
     assert control.verify_cost(7) == pytest.approx(2.2 + 0.1 * 2)  # past them: the slope fitted over sizes >= 2
     assert control.verify_cost(2) == pytest.approx(1.45)  # 1 and 3 measured: interpolated

@@ -11,6 +11,8 @@
 #   STEP=batcheq whether a batch's logits equal one-token decodes' here (tools/gpu_batch_equality.py)
 #   STEP=overhead  Python work per token on the GPU (benchmarks/overhead.py, real SmolLM2)
 #   STEP=spec    speculative decoding on the real SmolLM2 (benchmarks/speculative.py), all on the GPU
+#   STEP=trace   the depth controller round by round (tools/spec_trace.py) and what a change of batch size
+#                costs (tools/gpu_shape_switch.py), real SmolLM2
 #   STEP=split   two GPUs: write the Llama-70B shape, run the split table
 #
 # Carry .whl (cffi, pycparser, gguf for cp312), .tok (tiny-llama.gguf, SmolLM2's tokenizer; or .dev), .dev
@@ -77,6 +79,12 @@ spec)
     real_smollm2
     LLMPLACE_TEST_TOKENIZER=$tok python3 "$repo/benchmarks/speculative.py" /tmp/smollm2-real.gguf --n-gpu-layers 99 \
         --threads 4 --reps "${REPS:-3}" --max-tokens 256 --depth 5 --out "$out/gpu-h100-smollm2-135m-speculative.json"
+    ;;
+trace)
+    real_smollm2
+    python3 "$repo/tools/spec_trace.py" /tmp/smollm2-real.gguf --n-gpu-layers 99 \
+        --out "$out/gpu-h100-spec-trace-lookup-edit.jsonl" | tail -3
+    python3 "$repo/tools/gpu_shape_switch.py" /tmp/smollm2-real.gguf --out "$out/gpu-h100-shape-switch-real.json"
     ;;
 split)
     synth llama-70b

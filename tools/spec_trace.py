@@ -32,14 +32,16 @@ def main() -> None:
         k = choose(self, limit, pending)
         trace.append({"limit": limit, "k": k, "acceptance": round(self.acceptance, 3), "debt_ms": self.debt * 1e3,
                       "allowance_ms": self._allowance(self.SLACK * self.verify_cost(1)) * 1e3 if 1 in self.samples
-                      else None, "backoff": self.backoff, "probing": self.probing,
+                      else None, "backoff": self.backoff, "probing": self.probing, "episode": self.episode,
+                      "depth": self.depth,
                       "curve_ms": {n: round(self.verify_cost(n) * 1e3, 3) for n in range(1, 7)} if 1 in self.samples
                       else None})
         return k
 
     def traced_update(self, drafted, accepted, t_draft, t_verify, **kw):
         update(self, drafted, accepted, t_draft, t_verify, **kw)
-        trace.append({"drafted": drafted, "accepted": accepted, "t_verify_ms": round(t_verify * 1e3, 3)})
+        trace.append({"drafted": drafted, "accepted": accepted, "t_verify_ms": round(t_verify * 1e3, 3),
+                      "regime": "draft" if self.episode else ("tail" if self.tail else "plain")})
 
     speculative.DepthController.choose, speculative.DepthController.update = traced_choose, traced_update
     with llmplace.load(args.model, n_gpu_layers=args.n_gpu_layers, progress=False) as model:
