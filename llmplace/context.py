@@ -181,6 +181,10 @@ class Context(NativeObject):
         model._contexts.add(self)
         # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.
         self.tokens: list[int] = []
+        # What speculative decoding learned about this context that outlives one call: the batch sizes it
+        # has run (a GPU backend compiles, captures and caches per shape and context) and whether its
+        # backend pays for a shape's first runs (speculative.DepthController).
+        self.speculation_memory: dict = {}
         # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since
         # a larger batch fails an assertion that aborts the process.
         self._token_buf = ffi.new("llama_token[]", C.llama_n_batch(handle))

@@ -356,7 +356,8 @@ class ModelDrafter:
 
 class LookupDrafter:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens (n = 4, 3, 2) and
-    propose the tokens that followed it. An index of n-grams is updated as the sequence grows."""
+    propose the tokens that followed it (periodically continued past the end of the sequence). An index of
+    n-grams is updated as the sequence grows."""
 
     source = "lookup"
     size_ratio = 0.0
@@ -380,7 +381,11 @@ class LookupDrafter:
             if len(seq) > n:
                 at = index.get(tuple(seq[-n:]))
                 if at is not None:
-                    return seq[at:at + k], None
+                    # What followed the match, up to the end of the sequence; past it the text since the match
+                    # repeats (the match is the latest occurrence, so the sequence loops with that period).
+                    # Always k tokens, so that the verification batch keeps its shape (see DepthController).
+                    period = len(seq) - at
+                    return [seq[at + i % period] for i in range(k)], None
         return [], None
 
     @property
@@ -483,20 +488,21 @@ class DepthController:
     """
 
     DECAY = 0.9          # weight of the acceptance history per round
-    PRIOR_SLOPE = 0.1    # guessed extra cost per batch token (x t(1)) until two sizes >= 2 are measured
+    PRIOR_SLOPE = 0.08   # guessed extra cost per batch token (x t(1)) until two sizes >= 2 are measured
     BUDGET = 0.04        # the most that speculation may lose, as a fraction of the seconds elapsed
     SLACK = 2.0          # ... plus this many target steps
     MARGIN = 1.03        # drafting must beat plain decoding by this factor (measurement noise)
     WINDOW = 16          # recent samples kept per cost
     WARMUP = 2.5         # a first batch of a size this many times over the prediction is a warm-up (see update)
     BASELINE = 3         # plain rounds first (a GPU's first one-token decodes run without, then capture a graph)
-    EPISODE = 16         # rounds a draft episode runs before its measured rate is judged
-    TAIL = 2             # plain rounds after an episode that are charged to it (see the class)
+    EPISODE = 16         # drafting rounds an episode runs before its measured rate is judged
+    TAIL = 2             # plain rounds after a drafting round that are charged to drafting (see the class)
     METER_DECAY = 0.9    # weight of the measured rates' history per round
     STICKY = 1.03        # another depth must promise this many times the rate of the last episode's
 
     def __init__(self, max_depth: int, adaptive: bool, draft_cost_free: bool, *, draft_size_ratio: float = 1.0,
-                 prompt_seconds: float = 0.0, prompt_seconds_per_token: float | None = None) -> None:
+                 memory: dict | None = None, prompt_seconds: float = 0.0,
+                 prompt_seconds_per_token: float | None = None) -> None:
         self.max = max_depth
         self.adaptive = adaptive
         self.cost_free = draft_cost_free
@@ -504,12 +510,17 @@ class DepthController:
         self.prompt_per_token = prompt_seconds_per_token
         self.acc, self.rej = 1.4, 0.6                  # prior: acceptance rate 0.7, weight 2
         self.samples: dict[int, list[float]] = {}      # batch size -> recent seconds
-        # batch size -> (seconds, seconds charged) of its warm-up rounds, set aside from the curve (see update)
-        self.warmed_up: dict[int, list[tuple[float, float]]] = {}
+        # batch size -> (seconds, seconds predicted, seconds charged) of its warm-up rounds, set aside from the
+        # curve (see update)
+        self.warmed_up: dict[int, list[tuple[float, float, float]]] = {}
         self.step_samples: list[float] = []            # seconds per drafter step
         self.catchup_samples: list[float] = []         # seconds per token of a batched catch-up
         self._curve: dict[int, float] | None = None
         self._slope: float | None = None
+        # Kept with the context across calls: {"runs": batch size -> times run in it, "warms_up": whether
+        # its backend runs a new batch shape slowly at first (see update)}.
+        self.memory = memory if memory is not None else {}
+        self.memory.setdefault("runs", {})
         self.elapsed = prompt_seconds                  # seconds of this call so far
         self.debt = 0.0                                # seconds speculation lost against plain decoding
         self.plain_rounds = 0                          # plain rounds since the last draft or probe
@@ -517,8 +528,8 @@ class DepthController:
         self.probing = False
         self.depth: int | None = None                  # tokens drafted per round in the current episode
         self.last_depth: int | None = None             # ... in the last episode
-        self.episode = 0                               # rounds left in the current draft episode (0: none)
-        self.tail = 0                                  # plain rounds left to charge to the episode that ended
+        self.episode = 0                               # drafting rounds left in the current episode (0: none)
+        self.since_draft: int | None = None            # rounds since the last drafting round
         # Measured throughput of each regime: decayed [seconds, tokens, rounds].
         self.meters = {"draft": [0.0, 0.0, 0.0], "plain": [0.0, 0.0, 0.0]}
 
@@ -594,9 +605,10 @@ class DepthController:
         a = self.acceptance
         return (1.0 - a ** (k + 1)) / (1.0 - a)
 
-    def _depth_rate(self, k: int, pending: int = 0) -> float:
-        """Expected tokens per second drafting k tokens, this round's catch-up included."""
-        setup = self.catchup_cost(pending)
+    def _depth_rate(self, k: int, pending: int = 0, extra: float = 0.0) -> float:
+        """Expected tokens per second drafting k tokens, this round's catch-up (and `extra` seconds)
+        included."""
+        setup = self.catchup_cost(pending) + extra
         return self.expected_tokens(k) / (setup + k * self.step_cost() + self.verify_cost(k + 1))
 
     def best_depth(self, limit: int, pending: int = 0) -> tuple[int, float]:
@@ -604,13 +616,17 @@ class DepthController:
         included. The depth of the last episode is kept unless another is STICKY times better: changing it
         costs a GPU a graph rebuild and capture (see _start_episode), which the model does not see."""
         rates = {}
+        # A size not run in this context yet first costs its warm-up (as much over the curve as the last
+        # size's warm-up was), spread over an episode.
+        warmups = list(self.warmed_up.values())
+        warmup = sum(s - p for s, p, _ in warmups[-1]) / self.EPISODE if warmups and self._warms_up() else 0.0
         # A draft model: at most twice the largest batch measured: the curve is explored in doublings, so a
         # guess about sizes never measured costs at most one step of the curve. Prompt lookup
         # proposes for free, and a GPU pays for every change of batch shape (graphs rebuilt, re-captured):
         # its depth goes straight to what the guessed curve favours.
         grow = self.max if self.cost_free else 2 * max(self.samples, default=1) - 1
         for k in range(1, min(self.max, limit, grow) + 1):
-            rates[k] = self._depth_rate(k, pending)
+            rates[k] = self._depth_rate(k, pending, 0.0 if self._warm(k + 1) else warmup)
         best_k = max(rates, key=rates.get)
         kept = self.last_depth
         if kept in rates and rates[kept] * self.STICKY >= rates[best_k]:
@@ -622,6 +638,15 @@ class DepthController:
     def _allowance(self, slack: float = 0.0) -> float:
         """Seconds speculation may still lose now: BUDGET of the time elapsed (plus `slack` seconds)."""
         return self.BUDGET * self.elapsed + slack - self.debt
+
+    def _warms_up(self) -> bool:
+        """Whether this context's backend runs a new batch shape slowly at first (CUDA: without a graph, then
+        capturing one), as the first one-token decodes of the context showed (see update)."""
+        return self.memory.get("warms_up", False)
+
+    def _warm(self, size: int) -> bool:
+        """Whether batches of `size` have run in this context past their warm-up (two runs)."""
+        return self.memory["runs"].get(size, 0) >= 2
 
     def _rate(self, regime: str) -> float | None:
         """Measured tokens per second of a regime, or None while it has too few rounds to tell."""
@@ -656,10 +681,12 @@ class DepthController:
         affordable = pending <= 2 and self._allowance(self.SLACK * t1) >= 0
         if self.episode:
             # Draft through the episode while the budget affords it, and while the model of single rounds,
-            # once it has measured the episode's batch size, does not say it loses (the acceptance rate is
-            # learned within a few rounds; what the meters see takes the whole episode).
+            # once it has measured the episode's batch size twice, does not say it loses (the
+            # acceptance rate is learned within a few rounds; what the meters see takes the whole episode).
             depth = k if self.depth is None else min(self.depth, limit)
-            measured = depth + 1 in self.samples
+            if self.depth is not None and depth < self.depth and not self._warm(depth + 1) and self._warms_up():
+                return 0   # the end of the call cuts the depth: not worth warming up a size for a round
+            measured = len(self.samples.get(depth + 1, ())) >= 2   # the least of two: past a hiccup
             if affordable and not (measured and self._depth_rate(depth, pending) * t1 < 1.0):
                 if self.depth is None:
                     self.depth = self.last_depth = k
@@ -684,15 +711,14 @@ class DepthController:
         """Draft for the next EPISODE rounds, at one depth (None: chosen at the episode's first draft): a
         GPU runs a batch shape it ran the round before from a captured graph, and one that changed without
         (on the H100 1.3 against 4-5 ms for a few tokens of SmolLM2-135M)."""
-        self.episode, self.tail, self.plain_rounds, self.probing = self.EPISODE, 0, 0, probe
+        self.episode, self.plain_rounds, self.probing = self.EPISODE, 0, probe
         self.depth = depth
         if depth is not None:
             self.last_depth = depth
 
     def _end_episode(self) -> None:
-        """Stop drafting: the next TAIL plain rounds are still charged to the episode, and the next probe
-        waits twice as long as the last."""
-        self.episode, self.tail, self.plain_rounds, self.probing = 0, self.TAIL, 0, False
+        """Stop drafting; the next probe waits twice as long as the last."""
+        self.episode, self.plain_rounds, self.probing = 0, 0, False
         self.backoff = min(self.backoff * 2, 64)
 
     def catch_up_now(self, limit: int, pending: int) -> int:
@@ -729,31 +755,41 @@ class DepthController:
         t_round = t_draft + t_verify
         self.elapsed += t_round
         predicted = self.verify_cost(size) if 1 in self.samples else math.inf
+        runs = self.memory["runs"]
+        n_run = runs.get(size, 0)
+        runs[size] = n_run + 1
         aside = self.warmed_up.get(size)
-        if size > 1 and size not in self.samples and (
-                t_verify > self.WARMUP * predicted if aside is None
-                else len(aside) == 1 and self.WARMUP / 2 * predicted < t_verify < 0.9 * aside[0][0]):
-            # The first batch of a new size in this context, far over what the curve predicts: kernels loaded
-            # and the shape run without a CUDA graph (H100, SmolLM2: 4-17 ms, then a capture of 3.7 ms, then
-            # 1.3-1.6 ms, against 1.1 ms for one token). Neither a cost to learn nor one to hold against
-            # drafting: the round is charged at the predicted cost, and so is the next round of that size if
-            # it is still over the prediction but faster (the capture). Only the first size warmed up is
-            # free, an investment made once per context: warming up more sizes is charged in full, so that
-            # what a bad drafter costs stays bounded.
-            charged = t_draft + (predicted if not self.warmed_up or size in self.warmed_up else t_verify)
-            self.warmed_up.setdefault(size, []).append((t_verify, charged - t_draft))
-            t_round = charged
+        if size > 1 and self._warms_up() and (n_run == 0 or (n_run == 1 and aside)) \
+                and t_verify > (self.WARMUP if n_run == 0 else self.WARMUP / 2) * predicted:
+            # The first two batches of a new size in this context, over what the curve predicts: run without
+            # a CUDA graph, then captured into one (H100, SmolLM2: 4.5-22 ms, then 6-11 ms, then 1.3-1.6 ms,
+            # against 1.1 ms for one token). Neither a cost to learn nor one to hold against drafting: they
+            # are charged at the predicted cost. Only the first size warmed up is free, an investment made
+            # once per context: warming up more sizes is charged in full, so that what a bad drafter costs
+            # stays bounded.
+            first = not self.warmed_up or size in self.warmed_up
+            t_round = t_draft + (predicted if first else t_verify)
+            self.warmed_up.setdefault(size, []).append((t_verify, predicted, t_round - t_draft))
         else:
             if aside and size not in self.samples and t_verify >= 0.9 * aside[-1][0]:
                 # The cost stayed: it was the batch's cost, not a warm-up. Charge what was let off.
-                self.debt += sum(seconds - charged for seconds, charged in aside)
+                self.debt += sum(seconds - charged for seconds, _, charged in aside)
             self._add(self.samples.setdefault(size, []), t_verify, self.WINDOW)
             self._curve = None
-        if self.episode or self.tail:
-            # A round of the draft regime: what it cost beyond plain decoding of the tokens it emitted.
+            if size == 1 and runs[1] == self.BASELINE == len(self.samples[1]):
+                # The context's first one-token decodes: slow at first where the backend is.
+                ones = self.samples[1]
+                self.memory["warms_up"] = max(ones[:2]) > self.WARMUP * min(ones)
+        if drafted:
+            self.since_draft = 0
+        elif self.since_draft is not None:
+            self.since_draft += 1
+        if drafted or (self.since_draft is not None and self.since_draft <= self.TAIL):
+            # A round of the draft regime (drafting, or right after: a GPU rebuilds and replays its one-token
+            # graph then): what it cost beyond plain decoding of the tokens it emitted.
             self.debt += t_round - (accepted + 1) * self.verify_cost(1)
             self._meter("draft", t_round, accepted + 1)
-            if self.episode:
+            if drafted and self.episode:
                 self.episode -= 1
                 if not self.episode:       # judge the episode by what drafting measured against plain decoding
                     if self._drafting_pays(1, 1.0):
@@ -761,8 +797,6 @@ class DepthController:
                         self.backoff = 4
                     else:
                         self._end_episode()
-            else:
-                self.tail -= 1
         else:
             self._meter("plain", t_round, accepted + 1)
         if not drafted:
@@ -832,7 +866,7 @@ def speculative_steps(model: Model, context: Context, params: SamplingParams, to
     greedy = params.greedy
     lookup = drafter.source == "lookup"
     control = DepthController(depth, adaptive, lookup, draft_size_ratio=drafter.size_ratio,
-                              prompt_seconds=prompt_done - start,
+                              memory=context.speculation_memory, prompt_seconds=prompt_done - start,
                               prompt_seconds_per_token=(prompt_done - start) / n_computed if n_computed >= 8 else None)
     n_prompt = len(tokens)
     seq = list(tokens)

@@ -247,7 +247,7 @@ class GpuShapes:
     """The H100 with llmplace's build of llama.cpp (one_cuda_graph_per_batch_shape), SmolLM2-135M: a context
     runs a batch shape's first decode without a CUDA graph, captures one on the second, replays it after; a
     change of shape costs a graph rebuild on the host (tools/gpu_shape_switch.py measured 1.1 ms for one
-    token, 1.6 for six, 0.5 ms per change of shape)."""
+    token, 1.6 for six, 0.5-0.7 ms per change of shape)."""
 
     def __init__(self):
         self.previous, self.uses = None, {}
@@ -255,10 +255,8 @@ class GpuShapes:
     def __call__(self, n):
         uses = self.uses[n] = self.uses.get(n, 0) + 1
         changed, self.previous = n != self.previous, n
-        if uses == 1:
-            return 4.5e-3 if n > 1 else 2.6e-3
-        if uses == 2:
-            return 3.7e-3
+        if uses <= 2:   # an H100 trace of a warm process (tools/spec_trace.py)
+            return (5.7e-3, 6.3e-3)[uses - 1] if n > 1 else (4.5e-3, 5.7e-3)[uses - 1]
         return (1.1e-3 if n == 1 else 1.2e-3 + 0.06e-3 * n) + (0.5e-3 if changed else 0.0)
 
 
@@ -276,7 +274,7 @@ def test_depth_controller_learns_flat_batch_costs_and_drafts_deep(lookup):
         # grows by doublings); a long call drafts the full depth.
         assert statistics.median(drafting) >= (5 if n == 500 else 3) and max(drafting) == 5, depths
         assert len(drafting) >= 0.8 * len(depths), depths
-        assert n * gpu_costs(1) / clock > (2.0 if lookup else 1.5) * (0.9 if n == 96 else 1.0)
+        assert n * gpu_costs(1) / clock > (2.0 if lookup else 1.5) * (0.85 if n == 96 else 1.0)
 
 
 def test_depth_controller_sets_aside_the_warm_up_of_a_new_batch_size():
@@ -284,14 +282,14 @@ def test_depth_controller_sets_aside_the_warm_up_of_a_new_batch_size():
     1.3 ms, against 1.2 ms for one token: taken as the batch's cost, it stopped prompt lookup from drafting."""
     seen = set()
 
-    def cold_first(n):
-        if n > 1 and n not in seen:
+    def cold_first(n):   # one-token decodes included: the first of a context is slow too
+        if n not in seen:
             seen.add(n)
             return 17e-3
         return gpu_costs(n)
 
     clock, depths = simulate(256, cold_first, accept=0.9, lookup=True)
-    assert statistics.median([k for k in depths if k]) == 5 and sum(1 for k in depths if k) >= 0.7 * len(depths)
+    assert statistics.median([k for k in depths if k]) >= 4 and sum(1 for k in depths if k) >= 0.7 * len(depths)
     assert 256 * gpu_costs(1) / clock > 1.8
 
 
@@ -305,9 +303,11 @@ def test_depth_controller_drafts_in_episodes_of_one_batch_shape_on_a_gpu():
         assert len(set(k for k in depths if k)) <= 2, depths           # few shapes
         clock, depths = simulate(n, GpuShapes(), accept=0.5, lookup=True)
         assert plain_seconds(n, GpuShapes()) / clock > 0.95, depths
+        # Always wrong: a random draft model, and prompt lookup proposing at every round (real lookup proposes
+        # only where an n-gram matches). 96 tokens: the warm-up and two rounds of a probe are 12% of the call.
         for draft in ({"lookup": True}, {"step_cost": 0.05e-3, "catchup_cost": 0.005e-3, "ratio": 0.07}):
             clock, depths = simulate(n, GpuShapes(), accept=0.0, **draft)
-            assert plain_seconds(n, GpuShapes()) / clock > 0.88, (draft, depths)
+            assert plain_seconds(n, GpuShapes()) / clock > (0.86 if n == 96 else 0.9), (draft, depths)
 
 
 def test_depth_controller_decodes_plainly_with_linear_costs_and_a_costly_draft():
@@ -331,10 +331,13 @@ def test_depth_controller_bounds_what_a_draft_that_is_always_wrong_costs(costs):
 def test_depth_controller_cost_curve_is_learned_from_measurements():
     control = speculative.DepthController(8, True, True)
     assert control.choose(8) == 0                     # the first round measures plain decoding
-    for size, seconds in ((1, 1.0), (1, 1.1), (1, 0.9), (3, 9.0), (3, 3.0), (3, 2.0), (5, 2.4), (5, 2.2)):
+    # The first one-token decode 5x the later ones: a backend that runs new shapes slowly at first (CUDA).
+    for size, seconds in ((1, 5.0), (1, 1.1), (1, 0.9), (3, 9.0), (3, 3.0), (3, 2.0), (5, 2.4), (5, 2.2)):
         control.update(size - 1, 0, 0.0, seconds)
+    assert control.memory == {"runs": {1: 3, 3: 3, 5: 2}, "warms_up": True}
     assert control.verify_cost(1) == 0.9              # the least of what was measured
-    assert control.warmed_up[3] == [(9.0, pytest.approx(1.08)), (3.0, pytest.approx(1.08))]  # warm-up, capture
+    guess = pytest.approx(0.9 * (1 + 2 * control.PRIOR_SLOPE))   # size 3 before any batch is measured
+    assert control.warmed_up[3] == [(9.0, guess, guess), (3.0, guess, guess)]   # warm-up, then capture
     assert control.verify_cost(3) == 2.0              # set aside: the 9.0 s of the first 3-token batch, then 3.0
     assert control.verify_cost(4) == pytest.approx(2.1)   # between measured sizes: interpolated
     assert control.verify_cost(7) == pytest.approx(2.2 + 0.1 * 2)  # past them: the slope fitted over sizes >= 2

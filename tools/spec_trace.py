@@ -41,7 +41,7 @@ def main() -> None:
     def traced_update(self, drafted, accepted, t_draft, t_verify, **kw):
         update(self, drafted, accepted, t_draft, t_verify, **kw)
         trace.append({"drafted": drafted, "accepted": accepted, "t_verify_ms": round(t_verify * 1e3, 3),
-                      "regime": "draft" if self.episode else ("tail" if self.tail else "plain")})
+                      "episode": self.episode, "since_draft": self.since_draft})
 
     speculative.DepthController.choose, speculative.DepthController.update = traced_choose, traced_update
     with llmplace.load(args.model, n_gpu_layers=args.n_gpu_layers, progress=False) as model:
