@@ -23,8 +23,10 @@ Guarantees:
 Depth adapts (DepthController): an estimate of the per-token acceptance rate and costs measured in the
 call (a drafter step, a catch-up token, a target batch of each size: the curve is learned, not assumed)
 pick the number of tokens to draft that maximizes expected tokens per second, including 0: plain
-decoding, during which a draft model is left out of step. Probes, and catching a draft model up, are paid
-from a budget of a few percent of the time elapsed, so that a poor or costly drafter costs little.
+decoding, during which a draft model is left out of step. Drafting runs in episodes at one depth, kept
+while their measured throughput beats plain decoding's (a GPU pays for changes of batch shape, which one
+round's cost does not show). Probes, and catching a draft model up, are paid from a budget of a few
+percent of the time elapsed, so that a poor or costly drafter costs little.
 """
 
 from __future__ import annotations
@@ -458,33 +460,44 @@ def make_rng(params: SamplingParams) -> np.random.Generator:
 class DepthController:
     """Picks how many tokens to draft next, from measurements only, with a bounded cost of finding out.
 
-    Model. With per-token acceptance rate a, drafting k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens
-    on average, for one target batch of k + 1 tokens, k drafter steps and the catch-up of tokens the
+    Model of a round. With per-token acceptance rate a, drafting k tokens yields E(k) = (1 - a^(k+1)) / (1 - a)
+    tokens on average, for one target batch of k + 1 tokens, k drafter steps and the catch-up of tokens the
     drafter missed. Every cost is learned from this call's timings:
     - the target's batch cost curve t(n): the least of the recent samples of each size (other processes
-      and warm-ups only ever slow a decode down; the least is the cost itself, comparable between sizes
-      measured at different times of a drifting load), made non-decreasing (a size measured on a hiccup
-      is corrected by any larger size measured), interpolated
-      between measured sizes, extrapolated past the largest with the slope fitted over the measured sizes
-      >= 2 (size 1 is often special: CUDA graphs serve single-token decodes only). The shape is not
-      assumed (flat on a GPU, nearly linear on a CPU, a step at 2: all are learned). Depth grows at most one
-      past the largest size measured, so the curve is explored a size at a time; until two sizes >= 2
-      are measured, the slope past them is guessed optimistic (PRIOR_SLOPE), so that a deeper draft is tried;
-    - a drafter step (decode and pick) and a catch-up token (batched), measured; before that, t(1) (and
-      the prompt's cost per token) times the draft's weight in bytes over the target's (lookup: free).
-    The k maximizing E(k) / cost(k) is drafted when that beats plain decoding (1 / t(1)) by MARGIN.
+      only ever slow a decode down; the least is the cost itself, comparable between sizes measured at
+      different times of a drifting load), made non-decreasing, interpolated between measured sizes,
+      extrapolated past the largest with the slope fitted over the measured sizes >= 2 (size 1 is often
+      special). The shape is not assumed (flat on a GPU, nearly linear on a CPU: both are learned); until two
+      sizes >= 2 are measured the slope is guessed optimistic (PRIOR_SLOPE). A draft model's depth grows at
+      most to twice the largest size measured; prompt lookup, free to propose, goes to what the guess favours;
+    - a drafter step and a catch-up token (batched), measured; before that, t(1) (and the prompt's cost per
+      token) times the draft's weight in bytes over the target's (lookup: free);
+    - warm-ups: on a GPU the first two batches of a new size in a context run without, then capture, a CUDA
+      graph (H100, SmolLM2-135M: 5-22 ms, then 6-11 ms, against 1.6 ms after). The context's first one-token
+      decodes show whether its backend does this (`memory`, kept with the context); if so, those two rounds
+      of a size are set aside from the curve, and a size not yet warm in the context carries the last
+      warm-up's cost, spread over an episode, when a depth is chosen.
 
-    Bounded cost. `debt` adds up what speculation cost beyond plain decoding of the tokens it emitted (round
-    seconds - tokens x t(1), plus catch-ups; negative when drafting pays). When the model says plain
-    decoding is faster, a draft model is left out of step (no catch-up) and a probe is made every `backoff`
-    plain rounds (doubled after a probe that did not pay for itself), only if its worst case (everything
-    rejected) keeps the debt within BUDGET of the seconds elapsed, the prompt included. When the model
-    says drafting pays but the draft model is out of step, catch_up_now() brings it back in batches the
-    budget affords; drafting stops while the debt is over budget. A little SLACK (target steps) keeps the
-    start of a call, when BUDGET of little is nothing, from stopping on one unlucky round. So a bad or
-    costly drafter costs about BUDGET of the time of plain decoding, and the first draft of a draft model
-    (its catch-up on the whole prompt) waits until it is affordable. The first round is plain: it measures
-    t(1), the baseline.
+    Episodes. What a single round costs is not all that drafting costs: a GPU replays a captured graph only
+    for the batch shape it ran the round before, and the rounds right after a drafting round pay for the
+    change back (with one_cuda_graph_per_batch_shape, tools/vendor_llama_cpp.py, 0.5-0.9 ms; 5.5 ms without).
+    So drafting runs in episodes of EPISODE drafting rounds at one depth (the last episode's, unless another
+    promises STICKY times its rate), and two meters measure throughput (tokens / seconds, decayed): the
+    draft regime (drafting rounds and the TAIL rounds after each) and plain decoding. An episode starts when
+    the measured draft regime beats plain decoding by MARGIN, or, before any was measured, when the model of
+    a round says so; at its end it goes on if the draft regime measured at least as fast as plain decoding.
+    It stops early when the model, with the episode's size measured twice, says drafting loses.
+
+    Bounded cost. `debt` adds up what the draft regime cost beyond plain decoding of the tokens it emitted
+    (round seconds - tokens x t(1), plus catch-ups; negative when drafting pays). When drafting does not pay,
+    a draft model is left out of step (no catch-up) and a probe episode starts every `backoff` plain rounds
+    (doubled after an episode that did not pay), only if its worst round (everything rejected) keeps the debt
+    within BUDGET of the seconds elapsed, the prompt included; an episode stops while the debt is over budget.
+    When drafting pays but the draft model is out of step, catch_up_now() brings it back in batches the
+    budget affords. A little SLACK (target steps) keeps the start of a call, when BUDGET of little is
+    nothing, from stopping on one unlucky round; the first size's warm-up is not charged (an investment made
+    once per context), later ones are. So a bad or costly drafter costs about BUDGET of the time of plain
+    decoding, plus one warm-up. The first BASELINE rounds are plain: they measure t(1), the baseline.
     """
 
     DECAY = 0.9          # weight of the acceptance history per round
