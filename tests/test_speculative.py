@@ -92,6 +92,27 @@ def test_greedy_with_prompt_lookup_equals_plain_and_accepts_on_repetitive_text(s
         assert result.speculative.accepted >= 10
 
 
+def test_prompt_lookup_proposes_what_followed_the_latest_match_continued_periodically():
+    drafter = speculative.LookupDrafter()
+    seq = [1, 2, 3, 4, 9, 1, 2, 3]                    # "1 2 3" occurred before, followed by 4 9 1 2 3
+    assert drafter.propose(seq, 3)[0] == [4, 9, 1]
+    seq = [7, 5, 6, 5, 6]                             # "5 6" last occurred two tokens back: a loop of period 2
+    assert speculative.LookupDrafter().propose(seq, 5)[0] == [5, 6, 5, 6, 5]   # always k tokens: one batch shape
+    assert speculative.LookupDrafter().propose([1, 2, 3, 4], 4)[0] == []      # no earlier occurrence
+
+
+def test_a_context_remembers_what_speculation_learned_about_it(smollm2):
+    with llmplace.Context(smollm2, n_ctx=512) as ctx:
+        assert ctx.speculation_memory == {}
+        plain(smollm2, CODE_PROMPT, max_tokens=20, context=ctx, lookup=True)
+        memory = ctx.speculation_memory
+        assert memory["runs"][1] >= speculative.DepthController.BASELINE
+        assert memory["warms_up"] in (True, False)    # judged from the context's first one-token decodes
+        runs = dict(memory["runs"])
+        plain(smollm2, CODE_PROMPT, max_tokens=20, context=ctx, lookup=True)
+        assert ctx.speculation_memory["runs"][1] > runs[1]   # the second call counts on from the first
+
+
 def test_draft_given_as_a_path_is_loaded_checked_and_closed(smollm2, smollm2_q4_0_path):
     reference = plain(smollm2, PROMPT, max_tokens=12)
     result = plain(smollm2, PROMPT, max_tokens=12, draft=smollm2_q4_0_path)
