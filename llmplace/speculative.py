@@ -468,8 +468,9 @@ class DepthController:
       different times of a drifting load), made non-decreasing, interpolated between measured sizes,
       extrapolated past the largest with the slope fitted over the measured sizes >= 2 (size 1 is often
       special). The shape is not assumed (flat on a GPU, nearly linear on a CPU: both are learned); until two
-      sizes >= 2 are measured the slope is guessed optimistic (PRIOR_SLOPE). A draft model's depth grows at
-      most to twice the largest size measured; prompt lookup, free to propose, goes to what the guess favours;
+      sizes >= 2 are measured the slope is guessed optimistic (PRIOR_SLOPE). Depth grows at most to twice the
+      largest size measured, but prompt lookup (free to propose) on a backend with warm-ups goes straight to
+      what the guess favours;
     - a drafter step and a catch-up token (batched), measured; before that, t(1) (and the prompt's cost per
       token) times the draft's weight in bytes over the target's (lookup: free);
     - warm-ups: on a GPU the first two batches of a new size in a context run without, then capture, a CUDA
@@ -633,11 +634,11 @@ class DepthController:
         # size's warm-up was), spread over an episode.
         warmups = list(self.warmed_up.values())
         warmup = sum(s - p for s, p, _ in warmups[-1]) / self.EPISODE if warmups and self._warms_up() else 0.0
-        # A draft model: at most twice the largest batch measured: the curve is explored in doublings, so a
-        # guess about sizes never measured costs at most one step of the curve. Prompt lookup
-        # proposes for free, and a GPU pays for every change of batch shape (graphs rebuilt, re-captured):
-        # its depth goes straight to what the guessed curve favours.
-        grow = self.max if self.cost_free else 2 * max(self.samples, default=1) - 1
+        # At most twice the largest batch measured: the curve is explored in doublings, so a guess about sizes
+        # never measured costs at most one step of the curve. But prompt lookup, free to propose, on a
+        # backend that warms up each new batch shape (a GPU) goes straight to what the guessed curve favours:
+        # there every size explored costs a warm-up.
+        grow = self.max if self.cost_free and self._warms_up() else 2 * max(self.samples, default=1) - 1
         for k in range(1, min(self.max, limit, grow) + 1):
             rates[k] = self._depth_rate(k, pending, 0.0 if self._warm(k + 1) else warmup)
         best_k = max(rates, key=rates.get)
@@ -696,7 +697,9 @@ class DepthController:
             # Draft through the episode while the budget affords it, and while the model of single rounds,
             # once it has measured the episode's batch size twice, does not say it loses (the
             # acceptance rate is learned within a few rounds; what the meters see takes the whole episode).
-            depth = k if self.depth is None else min(self.depth, limit)
+            # One depth through the episode where new batch shapes cost (see _start_episode); elsewhere the
+            # depth follows the model round by round.
+            depth = min(self.depth, limit) if self.depth is not None and self._warms_up() else k
             if self.depth is not None and depth < self.depth and not self._warm(depth + 1) and self._warms_up():
                 return 0   # the end of the call cuts the depth: not worth warming up a size for a round
             measured = len(self.samples.get(depth + 1, ())) >= 2   # the least of two: past a hiccup
