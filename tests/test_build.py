@@ -180,3 +180,19 @@ def test_the_shim_exports_its_c_api_only():
                          capture_output=True, text=True, check=True).stdout
     exported = {line.split()[-1] for line in out.splitlines() if line.split()[-2] in "TWVuiBD"}
     assert exported and all(name.startswith("llmplace_") for name in exported), sorted(exported)[:10]
+
+
+def test_the_pinned_source_carries_every_build_time_correction():
+    """tools/vendor_llama_cpp.py edits the extracted tree (SOURCE_FIXES) and lists what it applied in the stamp:
+    the tree this build compiled has each correction, the CUDA graph key among them."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import vendor_llama_cpp as vendor
+    finally:
+        sys.path.pop(0)
+    assert vendor.STAMP.read_text().split()[1:] == [fix.__name__ for fix in vendor.SOURCE_FIXES]
+    cuda = (vendor.DEST / "ggml" / "src" / "ggml-cuda" / "ggml-cuda.cu").read_text()
+    assert "one_cuda_graph_per_batch_shape" in cuda and "return cgraph->nodes[0];" not in cuda
+    backend = (vendor.DEST / "ggml" / "src" / "ggml-backend.cpp").read_text()
+    start = backend.index("void ggml_backend_sched_reserve_size(")
+    assert "ggml_backend_sched_reset(sched);" not in backend[start:backend.index("\n}\n", start)]

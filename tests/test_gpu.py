@@ -6,6 +6,9 @@ is installed (CI has none; DESIGN §7 covers multi-device placement there with R
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 import llmplace
@@ -128,6 +131,23 @@ def test_chat_on_the_gpu_reuses_its_cache(gpu, smollm2_path):
         assert second.text.strip() and second.generated_tokens > 0
         # the second turn computed only its own message, not the history again
         assert 0 < second.prompt_evaluated < second.prompt_tokens - first.prompt_tokens
+
+
+def test_prompt_lookup_on_the_gpu_drafts_and_learns_the_context(gpu, smollm2_path):
+    """Speculative decoding with prompt lookup on the GPU: the copied code is drafted and mostly accepted, and
+    the context keeps what the controller learned (batch sizes run in it) for its next call."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from speculative import EDIT_PROMPT   # the benchmark's rename-this-code prompt
+
+    with llmplace.load(smollm2_path, progress=False) as model, llmplace.Context(model, n_ctx=1024) as ctx:
+        plain = llmplace.generate(model, EDIT_PROMPT, max_tokens=96, temperature=0, context=ctx)
+        fixed = llmplace.generate(model, EDIT_PROMPT, max_tokens=96, temperature=0, context=ctx, lookup=True,
+                                  adaptive_depth=False)
+        stats = fixed.speculative
+        assert plain.tokens and fixed.tokens and stats.drafted > 0 and stats.acceptance_rate > 0.5, stats
+        assert ctx.speculation_memory["runs"][1] >= 3 and len(ctx.speculation_memory["runs"]) >= 2
+        adaptive = llmplace.generate(model, EDIT_PROMPT, max_tokens=96, temperature=0, context=ctx, lookup=True)
+        assert adaptive.tokens and adaptive.speculative.source == "lookup"
 
 
 @pytest.mark.parametrize("placement", [None, "exps=CPU"])
