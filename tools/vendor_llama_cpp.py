@@ -126,18 +126,23 @@ def one_cuda_graph_per_batch_shape(root: Path) -> None:
     builds every graph into the same memory, so a one-token decode and a batch of a few tokens share that key:
     each change of batch size (speculative decoding alternates verification batches with one-token decodes)
     invalidates the cached graph, runs the next decode without a graph and re-captures it on the one after.
-    On the H100 with SmolLM2-135M that made a 6-token batch after one-token decodes cost 4.5 ms, and the two
-    one-token decodes after it 2.6 and 3.7 ms, against 1.1-1.3 ms with a graph. Keying by the first node and
-    the graph's shape (node count, the first node's and the last node's second dimension: tokens in, rows of
-    logits out) keeps one graph per batch shape, each still checked node by node before it is replayed, and
-    still evicted after 10 s unused."""
+    On the H100 with SmolLM2-135M that made a 6-token batch after one-token decodes cost 4.0 ms, and the two
+    one-token decodes after it 2.8 and 2.5 ms, against 1.1 ms with a graph (tools/gpu_shape_switch.py). Keying
+    small batches (up to 16 tokens: one-token decodes and verification batches) by the first node and the
+    graph's shape (node count, the first node's and the last node's second dimension: tokens in, rows of
+    logits out) keeps one graph per such shape, each still checked node by node before it is replayed and
+    evicted after 10 s unused. Larger batches (prompts, whose lengths vary) keep upstream's one shared key, so
+    a server fed prompts of many lengths does not hold a cache entry for each."""
     path = root / "ggml" / "src" / "ggml-cuda" / "ggml-cuda.cu"
     text = path.read_text()
     old = "static const void * ggml_cuda_graph_get_key(ggml_cgraph * cgraph) {\n    return cgraph->nodes[0];\n}\n"
     new = ("static const void * ggml_cuda_graph_get_key(ggml_cgraph * cgraph) {\n"
-           "    // llmplace (tools/vendor_llama_cpp.py, one_cuda_graph_per_batch_shape): one graph per batch shape\n"
+           "    // llmplace (tools/vendor_llama_cpp.py, one_cuda_graph_per_batch_shape): one graph per small batch shape\n"
            "    const ggml_tensor * first = cgraph->nodes[0];\n"
            "    const ggml_tensor * last  = cgraph->nodes[cgraph->n_nodes - 1];\n"
+           "    if (first->ne[1] > 16) {\n"
+           "        return first;\n"
+           "    }\n"
            "    const uint64_t shape = ((uint64_t) cgraph->n_nodes * 1000003u + (uint64_t) first->ne[1]) * 1000003u\n"
            "                         + (uint64_t) last->ne[1];\n"
            "    return (const void *) ((uintptr_t) first + (uintptr_t) (shape * 0x9E3779B97F4A7C15ull));\n"
