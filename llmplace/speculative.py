@@ -481,7 +481,8 @@ class DepthController:
 
     Episodes. What a single round costs is not all that drafting costs: a GPU replays a captured graph only
     for the batch shape it ran the round before, and the rounds right after a drafting round pay for the
-    change back (with one_cuda_graph_per_batch_shape, tools/vendor_llama_cpp.py, 0.5-0.9 ms; 5.5 ms without).
+    change back (0.5-0.9 ms a change with one_cuda_graph_per_batch_shape, tools/vendor_llama_cpp.py; without
+    it, 5.5 ms for a batch and back).
     So drafting runs in episodes of EPISODE drafting rounds at one depth (the last episode's, unless another
     promises STICKY times its rate), and two meters measure throughput (tokens / seconds, decayed): the
     draft regime (drafting rounds and the TAIL rounds after each) and plain decoding. An episode starts when
