@@ -540,7 +540,6 @@ class DepthController:
         self.debt = 0.0                                # seconds speculation lost against plain decoding
         self.plain_rounds = 0                          # plain rounds since the last draft or probe
         self.backoff = 4                               # plain rounds between probes
-        self.probing = False
         self.depth: int | None = None                  # tokens drafted per round in the current episode
         self.last_depth: int | None = None             # ... in the last episode
         self.episode = 0                               # drafting rounds left in the current episode (0: none)
@@ -690,7 +689,7 @@ class DepthController:
         if len(self.samples.get(1, ())) < self.BASELINE:   # the baseline first
             return 0
         t1 = self.verify_cost(1)
-        k, rate = self.best_depth(limit, min(pending, 2))
+        k, _ = self.best_depth(limit, min(pending, 2))
         # SLACK: early in a call BUDGET of little is nothing; one unlucky round must not stop drafting that
         # the measured costs favour.
         affordable = pending <= 2 and self._allowance(self.SLACK * t1) >= 0
@@ -700,8 +699,9 @@ class DepthController:
             # acceptance rate is learned within a few rounds; what the meters see takes the whole episode).
             # One depth through the episode where new batch shapes cost (see _start_episode); elsewhere the
             # depth follows the model round by round.
-            depth = min(self.depth, limit) if self.depth is not None and self._warms_up() else k
-            if self.depth is not None and depth < self.depth and not self._warm(depth + 1) and self._warms_up():
+            hold = self.depth is not None and self._warms_up()
+            depth = min(self.depth, limit) if hold else k
+            if hold and depth < self.depth and not self._warm(depth + 1):
                 return 0   # the end of the call cuts the depth: not worth warming up a size for a round
             measured = len(self.samples.get(depth + 1, ())) >= 2   # the least of two: past a hiccup
             if affordable and not (measured and self._depth_rate(depth, pending) * t1 < 1.0):
@@ -712,7 +712,7 @@ class DepthController:
             return 0
         if self._drafting_pays(limit, self.MARGIN):
             if affordable:
-                self._start_episode(probe=False, depth=k)
+                self._start_episode(k)
                 return k
             return 0                       # out of step: catch_up_now() brings it in step as affordable
         self.plain_rounds += 1
@@ -721,21 +721,21 @@ class DepthController:
         worst = self.catchup_cost(pending) + k * self.step_cost() + self.verify_cost(k + 1) - t1
         if worst > self._allowance(0.5 * self.SLACK * t1):
             return 0
-        self._start_episode(probe=True, depth=k)
+        self._start_episode(k)                      # a probe
         return k
 
-    def _start_episode(self, probe: bool, depth: int | None) -> None:
+    def _start_episode(self, depth: int | None) -> None:
         """Draft for the next EPISODE drafting rounds, at one depth (None: chosen at the episode's first
         draft): a GPU pays for each change of batch shape (0.5-0.9 ms on the H100 with SmolLM2-135M, against
         1.1 ms for a token) and for each new shape's first two runs in a context (see update)."""
-        self.episode, self.plain_rounds, self.probing = self.EPISODE, 0, probe
+        self.episode, self.plain_rounds = self.EPISODE, 0
         self.depth = depth
         if depth is not None:
             self.last_depth = depth
 
     def _end_episode(self) -> None:
         """Stop drafting; the next probe waits twice as long as the last."""
-        self.episode, self.plain_rounds, self.probing = 0, 0, False
+        self.episode, self.plain_rounds = 0, 0
         self.backoff = min(self.backoff * 2, 64)
 
     def catch_up_now(self, limit: int, pending: int) -> int:
@@ -771,11 +771,12 @@ class DepthController:
         size = drafted + 1
         t_round = t_draft + t_verify
         self.elapsed += t_round
-        predicted = self.verify_cost(size) if 1 in self.samples else math.inf
         runs = self.memory["runs"]
         n_run = runs.get(size, 0)
         runs[size] = n_run + 1
         aside = self.warmed_up.get(size)
+        # Only a batch size's first two runs in the context can be a warm-up: predict its cost for those alone.
+        predicted = self.verify_cost(size) if size > 1 and n_run < 2 and 1 in self.samples else math.inf
         if size > 1 and self._warms_up() and (n_run == 0 or (n_run == 1 and aside)) \
                 and t_verify > (self.WARMUP if n_run == 0 else self.WARMUP / 2) * predicted:
             # The first two batches of a new size in this context, over what the curve predicts: run without
@@ -810,7 +811,7 @@ class DepthController:
                 self.episode -= 1
                 if not self.episode:       # judge the episode by what drafting measured against plain decoding
                     if self._drafting_pays(1, 1.0):
-                        self._start_episode(probe=False, depth=None)
+                        self._start_episode(None)
                         self.backoff = 4
                     else:
                         self._end_episode()

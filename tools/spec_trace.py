@@ -32,7 +32,7 @@ def main() -> None:
         k = choose(self, limit, pending)
         trace.append({"limit": limit, "k": k, "acceptance": round(self.acceptance, 3), "debt_ms": self.debt * 1e3,
                       "allowance_ms": self._allowance(self.SLACK * self.verify_cost(1)) * 1e3 if 1 in self.samples
-                      else None, "backoff": self.backoff, "probing": self.probing, "episode": self.episode,
+                      else None, "backoff": self.backoff, "episode": self.episode,
                       "depth": self.depth,
                       "curve_ms": {n: round(self.verify_cost(n) * 1e3, 3) for n in range(1, 7)} if 1 in self.samples
                       else None})
