@@ -242,6 +242,12 @@ def add_rpc_server(endpoint: str, timeout: float = 3.0) -> list[Device]:
         return list(devs)
 
 
+def rpc_endpoints() -> list[str]:
+    """The RPC servers added so far ("host:port"), in the order they were added."""
+    with _lock:
+        return list(_rpc_devices)
+
+
 def _register_rpc_server(endpoint: str) -> list[Device]:
     before = C.ggml_backend_dev_count()
     reg = C.ggml_backend_reg_by_name(b"RPC")

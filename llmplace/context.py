@@ -110,8 +110,8 @@ class Context(NativeObject):
         if model.dry_run:
             raise InvalidParameterError("this Model comes from a dry run (no weights in memory): it can be "
                                         "inspected, not run; load it with llmplace.load(path)")
-        if n_ctx is None and model.fit_result is not None:
-            n_ctx = model.fit_result.n_ctx  # the context size the memory fit chose
+        if n_ctx is None:
+            n_ctx = model.default_n_ctx  # load(n_ctx=...), or the context size the memory fit chose
         if n_ctx is None:
             n_ctx = min(DEFAULT_N_CTX, model.n_ctx_train) if model.n_ctx_train > 0 else DEFAULT_N_CTX
         if n_ctx != 0:

@@ -188,13 +188,17 @@ def _setup(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int
         # Room for a draft in flight too when speculating (the target verifies up to `depth` extra tokens).
         extra = depth if speculate else 0
         n_ctx = min(max(512, len(tokens) + max_tokens + 1 + extra), max(model.n_ctx_train, len(tokens) + 1))
-        context = Context(model, n_ctx=n_ctx)
+        # load(n_ctx=...) or the fitted size: the caller chose it (for memory), so it holds here too
+        context = Context(model, n_ctx=model.default_n_ctx or n_ctx)
     elif context.model is not model:
         raise InvalidParameterError("the context belongs to another model")
-    elif len(tokens) >= context.n_ctx:
+    if len(tokens) >= context.n_ctx:
+        held = context.n_ctx
+        if own_context:
+            context.close()
         raise ContextOverflowError(
-            f"the prompt has {len(tokens)} tokens but the context holds {context.n_ctx} (and generation needs at "
-            "least one more); shorten the prompt or use a Context with a larger n_ctx")
+            f"the prompt has {len(tokens)} tokens but the context holds {held} (and generation needs at least one "
+            "more); shorten the prompt, or use a larger n_ctx (load(..., n_ctx=N) or a Context of your own)")
     sampler = drafter = None
     try:
         sampler = Sampler(model.n_vocab, params)

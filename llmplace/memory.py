@@ -28,6 +28,7 @@ from .context import _FLASH_ATTN, KV_TYPES
 from .errors import DeviceNotFoundError, InvalidParameterError, OutOfMemoryError
 from .gguf_info import read as read_gguf
 from .placement import Placement, Rule, is_host_buffer, model_devices
+from .runtime_cost import ProbeSettings, device_by_name, device_free, runtime_costs
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -72,10 +73,18 @@ class MemoryUse:
     budget: int | None = None  # the budget it was fitted to, if any
     mapped: int = 0      # of `weights`: bytes of the tensors read through the mmap'd model file (page cache,
     #                      shared with the file) rather than copied into allocated RAM buffers
+    runtime: int = 0     # what the process holds there beyond llama.cpp's buffers (a GPU backend's context,
+    #                      kernel modules, library workspaces, pools, graphs): measured, see runtime_cost.py
+
+    @property
+    def buffers(self) -> int:
+        """llama.cpp's own buffers: weights, KV cache and compute."""
+        return self.weights + self.kv + self.compute
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.compute
+        """What the process uses in this memory: the buffers and the runtime."""
+        return self.buffers + self.runtime
 
 
 @dataclass(frozen=True)
@@ -92,15 +101,19 @@ class Estimate:
         return [m for name, m in self.memories.items() if name != HOST]
 
     def __str__(self) -> str:
-        head = f"{'memory':<26} {'weights':>11} {'(mmap)':>11} {'KV cache':>11} {'compute':>11} {'total':>11}"
+        head = (f"{'memory':<26} {'weights':>11} {'(mmap)':>11} {'KV cache':>11} {'compute':>11} {'runtime':>11} "
+                f"{'total':>11}")
         lines = [f"{head} {'free':>11}"]
         for m in self.memories.values():
             free = "" if m.free is None else _human(m.free)
             mapped = _human(m.mapped) if m.mapped else ""
             lines.append(f"{m.memory:<26} {_human(m.weights):>11} {mapped:>11} {_human(m.kv):>11} "
-                         f"{_human(m.compute):>11} {_human(m.total):>11} {free:>11}")
+                         f"{_human(m.compute):>11} {_human(m.runtime):>11} {_human(m.total):>11} {free:>11}")
         if any(m.mapped for m in self.memories.values()):
             lines.append("(mmap): the part of the weights read from the memory-mapped model file (page cache)")
+        if any(m.runtime for m in self.memories.values()):
+            lines.append("runtime: what the process holds beyond llama.cpp's buffers (backend context, workspaces, "
+                         "pools, graphs), measured once per device and model")
         return "\n".join(lines)
 
 
@@ -131,12 +144,9 @@ def _device_names() -> dict[str, tuple[str, int, int]]:
         dev = C.ggml_backend_dev_get(i)
         if C.ggml_backend_dev_type(dev) == C.GGML_BACKEND_DEVICE_TYPE_CPU:
             continue
-        free, total = ffi.new("size_t *"), ffi.new("size_t *")
-        C.ggml_backend_dev_memory(dev, free, total)
         buft = C.ggml_backend_dev_buffer_type(dev)
         name = c_string(C.ggml_backend_dev_name(dev))
-        result[c_string(C.ggml_backend_buft_name(buft)) if buft != ffi.NULL else name] = (name, int(free[0]),
-                                                                                         int(total[0]))
+        result[c_string(C.ggml_backend_buft_name(buft)) if buft != ffi.NULL else name] = (name, *device_free(dev))
     return result
 
 
@@ -229,11 +239,14 @@ def _model_path(model) -> Path:
 
 def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
              flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, draft=None, draft_placement=None,
-             n_gpu_layers: int = -1, use_mmap: bool = True, **split) -> Estimate:
+             n_gpu_layers: int = -1, use_mmap: bool = True, runtime=None, **split) -> Estimate:
     """Bytes of weights, KV cache and compute buffers per device (and host) for `model` (a path or a Model)
-    under `placement` with a context of n_ctx tokens, from a dry run: nothing is read or allocated.
+    under `placement` with a context of n_ctx tokens, from a dry run: nothing is read or allocated; plus each
+    device's runtime row (what the process holds there beyond those buffers, runtime_cost.py).
     draft: a draft model (path or Model) whose needs are added, with a context of the same size.
     use_mmap: as the load will be (load's default: True); host weights it maps are reported as `mapped`.
+    runtime: None = measured once per device and model (cached; the CPU and RPC devices have rules, no
+    measurement); bytes or a size string for every device; or {"CUDA0": "700MiB", ...}; 0 leaves the row out.
     split takes load()'s split keywords (split_mode, tensor_split, main_gpu, devices)."""
     from .model import Model
 
@@ -251,7 +264,25 @@ def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k
                 mine = memories.get(name, MemoryUse(name, 0, 0, 0, free=use.free))
                 memories[name] = replace(mine, weights=mine.weights + use.weights, kv=mine.kv + use.kv,
                                          compute=mine.compute + use.compute, mapped=mine.mapped + use.mapped)
+    settings = ProbeSettings(n_batch=n_batch, n_ubatch=n_ubatch, n_seq=n_seq, type_k=type_k, type_v=type_v,
+                             flash_attn=flash_attn)
+    for name, cost in runtime_of(model, [n for n in memories if n != HOST], settings, runtime, draft).items():
+        memories[name] = replace(memories[name], runtime=cost)
     return Estimate(memories, chosen_ctx)
+
+
+def runtime_of(model, device_names: Sequence[str], settings: ProbeSettings, given=None, draft=None) -> dict[str, int]:
+    """The runtime row per device name (runtime_cost.py). A draft model runs in a context of its own, with its own
+    pools and library workspaces on each device (the backend's context is shared): its cost less that part is
+    added."""
+    devs = [device_by_name(name) for name in device_names]
+    costs = runtime_costs(_model_path(model), devs, settings, given)
+    result = {name: cost.total for name, cost in costs.items()}
+    if draft is not None:
+        for name, cost in runtime_costs(_model_path(draft), devs, settings, given).items():
+            if cost.source not in ("given",):
+                result[name] += cost.total - cost.context
+    return result
 
 
 # ---- fit -----------------------------------------------------------------------------------------------
@@ -338,16 +369,18 @@ def _describe_changes(path: Path, fitted: Placement, n_gpu_layers: int, n_layer:
 def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | str = "1GiB", n_ctx: int = 0,
         n_ctx_min: int = 4096, draft=None, placement=None, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
         flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, devices: Sequence[str] | None = None,
-        attempts: int = 3, use_mmap: bool = True) -> FitResult:
+        attempts: int = 3, use_mmap: bool = True, runtime=None) -> FitResult:
     """Find n_gpu_layers, tensor_split, overrides and (if n_ctx=0) the context size that fit each device.
 
-    budget: {"CUDA0": "12GiB", ...} caps a device below its free memory (default: its free memory).
+    budget: {"CUDA0": "12GiB", "host": "32GiB", ...}: the most this process may use of each memory, as
+    nvidia-smi would show it: llama.cpp's buffers and the device's runtime row (its backend's context,
+    workspaces, pools and graphs; see runtime_cost.py). Default: what the device has free.
     margin: left unused on each device. n_ctx: 0 = as large as fits, down to n_ctx_min; N = exactly N.
     n_batch / n_ubatch / n_seq / type_k / type_v / flash_attn: the context's settings (they size the KV cache
     and compute buffers; use the same when creating the Context).
     placement: your rules, kept as they are; the fit places what they leave. draft: a draft model to co-fit.
     use_mmap: whether the model will be loaded with mmap (load's default): only says which host weights
-    the estimate reports as mapped.
+    the estimate reports as mapped. runtime: as for `estimate` (None = measured once per device and model).
     Never raises for "does not fit": the result says success=False and why.
     """
     from .backends import ensure_initialized
@@ -359,6 +392,8 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     n_layer = int(info.metadata.get(f"{info.arch}.block_count", 0) or 0)
     if isinstance(n_ctx_min, bool) or not isinstance(n_ctx_min, int) or n_ctx_min < 1:
         raise InvalidParameterError(f"n_ctx_min must be an int >= 1, not {n_ctx_min!r}")
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+        raise InvalidParameterError(f"n_ctx must be an int >= 0 (0 = as large as fits), not {n_ctx!r}")
     if n_ctx == 0 and n_ctx_train and n_ctx_min > n_ctx_train:
         raise InvalidParameterError(f"n_ctx_min={n_ctx_min} is larger than the {n_ctx_train} tokens "
                                     f"{path.name} was trained for; lower it")
@@ -367,19 +402,32 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     devs = model_devices(devices)
     budgets = _resolve_budget(budget, devs)
     names = [c_string(C.ggml_backend_dev_name(d)) for d in devs]
-    free = []
-    for dev in devs:
-        f, t = ffi.new("size_t *"), ffi.new("size_t *")
-        C.ggml_backend_dev_memory(dev, f, t)
-        free.append(int(f[0]))
-    usable = {names[i]: max(0, min(free[i], budgets.get(i, free[i])) - margin_bytes) for i in range(len(devs))}
+    free = [device_free(dev)[0] for dev in devs]  # read after this process initialised each device
+    settings = ProbeSettings(n_batch=n_batch, n_ubatch=n_ubatch, n_seq=n_seq, type_k=type_k, type_v=type_v,
+                             flash_attn=flash_attn)
+    costs = runtime_costs(path, devs, settings, runtime)
+    if draft is not None:
+        for name, cost in runtime_costs(_model_path(draft), devs, settings, runtime).items():
+            if cost.source != "given":  # a draft's context has pools and workspaces of its own
+                costs[name] = replace(costs[name], total=costs[name].total + cost.total - cost.context)
+    # usable: the most the process may hold in each memory (budget, or what it could reach: the free memory
+    # plus the backend context it already holds), less the margin. room: what is left of that for llama.cpp's
+    # buffers once the runtime row is paid.
+    usable, room = {}, {}
+    for i, name in enumerate(names):
+        reachable = free[i] + costs[name].context
+        usable[name] = max(0, min(reachable, budgets.get(i, reachable)) - margin_bytes)
+        room[name] = max(0, usable[name] - costs[name].total)
     if HOST in budgets:  # llama.cpp's fit takes host memory as unlimited: only checked on the measured plan
         usable[HOST] = budgets[HOST]
+    runtime_given = {name: cost.total for name, cost in costs.items()}  # measured once, not again per attempt
     split_kwargs = {} if devices is None else {"devices": list(devices)}
 
     extra_margin = [0] * len(devs)
+    n_ctx_try = n_ctx  # a context the fit shrinks itself sets a fixed size here (see below)
     result = None
-    for _ in range(max(1, attempts)):
+    refits = shrinks = 0
+    while True:
         mparams = C.llama_model_default_params()
         if devices is not None:
             # NULL-terminated; this local keeps the array alive while llama.cpp's fit reads it
@@ -387,13 +435,13 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             for i, d in enumerate(devs):
                 device_array[i] = d
             mparams.devices = device_array
-        cparams = context_params(n_ctx, n_seq=n_seq, n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k,
+        cparams = context_params(n_ctx_try, n_seq=n_seq, n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k,
                                  type_v=type_v, flash_attn=flash_attn)
         tensor_split = ffi.new("float[]", C.llama_max_devices())
         overrides = ffi.new("struct llama_model_tensor_buft_override[]", C.llama_max_tensor_buft_overrides())
         margins = ffi.new("size_t[]", max(1, len(devs)))
         for i in range(len(devs)):
-            margins[i] = free[i] - usable[names[i]] + extra_margin[i]
+            margins[i] = max(0, free[i] - room[names[i]]) + extra_margin[i]
         draft_args = (ffi.NULL, ffi.NULL, ffi.NULL)
         if draft is not None:
             draft_args = (str(_model_path(draft)).encode(), ffi.new("struct llama_model_params *",
@@ -420,7 +468,7 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
         fitted = Placement([r for i, r in enumerate(fitted_rules) if i not in unused])
         combined = user + fitted
         ngl = int(m_ptr.n_gpu_layers)
-        chosen_ctx = int(c_ptr.n_ctx) or (n_ctx or n_ctx_train)
+        chosen_ctx = int(c_ptr.n_ctx) or (n_ctx_try or n_ctx_train)
         split = [float(tensor_split[i]) for i in range(len(devs))] if len(devs) > 1 else None
         if split is not None and sum(split) <= 0:
             split = None
@@ -429,7 +477,7 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             kw.update(tensor_split=split, split_by="layers")  # llama.cpp's shares of the layer count
         measured = estimate(path, combined, n_ctx=chosen_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,
                             flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, draft=draft,
-                            n_gpu_layers=ngl, use_mmap=use_mmap, **kw)
+                            n_gpu_layers=ngl, use_mmap=use_mmap, runtime=runtime_given, **kw)
         over = {name: measured[name].total - usable[name] for name in usable
                 if name in measured.memories and measured[name].total > usable[name]}
         memories = {k: replace(v, budget=usable.get(k)) for k, v in measured.memories.items()}
@@ -441,17 +489,38 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             reason = (f"host memory would hold {_human(measured[HOST].total)}, over its budget of "
                       f"{_human(usable[HOST])} with the devices as full as their budgets allow: this model and context need more memory "
                       "than the budget gives (lower n_ctx, use a smaller quantization or raise the budget)")
-            return FitResult(False, chosen_ctx, ngl, split, combined, measured, f"{reason} ({changes})", usable)
-        if status == 0:
+            result = FitResult(False, chosen_ctx, ngl, split, combined, measured, f"{reason} ({changes})", usable)
+        elif status == 0:
             reason = "; ".join(f"{name} would hold {_human(usable[name] + b)}, {_human(b)} over its "
                                f"{_human(usable[name])}" for name, b in over.items())
+            result = FitResult(False, chosen_ctx, ngl, split, combined, measured, f"{reason} ({changes})", usable)
         else:
             reason = "llama.cpp's fit found no placement within the budget even with everything it may move " \
                      "moved to host memory" + (f" and the context at {n_ctx_min} tokens" if n_ctx == 0 else "")
-        result = FitResult(False, n_ctx if status != 0 else chosen_ctx, ngl, split, combined, measured,
-                           f"{reason} ({changes})", usable)
-        if status != 0:
-            break
+            return FitResult(False, n_ctx, ngl, split, combined, measured, f"{reason} ({changes})", usable)
+        # With n_ctx=0 the context may shrink (down to n_ctx_min) wherever the KV cache is what overflows,
+        # host included: llama.cpp's fit only shrinks it for the devices it knows budgets of.
+        smaller = _shrunk_context(over, measured, chosen_ctx, n_ctx_min) if n_ctx == 0 else None
+        if smaller is not None and shrinks < 8:
+            n_ctx_try, shrinks = smaller, shrinks + 1
+            continue
+        if set(over) == {HOST} or refits + 1 >= max(1, attempts):
+            return result
+        refits += 1
         for i, name in enumerate(names):  # llama.cpp's plan overshot: refit with the overshoot as extra margin
             extra_margin[i] += over.get(name, 0) + (16 << 20 if name in over else 0)
-    return result
+
+
+def _shrunk_context(over: Mapping[str, int], measured: Estimate, n_ctx: int, n_ctx_min: int) -> int | None:
+    """A context size whose KV cache is smaller by what each memory is over (rounded down to 256 tokens, not
+    below n_ctx_min), or None when shrinking cannot help."""
+    if n_ctx <= n_ctx_min:
+        return None
+    drop = 0
+    for name, excess in over.items():
+        per_token = measured[name].kv / n_ctx
+        if per_token <= 0:
+            return None  # this memory holds no KV cache: a smaller context does not relieve it
+        drop = max(drop, -(-excess // int(max(1, per_token))))
+    smaller = max(n_ctx_min, (n_ctx - drop) // 256 * 256)
+    return smaller if smaller < n_ctx else None

@@ -130,6 +130,7 @@ class Model(NativeObject):
         self._own(handle, C.llama_model_free)
         self.dry_run = dry_run  # weights were placed but not allocated: metadata and placement only
         self.fit_result = None  # set by load(fit=True): the FitResult this model was loaded with
+        self.default_n_ctx: int | None = None  # load(n_ctx=N): the size of contexts made without one
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
         self._adapters: list[LoRA] = []  # freed by llama.cpp with the model
         self.vocab = Vocab(self)
@@ -274,7 +275,13 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
     `placement`'s rules (see llmplace.fit); n_ctx (0 = as large as fits, down to n_ctx_min) becomes the
     default size of this model's contexts; `model.fit_result` says what was chosen. Raises
     OutOfMemoryError, with the estimate, when nothing fits or the real load runs out of memory.
+    n_ctx without fit: the default size of this model's contexts (`Context(model)`, `generate`, `Chat`);
+    0 (default) = Context's own default, min(4096, the trained length).
     """
+    from .context import MAX_N_CTX
+
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 <= n_ctx <= MAX_N_CTX:
+        raise InvalidParameterError(f"n_ctx must be an int from 0 (automatic) to {MAX_N_CTX} tokens, not {n_ctx!r}")
     if fit:
         return _load_fitted(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
                             devices=devices, rpc_servers=rpc_servers, progress=progress, use_mmap=use_mmap,
@@ -282,10 +289,12 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
                             main_gpu=main_gpu, kv_overrides=kv_overrides)
     if budget is not None:
         raise InvalidParameterError("budget= is used by the memory fit: pass fit=True as well")
-    return Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
-                 use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
-                 placement=placement, tensor_split=tensor_split, split_by=split_by, devices=devices,
-                 rpc_servers=rpc_servers, kv_overrides=kv_overrides)
+    model = Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
+                  use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
+                  placement=placement, tensor_split=tensor_split, split_by=split_by, devices=devices,
+                  rpc_servers=rpc_servers, kv_overrides=kv_overrides)
+    model.default_n_ctx = n_ctx or None
+    return model
 
 
 def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, rpc_servers, progress, **kwargs
@@ -308,4 +317,5 @@ def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, 
         raise OutOfMemoryError(f"loading {Path(path).name} with the fitted placement failed ({exc}); the fit "
                                f"estimated:\n{result.estimate}\nlower the budget or raise the margin") from exc
     model.fit_result = result
+    model.default_n_ctx = result.n_ctx
     return model

@@ -39,8 +39,9 @@ fi
 tok="$repo/.tok/tiny-llama.gguf"; [ -f "$tok" ] || tok="$repo/.dev/tiny-llama.gguf"
 for i in 1 2 3; do if [ -d "$repo/.spec$i" ]; then cp "$repo/.spec$i"/smol-part-* /tmp/; fi; done
 [ -n "${STEP_ONLY_COPY:-}" ] && exit 0  # a call that only brings files over
-synth() {  # synth SHAPE: write /tmp/SHAPE.gguf once
-    [ -f "/tmp/$1.gguf" ] || python3 -m llmplace.synthetic "/tmp/$1.gguf" --shape "$1" --dtype q4_0 --tokenizer-from "$tok"
+synth() {  # synth SHAPE [DTYPE]: write /tmp/SHAPE.gguf (Q4_0) or /tmp/SHAPE-DTYPE.gguf once
+    local file="/tmp/$1${2:+-$2}.gguf"
+    [ -f "$file" ] || python3 -m llmplace.synthetic "$file" --shape "$1" --dtype "${2:-q4_0}" --tokenizer-from "$tok"
 }
 real_smollm2() {  # the real SmolLM2, joined from the three thirds carried in earlier calls
     [ -f /tmp/smollm2-real.gguf ] || cat /tmp/smol-part-0 /tmp/smol-part-1 /tmp/smol-part-2 > /tmp/smollm2-real.gguf
@@ -85,6 +86,20 @@ trace)
     python3 "$repo/tools/spec_trace.py" /tmp/smollm2-real.gguf --n-gpu-layers 99 \
         --out "$out/gpu-h100-spec-trace-lookup-edit.jsonl" | tail -3
     python3 "$repo/tools/gpu_shape_switch.py" /tmp/smollm2-real.gguf --out "$out/gpu-h100-shape-switch-real.json"
+    ;;
+cap8b)  # budgets under a real cap (benchmarks/budget_cap.py): the Llama-8B shape at 4 GiB, Q4_0 and F16
+    synth llama-8b; synth llama-8b f16
+    python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-8b.gguf --budget 4GiB --case fit:ctx=1024 --case fit:mmap=0,ctx=1024 \
+        --bench "fitt=-fitt 1024" --out "$out/cap-llama8b-q4_0.json"
+    python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-8b-f16.gguf --budget 4GiB --case fit:mmap=0,ctx=1024 \
+        --case fit:mmap=0,hot=1,ctx=1024 --case fit:mmap=1,ctx=1024 --bench "B=-fitt 1024 -lm none" \
+        --bench "C=-fitt 1024 -lm none -nopo 1" --out "$out/cap-llama8b-f16.json"
+    ;;
+capmoe)  # the Qwen3-30B-A3B shape at 12 GiB, ctx 4096: the fit, an n_cpu_moe sweep, llama-bench -fitt
+    synth qwen3-30b-a3b
+    python3 "$repo/benchmarks/budget_cap.py" /tmp/qwen3-30b-a3b.gguf --budget 12GiB --case fit \
+        ${SWEEP:---case ncmoe=14 --case ncmoe=16 --case ncmoe=18 --case ncmoe=20} \
+        --bench "fitt=-fitt 1024" --out "$out/cap-qwen3-30b-a3b-q4_0.json"
     ;;
 split)
     synth llama-70b
