@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import logs
+from . import logs, rpc
 from ._ffi import LIB_DIR, C, c_string, ffi
 from .errors import BuildError, DeviceNotFoundError
 
@@ -221,18 +221,14 @@ def buffer_type(target: str):
 def add_rpc_server(endpoint: str, timeout: float = 3.0) -> list[Device]:
     """Add the devices of an RPC server ("host:port", started with `llmplace-rpc-server`).
 
-    Connectivity is checked from Python first: llama.cpp aborts the whole process when it cannot reach a
-    server."""
-    import socket
-
-    host, _, port = endpoint.rpartition(":")
-    if not host or not port.isdigit():
-        raise DeviceNotFoundError(f"RPC endpoint {endpoint!r} must look like 'host:port', e.g. '127.0.0.1:50052'")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise DeviceNotFoundError(f"cannot reach the RPC server at {endpoint} ({exc}); start one there with "
-                                  "`llmplace rpc-server` / llmplace-rpc-server -H HOST -p PORT") from None
+    The server is first spoken to from Python, with a timeout (see llmplace.rpc): llama.cpp aborts the whole
+    process when it cannot reach a server or the server answers wrongly, and waits forever for one that never
+    answers."""
+    host, port = rpc.parse_endpoint(endpoint)
+    with _lock:
+        if endpoint in _rpc_devices:
+            return list(_rpc_devices[endpoint])
+    rpc.probe(host, port, timeout)
     ensure_initialized()
     with _lock:
         if endpoint in _rpc_devices:

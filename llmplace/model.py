@@ -71,6 +71,18 @@ def kv_override_array(overrides: Mapping[str, bool | int | float | str], metadat
     return array
 
 
+def rpc_endpoints(rpc_servers) -> list:
+    """rpc_servers as a list: a list of "host:port", or one string of them separated by commas (llama.cpp's
+    --rpc and llama-cpp-python take that form). Each is checked by add_rpc_server."""
+    if rpc_servers is None:
+        return []
+    if isinstance(rpc_servers, str):
+        return [part.strip() for part in rpc_servers.split(",") if part.strip()]
+    if not isinstance(rpc_servers, (list, tuple)):
+        raise InvalidParameterError(f"rpc_servers must be a list of 'host:port' strings, not {rpc_servers!r}")
+    return list(rpc_servers)
+
+
 class Model(NativeObject):
     """A loaded model. Create with `llmplace.load(path)`; use as a context manager or call `close()`."""
 
@@ -86,7 +98,7 @@ class Model(NativeObject):
             raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
         check_header(self.path)
         ensure_initialized()
-        for endpoint in rpc_servers or ():
+        for endpoint in rpc_endpoints(rpc_servers):
             add_rpc_server(endpoint)
 
         params = C.llama_model_default_params()
@@ -301,7 +313,7 @@ def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, 
                  ) -> Model:
     from .memory import fit as fit_memory
 
-    for endpoint in rpc_servers or ():
+    for endpoint in rpc_endpoints(rpc_servers):
         add_rpc_server(endpoint)
     check_header(Path(os.fspath(path)).expanduser())
     if kwargs.get("kv_overrides"):
