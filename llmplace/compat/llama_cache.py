@@ -2,21 +2,28 @@
 completion, keyed by its tokens, and restores the entry sharing the longest prefix with a later prompt when
 that beats what the context holds (e.g. when switching between a few long system prompts).
 
-LlamaDiskCache keeps the states in files instead (one pickle per entry, in a folder that survives the process),
-so a later process with the same model finds them; llama-cpp-python's needs the diskcache package, this one
-nothing.
+LlamaDiskCache keeps the states in files instead (one per entry, in a folder that survives the process), so a
+later process with the same model finds them; llama-cpp-python's needs the diskcache package, this one nothing.
+Its files hold data only (a JSON header and raw bytes, see _StateFile), never pickles: llama-cpp-python's
+unpickles whatever it finds in the folder, so a file planted there runs code in the process that opens it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
-import pickle
+import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import InvalidParameterError
+
+logger = logging.getLogger("llmplace")
 
 
 class LlamaState:
@@ -102,12 +109,122 @@ class LlamaRAMCache(BaseLlamaCache):
 LlamaCache = LlamaRAMCache  # llama-cpp-python's old name
 
 
+class CorruptStateFile(Exception):
+    """A cache file that is not an intact entry written by _StateFile (foreign, truncated, altered)."""
+
+
+class _StateFile:
+    """The on-disk form of one LlamaDiskCache entry: data only, so reading a file can never run code.
+
+        magic "LLMPSTAT" | u32 header length | header (UTF-8 JSON object) | input_ids | scores | state
+
+    The header says the format version, the entry's key tokens, the sizes of the three raw sections
+    (input_ids int32, scores float32, llama.cpp's state bytes), n_tokens, seed, the model architecture the state
+    was saved from (llama.cpp writes it first in the state) and a SHA-256 of everything after the header. The
+    index is built from headers alone; the checksum is verified when an entry is used.
+    """
+
+    MAGIC = b"LLMPSTAT"
+    VERSION = 1
+    _PREFIX = struct.Struct("<8sI")
+    MAX_HEADER_BYTES = 64 << 20  # ~8M key tokens: far beyond any context, and a bound on what a bad file costs
+
+    @staticmethod
+    def state_arch(state: bytes) -> str | None:
+        """The architecture name llama.cpp writes at the start of a context state (u32 length + text)."""
+        if len(state) < 4:
+            return None
+        (n,) = struct.unpack_from("<I", state)
+        raw = state[4:4 + n] if n <= 256 else b""
+        return raw.decode("utf-8", "replace") if len(raw) == n and n else None
+
+    @classmethod
+    def encode(cls, key: tuple[int, ...], value: LlamaState) -> bytes:
+        state = bytes(value.llama_state)
+        input_ids = np.ascontiguousarray(np.asarray(value.input_ids).astype(np.int32, casting="same_kind"))
+        scores = np.ascontiguousarray(np.asarray(value.scores if value.scores is not None else np.empty((0, 0)),
+                                                 dtype=np.float32))
+        payload = input_ids.tobytes() + scores.tobytes() + state
+        seed = value.seed
+        header = {"version": cls.VERSION, "key": [int(t) for t in key], "n_tokens": int(value.n_tokens),
+                  "input_ids": int(input_ids.size), "scores_shape": [int(d) for d in scores.shape],
+                  "state_size": len(state), "seed": None if seed is None else int(seed),
+                  "arch": cls.state_arch(state), "sha256": hashlib.sha256(payload).hexdigest()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        return cls._PREFIX.pack(cls.MAGIC, len(raw)) + raw + payload
+
+    @classmethod
+    def read_header(cls, f, file_size: int) -> dict:
+        """The header of an open entry file, checked against the file's size; CorruptStateFile otherwise."""
+        prefix = f.read(cls._PREFIX.size)
+        if len(prefix) != cls._PREFIX.size:
+            raise CorruptStateFile("shorter than the header")
+        magic, n = cls._PREFIX.unpack(prefix)
+        if magic != cls.MAGIC:
+            raise CorruptStateFile("not a llmplace state file (wrong magic; an old pickle or a foreign file?)")
+        if n > min(cls.MAX_HEADER_BYTES, file_size - cls._PREFIX.size):
+            raise CorruptStateFile(f"header length {n} exceeds the file")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"), parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            raise CorruptStateFile(f"unreadable header ({exc})") from None
+        cls._check_header(header, file_size - cls._PREFIX.size - n)
+        return header
+
+    @classmethod
+    def _check_header(cls, header, payload_size: int) -> None:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(header, dict) or header.get("version") != cls.VERSION:
+            raise CorruptStateFile(f"unknown format version {header.get('version') if isinstance(header, dict) else header!r}")
+        key, shape = header.get("key"), header.get("scores_shape")
+        sizes = [header.get(k) for k in ("n_tokens", "input_ids", "state_size")]
+        if (not isinstance(key, list) or not all(is_int(t) and -2**31 <= t < 2**31 for t in key)
+                or not all(is_int(v) and v >= 0 for v in sizes)
+                or not isinstance(shape, list) or len(shape) > 2 or not all(is_int(d) and d >= 0 for d in shape)
+                or not (header.get("seed") is None or is_int(header["seed"]))
+                or not (header.get("arch") is None or isinstance(header["arch"], str))
+                or not isinstance(header.get("sha256"), str)):
+            raise CorruptStateFile("malformed header fields")
+        n_tokens, n_ids, state_size = sizes
+        n_scores = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if n_tokens > n_ids or 4 * n_ids + 4 * n_scores + state_size != payload_size:
+            raise CorruptStateFile("the sizes in the header do not match the file (truncated or altered)")
+
+    @classmethod
+    def decode(cls, path: Path) -> tuple[tuple[int, ...], LlamaState]:
+        """Read and verify a whole entry; CorruptStateFile when any check fails."""
+        with open(path, "rb") as f:
+            header = cls.read_header(f, os.fstat(f.fileno()).st_size)
+            payload = f.read()
+        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+            raise CorruptStateFile("checksum mismatch (the file was altered or damaged)")
+        n_ids, shape = header["input_ids"], header["scores_shape"]
+        ids_end = 4 * n_ids
+        scores_end = ids_end + 4 * (int(np.prod(shape, dtype=np.int64)) if shape else 1)
+        state = payload[scores_end:]
+        if header["arch"] != cls.state_arch(state):
+            raise CorruptStateFile("the state does not hold the architecture its header names")
+        value = LlamaState(input_ids=np.frombuffer(payload[:ids_end], dtype=np.int32).astype(np.intc),
+                           scores=np.frombuffer(payload[ids_end:scores_end], dtype=np.float32).reshape(shape).copy(),
+                           n_tokens=header["n_tokens"], llama_state=state, llama_state_size=len(state),
+                           seed=header["seed"])
+        return tuple(header["key"]), value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 class LlamaDiskCache(BaseLlamaCache):
     """States in files under cache_dir, least recently used dropped first beyond capacity_bytes (default 2 GiB).
 
-    Each entry is one file holding (tokens, state), named by a hash of its tokens; the index of tokens is read
-    from the folder when the cache is created, so entries written by an earlier process are found. Files are
-    pickles: use a folder only you write to."""
+    Each entry is one file (see _StateFile: a JSON header and raw bytes, nothing that executes), named by a hash
+    of its tokens; the index of tokens is read from the file headers when the cache is created, so entries
+    written by an earlier process are found. A file that does not verify (foreign, truncated, altered: its
+    checksum is checked before its state is used) is skipped with a warning on the "llmplace" logger, never
+    loaded; files of llama-cpp-python's pickle format are skipped the same way, unopened."""
 
     _SUFFIX = ".llamastate"
 
@@ -116,13 +233,18 @@ class LlamaDiskCache(BaseLlamaCache):
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._index: OrderedDict[tuple[int, ...], Path] = OrderedDict()  # least recently used first
-        for path in sorted(self.cache_dir.glob("*" + self._SUFFIX), key=lambda p: p.stat().st_mtime):
+        entries = []
+        for path in self.cache_dir.glob("*" + self._SUFFIX):
             try:
                 with open(path, "rb") as f:
-                    key, _ = pickle.load(f)
-            except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
-                continue  # a damaged or foreign file: not an entry
-            self._index[tuple(key)] = path
+                    stat = os.fstat(f.fileno())
+                    header = _StateFile.read_header(f, stat.st_size)
+            except (OSError, CorruptStateFile) as exc:
+                logger.warning("LlamaDiskCache: skipping %s: %s", path, exc)
+                continue
+            entries.append((stat.st_mtime, path, tuple(header["key"])))
+        for _, path, key in sorted(entries, key=lambda e: e[0]):
+            self._index[key] = path
 
     def _path(self, key: tuple[int, ...]) -> Path:
         digest = hashlib.sha256(np.asarray(key, dtype=np.int64).tobytes()).hexdigest()[:32]
@@ -136,22 +258,37 @@ class LlamaDiskCache(BaseLlamaCache):
         return self._index
 
     def __getitem__(self, key: Sequence[int]) -> LlamaState:
-        found = self._find_longest_prefix_key(tuple(key))
-        if found is None:
-            raise KeyError("Key not found")
-        path = self._index[found]
-        with open(path, "rb") as f:
-            _, state = pickle.load(f)
-        self._index.move_to_end(found)
-        os.utime(path)  # recency survives the process too
-        return state
+        key = tuple(key)
+        while True:  # an entry that fails verification is dropped and the next best prefix tried
+            found = self._find_longest_prefix_key(key)
+            if found is None:
+                raise KeyError("Key not found")
+            path = self._index[found]
+            try:
+                stored_key, state = _StateFile.decode(path)
+                if stored_key != found:
+                    raise CorruptStateFile("the file now holds another entry")
+            except (OSError, CorruptStateFile) as exc:
+                logger.warning("LlamaDiskCache: ignoring %s: %s", path, exc)
+                del self._index[found]
+                continue
+            self._index.move_to_end(found)
+            try:
+                os.utime(path)  # recency survives the process too
+            except OSError:
+                pass
+            return state
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
-        key = tuple(key)
+        if not all(hasattr(value, name) for name in ("input_ids", "scores", "n_tokens", "llama_state", "seed")):
+            raise InvalidParameterError(f"LlamaDiskCache stores LlamaState objects (from Llama.save_state), "
+                                        f"not {type(value).__name__}")
+        key = tuple(int(t) for t in key)
+        data = _StateFile.encode(key, value)
         path = self._path(key)
         partial = path.with_suffix(".partial")
         with open(partial, "wb") as f:
-            pickle.dump((list(key), value), f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.write(data)
         os.replace(partial, path)  # a reader never sees half an entry
         self._index.pop(key, None)
         self._index[key] = path
