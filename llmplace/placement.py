@@ -21,6 +21,7 @@ from .errors import DeviceNotFoundError, PlacementError
 from .gguf_info import TensorInfo
 from .gguf_info import read as read_gguf
 from .logs import logger
+from .pattern_limits import check_pattern
 
 # Roles, by tensor name (llama.cpp's naming, shared by its architectures).
 ROLES: dict[str, re.Pattern] = {
@@ -42,10 +43,13 @@ def role_of(name: str) -> str | None:
 
 
 def check_regex(pattern: str) -> None:
-    """Raise PlacementError if llama.cpp's regex engine rejects the pattern (it would fail the whole load)."""
+    """Raise PlacementError if the pattern could crash or stall llama.cpp's regex engine (see pattern_limits),
+    or if that engine rejects it (it would fail the whole load)."""
+    check_pattern(pattern)
     err = ffi.new("char[]", 512)
     if not C.llmplace_regex_check(pattern.encode(), err, len(err)):
-        raise PlacementError(f"invalid tensor pattern {pattern!r}: {ffi.string(err).decode(errors='replace')} "
+        shown = pattern if len(pattern) <= 80 else pattern[:60] + f"... ({len(pattern)} characters)"
+        raise PlacementError(f"invalid tensor pattern {shown!r}: {ffi.string(err).decode(errors='replace')} "
                              "(patterns are ECMAScript regular expressions matched anywhere in the tensor name)")
 
 
