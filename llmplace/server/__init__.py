@@ -23,13 +23,15 @@ def make_server(*args, **kwargs):
 
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, **llama_kwargs) -> None:
-    """Load `model_path` with llmplace.Llama(**llama_kwargs) and answer the OpenAI API until interrupted."""
+          model_name: str | None = None, server_options: dict | None = None, **llama_kwargs) -> None:
+    """Load `model_path` with llmplace.Llama(**llama_kwargs) and answer the OpenAI API until interrupted.
+    server_options: make_server's limits (max_body_bytes, read_timeout, write_timeout, max_tokens_limit)."""
     from ..compat import Llama
 
     llama_kwargs.setdefault("verbose", False)
     with Llama(model_path, **llama_kwargs) as llama:
-        server = make_server(llama, host=host, port=port, model_name=model_name, api_key=api_key)
+        server = make_server(llama, host=host, port=port, model_name=model_name, api_key=api_key,
+                             **(server_options or {}))
         print(f"llmplace: serving {os.path.basename(model_path)} on http://{host}:{server.server_port}/v1",
               file=sys.stderr, flush=True)
         try:
@@ -55,13 +57,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding", action="store_true", help="serve /v1/embeddings (the model runs in "
                                                                    "embedding mode)")
     parser.add_argument("--chat-format", default=None, help="chat template name (default: the model's own)")
+    parser.add_argument("--max-tokens-limit", type=int, default=None,
+                        help="the most tokens one request may generate (default: the context size)")
+    parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
+    parser.add_argument("--read-timeout", type=float, default=30.0,
+                        help="seconds a client may take to send a request")
+    parser.add_argument("--write-timeout", type=float, default=10.0,
+                        help="seconds a write may block on a client that does not read before it is dropped")
 
 
 def run(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
           override_tensor=args.override_tensor, n_cpu_moe=args.n_cpu_moe, embedding=args.embedding,
-          chat_format=args.chat_format)
+          chat_format=args.chat_format,
+          server_options=dict(max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                              read_timeout=args.read_timeout, write_timeout=args.write_timeout))
     return 0
 
 

@@ -1,21 +1,37 @@
 """The OpenAI-compatible HTTP API over one llmplace.Llama, on the standard library's threading HTTP server.
 
 Requests are served one at a time (a FIFO queue in front of the model): a small model on one context computes
-one sequence at a time anyway, and queued requests wait instead of failing. A streaming client that
-disconnects stops its generation at the next token, which frees the model for the next request.
+one sequence at a time anyway, and queued requests wait instead of failing. Since one request holds everyone
+behind it, no client may hold the model longer than its own work:
+- a client that disconnects, before its turn or during its generation, is noticed (its socket is watched while
+  it holds the model) and its generation aborted; a streaming client that stops reading is dropped after
+  `write_timeout` seconds of a blocked write;
+- bodies are bounded (`max_body_bytes`, 413 above it; a missing, negative or garbage Content-Length is a 400)
+  and read under `read_timeout`, so a client that announces more than it sends holds only its own thread;
+- every field's type is checked (400, naming the field) and max_tokens is bounded by `max_tokens_limit`
+  (default: the context size), so no request asks for unbounded work.
 Errors are OpenAI-shaped JSON: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import math
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..compat import Llama, UnsupportedFeatureError
-from ..errors import ClosedError, ContextOverflowError
+from ..errors import AbortedError, ClosedError, ContextOverflowError
+
+MAX_BODY_BYTES = 16 << 20  # a prompt filling a 1M-token context is ~4 MB of text
+MAX_JSON_DEPTH = 64        # tool schemas nest a dozen levels; deeper only costs recursion in the converters
+READ_TIMEOUT = 30.0        # seconds a client may take to send its headers and body
+WRITE_TIMEOUT = 10.0       # seconds one write may block on a client that does not read
 
 # Request fields passed through to create_completion / create_chat_completion (OpenAI's, plus llama.cpp's).
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed",
@@ -26,12 +42,193 @@ _CHAT = _SAMPLING + ("response_format", "logprobs", "top_logprobs", "tools", "to
 
 
 class APIError(Exception):
-    """An error to answer with an OpenAI-shaped body."""
+    """An error to answer with an OpenAI-shaped body; close=True also ends the connection (the request's body
+    was not read, so the rest of the stream cannot be parsed as a next request)."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.close = close
+
+
+class ClientGone(Exception):
+    """The client closed its connection: there is nobody to answer."""
+
+
+# ---- request fields: every one has a type (and a range) checked before anything runs ----
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_in(low: int, high: int, what: str):
+    def check(value):
+        return None if _is_int(value) and low <= value <= high else f"an integer in [{low}, {high}] ({what})"
+    return check
+
+
+def _number(value):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e30 \
+        and math.isfinite(value)
+    return None if ok else "a finite number"
+
+
+def _boolean(value):
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _text(value):
+    return None if isinstance(value, str) else "a string"
+
+
+def _stop(value):
+    ok = isinstance(value, str) or (isinstance(value, list) and len(value) <= 64
+                                    and all(isinstance(v, str) for v in value))
+    return None if ok else "a string or a list of at most 64 strings"
+
+
+def _logit_bias(value):
+    if not isinstance(value, dict):
+        return "an object mapping token ids to numbers, e.g. {\"50256\": -100}"
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and int(key) < 2**31) or _number(bias):
+            return f"an object mapping token ids to numbers (entry {key!r}: {bias!r} is not one)"
+    return None
+
+
+def _object(value):
+    return None if isinstance(value, dict) else "an object"
+
+
+def _objects(value):
+    return None if isinstance(value, list) and all(isinstance(v, dict) for v in value) else "a list of objects"
+
+
+def _text_or_object(value):
+    return None if isinstance(value, (str, dict)) else "a string or an object"
+
+
+def _prompt(value):
+    token_list = lambda v: isinstance(v, list) and all(_is_int(t) and 0 <= t < 2**31 for t in v)  # noqa: E731
+    if isinstance(value, str) or token_list(value):
+        return None
+    if isinstance(value, list) and len(value) == 1 and (isinstance(value[0], str) or token_list(value[0])):
+        return None
+    return "a string, a list of token ids, or a list holding one of these (send one request per prompt)"
+
+
+def _messages(value):
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        return "a non-empty list of {role, content} objects"
+    for i, message in enumerate(value):
+        if not isinstance(message.get("role"), str):
+            return f"a list of {{role, content}} objects (message {i} has no string role)"
+        if not isinstance(message.get("content"), (str, list, type(None))):
+            return f"a list of {{role, content}} objects (message {i}'s content is not a string or a list of parts)"
+    return None
+
+
+def _embedding_input(value):
+    ok = isinstance(value, str) and value or (isinstance(value, list) and value
+                                              and all(isinstance(v, str) for v in value))
+    return None if ok else "a string or a non-empty list of strings"
+
+
+def _token_ids(value):
+    ok = isinstance(value, list) and all(_is_int(t) and 0 <= t < 2**31 for t in value)
+    return None if ok else "a list of token ids (integers)"
+
+
+_COMMON_FIELDS = {"model": _text, "user": _text, "stream": _boolean, "stream_options": _object,
+                  "n": _int_in(1, 1, "n > 1 is not supported: send n requests")}
+_SAMPLING_FIELDS = {
+    "max_tokens": _int_in(1, 2**31 - 1, "the most tokens to generate; leave it out for the default"),
+    "max_completion_tokens": _int_in(1, 2**31 - 1, "the most tokens to generate; leave it out for the default"),
+    "temperature": _number, "top_p": _number, "min_p": _number, "typical_p": _number,
+    "presence_penalty": _number, "frequency_penalty": _number, "repeat_penalty": _number,
+    "top_k": _int_in(0, 2**31 - 1, "0 = off"), "seed": _int_in(-2**63, 2**64 - 1, "any 64-bit integer"),
+    "stop": _stop, "logit_bias": _logit_bias}
+_FIELDS = {
+    "completions": {**_COMMON_FIELDS, **_SAMPLING_FIELDS, "prompt": _prompt, "suffix": _text, "echo": _boolean,
+                    "logprobs": _int_in(0, 20, "how many most likely tokens to report")},
+    "chat": {**_COMMON_FIELDS, **_SAMPLING_FIELDS, "messages": _messages, "response_format": _object,
+             "logprobs": _boolean, "top_logprobs": _int_in(0, 20, "how many most likely tokens to report"),
+             "tools": _objects, "functions": _objects, "tool_choice": _text_or_object,
+             "function_call": _text_or_object},
+    "embeddings": {**_COMMON_FIELDS, "input": _embedding_input, "encoding_format": _text},
+    "tokenize": {"input": _text},
+    "detokenize": {"tokens": _token_ids},
+}
+
+
+def check_fields(body: dict, route: str) -> None:
+    """Raise a 400 naming the first field whose value has the wrong type or range (null means "default", as
+    OpenAI's API has it). Fields this server does not know are ignored, as OpenAI clients send extras."""
+    for name, check in _FIELDS[route].items():
+        if name in body and body[name] is not None:
+            wanted = check(body[name])
+            if wanted is not None:
+                raise APIError(400, f"{name} must be {wanted}, not {json.dumps(body[name])[:80]}", param=name)
+
+
+def _json_depth_at_most(value, limit: int) -> bool:
+    """Whether `value` nests no deeper than `limit` levels of objects/lists (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def client_gone(connection: socket.socket) -> bool:
+    """Whether the client closed its connection (readable with nothing to read, or reset); never blocks."""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        if not readable:
+            return False
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, ValueError):  # reset, or already closed
+        return True
+
+
+class ClientWatch:
+    """While a request holds the model, poll its client's socket; when the client has left, abort the
+    generation in flight (and keep aborting until the request ends: the abort flag is reset by each decode)."""
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self, connection: socket.socket, llama: Llama) -> None:
+        self.connection, self.llama = connection, llama
+        self.gone = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmplace-client-watch", daemon=True)
+
+    def __enter__(self) -> ClientWatch:
+        if client_gone(self.connection):
+            raise ClientGone()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join()  # no abort may reach the next request's generation
+
+    def _run(self) -> None:
+        while not self._done.wait(self.POLL_SECONDS):
+            if self.gone or client_gone(self.connection):
+                self.gone = True
+                context = self.llama.llmplace_context
+                if context is not None:
+                    context.abort()
 
 
 class FifoLock:
@@ -58,8 +255,12 @@ class FifoLock:
 class ModelService:
     """The model behind the API, its public name, the optional API key, and the request queue."""
 
-    def __init__(self, llama: Llama, model_name: str, api_key: str | None = None) -> None:
+    def __init__(self, llama: Llama, model_name: str, api_key: str | None = None, *,
+                 max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT,
+                 write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None) -> None:
         self.llama, self.model_name, self.api_key = llama, model_name, api_key
+        self.max_body_bytes, self.read_timeout, self.write_timeout = max_body_bytes, read_timeout, write_timeout
+        self.max_tokens_limit = max_tokens_limit or llama.n_ctx()
         self.queue = FifoLock()
         self.busy = 0  # requests holding the model (0 or 1): /health reports it
 
@@ -73,8 +274,14 @@ class ModelService:
         self.queue.__exit__(*exc_info)
 
 
-def _options(body: dict, names: tuple) -> dict:
-    return {name: body[name] for name in names if name in body and body[name] is not None}
+def _options(body: dict, names: tuple, max_tokens_limit: int) -> dict:
+    options = {name: body[name] for name in names if name in body and body[name] is not None}
+    if body.get("max_completion_tokens") is not None and "max_tokens" not in options:  # OpenAI's newer name
+        options["max_tokens"] = body["max_completion_tokens"]
+    if "max_tokens" in options:
+        # Bounded: a request asking for more than the limit gets the limit (its reply ends with "length").
+        options["max_tokens"] = min(options["max_tokens"], max_tokens_limit)
+    return options
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -88,25 +295,58 @@ class Handler(BaseHTTPRequestHandler):
     # ---- plumbing ----
     def _send_json(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _read_body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+        self.connection.settimeout(self.service.write_timeout)  # a client that does not read is dropped
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        finally:
+            self.connection.settimeout(self.service.read_timeout)
+
+    def _read_body(self, route: str) -> dict:
+        if self.headers.get("Transfer-Encoding"):
+            raise APIError(400, "chunked request bodies are not supported: send a Content-Length", close=True)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise APIError(400, "the request has no Content-Length header: send the JSON body with its length",
+                           close=True)
+        length = length.strip()
+        if not (length.isascii() and length.isdigit()):
+            raise APIError(400, f"Content-Length must be a non-negative integer, not {length[:40]!r}", close=True)
+        if int(length) > self.service.max_body_bytes:
+            raise APIError(413, f"the request body ({length} bytes) is larger than this server accepts "
+                                f"({self.service.max_body_bytes} bytes)", code="request_too_large", close=True)
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.service.read_timeout:g} s",
+                           code="request_timeout", close=True) from None
+        if len(raw) < int(length):
+            raise ClientGone()  # the client closed before sending what it announced
+        try:
+            body = json.loads(raw or b"{}", parse_constant=_refuse_constant)
+        except RecursionError:
+            body = None  # nested too deep for the parser: refused below like any other over-deep body
         except ValueError as exc:
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        if body is None or not _json_depth_at_most(body, MAX_JSON_DEPTH):
+            raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        check_fields(body, route)
         return body
 
     def _authorize(self) -> None:
         key = self.service.api_key
-        if key and self.path.split("?")[0].rstrip("/") != "/health" and self.headers.get("Authorization", "") != f"Bearer {key}":
+        if not key or self.path.split("?")[0].rstrip("/") == "/health":
+            return
+        # compare_digest: the time taken does not reveal how much of a guessed key was right.
+        sent = self.headers.get("Authorization", "").encode("latin-1", "replace")
+        if not hmac.compare_digest(sent, b"Bearer " + key.encode("utf-8")):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            "invalid_request_error", code="invalid_api_key")
 
@@ -115,9 +355,11 @@ class Handler(BaseHTTPRequestHandler):
             self._authorize()
             route()
         except APIError as exc:
+            if exc.close:
+                self.close_connection = True
             self._send_json(exc.status, exc.body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left
+        except (ClientGone, AbortedError, ConnectionError, TimeoutError):
+            self.close_connection = True  # the client left (or stopped reading): nobody to answer
         except ContextOverflowError as exc:
             self._send_json(400, APIError(400, str(exc), code="context_length_exceeded").body)
         except UnsupportedFeatureError as exc:
@@ -154,14 +396,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # the stream's end is the connection's end (no chunked framing)
         self.end_headers()
         self.close_connection = True
+        # A write blocked longer than this means the client stopped reading: it is dropped (TimeoutError),
+        # which ends its generation and frees the model for the requests queued behind it.
+        self.connection.settimeout(self.service.write_timeout)
         try:
             for chunk in chunks:
                 self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (ConnectionError, TimeoutError, AbortedError):
+            pass  # the client left, stopped reading, or its generation was aborted because it left
         except Exception as exc:  # noqa: BLE001 - headers are sent: report the failure as the stream's last event
             error = APIError(500, f"{type(exc).__name__}: {exc}", "server_error").body
             try:
@@ -177,83 +422,87 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model",
                                                           "created": 0, "owned_by": "llmplace", "permissions": []}]})
 
-    def _check_n(self, body: dict) -> None:
-        if body.get("n", 1) not in (1, None):
-            raise APIError(400, "n > 1 is not supported: send n requests", param="n")
+    def _generate(self, create, stream: bool) -> None:
+        """Run create() while holding the model and watching the client; answer (stream or JSON)."""
+        with self.service, ClientWatch(self.connection, self.service.llama):
+            result = create()
+            if stream:
+                self._stream(result)
+                return
+        self._send_json(200, result)  # after the model is released: a slow reader delays only itself
 
     def _completions(self) -> None:
-        body = self._read_body()
-        self._check_n(body)
+        body = self._read_body("completions")
         prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) > 1:
-                raise APIError(400, "a list of several prompts is not supported: send one request per prompt",
-                               param="prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        options = _options(body, _COMPLETION)
+        options = _options(body, _COMPLETION, self.service.max_tokens_limit)
         stream = bool(body.get("stream"))
-        with self.service:
-            result = self.service.llama.create_completion(prompt, stream=stream, model=self.service.model_name,
-                                                          **options)
-            self._stream(result) if stream else self._send_json(200, result)
+        self._generate(lambda: self.service.llama.create_completion(prompt, stream=stream,
+                                                                    model=self.service.model_name, **options),
+                       stream)
 
     def _chat(self) -> None:
-        body = self._read_body()
-        self._check_n(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
+        body = self._read_body("chat")
+        if body.get("messages") is None:
             raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
-        options = _options(body, _CHAT)
+        options = _options(body, _CHAT, self.service.max_tokens_limit)
         stream = bool(body.get("stream"))
-        with self.service:
-            result = self.service.llama.create_chat_completion(messages, stream=stream,
-                                                               model=self.service.model_name, **options)
-            self._stream(result) if stream else self._send_json(200, result)
+        self._generate(lambda: self.service.llama.create_chat_completion(body["messages"], stream=stream,
+                                                                         model=self.service.model_name, **options),
+                       stream)
 
     def _embeddings(self) -> None:
-        body = self._read_body()
-        inputs = body.get("input")
-        if not isinstance(inputs, (str, list)) or not inputs:
+        body = self._read_body("embeddings")
+        if body.get("input") is None:
             raise APIError(400, "input must be a string or a non-empty list of strings", param="input")
-        with self.service:
+        with self.service, ClientWatch(self.connection, self.service.llama):
             try:
-                result = self.service.llama.create_embedding(inputs, model=self.service.model_name)
+                result = self.service.llama.create_embedding(body["input"], model=self.service.model_name)
             except RuntimeError as exc:  # a model loaded without embedding=True
+                if isinstance(exc, AbortedError):
+                    raise
                 raise APIError(400, f"{exc} (start the server with --embedding)") from None
         self._send_json(200, result)
 
-    def _tokenize(self) -> None:
-        body = self._read_body()
-        text = body.get("input")
-        if not isinstance(text, str):
+    def _text_input(self) -> str:
+        body = self._read_body("tokenize")
+        if body.get("input") is None:
             raise APIError(400, "input must be a string", param="input")
-        tokens = self.service.llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return body["input"]
+
+    def _tokenize(self) -> None:
+        tokens = self.service.llama.tokenize(self._text_input().encode("utf-8"), add_bos=False, special=True)
         self._send_json(200, {"tokens": tokens})
 
     def _tokenize_count(self) -> None:
-        body = self._read_body()
-        text = body.get("input")
-        if not isinstance(text, str):
-            raise APIError(400, "input must be a string", param="input")
-        self._send_json(200, {"count": len(self.service.llama.tokenize(text.encode("utf-8"), add_bos=False,
-                                                                       special=True))})
+        self._send_json(200, {"count": len(self.service.llama.tokenize(self._text_input().encode("utf-8"),
+                                                                       add_bos=False, special=True))})
 
     def _detokenize(self) -> None:
-        body = self._read_body()
+        body = self._read_body("detokenize")
         tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        if tokens is None:
             raise APIError(400, "tokens must be a list of token ids", param="tokens")
         text = self.service.llama.detokenize(tokens).decode("utf-8", errors="replace")
         self._send_json(200, {"text": text})
 
 
 def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                api_key: str | None = None) -> ThreadingHTTPServer:
-    """An HTTP server (not yet serving: call serve_forever()) answering the OpenAI API with `llama`."""
+                api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT,
+                write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None) -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving: call serve_forever()) answering the OpenAI API with `llama`.
+
+    max_body_bytes: larger request bodies are refused (413). read_timeout: seconds a client may take to send
+    a request (its socket's timeout while reading). write_timeout: seconds one write may block before the
+    client is dropped. max_tokens_limit: the most tokens one request may generate (default: the context size)."""
     import os
 
-    service = ModelService(llama, model_name or os.path.basename(str(llama.model_path)), api_key)
-    handler = type("LlmplaceHandler", (Handler,), {"service": service})
+    service = ModelService(llama, model_name or os.path.basename(str(llama.model_path)), api_key,
+                           max_body_bytes=max_body_bytes, read_timeout=read_timeout, write_timeout=write_timeout,
+                           max_tokens_limit=max_tokens_limit)
+    # `timeout` is socketserver's per-connection socket timeout: reading headers and bodies is bounded.
+    handler = type("LlmplaceHandler", (Handler,), {"service": service, "timeout": read_timeout})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     server.started = time.time()
