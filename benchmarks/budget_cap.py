@@ -210,7 +210,6 @@ def main() -> None:
     ap.add_argument("--bench", action="append", default=[])
     ap.add_argument("--out")
     args = ap.parse_args()
-    sys.path.insert(0, str(HERE.parent))
     from llmplace.memory import parse_size  # no GPU use: only the size parser
 
     budget = parse_size(args.budget)

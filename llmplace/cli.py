@@ -294,12 +294,13 @@ def _memory_bars(result, width: int = 48) -> list[str]:
     for m in result.estimate.memories.values():
         cap = result.budgets.get(m.memory) or m.free or m.total or 1
         scale = width / max(cap, m.total, 1)
-        parts = (("W", m.weights - m.mapped), ("M", m.mapped), ("K", m.kv), ("C", m.compute))
+        parts = (("W", m.weights - m.mapped), ("M", m.mapped), ("K", m.kv), ("C", m.compute), ("R", m.runtime))
         bar = "".join(ch * round(n * scale) for ch, n in parts)
         bar = (bar + "." * max(0, width - len(bar)))[:width] if cap >= m.total else bar[:width] + "!"
         limit = f" of {human_bytes(cap)}" if m.memory in result.budgets else ""
         lines.append(f"{m.memory:<24} [{bar}] {human_bytes(m.total)}{limit}")
-    lines.append(f"{'':<24}  W weights  M mapped weights  K KV cache  C compute  . free within the budget  ! over")
+    lines.append(f"{'':<24}  W weights  M mapped weights  K KV cache  C compute  R runtime (backend context, "
+                 "workspaces, pools)  . free within the budget  ! over")
     return lines
 
 
@@ -316,7 +317,8 @@ def _save_png(result, path: str) -> None:
     left = [0.0] * len(memories)
     for label, value, color in (("weights", lambda m: m.weights - m.mapped, "#4c72b0"),
                                 ("mapped weights", lambda m: m.mapped, "#8fb1dc"),
-                                ("KV cache", lambda m: m.kv, "#dd8452"), ("compute", lambda m: m.compute, "#55a868")):
+                                ("KV cache", lambda m: m.kv, "#dd8452"), ("compute", lambda m: m.compute, "#55a868"),
+                                ("runtime", lambda m: m.runtime, "#8c8c8c")):
         values = [value(m) / gib for m in memories]
         ax.barh([m.memory for m in memories], values, left=left, label=label, color=color)
         left = [a + b for a, b in zip(left, values)]
@@ -343,8 +345,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"--budget {item!r}: write DEVICE=SIZE, e.g. --budget CUDA0=12GiB")
         budget[device] = size
+    runtime = {}
+    for item in args.runtime:
+        device, sep, size = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--runtime {item!r}: write DEVICE=SIZE, e.g. --runtime CUDA0=700MiB")
+        runtime[device] = size
     result = fit(args.model, budget=budget or None, margin=args.margin, n_ctx=args.ctx, n_ctx_min=args.ctx_min,
-                 draft=args.draft, placement=",".join(args.rule) or None)
+                 draft=args.draft, placement=",".join(args.rule) or None, runtime=runtime or None)
     if args.png:
         _save_png(result, args.png)
     if args.json:
@@ -374,7 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="find a placement and context size that fit each device's memory budget")
     p.add_argument("model")
     p.add_argument("--budget", action="append", default=[], metavar="DEVICE=SIZE",
-                   help="cap a device (or 'host'), e.g. CUDA0=12GiB (repeatable; default: its free memory)")
+                   help="cap what the process uses of a device (or 'host'), as nvidia-smi shows it, e.g. "
+                        "CUDA0=12GiB (repeatable; default: its free memory)")
+    p.add_argument("--runtime", action="append", default=[], metavar="DEVICE=SIZE",
+                   help="what the process holds on a device beyond llama.cpp's buffers (default: measured once "
+                        "per device and model, and cached)")
     p.add_argument("--margin", default="1GiB", help="left unused on each device (default 1GiB)")
     p.add_argument("--ctx", type=int, default=0, help="context size; 0 (default) = as large as fits")
     p.add_argument("--ctx-min", type=int, default=4096, help="smallest context the fit may shrink to")

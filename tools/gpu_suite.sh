@@ -96,10 +96,19 @@ cap8b)  # budgets under a real cap (benchmarks/budget_cap.py): the Llama-8B shap
         --bench "C=-fitt 1024 -lm none -nopo 1" --out "$out/cap-llama8b-f16.json"
     ;;
 capmoe)  # the Qwen3-30B-A3B shape at 12 GiB, ctx 4096: the fit, an n_cpu_moe sweep, llama-bench -fitt
+    # SWEEP: other cases (e.g. repetitions, interleaved); NO_BENCH=1: without llama-bench
     synth qwen3-30b-a3b
+    bench_args=(--bench "fitt=-fitt 1024"); [ -n "${NO_BENCH:-}" ] && bench_args=()
     python3 "$repo/benchmarks/budget_cap.py" /tmp/qwen3-30b-a3b.gguf --budget 12GiB --case fit \
         ${SWEEP:---case ncmoe=14 --case ncmoe=16 --case ncmoe=18 --case ncmoe=20} \
-        --bench "fitt=-fitt 1024" --out "$out/cap-qwen3-30b-a3b-q4_0.json"
+        "${bench_args[@]}" --out "$out/cap-qwen3-30b-a3b-q4_0${TAG:-}.json"
+    ;;
+cap70b)  # "70B on 4 GiB" under the cap, and the host's memory bandwidth (its decode's physical limit)
+    rm -f /tmp/qwen3-30b-a3b.gguf  # the disk holds one of the two
+    synth llama-70b
+    python3 -c "import torch, time; a = torch.ones(2**31, dtype=torch.float32); a.sum(); t = time.perf_counter(); [a.sum() for _ in range(5)]; print('host read bandwidth GB/s', round(5 * a.numel() * 4 / (time.perf_counter() - t) / 1e9, 1), 'threads', torch.get_num_threads())" | tee "$out/host-bandwidth.txt"
+    python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-70b.gguf --budget 4GiB --case fit:mmap=0,ctx=1024,decode=32 \
+        --out "$out/cap-llama70b-q4_0.json"
     ;;
 split)
     synth llama-70b
