@@ -31,7 +31,7 @@ def nvidia_smi_used_mib() -> int | None:
 
 def run_plan(path, kwargs, n_ctx, reps, prompt):
     with llmplace.load(path, progress=False, **kwargs) as model, llmplace.Context(model, n_ctx=n_ctx) as ctx:
-        gpu = {k: v.total for k, v in breakdown(ctx._ptr).items() if k != "host"}
+        gpu = {k: v.buffers for k, v in breakdown(ctx._ptr).items() if k != "host"}
         smi = nvidia_smi_used_mib()
         pp, tg = [], []
         for _ in range(reps):

@@ -101,7 +101,7 @@ def placements(args) -> dict:
             ngl = fitted.n_gpu_layers if fitted.n_gpu_layers >= 0 else 99
             configs.append((f"fit {args.budget}", fitted.load_kwargs(), ["-ot", ot] if ot else [], ngl,
                             {"fit_seconds": seconds, "fit_message": fitted.message, "fit_ot": ot,
-                             "fit_estimate_gpu_bytes": fitted.estimate[gpu.name].total}))
+                             "fit_estimate_gpu_bytes": fitted.estimate[gpu.name].buffers}))
         for label, load_kwargs, bench_args, ngl, extra in configs:
             row = compare(path, label, load_kwargs, bench_args, ngl, args.reps, args.threads, extra)
             rows.append({"model": path.name, "model_path": str(path), **row})

@@ -160,5 +160,7 @@ def test_estimate_matches_the_allocation_on_the_gpu(gpu, small_qwen3moe_path, pl
         real = breakdown(ctx._ptr)
     for memory, use in real.items():
         assert memory in planned.memories, memory
-        print(f"\n{placement}: {memory} estimate {planned[memory].total} real {use.total}")
-        assert abs(planned[memory].total - use.total) <= 0.01 * use.total, memory
+        # llama.cpp's buffers; the runtime row (the CUDA context, pools ...) is not a buffer: benchmarks/budget_cap.py
+        # measures it against nvidia-smi under a real cap
+        print(f"\n{placement}: {memory} estimate {planned[memory].buffers} real {use.buffers}")
+        assert abs(planned[memory].buffers - use.buffers) <= 0.01 * use.buffers, memory
