@@ -10,9 +10,9 @@ helper holds). Passing means: no out-of-memory error, and the case's peak <= bud
     python benchmarks/budget_cap.py MODEL --budget 4GiB --case fit --case "fit:mmap=0" \\
         --bench "B=-fitt 1024 -lm none" --bench "C=-fitt 1024 -lm none -nopo 1" --out cap.json
 
---case NAME[:key=value,...]: a llmplace case. NAME "fit" (llmplace.fit under the budget, margin 0) or
-    "ncmoe=N" (llama.cpp's --n-cpu-moe N, no fit). Keys: mmap (1/0), ctx (tokens), decode (tokens), hot (1:
-    the dense "hot tensors first" placement, see the README).
+--case NAME[:key=value,...]: a llmplace case. NAME "fit" (llmplace.fit under the budget, margin 0),
+    "ncmoe=N" (llama.cpp's --n-cpu-moe N, no fit) or "hot" (dense models, hot tensors first: every layer on the
+    GPU but its FFN weights in pinned host memory). Keys: mmap (1/0), ctx (tokens), decode (tokens).
 --bench NAME=ARGS: a llama-bench run under the same cap (-p 512 -n 32 -r 2 are added).
 """
 
@@ -104,11 +104,8 @@ def run_case(spec: dict) -> None:
     n_ctx = int(spec.get("ctx", 4096))
     if spec["name"] == "fit":
         t0 = time.perf_counter()
-        # hot=1: every layer's FFN weights in the GPU's pinned host memory, attention, norms and KV on the GPU
-        # (prompts reach the FFN weights by op offload); the fit places the rest
-        hot = [Rule("cuda_host", pattern=r"\.ffn_(up|gate|down)(_exps)?\.weight")] if spec.get("hot") else None
         plan = llmplace.fit(spec["model"], budget={gpu.name: spec["budget"]}, margin=0, n_ctx=n_ctx,
-                            use_mmap=kwargs["use_mmap"], placement=hot)
+                            use_mmap=kwargs["use_mmap"])
         event("fitted", seconds=time.perf_counter() - t0, success=plan.success, message=plan.message,
               estimate=str(plan.estimate), runtime=plan.estimate[gpu.name].runtime if gpu.name in
               plan.estimate.memories else 0, planned=plan.estimate[gpu.name].total if gpu.name in
@@ -116,6 +113,13 @@ def run_case(spec: dict) -> None:
         if not plan.success:
             return
         kwargs.update(plan.load_kwargs())
+    elif spec["name"] == "hot":
+        # hot tensors first: every layer offloaded, but every layer's FFN weights in the GPU's pinned host memory
+        # (decode computes them on the CPU, prompts reach them by op offload); attention, norms, KV on the GPU
+        kwargs.update(n_gpu_layers=-1, placement=[Rule("cuda_host", pattern=r"\.ffn_(up|gate|down)\.weight")])
+        plan = llmplace.estimate(spec["model"], kwargs["placement"], n_ctx=n_ctx, use_mmap=kwargs["use_mmap"])
+        event("fitted", seconds=0, success=True, message="hot tensors first", estimate=str(plan),
+              runtime=plan[gpu.name].runtime, planned=plan[gpu.name].total, n_gpu_layers=-1, ot="")
     else:
         kwargs.update(placement=n_cpu_moe(int(spec["name"].split("=")[1])))
     t0 = time.perf_counter()

@@ -92,8 +92,13 @@ cap8b)  # budgets under a real cap (benchmarks/budget_cap.py): the Llama-8B shap
     python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-8b.gguf --budget 4GiB --case fit:ctx=1024 --case fit:mmap=0,ctx=1024 \
         --bench "fitt=-fitt 1024" --out "$out/cap-llama8b-q4_0.json"
     python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-8b-f16.gguf --budget 4GiB --case fit:mmap=0,ctx=1024 \
-        --case fit:mmap=0,hot=1,ctx=1024 --case fit:mmap=1,ctx=1024 --bench "B=-fitt 1024 -lm none" \
+        --case hot:mmap=0,ctx=1024 --case fit:mmap=1,ctx=1024 --bench "B=-fitt 1024 -lm none" \
         --bench "C=-fitt 1024 -lm none -nopo 1" --out "$out/cap-llama8b-f16.json"
+    ;;
+caphot)  # hot tensors first against the fit's whole layers, F16 Llama-8B shape at 4 GiB, paired
+    synth llama-8b f16
+    python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-8b-f16.gguf --budget 4GiB --case hot:mmap=0,ctx=1024 \
+        --case fit:mmap=0,ctx=1024 --case hot:mmap=0,ctx=1024 --out "$out/cap-llama8b-f16-hot.json"
     ;;
 capmoe)  # the Qwen3-30B-A3B shape at 12 GiB, ctx 4096: the fit, an n_cpu_moe sweep, llama-bench -fitt
     # SWEEP: other cases (e.g. repetitions, interleaved); NO_BENCH=1: without llama-bench
