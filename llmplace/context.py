@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import threading
 import weakref
@@ -14,6 +15,7 @@ from . import logs
 from ._handle import NativeObject
 from .backends import cpu_backend_function
 from ._ffi import C, ffi
+from .c_values import INT32, integer, set_fields
 from .errors import BusyError, ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
 
@@ -28,6 +30,13 @@ _FLASH_ATTN = {"auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO, True: C.LLAMA_FLASH_ATTN_TY
 # Far beyond any model's trained context; larger values are typos (and overflow llama.cpp's uint32).
 MAX_N_CTX = 1 << 24
 DEFAULT_N_CTX = 4096
+MAX_SEQ = 256  # LLAMA_MAX_SEQ
+# llama_context_params fields `extra_params` may set (what llama-cpp-python's Llama passes through). The others
+# are Context's own keywords (n_ctx, type_k ...), pointers and callbacks, or sizes llama.cpp asserts on
+# (n_outputs_max: a decode with more outputs aborts the process).
+EXTRA_PARAMS = {"rope_scaling_type", "pooling_type", "attention_type", "rope_freq_base", "rope_freq_scale",
+                "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx",
+                "defrag_thold", "embeddings", "offload_kqv", "no_perf", "op_offload", "swa_full", "kv_unified"}
 
 
 def default_threads() -> int:
@@ -40,11 +49,7 @@ def default_threads() -> int:
 
 
 def _positive_int(name: str, value, upper: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameterError(f"{name} must be an int, not {value!r}")
-    if not 1 <= value <= upper:
-        raise InvalidParameterError(f"{name} must be between 1 and {upper}, got {value}")
-    return value
+    return integer(name, value, 1, upper)
 
 
 def _thread_pool_functions():
@@ -110,6 +115,10 @@ class Context(NativeObject):
         if model.dry_run:
             raise InvalidParameterError("this Model comes from a dry run (no weights in memory): it can be "
                                         "inspected, not run; load it with llmplace.load(path)")
+        if model.vocab_only:
+            # llama.cpp creates the context, then aborts the process at its first decode (no weights, no backends)
+            raise InvalidParameterError("this Model was loaded with vocab_only=True (a tokenizer, no weights): it "
+                                        "can tokenize, not run; load it without vocab_only to create a Context")
         if n_ctx is None:
             n_ctx = model.default_n_ctx  # load(n_ctx=...), or the context size the memory fit chose
         if n_ctx is None:
@@ -118,7 +127,7 @@ class Context(NativeObject):
             _positive_int("n_ctx", n_ctx, MAX_N_CTX)
         _positive_int("n_batch", n_batch, MAX_N_CTX)
         _positive_int("n_ubatch", n_ubatch, MAX_N_CTX)
-        _positive_int("n_seq_max", n_seq_max, 256)
+        _positive_int("n_seq_max", n_seq_max, MAX_SEQ)
         n_threads = _positive_int("n_threads", default_threads() if n_threads is None else n_threads, 1024)
         n_threads_batch = _positive_int("n_threads_batch", n_threads if n_threads_batch is None else n_threads_batch, 1024)
         if flash_attn not in _FLASH_ATTN:
@@ -151,9 +160,8 @@ class Context(NativeObject):
         params.type_v = KV_TYPES[type_v]
         params.no_perf = False
         # Other llama_context_params fields (rope/YaRN scaling, pooling, embeddings ...) by their C names:
-        # what the llama-cpp-python drop-in passes through. An unknown name raises AttributeError.
-        for name, value in (extra_params or {}).items():
-            setattr(params, name, value)
+        # what the llama-cpp-python drop-in passes through, each checked against its C type and enumerators.
+        set_fields(params, extra_params or {}, EXTRA_PARAMS, "extra_params")
         # Held by the thread decoding or generating on this context (see `exclusive`).
         self._in_use = threading.RLock()
         # Set by abort() from any thread; read by the shim's C abort callback at every graph node.
@@ -165,6 +173,11 @@ class Context(NativeObject):
             handle = C.llama_init_from_model(model_ptr, params)
         if handle == ffi.NULL:
             reason = "; ".join(native_messages) or "no reason given"
+            if native_messages and not any(word in reason.lower() for word in ("alloc", "memory", "buffer")):
+                # every value was range-checked above, so this is a combination llama.cpp refuses
+                raise InvalidParameterError(f"llama.cpp refused to create a context with n_ctx={n_ctx}, "
+                                            f"n_batch={n_batch}, n_seq_max={n_seq_max}, extra_params="
+                                            f"{dict(extra_params or {})}: {reason}")
             raise OutOfMemoryError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: {reason}. "
                 "Try a smaller n_ctx or n_batch, or a quantized KV cache (type_k='q8_0', type_v='q8_0').")
@@ -192,6 +205,10 @@ class Context(NativeObject):
         # llama_decode takes the batch by value, so one struct serves every call.
         self._one_token_batch = C.llama_batch_get_one(self._token_buf, 1)
         self._n_ctx = C.llama_n_ctx(handle)  # fixed for the context's life
+        # Non-causal attention (embedding models, attention_type=1) computes a sequence in one micro-batch:
+        # llama.cpp aborts the process on a decode of more tokens than n_ubatch.
+        self._causal = bool(C.llama_get_causal_attn(handle))
+        self._max_decode = len(self._token_buf) if self._causal else C.llama_n_ubatch(handle)
         self._batch = None  # a llama_batch with per-token logits flags, made by the first decode_all
         self.lora: dict = {}
         if lora:
@@ -242,6 +259,7 @@ class Context(NativeObject):
 
     def truncate(self, n_keep: int) -> None:
         """Keep the first n_keep tokens of sequence 0 in the KV cache, drop the rest."""
+        n_keep = integer("n_keep", n_keep, 0, INT32[1])
         if n_keep >= len(self.tokens):
             return
         if not C.llama_memory_seq_rm(C.llama_get_memory(self._ptr), 0, n_keep, -1):
@@ -265,10 +283,12 @@ class Context(NativeObject):
             raise ContextOverflowError(
                 f"{len(self.tokens)} cached + {n} new tokens exceed the context of {self.n_ctx} tokens; "
                 "create the Context with a larger n_ctx, shorten the prompt, or clear() the context")
-        n_vocab = self.model.n_vocab
-        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise InvalidParameterError(f"token id {bad} is outside the vocabulary (0 .. {n_vocab - 1})")
+        self._check_tokens(tokens)
+        if not self._causal and n > self._max_decode:
+            raise InvalidParameterError(
+                f"this context uses non-causal attention (an embedding model, or attention_type=1), which computes "
+                f"all tokens of a decode at once: {n} tokens do not fit its n_ubatch of {self._max_decode}; create "
+                "the Context with n_ubatch and n_batch of at least the longest input")
         n_batch = len(self._token_buf)
         self._abort_flag[0] = 0
         base = len(self.tokens)
@@ -302,7 +322,11 @@ class Context(NativeObject):
         if base >= self._n_ctx:
             raise ContextOverflowError(f"the context of {self._n_ctx} tokens is full; create the Context with a "
                                        "larger n_ctx or clear() it")
-        self._token_buf[0] = token
+        try:
+            self._token_buf[0] = token
+        except (OverflowError, TypeError):
+            raise InvalidParameterError(f"token id {token!r} is outside the vocabulary (0 .. "
+                                        f"{self.model.n_vocab - 1})") from None
         try:
             rc = C.llama_decode(ptr, self._one_token_batch)
             if rc:
@@ -311,6 +335,13 @@ class Context(NativeObject):
         except KeyboardInterrupt:
             self._resync([token], base)
             raise
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        n_vocab = self.model.n_vocab
+        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+                    or not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidParameterError(f"token id {bad!r} is outside the vocabulary (0 .. {n_vocab - 1})")
 
     def _resync(self, tokens: Sequence[int], base: int) -> None:
         """After Ctrl-C in a decode: Python raises KeyboardInterrupt as soon as llama_decode returns, before
@@ -329,8 +360,10 @@ class Context(NativeObject):
         """
         ptr = self._ptr
         n = len(tokens)
-        if not 1 <= n <= len(self._token_buf):
-            raise InvalidParameterError(f"decode_all takes 1 to n_batch={len(self._token_buf)} tokens, got {n}")
+        if not 1 <= n <= self._max_decode:
+            raise InvalidParameterError(f"decode_all takes 1 to {self._max_decode} tokens (n_batch, or n_ubatch for "
+                                        f"non-causal attention), got {n}")
+        self._check_tokens(tokens)
         if len(self.tokens) + n > self.n_ctx:
             raise ContextOverflowError(f"{len(self.tokens)} cached + {n} new tokens exceed the context of "
                                        f"{self.n_ctx} tokens")
@@ -369,7 +402,7 @@ class Context(NativeObject):
 
         copy=False returns a writable view of llama.cpp's own buffer instead, valid until the next decode:
         changing it changes what a sampler draws from (how logits processors work)."""
-        ptr = C.llama_get_logits_ith(self._ptr, index)
+        ptr = C.llama_get_logits_ith(self._ptr, integer("index", index, *INT32))
         if ptr == ffi.NULL:
             raise InvalidParameterError(f"no logits for output {index}: decode tokens first")
         view = np.frombuffer(ffi.buffer(ptr, self.model.n_vocab * 4), dtype=np.float32)

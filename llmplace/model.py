@@ -13,6 +13,7 @@ from . import logs
 from ._ffi import C, c_string, ffi, read_c_string_into_buffer
 from ._handle import NativeObject
 from .backends import add_rpc_server, buffer_type, ensure_initialized
+from .c_values import INT32, integer
 from .errors import AbortedError, InvalidParameterError, ModelLoadError, OutOfMemoryError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
@@ -68,7 +69,57 @@ def kv_override_array(overrides: Mapping[str, bool | int | float | str], metadat
         else:
             raise InvalidParameterError(f"kv_overrides[{key!r}] = {value!r}: a value must be a bool, a 64-bit int, "
                                         f"a float or a str under {_KEY_BYTES} bytes")
+    if metadata is not None:
+        check_override_values(overrides, metadata)
     return array
+
+
+# Overrides llama.cpp takes but cannot survive: the architecture picks which tensors and keys exist, and a
+# tokenizer model that disagrees with the file's vocabulary arrays throws through C (the process aborts).
+_FIXED_KEYS = ("general.architecture", "tokenizer.ggml.model")
+# Keys that describe the shapes of the weights: another value either fails the load or passes it and fails a
+# GGML_ASSERT in the graph (rope.dimension_count: "n_embd_head == n_rot"), or divides by zero (head_count 0).
+_SHAPE_KEYS = ("embedding_length", "feed_forward_length", "expert_feed_forward_length", "attention.head_count",
+               "attention.head_count_kv", "attention.key_length", "attention.value_length", "rope.dimension_count",
+               "rope.dimension_count_swa", "attention.key_length_swa", "attention.value_length_swa", "vocab_size")
+
+
+def check_override_values(overrides: Mapping, metadata: Mapping) -> None:
+    """Refuse overrides whose values llama.cpp would assert or divide by zero on: the file validator's own
+    rules (gguf_validate) applied to the file's values with the overrides in place, since llama.cpp reads an
+    override instead of the file's value, past the validator."""
+    from . import gguf_validate
+
+    for key in _FIXED_KEYS:
+        if key in overrides and overrides[key] != metadata.get(key):
+            raise InvalidParameterError(f"kv_overrides cannot change {key} (the file has {metadata.get(key)!r}): "
+                                        "the weights and vocabulary were made for it")
+    arch = str(metadata.get("general.architecture", ""))
+    for key, value in overrides.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        name = key[len(arch) + 1:] if key.startswith(arch + ".") else None
+        have = metadata.get(key)
+        if name in _SHAPE_KEYS and value != have:
+            raise InvalidParameterError(f"kv_overrides[{key!r}] = {value}: {name} describes the shape of the "
+                                        f"weights (the file has {have!r}) and cannot be overridden")
+        if value < 0 and not (isinstance(have, int) and have < 0):
+            # llama.cpp stores most integer keys as uint32: a negative value wraps to about 4 billion
+            raise InvalidParameterError(f"kv_overrides[{key!r}] = {value}: GGUF sizes and counts are unsigned; "
+                                        "give a value >= 0")
+    # The validator's view of the key/values: strings as bytes, arrays as ("array", element type, length, offset).
+    values = {}
+    for key, value in {**metadata, **overrides}.items():
+        if isinstance(value, str):
+            value = value.encode()
+        elif isinstance(value, (list, tuple)):
+            value = ("array", None, len(value), 0)
+        values[key] = value
+    try:
+        gguf_validate._check_vocab_arrays(values)
+        gguf_validate._check_hparams(values, {})
+    except gguf_validate._Bad as bad:
+        raise InvalidParameterError(f"kv_overrides make the model invalid: {bad}") from None
 
 
 def rpc_endpoints(rpc_servers) -> list:
@@ -94,8 +145,8 @@ class Model(NativeObject):
                  placement=None, tensor_split=None, split_by: str = "bytes", devices=None, rpc_servers=None,
                  kv_overrides: Mapping[str, bool | int | float | str] | None = None, dry_run: bool = False) -> None:
         self.path = Path(os.fspath(path)).expanduser()
-        if not isinstance(n_gpu_layers, int):
-            raise InvalidParameterError(f"n_gpu_layers must be an int (-1 = all layers), not {n_gpu_layers!r}")
+        n_gpu_layers = integer("n_gpu_layers", n_gpu_layers, -1, INT32[1], " (-1 = all layers)")
+        main_gpu = integer("main_gpu", main_gpu, *INT32, " (an index into the offload devices)")
         check_header(self.path)
         ensure_initialized()
         for endpoint in rpc_endpoints(rpc_servers):
@@ -141,6 +192,7 @@ class Model(NativeObject):
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
         self._own(handle, C.llama_model_free)
         self.dry_run = dry_run  # weights were placed but not allocated: metadata and placement only
+        self.vocab_only = bool(vocab_only)  # a tokenizer only: no Context can run on it
         self.fit_result = None  # set by load(fit=True): the FitResult this model was loaded with
         self.default_n_ctx: int | None = None  # load(n_ctx=N): the size of contexts made without one
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()

@@ -14,9 +14,13 @@ from typing import Mapping
 
 from ._ffi import C, ffi
 from ._handle import NativeObject
-from .errors import InvalidParameterError
+from .c_values import INT32, integer, token_id
+from .errors import ClosedError, InvalidParameterError
 
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed"
+# llama.cpp allocates the penalty window up front (4 bytes a token): 2^31 is a std::bad_alloc that aborts the
+# process. No context holds more tokens than this (context.MAX_N_CTX).
+MAX_PENALTY_WINDOW = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class SamplingParams:
     top_k: keep the k most likely tokens (0 = off). top_p: nucleus, keep the most likely tokens whose
     probabilities add up to p (1 = off). min_p: drop tokens below p × the top probability (0 = off).
     typical_p: locally typical sampling (1 = off). repeat_penalty / frequency_penalty / presence_penalty
-    apply to the last `penalty_last_n` tokens. seed: None = random. logit_bias: {token id: added logit}.
+    apply to the last `penalty_last_n` tokens (-1 = the whole context, 0 = none). seed: None = random. logit_bias: {token id: added logit}.
     mirostat: 1 or 2 samples for a target surprise `mirostat_tau` with learning rate `mirostat_eta` instead of
     top-k/top-p/min-p/typical (0 = off); temperature=0 stays greedy.
     """
@@ -65,17 +69,16 @@ class SamplingParams:
             raise InvalidParameterError(f"mirostat must be 0 (off), 1 or 2, not {self.mirostat!r}")
         number("mirostat_tau", self.mirostat_tau, 0.0, 100.0)
         number("mirostat_eta", self.mirostat_eta, 0.0, 1.0)
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidParameterError(f"top_k must be an int >= 0 (0 = off), not {self.top_k!r}")
-        if isinstance(self.penalty_last_n, bool) or not isinstance(self.penalty_last_n, int) or self.penalty_last_n < -1:
-            raise InvalidParameterError(f"penalty_last_n must be an int >= -1 (-1 = whole context), "
-                                        f"not {self.penalty_last_n!r}")
+        integer("top_k", self.top_k, 0, INT32[1], " (0 = off)")
+        integer("penalty_last_n", self.penalty_last_n, -1, MAX_PENALTY_WINDOW, " (-1 = the whole context, 0 = off)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed <= MAX_SEED):
             raise InvalidParameterError(f"seed must be None or an int in [0, {MAX_SEED}], not {self.seed!r}")
+        if not isinstance(self.logit_bias, Mapping):
+            raise InvalidParameterError(f"logit_bias must be a dict of token id -> added logit, not "
+                                        f"{type(self.logit_bias).__name__}")
         for token, bias in dict(self.logit_bias).items():
-            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-                raise InvalidParameterError(f"logit_bias keys must be token ids (ints >= 0), not {token!r}")
+            integer("a logit_bias key", token, 0, INT32[1], " (a token id)")
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
                 raise InvalidParameterError(f"logit_bias[{token}] must be a number, not {bias!r}")
 
@@ -94,11 +97,21 @@ class Sampler(NativeObject):
 
     _closed_message = "this Sampler is closed"
 
-    def __init__(self, n_vocab: int, params: SamplingParams | None = None) -> None:
+    def __init__(self, n_vocab: int, params: SamplingParams | None = None, *, n_ctx: int | None = None) -> None:
+        """n_ctx: the size of the context sampled from, the penalty window of penalty_last_n=-1; when not
+        given, the chain is built at the first `sample`, from that context's size."""
         self.params = params = params or SamplingParams()
         for token in params.logit_bias:
-            if token >= n_vocab:
-                raise InvalidParameterError(f"logit_bias token id {token} is outside the vocabulary (0 .. {n_vocab - 1})")
+            token_id("logit_bias token id", token, n_vocab)
+        self._n_vocab = n_vocab
+        self._early_accepts: list[int] = []  # accept() calls before a deferred chain exists
+        self._built = self._released = False
+        if params.penalty_last_n != -1 or not params.uses_penalties or n_ctx is not None:
+            self._build(n_ctx or 0)
+
+    def _build(self, n_ctx: int) -> None:
+        params, n_vocab = self.params, self._n_vocab
+        self._built = True
         chain_params = C.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = C.llama_sampler_chain_init(chain_params)
@@ -111,7 +124,9 @@ class Sampler(NativeObject):
                 biases[i].token, biases[i].bias = token, float(bias)
             add(C.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
         if params.uses_penalties:
-            add(C.llama_sampler_init_penalties(n_vocab, params.penalty_last_n, params.repeat_penalty,
+            # llama.cpp reads -1 as 0 (off); upstream's documented -1 is "the whole context"
+            window = n_ctx if params.penalty_last_n == -1 else params.penalty_last_n
+            add(C.llama_sampler_init_penalties(n_vocab, window, params.repeat_penalty,
                                                params.frequency_penalty, params.presence_penalty))
         if params.greedy:
             add(C.llama_sampler_init_greedy())
@@ -136,13 +151,34 @@ class Sampler(NativeObject):
         add(C.llama_sampler_init_temp(params.temperature))
         add(C.llama_sampler_init_dist(seed))
 
+    def _ensure_built(self, context) -> None:
+        if self._released:
+            raise ClosedError(self._closed_message)
+        self._build(context.n_ctx)
+        for token in self._early_accepts:
+            C.llama_sampler_accept(self._ptr, token)
+        self._early_accepts.clear()
+
     def sample(self, context, index: int = -1) -> int:
         """Draw the next token from the logits of output `index` of `context` (and record it for penalties)."""
+        if not self._built:
+            self._ensure_built(context)
         return C.llama_sampler_sample(self._ptr, context._ptr, index)
 
     def accept(self, token: int) -> None:
         """Record a token the sampler did not draw (e.g. the prompt), for repetition penalties."""
+        token = token_id("token id", token, self._n_vocab)
+        if not self._built:
+            self._early_accepts.append(token)
+            return
         C.llama_sampler_accept(self._ptr, token)
 
     def reset(self) -> None:
+        if not self._built:
+            self._early_accepts.clear()
+            return
         C.llama_sampler_reset(self._ptr)
+
+    def close(self) -> None:
+        self._released = True
+        super().close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Sequence
 
 from ._ffi import C, ffi
@@ -87,6 +88,7 @@ class Vocab:
         """Does this token end generation (EOS, EOT, or another end-of-generation token)?"""
         eog = self._eog.get(token)
         if eog is None:
+            self._check_token(token)  # llama.cpp indexes its token table unchecked (SIGSEGV far outside)
             eog = self._eog[token] = bool(C.llama_vocab_is_eog(self._ptr, token))
         return eog
 
@@ -105,6 +107,7 @@ class Vocab:
         return entry
 
     def is_control(self, token: int) -> bool:
+        self._check_token(token)
         return bool(C.llama_vocab_is_control(self._ptr, token))
 
     def token_text(self, token: int) -> str:
@@ -152,5 +155,5 @@ class Vocab:
         return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", errors="replace")
 
     def _check_token(self, token: int) -> None:
-        if not isinstance(token, int) or not 0 <= token < self.n_tokens:
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < self.n_tokens:
             raise TokenizationError(f"token id {token!r} is outside the vocabulary (0 .. {self.n_tokens - 1})")

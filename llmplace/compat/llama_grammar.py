@@ -59,6 +59,79 @@ class JsonSchemaError(InvalidParameterError):
 
 _SCHEMA_ERROR_KIND = {-1: "not JSON", -2: "refused by llama.cpp's converter"}
 
+# llama.cpp's GBNF parser, its left-recursion check and its JSON-schema converter recurse once per nesting level
+# (and per rule of a chain r0 ::= r1, r1 ::= r2 ...) with no limit: 100k levels overflow the C stack (SIGSEGV),
+# and the converter's output grows with the square of a schema's depth (10k levels: 750 MB). Bounded here, far
+# above what real grammars and schemas use.
+MAX_GRAMMAR_DEPTH = 256
+MAX_GRAMMAR_RULES = 4096
+MAX_SCHEMA_DEPTH = 128
+
+
+def check_grammar_size(text: str) -> None:
+    """Raise InvalidParameterError if GBNF `text` nests groups deeper than MAX_GRAMMAR_DEPTH or defines more
+    than MAX_GRAMMAR_RULES rules. The scan skips strings, character classes and comments, without recursion."""
+    rules = text.count("::=")
+    if rules > MAX_GRAMMAR_RULES:
+        raise InvalidParameterError(f"the grammar defines {rules} rules, more than the {MAX_GRAMMAR_RULES} "
+                                    "llmplace accepts (llama.cpp's grammar code recurses through chains of rules)")
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif c == "(":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif c == ")":
+            depth -= 1
+        i += 1
+    if deepest > MAX_GRAMMAR_DEPTH:
+        raise InvalidParameterError(f"the grammar nests groups {deepest} deep, more than the {MAX_GRAMMAR_DEPTH} "
+                                    "llmplace accepts (llama.cpp's grammar parser would overflow its stack); "
+                                    "flatten it with named rules")
+
+
+def _json_depth(schema) -> int:
+    """Nesting depth of JSON text (objects and arrays, outside strings) or of parsed JSON, without recursion."""
+    if isinstance(schema, str):
+        depth = deepest = 0
+        in_string = escaped = False
+        for c in schema:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+                deepest = max(deepest, depth)
+            elif c in "}]":
+                depth -= 1
+        return deepest
+    deepest, stack = 0, [(schema, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_SCHEMA_DEPTH:
+                return deepest  # enough to refuse; a self-containing dict would loop forever
+            stack.extend((item, depth) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
 
 def _ordered_properties(schema, order: dict[str, int]):
     """The schema with every "properties" object's keys put in `order` first (the rest after, as they were):
@@ -79,6 +152,11 @@ def json_schema_to_gbnf(schema: str, prop_order: list[str] | None = None) -> str
     """The GBNF grammar (root rule "root") of JSON text that validates against `schema` (JSON text; a dict is
     taken too), written by llama.cpp's converter. prop_order: property names to write first, in that order,
     in every object. Raises JsonSchemaError naming what is wrong."""
+    depth = _json_depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise JsonSchemaError(f"the JSON schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep, "
+                              f"the most llmplace accepts (llama.cpp's "
+                              "converter would overflow its stack, or write a grammar of gigabytes)")
     if not isinstance(schema, str):
         try:
             schema = json.dumps(schema)
@@ -115,6 +193,7 @@ class LlamaGrammar:
     def __init__(self, *args, _grammar: str, **kwargs) -> None:
         if not isinstance(_grammar, str) or not _grammar.strip():
             raise InvalidParameterError("a grammar must be non-empty GBNF text, e.g. 'root ::= \"yes\" | \"no\"'")
+        check_grammar_size(_grammar)
         self._grammar = _grammar
         self._root = LLAMA_GRAMMAR_DEFAULT_ROOT
 
@@ -158,6 +237,9 @@ class GrammarConstraint(NativeObject):
 
     def __init__(self, model, grammar) -> None:
         text, root = grammar_text(grammar)
+        check_grammar_size(text)
+        if "\0" in text or "\0" in root:
+            raise InvalidParameterError("the grammar holds a NUL character, which would cut it short in llama.cpp")
         with logs.capture() as native_messages:
             sampler = C.llama_sampler_init_grammar(model.vocab._ptr, text.encode("utf-8"), root.encode("utf-8"))
         if sampler == ffi.NULL:
