@@ -12,6 +12,11 @@ Two engines render a template:
 
 Some GGUFs ship no template at all (the packaged Gemma 3 270M is one): for those a template is chosen by
 architecture (`gemma*` → "gemma"); anything else must be given `template=`.
+
+A template is a program from the model file, so it runs under limits as well as in Jinja's sandbox (which
+stops escapes, not exhaustion): a time budget, bounded loops, ranges, repetition, formatting widths, numbers,
+call depth and output size (llmplace/jinja_limits.py). A template that exceeds one, or fails in any other way,
+raises TemplateError; it cannot hang the caller or raise MemoryError, RecursionError or OverflowError.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import datetime
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from . import jinja_limits
 from ._ffi import C, ffi
 from .errors import InvalidParameterError, TemplateError
 
@@ -87,11 +93,14 @@ def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sor
 def _compile(source: str):
     """Compile Jinja source once per distinct template (a chat re-renders every turn)."""
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if len(source) > jinja_limits.MAX_TEMPLATE_CHARS:
+        raise TemplateError(f"the chat template is {len(source)} characters long (the limit is "
+                            f"{jinja_limits.MAX_TEMPLATE_CHARS}); pass template='chatml' (or another built-in name) instead")
     import jinja2
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
+    env = jinja_limits.environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = jinja_limits.limited_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
@@ -99,6 +108,24 @@ def _compile(source: str):
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message}); fix it, "
                             "or pass template='chatml' (or another built-in name) instead") from None
+    except Exception as exc:  # noqa: BLE001 - nesting too deep for the parser or Python's compiler, ...
+        raise TemplateError(f"the chat template could not be compiled ({type(exc).__name__}: {exc}); pass "
+                            "template='chatml' (or another built-in name) instead") from None
+
+
+def render_limited(template, **variables: Any) -> str:
+    """Render a compiled template (from _compile) under jinja_limits' limits: the text, or TemplateError."""
+    try:
+        return jinja_limits.render(template, **variables)
+    except _RaisedByTemplate as exc:
+        raise TemplateError(f"the chat template refused these messages: {exc}") from None
+    except jinja_limits.LimitExceeded as exc:
+        raise TemplateError(f"the chat template exceeded its limits: {exc}; a chat template should only format "
+                            "the messages (pass another template=)") from None
+    except Exception as exc:  # noqa: BLE001 - any failure of the template's code is the template's failure
+        raise TemplateError(f"the chat template failed on these messages ({type(exc).__name__}: "
+                            f"{str(exc)[:300]}); check the messages' roles and order, or pass another "
+                            "template=") from None
 
 
 def builtin_names() -> list[str]:
@@ -200,16 +227,9 @@ class ChatTemplate:
         """The prompt text for `messages` (already validated)."""
         if self.engine == "llama.cpp":
             return _apply_builtin(self.name or self.source, messages, add_generation_prompt)
-        import jinja2
-
-        try:
-            return _compile(self.source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                bos_token=self.bos_token, eos_token=self.eos_token)
-        except _RaisedByTemplate as exc:
-            raise TemplateError(f"the chat template refused these messages: {exc}") from None
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise TemplateError(f"the chat template failed on these messages ({type(exc).__name__}: {exc}); check "
-                                "the messages' roles and order, or pass another template=") from None
+        return render_limited(_compile(self.source), messages=list(messages),
+                              add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                              eos_token=self.eos_token)
 
     def tokens(self, model: "Model", text: str) -> list[int]:
         """Tokens of rendered prompt text, with BOS added exactly once.

@@ -164,3 +164,126 @@ def test_forged_states_with_valid_checksums_do_not_crash_the_interpreter(smollm2
     results = outcomes(REAL_STATE_SETUP.format(path=str(smollm2_path)), REAL_STATE_CASES)
     print(summary(results))
     assert all(r.kind in ("ok", "typed") for r in results.values()), summary(results)
+
+
+# ---- chat templates ----
+TEMPLATE_SETUP = """
+import time
+import llmplace
+from llmplace.chat_template import format_chat
+
+model = llmplace.load({path!r}, vocab_only=True, progress=False)
+MESSAGES = [{{"role": "user", "content": "hi"}}]
+LONG = [{{"role": "user", "content": "x" * 3000000}}]  # a long message: within limits by itself
+
+def render(template, messages=MESSAGES):
+    started = time.monotonic()
+    try:
+        return format_chat(model, messages, template=template)
+    finally:
+        if time.monotonic() - started > 15:
+            raise SystemExit("took %.1f s" % (time.monotonic() - started))  # a near-hang: fails as untyped
+"""
+
+TEMPLATES = {
+    # loops and ranges
+    "nested_range_1e10": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "range_1e10_as_list": "{{ range(10**10)|list }}",
+    "range_1e12_length": "{{ range(10**12)|length }}",
+    "slow_body_in_a_loop": "{% for i in range(99999) %}{{ range(99999)|list|sort|length }}{% endfor %}",
+    "loop_over_a_big_repeat": "{% for c in 'x' * 3000000 %}{% for d in 'y' * 3000000 %}{% endfor %}{% endfor %}",
+    "map_over_a_huge_slice": "{{ [1, 2]|slice(10**9)|list }}",
+    "batch_fill_huge": "{{ [1]|batch(10**9, 'x')|list }}",
+    "lipsum_huge": "{{ lipsum(10**9) }}",
+    "sum_of_lists_quadratic": "{{ ([[1]] * 100000)|sum(start=[]) }}",
+    # repetition, numbers
+    "string_repeat_1e10": "{{ 'x' * 10**10 }}",
+    "list_repeat_1e9": "{{ [1] * 10**9 }}",
+    "content_repeat": "{{ messages[0].content * 10**9 }}",
+    "list_repeat_of_a_range": "{{ (range(100000)|list) * 100000 }}",
+    "integer_power_huge": "{{ 10 ** 100000000 }}",
+    "integer_product_squaring": "{% set ns = namespace(x=3) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+                                "{% endfor %}{{ ns.x }}",
+    "integer_too_long_to_print": "{{ 2 ** 60000 }}",
+    "float_overflow": "{{ 10.0 ** 400 }}",
+    "division_by_zero": "{{ 1 / 0 }}",
+    # formatting widths
+    "percent_width": "{{ '%0999999999d' % 1 }}",
+    "percent_star_width": "{{ '%*d' % (10**9, 1) }}",
+    "percent_precision": "{{ '%.999999999f' % 1.0 }}",
+    "format_filter_width": "{{ '%999999999s'|format('x') }}",
+    "str_format_width": "{{ '{:>999999999}'.format(1) }}",
+    "str_format_nested_width": "{{ '{:{w}}'.format(1, w=10**9) }}",
+    "str_format_map_width": "{{ '{a:>999999999}'.format_map({'a': 1}) }}",
+    "center_filter": "{{ 'x'|center(10**10) }}",
+    "ljust_method": "{{ 'x'.ljust(10**10) }}",
+    "zfill_method": "{{ '1'.zfill(10**10) }}",
+    "expandtabs_method": "{{ ('\\t' * 1000).expandtabs(10**6) }}",
+    "indent_filter": "{{ ('x\\n' * 1000)|indent(10**6) }}",
+    "replace_method_empty": "{{ ('x' * 100000).replace('', 'y' * 100000) }}",
+    "replace_filter_empty": "{{ ('x' * 1000)|replace('', 'y' * 1000000) }}",
+    "tojson_indent": "{{ messages|tojson(indent=10**9) }}",
+    "wordwrap_zero": "{{ 'a b c'|wordwrap(0) }}",
+    # growth by doubling, output floods
+    "doubling_by_tilde": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
+                         "{% endfor %}{{ ns.s|length }}",
+    "doubling_by_plus": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
+                        "{% endfor %}{{ ns.s|length }}",
+    "doubling_by_join": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = [ns.s, ns.s]|join %}"
+                        "{% endfor %}{{ ns.s|length }}",
+    "doubling_by_macro": "{% macro d(s) %}{{ s }}{{ s }}{% endmacro %}{% set ns = namespace(s='x') %}"
+                         "{% for i in range(64) %}{% set ns.s = d(ns.s) %}{% endfor %}{{ ns.s|length }}",
+    "doubling_by_set_block": "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set b %}{{ ns.s }}{{ ns.s }}"
+                             "{% endset %}{% set ns.s = b %}{% endfor %}{{ ns.s|length }}",
+    "output_flood": "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
+    "output_flood_of_one_big_value": "{% set big = 'x' * 3000000 %}{% for i in range(1000) %}{{ big }}{% endfor %}",
+    # recursion
+    "macro_recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "macro_binary_recursion": "{% macro f(n) %}{% if n < 60 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}"
+                              "{{ f(0) }}",
+    "recursive_loop": "{% for x in [1] recursive %}{{ loop([1]) }}{% endfor %}",
+    "block_self_recursion": "{% block a %}{{ self.a() }}{% endblock %}",
+    "caller_recursion": "{% macro m() %}{{ caller() }}{% endmacro %}{% macro f() %}{% call m() %}{{ f() }}"
+                        "{% endcall %}{% endmacro %}{{ f() }}",
+}
+# Sources that stress the parser and Python's compiler: built in the case's process (too big for its argv).
+BIG_TEMPLATES = {
+    "parentheses_100k_deep": "'{{ ' + '(' * 100000 + '1' + ')' * 100000 + ' }}'",
+    "not_100k_deep": "'{{ ' + 'not ' * 100000 + '1 }}'",
+    "filters_100k_chained": "\"{{ 'x'\" + '|upper' * 100000 + ' }}'",
+    "for_loops_1000_nested": "'{% for i in [1] %}' * 1000 + '{% endfor %}' * 1000",
+    "source_of_2_mb": "'{{ 1 }}' + 'x' * (2 << 20)",
+    "list_literal_of_a_million": "'{{ [' + '1,' * 1000000 + '] | length }}'",
+    # a small list holding one long message many times: its text would be built in one C call
+    "repeated_long_message_as_text": "'{{ messages * 100000 }}', LONG",
+    "repeated_long_message_tojson": "'{{ (messages * 100000)|tojson }}', LONG",
+    "repeated_long_message_formatted": "\"{{ '%s' % [messages * 100000] }}\", LONG",
+    "repeated_long_message_joined": "'{{ (messages * 100000)|join }}', LONG",
+    "list_nested_100k_as_text": "'{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}'"
+                                " '{% endfor %}{{ ns.x }}'",
+}
+
+
+def test_hostile_chat_templates_raise_template_error_quickly(smollm2_path):
+    import time
+
+    started = time.monotonic()
+    cases = {name: f"render({source!r})" for name, source in TEMPLATES.items()}
+    cases.update({name: f"render({source})" for name, source in BIG_TEMPLATES.items()})
+    results = outcomes(TEMPLATE_SETUP.format(path=str(smollm2_path)), cases, timeout=240)
+    print(summary(results))
+    print(f"{len(cases)} template cases in {time.monotonic() - started:.1f} s")
+    assert {name: (r.kind, r.error) for name, r in results.items()} == \
+        dict.fromkeys(cases, ("typed", "TemplateError")), summary(results)
+
+
+def test_templates_within_the_limits_still_render(smollm2):
+    from llmplace.chat_template import format_chat
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    template = ("{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.role|upper }}: {{ m.content }}"
+                "{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}|{{ range(3)|join(',') }}|{{ '%05d' % 42 }}|"
+                "{{ '{:>4}'.format(7) }}|{{ 'ab' * 3 }}|{{ 2 ** 10 }}|{{ messages|tojson(indent=1)|length > 10 }}|"
+                "{{ 'x'|center(5) }}|{{ [1, 2, 3]|map('string')|join('-') }}|{{ range(100000)|list|length }}")
+    assert format_chat(smollm2, messages, template=template) == \
+        "1/2 USER: hi\n2/2 ASSISTANT: hello|0,1,2|00042|   7|ababab|1024|True|  x  |1-2-3|100000"
