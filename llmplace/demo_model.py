@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .cache import cache_root
 from .errors import ModelLoadError
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,9 +32,7 @@ MODEL_BYTES = 98_362_432
 def cache_dir() -> Path:
     """$LLMPLACE_CACHE/models, else $XDG_CACHE_HOME/llmplace/models, else ~/.cache/llmplace/models: the same
     root the build uses for the pinned llama.cpp source (tools/vendor_llama_cpp.py keeps it under .../sdist)."""
-    base = os.environ.get("LLMPLACE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmplace")
-    return Path(base) / "models"
+    return cache_root() / "models"
 
 
 def installed_path() -> Path | None:

@@ -42,6 +42,7 @@ from typing import Mapping
 
 from . import logs
 from ._ffi import C, c_string, ffi
+from .cache import cache_root
 from .errors import DeviceNotFoundError, InvalidParameterError, OutOfMemoryError
 
 # Tokens decoded one at a time after the prompt: enough for the decode kernels, and for CUDA graphs to be
@@ -64,9 +65,7 @@ class RuntimeCost:
 
 
 def cache_file() -> Path:
-    base = os.environ.get("LLMPLACE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmplace")
-    return Path(base) / "runtime.json"
+    return cache_root() / "runtime.json"
 
 
 def device_by_name(name: str):
