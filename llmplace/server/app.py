@@ -188,13 +188,21 @@ def _refuse_constant(name: str):
 
 
 def client_gone(connection: socket.socket) -> bool:
-    """Whether the client closed its connection (readable with nothing to read, or reset); never blocks."""
+    """Whether the client closed its connection (readable with nothing to read, or reset); never blocks.
+    poll, not select: select refuses descriptors above 1024, which a busy server reaches."""
     try:
-        readable, _, _ = select.select([connection], [], [], 0)
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(connection, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:  # Windows
+            readable = bool(select.select([connection], [], [], 0)[0])
         if not readable:
             return False
-        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
+        # Readable: data (a pipelined request: still there) or the end of the stream (gone). Only asked when
+        # readable, so a socket with a timeout does not wait here.
+        return connection.recv(1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError, TimeoutError):
         return False
     except (OSError, ValueError):  # reset, or already closed
         return True
