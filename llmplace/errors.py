@@ -28,6 +28,23 @@ class InvalidParameterError(LlmplaceError, ValueError):
     """A parameter value is out of range or of the wrong kind."""
 
 
+class UnknownKeywordError(InvalidParameterError, TypeError):
+    """A keyword the call does not take: also a TypeError, which Python itself raises for one."""
+
+
+def unknown_keyword_error(call: str, unknown, known) -> UnknownKeywordError:
+    """The error for keywords `call` does not take, naming the close known name for each typo (`max_token` ->
+    `max_tokens`), so the message points at the fix rather than at an internal class."""
+    import difflib
+
+    parts = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return UnknownKeywordError(f"{call} got unknown keyword argument(s) {', '.join(parts)}; it takes "
+                               f"{', '.join(sorted(known))}")
+
+
 class PlacementError(LlmplaceError, ValueError):
     """A placement rule, split or device selection cannot be applied."""
 

@@ -13,13 +13,15 @@ one cached vocabulary look-up per token, the incremental decoder only while a ch
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import inspect
 import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .context import BUSY_MESSAGE, Context
-from .errors import BusyError, ContextOverflowError, InvalidParameterError
+from .errors import BusyError, ContextOverflowError, InvalidParameterError, unknown_keyword_error
 from .model import Model
 from .sampling import Sampler, SamplingParams
 
@@ -165,11 +167,19 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
                   **sampling_kwargs).steps()
 
 
+_SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
 def _setup(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
            stop: str | Sequence[str] = (), sampling: SamplingParams | None = None, context: Context | None = None,
            add_special: bool = True, draft=None, depth: int = 5, lookup: bool = False, adaptive_depth: bool = True,
            **sampling_kwargs) -> _Run:
     """stream_generate's checks and resources (sampler, drafter, a context when none is given), as a _Run."""
+    unknown = set(sampling_kwargs) - _SAMPLING_NAMES
+    if unknown:
+        # otherwise SamplingParams(**...) raises a TypeError naming that internal class, not the typo's fix
+        own = set(inspect.signature(_setup).parameters) - {"model", "prompt", "sampling_kwargs"}
+        raise unknown_keyword_error("generate/stream_generate", unknown, own | _SAMPLING_NAMES)
     if sampling is not None and sampling_kwargs:
         raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, not both")
     params = sampling or SamplingParams(**sampling_kwargs)
