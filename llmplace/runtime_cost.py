@@ -34,6 +34,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -148,11 +149,11 @@ def runtime_costs(path: Path, devs: list, settings: ProbeSettings, given=None) -
         fixed = parse_size(given, "runtime")
         given = {c_string(C.ggml_backend_dev_name(d)): fixed for d in devs}
     given_lower = {str(k).lower(): v for k, v in (given or {}).items()}
-    names = {c_string(C.ggml_backend_dev_name(d)).lower() for d in devs}
+    known = [c_string(C.ggml_backend_dev_name(C.ggml_backend_dev_get(i))) for i in range(C.ggml_backend_dev_count())]
     for key in given_lower:
-        if key not in names:
-            raise InvalidParameterError(f"runtime names {key!r}, which is not a device of this plan; devices: "
-                                        f"{', '.join(sorted(names)) or 'none'}")
+        if key not in {name.lower() for name in known}:
+            raise InvalidParameterError(f"runtime names {key!r}, which is not a device here; devices: "
+                                        f"{', '.join(known)}")
     result = {}
     for dev in devs:
         name = c_string(C.ggml_backend_dev_name(dev))
@@ -202,8 +203,10 @@ def _probe(path: Path, dev, name: str, settings: ProbeSettings, timeout: float) 
     spec = dict(path=str(path), device=name, rpc_servers=rpc_endpoints(), **settings.__dict__)
     free_before, _ = device_free(dev)
     env = dict(os.environ, LLMPLACE_LOG=os.environ.get("LLMPLACE_LOG", "error"))
+    # stderr to a file, not a pipe: a child that logs more than a pipe holds would block on it
+    errors = tempfile.TemporaryFile("w+")
     child = subprocess.Popen([sys.executable, "-m", "llmplace.runtime_cost", json.dumps(spec)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in child.stdout] + [lines.put(None)],
                      daemon=True).start()
@@ -218,7 +221,8 @@ def _probe(path: Path, dev, name: str, settings: ProbeSettings, timeout: float) 
                 raise OutOfMemoryError(f"measuring {name}'s runtime cost took over {timeout:.0f} s") from None
             if line is None:
                 child.wait()
-                err = child.stderr.read().strip().splitlines()[-5:]
+                errors.seek(0)
+                err = errors.read().strip().splitlines()[-5:]
                 raise OutOfMemoryError(f"the process measuring {name}'s runtime cost ended early "
                                        f"(exit {child.returncode}): {' / '.join(err) or 'no message'}")
             if line.startswith("{"):
@@ -240,6 +244,7 @@ def _probe(path: Path, dev, name: str, settings: ProbeSettings, timeout: float) 
         if child.poll() is None:
             child.kill()
             child.wait()
+        errors.close()
     free_after, _ = device_free(dev)
     if abs(free_after - free_before) > _DRIFT:
         raise _Drift(f"{name}'s free memory moved by {(free_after - free_before) >> 20} MiB during the measurement")

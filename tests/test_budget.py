@@ -57,6 +57,12 @@ def test_fit_leaves_the_runtime_out_of_the_room_for_buffers(rpc_devices, smollm2
         assert breakdown(ctx._ptr)[device].buffers == use.buffers  # the plan's buffers, byte for byte
 
 
+def test_a_runtime_given_for_a_device_the_plan_leaves_empty_is_accepted(rpc_devices, smollm2_path, empty_cache):
+    first, second = (d.name for d in rpc_devices)
+    planned = estimate(smollm2_path, n_ctx=512, devices=[first], runtime={first: "32MiB", second: "32MiB"})
+    assert second not in planned.memories and planned[first].runtime == 32 * MiB
+
+
 @pytest.mark.parametrize("runtime", [{"NoSuchDevice": "1GiB"}, {"RPC0": "lots"}, "-1GiB", object()])
 def test_an_unreadable_runtime_is_refused(rpc_devices, smollm2_path, runtime):
     with pytest.raises(InvalidParameterError):
