@@ -19,7 +19,7 @@ import time
 import pytest
 
 KEY = "adversarial-key"
-LIMIT = 192  # --max-tokens-limit: the most tokens one request may generate
+LIMIT = 128  # --max-tokens-limit: the most tokens one request may generate
 SMOLLM2_EOS = {"0": -100, "2": -100}  # logit_bias that bans SmolLM2's end tokens: a reply runs to its limit
 MODEL_NAME = "m" * 40000  # every streamed chunk repeats it: ~40 KB per token, so a non-reader's buffers fill fast
 
