@@ -170,5 +170,8 @@ def test_fit_moves_experts_off_a_device_to_meet_its_budget(rpc_devices, small_qw
     # llama.cpp's fit moves whole expert tensors, and for the boundary layer a pattern (ffn_(gate|...).*) that
     # also takes that layer's router: the moved bytes are experts, all of it now in host memory.
     assert moved and all(t.role in ("experts", "router") and is_host_buffer(t.buffer_type) for t in moved)
+    # taken from the front, as llama.cpp's --n-cpu-moe does (decodes faster than llama.cpp's fit's last layers)
+    layers = sorted({t.layer for t in moved})
+    assert layers == list(range(len(layers))), layers
     assert sum(t.n_bytes for t in moved if t.role == "experts") > 0.99 * sum(t.n_bytes for t in moved)
     assert used <= budget
