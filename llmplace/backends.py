@@ -263,6 +263,19 @@ def backend_modules() -> list[BackendModule]:
     return list(_modules)
 
 
+def _host_available(free: int, total: int) -> int:
+    """The CPU backend reports all of the host's RAM as free; Linux's MemAvailable (what can be allocated
+    without swapping, page cache included) is the honest figure. Elsewhere ggml's value stays."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return min(total, int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return free
+
+
 def _device(index: int) -> Device:
     dev = C.ggml_backend_dev_get(index)
     free, total = ffi.new("size_t *"), ffi.new("size_t *")
@@ -276,7 +289,7 @@ def _device(index: int) -> Device:
         description=c_string(C.ggml_backend_dev_description(dev)),
         kind=kind,
         backend=backend,
-        memory_free=int(free[0]),
+        memory_free=_host_available(int(free[0]), int(total[0])) if kind == "cpu" else int(free[0]),
         memory_total=int(total[0]),
         buffer_type=c_string(C.ggml_backend_buft_name(C.ggml_backend_dev_buffer_type(dev))),
         host_buffer_type=c_string(C.ggml_backend_buft_name(host)) if host != ffi.NULL else None,

@@ -72,18 +72,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def describe_rule(rule) -> str:
     """'exps=cpu' for pattern rules; the selectors otherwise ('role=experts layers=0-15 -> cpu')."""
-    if rule.pattern is not None and all(getattr(rule, k) is None for k in
-                                        ("layers", "role", "dtype", "min_bytes", "max_bytes", "where")):
-        return f"{rule.pattern}={rule.to}"
-    parts = [f"pattern={rule.pattern}"] if rule.pattern is not None else []
-    if rule.layers is not None:
-        layers = sorted(rule.layers)
-        contiguous = layers == list(range(layers[0], layers[-1] + 1)) if layers else False
-        parts.append(f"layers={layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else f"layers={layers}")
-    parts += [f"{k}={getattr(rule, k)}" for k in ("role", "dtype", "min_bytes", "max_bytes") if getattr(rule, k)]
-    if rule.where is not None:
-        parts.append("where=<predicate>")
-    return " ".join(parts) + f" -> {rule.to}"
+    from .placement import summarize_rule
+
+    return summarize_rule(rule)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -24,6 +24,12 @@ _LEVELS = {
     C.GGML_LOG_LEVEL_ERROR: logging.ERROR,
 }
 
+# llama.cpp's advice names its command-line flags; llmplace users set the same thing with a keyword
+_FLAGS_AS_KEYWORDS = (
+    ("consider using --load-mode none", "consider loading with use_mmap=False"),
+    ("Try using a bigger --parallel value", "create the Context with a larger n_seq_max"),
+)
+
 _pending: list[str] = []          # pieces of a line not yet ended by "\n"
 _pending_level = logging.INFO
 _installed = False
@@ -58,6 +64,9 @@ def _llmplace_log_callback(level, text, user_data):  # noqa: ARG001 - signature 
             return
         line = "".join(_pending) + piece[:-1]
         _pending.clear()
+        if "-" in line:
+            for flag, keyword in _FLAGS_AS_KEYWORDS:
+                line = line.replace(flag, keyword)
         if capturing:
             _captured.append(line.strip())
         if wanted:

@@ -101,6 +101,32 @@ class Rule:
                 and (self.where is None or bool(self.where(tensor))))
 
 
+def summarize_rule(rule: Rule, width: int = 60) -> str:
+    """A rule in one short line for messages: 'exps=cpu' for a pattern alone, else its selectors
+    ('role=experts layers=0-15 -> cpu'). Its repr lists every layer and the whole pattern (thousands of
+    characters for `layers=range(0, 48)` or a generated pattern), too long for a warning."""
+    def short(text: str) -> str:
+        return text if len(text) <= width else text[:width - 3] + "..."
+
+    selectors = ("layers", "role", "dtype", "min_bytes", "max_bytes", "where")
+    if rule.pattern is not None and all(getattr(rule, k) is None for k in selectors):
+        return f"{short(rule.pattern)}={rule.to}"
+    parts = [f"pattern={short(rule.pattern)}"] if rule.pattern is not None else []
+    if rule.layers is not None:
+        spans, layers = [], sorted(rule.layers)
+        for layer in layers:  # contiguous runs as first-last
+            if spans and layer == spans[-1][1] + 1:
+                spans[-1][1] = layer
+            else:
+                spans.append([layer, layer])
+        text = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+        parts.append(f"layers={short(text) if layers else '(none)'}")
+    parts += [f"{k}={getattr(rule, k)}" for k in ("role", "dtype", "min_bytes", "max_bytes") if getattr(rule, k)]
+    if rule.where is not None:
+        parts.append("where=<predicate>")
+    return " ".join(parts) + f" -> {rule.to}"
+
+
 @dataclass(frozen=True)
 class Assignment:
     tensor: TensorInfo
@@ -393,7 +419,7 @@ def configure(params, path, placement: Placement, *, split_mode: str = "layer", 
     if placement.rules:
         resolution = placement.resolve(read_gguf(path).tensors)
         if resolution.unmatched:
-            described = "; ".join(f"rule {i} ({placement.rules[i]!r})" for i in resolution.unmatched)
+            described = "; ".join(f"rule {i} ({summarize_rule(placement.rules[i])})" for i in resolution.unmatched)
             message = f"placement rules that select no tensor of {Path(path).name}: {described}"
             if placement.strict:
                 raise PlacementError(message + " (Placement(strict=True))")

@@ -30,6 +30,21 @@ QUANTIZE_TYPES = {
 }
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says it (os.umask can only set it, and setting
+    it briefly would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - not Linux
+    os.umask(mask)
+    return mask
+
+
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str = "q4_0", *,
              n_threads: int | None = None, allow_requantize: bool = True, quantize_output_tensor: bool = True,
              pure: bool = False) -> Path:
@@ -86,6 +101,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str = "q4_0",
                 raise InvalidParameterError(f"{src_path} is already quantized; pass allow_requantize=True to "
                                             f"requantize it to {key} ({reason})")
             raise ModelLoadError(f"llama.cpp could not quantize {src_path} to {key}: {reason}")
+        # mkstemp made the file private (0600); give it the mode any new file gets (0666 less the umask)
+        os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, dst_path)
     except BaseException:
         try:

@@ -7,6 +7,8 @@ mistakes. What differs is listed in `llmplace/compat/__init__.py` and warned abo
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 import warnings
@@ -17,7 +19,7 @@ import numpy as np
 
 from .._ffi import C
 from ..context import KV_TYPES, Context
-from ..errors import InvalidParameterError, ModelLoadError
+from ..errors import InvalidParameterError, ModelLoadError, unknown_keyword_error
 from ..model import Model, load
 from ..placement import Placement
 from ..placement import n_cpu_moe as _n_cpu_moe_rules
@@ -152,7 +154,17 @@ class Llama:
         self._ctx: Context | None = None
         self.verbose = verbose
         self.model_path = model_path
-        ignored = {name: value for name, value in kwargs.items()}
+        typos = {name for name in kwargs
+                 if difflib.get_close_matches(name, _LLAMA_KEYWORDS, n=1, cutoff=_TYPO_SIMILARITY)}
+        if typos:
+            # llama-cpp-python would ignore `n_ctxx=` silently and run with the default context: a keyword this
+            # close to a real one is a typo, not an option of another version, so it stops here with the fix
+            raise unknown_keyword_error("Llama", typos, _LLAMA_KEYWORDS)
+        if kwargs:
+            # llama-cpp-python accepts unknown keywords silently (another version's options); say they do nothing
+            warnings.warn(f"llmplace.Llama ignores {', '.join(sorted(kwargs))}: not a keyword of Llama (unknown "
+                          "keywords are accepted, as llama-cpp-python does)", CompatibilityWarning, stacklevel=2)
+        ignored = {}
         if lora_base is not None:
             # llama-cpp-python passes it to llama.cpp's old API, which this llama.cpp no longer has
             ignored["lora_base"] = lora_base
@@ -162,8 +174,7 @@ class Llama:
         if draft_model is not None and self._speculation is None:
             ignored["draft_model (a Python LlamaDraftModel)"] = draft_model
         if ignored:
-            # llama-cpp-python accepts unknown keywords silently; a typo or an option llmplace does not
-            # implement yet should not go unnoticed, so say which ones have no effect.
+            # options llama-cpp-python has and llmplace does not implement yet should not go unnoticed
             warnings.warn(f"llmplace.Llama ignores {', '.join(sorted(ignored))}: not supported by llmplace yet "
                           "(unknown keywords are accepted, as llama-cpp-python does)", CompatibilityWarning,
                           stacklevel=2)
@@ -546,6 +557,12 @@ class Llama:
 
     def __repr__(self) -> str:
         return f"<llmplace.Llama {os.path.basename(str(self.model_path))}>"
+
+
+# the keywords Llama() takes, and how similar an unknown one must be to count as a typo of one (difflib's ratio:
+# n_ctxx / n_ctx 0.91, n_gpu_layer 0.96, while options of other versions such as `n_threads_draft` stay below: 0.80)
+_LLAMA_KEYWORDS = sorted(set(inspect.signature(Llama.__init__).parameters) - {"self", "model_path", "kwargs"})
+_TYPO_SIMILARITY = 0.85
 
 
 class LogitsProcessorList(list):
