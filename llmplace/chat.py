@@ -36,7 +36,7 @@ from typing import Iterator, Mapping, Sequence
 
 from .chat_template import ChatTemplate, format_chat, validate_messages
 from .context import Context
-from .errors import AbortedError, ClosedError, ContextOverflowError, InvalidParameterError
+from .errors import AbortedError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError
 from .generation import stream_generate
 from .model import Model, load
 from .sampling import SamplingParams
@@ -274,10 +274,19 @@ class Chat:
         self.load_history(messages)
 
     def reset(self) -> None:
-        """Forget the conversation but the system prompt. The cache keeps the system prompt's tokens."""
-        self._check_usable()
+        """Forget the conversation but the system prompt. The cache keeps the system prompt's tokens only, so
+        n_cached and stats() describe the new conversation."""
+        context = self._check_usable()
         self._messages = self._messages[:1] if self.system_prompt is not None else []
         self.last = None
+        try:
+            kept = self.template.tokens(self.model, self.template.render(self._messages, add_generation_prompt=False))
+        except LlmplaceError:  # a template that cannot render a system prompt alone: start from nothing
+            kept = []
+        if kept:
+            context.reuse_prefix(kept, keep_last=0)
+        else:
+            context.clear()
 
     # ---- state ----
     @property
