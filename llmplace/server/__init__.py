@@ -9,6 +9,7 @@ ending in `data: [DONE]`), /v1/embeddings (when started with --embedding), /extr
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -42,21 +43,61 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
             server.server_close()
 
 
+def _flag_bool(text: str) -> bool:
+    """llama-cpp-python's server reads booleans as words (`--use_mmap false`)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def _split_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers such as 2,1, not {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="GGUF model file")
+    """llmplace's options; llama-cpp-python's server spellings (`--model`, `--n_ctx`, `--n_gpu_layers`,
+    `--chat_format`, `--api_key`, `--model_alias` ...) are accepted too, so its command lines carry over.
+    Abbreviations are refused: `--model` must never be taken as `--model-name`."""
+    parser.allow_abbrev = False
+    parser.add_argument("model", nargs="?", help="GGUF model file (or --model FILE)")
+    parser.add_argument("--model", "-m", dest="model_option", metavar="FILE", help="GGUF model file")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("LLMPLACE_API_KEY"),
+    parser.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("LLMPLACE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $LLMPLACE_API_KEY, or none)")
-    parser.add_argument("--model-name", default=None, help="the model id clients see (default: the file name)")
-    parser.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (0 = the trained size)")
-    parser.add_argument("--n-gpu-layers", type=int, default=-1, help="layers on the GPU (-1 = all)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model-name", "--model_alias", dest="model_name", default=None,
+                        help="the model id clients see (default: the file name)")
+    parser.add_argument("--n-ctx", "--n_ctx", dest="n_ctx", type=int, default=4096,
+                        help="context size in tokens (0 = the trained size)")
+    parser.add_argument("--n-batch", "--n_batch", dest="n_batch", type=int, default=512)
+    parser.add_argument("--n-ubatch", "--n_ubatch", dest="n_ubatch", type=int, default=512)
+    parser.add_argument("--n-gpu-layers", "--n_gpu_layers", "-ngl", dest="n_gpu_layers", type=int, default=-1,
+                        help="layers on the GPU (-1 = all)")
+    parser.add_argument("--main-gpu", "--main_gpu", dest="main_gpu", type=int, default=0)
+    parser.add_argument("--tensor-split", "--tensor_split", dest="tensor_split", type=_split_list, default=None,
+                        help="share of each GPU, e.g. 2,1")
+    parser.add_argument("--threads", "--n_threads", "-t", dest="threads", type=int, default=None,
+                        help="generation threads (default: the free physical cores)")
+    parser.add_argument("--n-threads-batch", "--n_threads_batch", dest="n_threads_batch", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--flash-attn", "--flash_attn", dest="flash_attn", type=_flag_bool, default=None,
+                        metavar="{true,false}")
+    parser.add_argument("--use-mmap", "--use_mmap", dest="use_mmap", type=_flag_bool, default=True,
+                        metavar="{true,false}")
+    parser.add_argument("--use-mlock", "--use_mlock", dest="use_mlock", type=_flag_bool, default=False,
+                        metavar="{true,false}")
     parser.add_argument("--override-tensor", "-ot", default=None, help="placement rules, llama.cpp -ot syntax")
     parser.add_argument("--n-cpu-moe", type=int, default=None, help="keep the experts of the first N layers in RAM")
-    parser.add_argument("--embedding", action="store_true", help="serve /v1/embeddings (the model runs in "
-                                                                   "embedding mode)")
-    parser.add_argument("--chat-format", default=None, help="chat template name (default: the model's own)")
+    parser.add_argument("--embedding", nargs="?", const=True, default=False, type=_flag_bool,
+                        help="serve /v1/embeddings (the model runs in embedding mode)")
+    parser.add_argument("--chat-format", "--chat_format", dest="chat_format", default=None,
+                        help="chat template name (default: the model's own)")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the most tokens one request may generate (default: the context size)")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
@@ -66,17 +107,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a write may block on a client that does not read before it is dropped")
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, found before the model loads (seconds to minutes)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        return f"--port must be between 0 and 65535, not {port}"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server binds
+            probe.bind((host, port))
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}" + (
+            "; another program uses this port: choose another with --port" if exc.errno == errno.EADDRINUSE else "")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-          override_tensor=args.override_tensor, n_cpu_moe=args.n_cpu_moe, embedding=args.embedding,
-          chat_format=args.chat_format,
-          server_options=dict(max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                              read_timeout=args.read_timeout, write_timeout=args.write_timeout))
+    """Serve as the command line says; a bad model path, port or load prints one line (no traceback) and
+    returns 1."""
+    from ..errors import LlmplaceError
+
+    model = args.model_option or args.model
+    if args.model_option and args.model and args.model_option != args.model:
+        print(f"llmplace: two models given ({args.model} and --model {args.model_option}); pass one",
+              file=sys.stderr)
+        return 2
+    if not model:
+        print("llmplace: no model given; pass a GGUF file: llmplace serve MODEL.gguf (or --model MODEL.gguf)",
+              file=sys.stderr)
+        return 2
+    if not os.path.isfile(model):
+        print(f"llmplace: no model file at {model}" + (" (a directory)" if os.path.isdir(model) else ""),
+              file=sys.stderr)
+        return 1
+    problem = _cannot_listen(args.host, args.port)
+    if problem:
+        print(f"llmplace: {problem}", file=sys.stderr)
+        return 1
+    optional = {name: getattr(args, name) for name in ("flash_attn", "seed", "tensor_split")
+                if getattr(args, name) is not None}
+    try:
+        serve(model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+              n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch, n_gpu_layers=args.n_gpu_layers,
+              main_gpu=args.main_gpu, n_threads=args.threads, n_threads_batch=args.n_threads_batch,
+              use_mmap=args.use_mmap, use_mlock=args.use_mlock, override_tensor=args.override_tensor,
+              n_cpu_moe=args.n_cpu_moe, embedding=args.embedding, chat_format=args.chat_format,
+              server_options=dict(max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
+                                  read_timeout=args.read_timeout, write_timeout=args.write_timeout),
+              **optional)
+    except (LlmplaceError, ValueError, OSError) as exc:
+        # the model did not load, an option was refused, or the port was taken after the check above
+        print(f"llmplace: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmplace.server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m llmplace.server", description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     add_arguments(parser)
     return run(parser.parse_args(argv))
