@@ -147,7 +147,7 @@ def runtime_costs(path: Path, devs: list, settings: ProbeSettings, given=None) -
 
     if given is not None and not isinstance(given, Mapping):
         fixed = parse_size(given, "runtime")
-        given = {c_string(C.ggml_backend_dev_name(d)): fixed for d in devs}
+        given = {c_string(C.ggml_backend_dev_name(d)): fixed for d in devs if rule_for(d) is None}
     given_lower = {str(k).lower(): v for k, v in (given or {}).items()}
     known = [c_string(C.ggml_backend_dev_name(C.ggml_backend_dev_get(i))) for i in range(C.ggml_backend_dev_count())]
     for key in given_lower:
