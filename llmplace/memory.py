@@ -246,7 +246,8 @@ def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k
     draft: a draft model (path or Model) whose needs are added, with a context of the same size.
     use_mmap: as the load will be (load's default: True); host weights it maps are reported as `mapped`.
     runtime: None = measured once per device and model (cached; the CPU and RPC devices have rules, no
-    measurement); bytes or a size string for every device; or {"CUDA0": "700MiB", ...}; 0 leaves the row out.
+    measurement); bytes or a size string for every measured device (GPUs); or {"CUDA0": "700MiB", ...}; 0
+    leaves the row out.
     split takes load()'s split keywords (split_mode, tensor_split, main_gpu, devices)."""
     from .model import Model
 
