@@ -148,6 +148,7 @@ def _ctrl_c_aborts(chat):
     A Python signal handler runs only between bytecodes, so during a long llama_decode (a long prompt) it
     would wait for the decode to end. The wakeup fd, though, is written by the C-level handler at once: a
     thread blocked on it calls abort(), which stops the decode at its next graph node."""
+    import logging
     import signal
     import socket
     import threading
@@ -158,6 +159,16 @@ def _ctrl_c_aborts(chat):
     reader, writer = socket.socketpair()
     writer.setblocking(False)
     done = threading.Event()
+    stopped = threading.Event()
+
+    def stop() -> None:
+        stopped.set()
+        chat.abort()
+
+    def hide_abort_lines(record) -> bool:
+        # an aborted decode makes llama.cpp log "failed to compute graph", "failed to decode, ret = 2" ...:
+        # internal lines about the stop the user asked for, not problems to report
+        return not stopped.is_set()
 
     def watch() -> None:
         while not done.is_set():
@@ -165,9 +176,11 @@ def _ctrl_c_aborts(chat):
             if not data:
                 return
             if signal.SIGINT in data and not done.is_set():
-                chat.abort()
+                stop()
 
-    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: chat.abort())
+    native_log = logging.getLogger("llmplace.native")
+    native_log.addFilter(hide_abort_lines)
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: stop())
     previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
     watcher = threading.Thread(target=watch, name="llmplace-ctrl-c", daemon=True)
     watcher.start()
@@ -181,6 +194,7 @@ def _ctrl_c_aborts(chat):
         watcher.join()
         reader.close()
         writer.close()
+        native_log.removeFilter(hide_abort_lines)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -232,8 +246,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                         continue
                     chat.save(argument.strip())
                     print(f"[saved {len(chat.history)} messages to {argument.strip()}]", file=sys.stderr)
-                elif command == "/help" or (command.startswith("/") and len(command) > 1):
+                elif command == "/help":
                     print(CHAT_HELP, file=sys.stderr)
+                elif command.startswith("/") and len(command) > 1:
+                    print(f"unknown command {command}; {CHAT_HELP}", file=sys.stderr)
                 elif text.strip():
                     reply(text)
             except (llmplace.LlmplaceError, OSError) as exc:  # report and keep the conversation going
@@ -278,50 +294,95 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
     return 1  # pragma: no cover - execv does not return
 
 
+_PARTS = (("W", "weights", lambda m: m.weights - m.mapped), ("M", "mapped weights", lambda m: m.mapped),
+          ("K", "KV cache", lambda m: m.kv), ("C", "compute", lambda m: m.compute),
+          ("R", "runtime (backend context, workspaces, pools)", lambda m: m.runtime))
+
+
+def _room(result, m) -> tuple[int, str]:
+    """What a memory's bar is drawn against: its budget, else its free memory (the host's: MemAvailable),
+    else the plan's own total; and how to name it."""
+    budget = result.budgets.get(m.memory)
+    if budget:
+        return budget, "budget"
+    free = m.free
+    if free is None and m.memory == "host":
+        from .backends import devices
+
+        free = next((d.memory_free for d in devices() if d.kind == "cpu"), None)
+    return (free, "free") if free else (m.total, "")
+
+
 def _memory_bars(result, width: int = 48) -> list[str]:
-    """One stacked bar per memory: W weights, M weights mapped from the file (page cache), K KV cache, C compute,
-    . what is left of its budget."""
-    lines = []
+    """One stacked bar per memory against its budget (or its free memory), to scale: a 370 MiB plan on a
+    23 GiB host is a short bar; every part that is not empty gets at least one character."""
+    lines, used = [], set()
     for m in result.estimate.memories.values():
-        cap = result.budgets.get(m.memory) or m.free or m.total or 1
-        scale = width / max(cap, m.total, 1)
-        parts = (("W", m.weights - m.mapped), ("M", m.mapped), ("K", m.kv), ("C", m.compute), ("R", m.runtime))
-        bar = "".join(ch * round(n * scale) for ch, n in parts)
-        bar = (bar + "." * max(0, width - len(bar)))[:width] if cap >= m.total else bar[:width] + "!"
-        limit = f" of {human_bytes(cap)}" if m.memory in result.budgets else ""
+        room, kind = _room(result, m)
+        scale = width / max(room, m.total, 1)
+        bar = ""
+        for letter, _, size in _PARTS:
+            n = size(m)
+            if n > 0:
+                bar += letter * max(1, round(n * scale))
+                used.add(letter)
+        bar = bar[:width].ljust(width, ".") if m.total <= room else bar[:width] + "!"
+        limit = f" of {human_bytes(room)} {kind}" if kind else ""
         lines.append(f"{m.memory:<24} [{bar}] {human_bytes(m.total)}{limit}")
-    lines.append(f"{'':<24}  W weights  M mapped weights  K KV cache  C compute  R runtime (backend context, "
-                 "workspaces, pools)  . free within the budget  ! over")
+    legend = [f"{letter} {name}" for letter, name, _ in _PARTS if letter in used]
+    lines.append(f"{'':<24}  " + "  ".join(legend + [". free", "! over"]))
     return lines
 
 
-def _save_png(result, path: str) -> None:
+def _require_matplotlib():
+    """pyplot, or SystemExit with the install line: checked before a fit, which can take half a minute."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("--png needs matplotlib: pip install matplotlib") from None
+        raise SystemExit("llmplace: --png needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def _save_png(plt, result, path: str) -> None:
+    """The terminal bars as a figure: only the parts some memory has, the legend beside the axes (not over the
+    axis label), the whole title wrapped, nothing cut at the edges (bbox_inches="tight")."""
+    import textwrap
+
     memories = list(result.estimate.memories.values())
-    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.6 * len(memories)))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(memories)))
     gib = 1 << 30
+    colors = {"W": "#4c72b0", "M": "#8fb1dc", "K": "#dd8452", "C": "#55a868", "R": "#8c8c8c"}
+    names = [m.memory for m in memories]
     left = [0.0] * len(memories)
-    for label, value, color in (("weights", lambda m: m.weights - m.mapped, "#4c72b0"),
-                                ("mapped weights", lambda m: m.mapped, "#8fb1dc"),
-                                ("KV cache", lambda m: m.kv, "#dd8452"), ("compute", lambda m: m.compute, "#55a868"),
-                                ("runtime", lambda m: m.runtime, "#8c8c8c")):
-        values = [value(m) / gib for m in memories]
-        ax.barh([m.memory for m in memories], values, left=left, label=label, color=color)
+    for letter, label, size in _PARTS:
+        values = [size(m) / gib for m in memories]
+        if not any(v > 0 for v in values):
+            continue  # a legend entry with no bar says nothing
+        ax.barh(names, values, left=left, label=label.split(" (")[0], color=colors[letter])
         left = [a + b for a, b in zip(left, values)]
-    for i, m in enumerate(memories):
-        cap = result.budgets.get(m.memory)
-        if cap:
-            ax.plot([cap / gib] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2)
-    ax.set_xlabel("GiB (black line: budget)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=4, frameon=False)
-    ax.set_title(("fits: " if result.success else "does not fit: ") + result.message[:90], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    budgets = [(i, result.budgets[m.memory]) for i, m in enumerate(memories) if result.budgets.get(m.memory)]
+    for n, (i, cap) in enumerate(budgets):
+        ax.plot([cap / gib] * 2, [i - 0.4, i + 0.4], color="black", linewidth=2, label="budget" if n == 0 else None)
+    ax.set_xlabel("GiB")
+    ax.set_xlim(left=0)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8)
+    title = ("fits: " if result.success else "does not fit: ") + result.message
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8, loc="left")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _device_sizes(option: str, items: list[str], example: str) -> dict[str, str]:
+    """{device: size} from repeated DEVICE=SIZE options."""
+    sizes = {}
+    for item in items:
+        device, sep, size = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{option} {item!r}: write DEVICE=SIZE, e.g. {option} {example}")
+        sizes[device] = size
+    return sizes
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -330,35 +391,30 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     for endpoint in args.rpc:
         add_rpc_server(endpoint)
-    budget = {}
-    for item in args.budget:
-        device, sep, size = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--budget {item!r}: write DEVICE=SIZE, e.g. --budget CUDA0=12GiB")
-        budget[device] = size
-    runtime = {}
-    for item in args.runtime:
-        device, sep, size = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--runtime {item!r}: write DEVICE=SIZE, e.g. --runtime CUDA0=700MiB")
-        runtime[device] = size
+    budget = _device_sizes("--budget", args.budget, "CUDA0=12GiB")
+    runtime = _device_sizes("--runtime", args.runtime, "CUDA0=700MiB")
+    plt = _require_matplotlib() if args.png else None  # before the fit, not after it
     result = fit(args.model, budget=budget or None, margin=args.margin, n_ctx=args.ctx, n_ctx_min=args.ctx_min,
                  draft=args.draft, placement=",".join(args.rule) or None, runtime=runtime or None)
-    if args.png:
-        _save_png(result, args.png)
     if args.json:
         print(json.dumps({"success": result.success, "message": result.message, "n_ctx": result.n_ctx,
                           "n_gpu_layers": result.n_gpu_layers, "tensor_split": result.tensor_split,
                           "ot": result.to_ot(), "budgets": result.budgets,
                           "memories": {k: {**v.__dict__, "total": v.total} for k, v in result.estimate.memories.items()}},
                          indent=2))
-        return 0 if result.success else 3
-    print(("fits: " if result.success else "does NOT fit: ") + result.message)
-    print("\n".join(_memory_bars(result)))
-    print(f"\nn_ctx={result.n_ctx}  n_gpu_layers={result.n_gpu_layers}  tensor_split={result.tensor_split}")
-    if result.placement.rules:
-        print(f"-ot {result.to_ot()!r}")
-    print("\n" + result.to_python())
+    else:
+        print(("fits: " if result.success else "does NOT fit: ") + result.message)
+        print("\n".join(_memory_bars(result)))
+        print(f"\nn_ctx={result.n_ctx}  n_gpu_layers={result.n_gpu_layers}  tensor_split={result.tensor_split}")
+        if result.placement.rules:
+            print(f"-ot {result.to_ot()!r}")
+        print("\n" + result.to_python())
+    if args.png:  # after the text, so a file that cannot be written does not lose the result
+        try:
+            _save_png(plt, result, args.png)
+        except OSError as exc:
+            print(f"llmplace: could not write {args.png}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     return 0 if result.success else 3
 
 
@@ -476,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     except LlmplaceError as exc:
         print(f"llmplace: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a reply (loading, fitting): stop without a traceback
+        print("llmplace: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
