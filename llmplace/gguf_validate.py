@@ -12,9 +12,12 @@ The rules are those of the pinned llama.cpp's gguf.cpp, plus a few stricter ones
 
 from __future__ import annotations
 
+import array
 import functools
 import itertools
+import sys
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,9 @@ MAX_LAYERS = 512              # LLAMA_MAX_LAYERS
 MAX_EXPERTS = 1024            # LLAMA_MAX_EXPERTS
 ROPE_SCALING_TYPES = {b"none", b"linear", b"yarn", b"longrope"}
 FIX = "the file is damaged or truncated, or not a GGUF model; re-download or re-convert it"
+# For a well-formed file whose content llama.cpp cannot run (a weight type, a vocabulary, a hyperparameter).
+FIX_CONTENT = ("llama.cpp cannot run the file as written (a converter's or quantizer's bug, an edited or damaged "
+               "file); re-download or re-convert it")
 
 # ggml's type traits at the pinned commit: id -> (name, elements per block, bytes per block). Taken from
 # ggml itself, not from the `gguf` package, whose table lacks Q2_0 and gives Q8_1 a stale size (40, not 36);
@@ -46,6 +52,20 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18),
 }
+
+# What ggml's CPU kernels accept, per role of a weight (the pinned ggml-cpu: binary-ops.cpp, ops.cpp and the
+# type traits in ggml-cpu.c). A file that breaks these loads without complaint and then aborts or crashes the
+# process at its first decode, so they are checked here. The CPU backend runs whatever a GPU backend does not
+# take, so its limits are the ones every file has to meet.
+# - A 1-D weight (a norm's gain, a bias, a scale) meets the activations in an element-wise op (ggml_mul,
+#   ggml_add) whose CPU kernel takes an F32 activation with an F32 operand only (anything else is
+#   GGML_ABORT "unsupported types"). Converters and llama-quantize keep every 1-D tensor F32.
+ELEMENTWISE_TYPES = {0}
+# - A weight of 2 or more dimensions is multiplied (ggml_mul_mat / mul_mat_id) or its rows are looked up
+#   (ggml_get_rows, token embeddings, which are the output matrix too when it is tied). Types without a CPU
+#   dot-product kernel (vec_dot) are called through a NULL pointer: Q8_1 and Q8_K (intermediate types of the
+#   kernels, never stored), the integer types and F64.
+NO_MATMUL_TYPES = {9, 15, 24, 25, 26, 27, 28}
 
 # GGUF value types: id -> (name, struct format of one element, its size). 8 is a string, 9 an array.
 STRING, ARRAY = 8, 9
@@ -71,6 +91,11 @@ _TYPED_KEYS: dict[str, tuple[int, int | None]] = {
 # process aborts) instead of failing the load. Found by tests/test_gguf_fuzz.py.
 _DISTINCT_STRINGS = {"tokenizer.ggml.tokens"}
 
+# Numeric arrays whose values the checks read: per-layer hyperparameters (at most LLAMA_MAX_LAYERS long) and
+# the token types. Arrays are otherwise skipped, never copied.
+_READ_ARRAYS_UP_TO = MAX_LAYERS
+_READ_ARRAYS = {"tokenizer.ggml.token_type"}
+
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
@@ -92,9 +117,9 @@ class GGUFLayout:
 class _Bad(Exception):
     """Internal: a rule broken at `offset`; validate() turns it into ModelLoadError."""
 
-    def __init__(self, offset: int, message: str) -> None:
+    def __init__(self, offset: int, message: str, fix: str = FIX) -> None:
         super().__init__(message)
-        self.offset = offset
+        self.offset, self.fix = offset, fix
 
 
 class _Reader:
@@ -147,21 +172,33 @@ class _Reader:
             raise _Bad(self.pos, f"the strings of {what} run {pos - size} bytes past the end of the file")
         self.pos = pos
 
-    def check_distinct_strings(self, pos: int, count: int, what: str) -> None:
-        """Walk the `count` strings at `pos` (bounds-checked by skip_strings) and refuse a repeated one."""
+    def token_texts(self, pos: int, count: int, what: str) -> list[bytes]:
+        """The `count` strings at `pos` (bounds-checked by skip_strings) as llama.cpp keys its vocabulary by
+        them, refusing a repeated one."""
         # One copy of the region, then slices of bytes: several times faster than slicing the mapping.
         buf, unpack = bytes(self.buf[pos:self.pos]), _U64.unpack_from
         base, pos = pos, 0
-        seen: set[bytes] = set()
+        seen: dict[bytes, int] = {}
+        with_nul: set[int] = set()
+        texts = []
         for i in range(count):
             (n,) = unpack(buf, pos)
-            # llama.cpp names an empty token "[EMPTY_<id>]"; that name can clash too.
-            text = buf[pos + 8:pos + 8 + n] if n else b"[EMPTY_%d]" % i
-            if text in seen:
-                raise _Bad(base + pos, f"{what} holds the token {text!r} twice (at id {i}); llama.cpp would abort "
-                                       "on it")
-            seen.add(text)
+            raw = buf[pos + 8:pos + 8 + n]
+            # llama.cpp reads a token as a C string, so it ends at a NUL byte; an empty token is named
+            # "[EMPTY_<id>]". Either can make two entries one, and a repeated token aborts the load.
+            if b"\0" in raw:
+                with_nul.add(i)
+                raw = raw.split(b"\0", 1)[0]
+            text = raw or b"[EMPTY_%d]" % i
+            first = seen.setdefault(text, i)
+            if first != i:
+                cut = [j for j in (first, i) if j in with_nul]
+                why = f"; token {cut[0]} holds a NUL byte, and llama.cpp reads a token up to it" if cut else ""
+                raise _Bad(base + pos, f"{what} holds the token {text!r} twice (ids {first} and {i}{why}); "
+                                       "llama.cpp would abort on it", FIX_CONTENT)
+            texts.append(text)
             pos += 8 + n
+        return texts
 
 
 def _key_text(key: bytes) -> str:
@@ -195,7 +232,7 @@ def _read_value(r: _Reader, vtype: int, key: str) -> object:
         strings_at = r.pos
         r.skip_strings(count, f"array '{key}'")
         if key in _DISTINCT_STRINGS:
-            r.check_distinct_strings(strings_at, count, f"array '{key}'")
+            return ("array", etype, count, start, r.token_texts(strings_at, count, f"array '{key}'"))
         return ("array", etype, count, start)
     if etype not in _SCALARS:
         raise _Bad(start, f"array '{key}' has unknown element type {etype} (known: 0-8, 10-12)")
@@ -203,7 +240,13 @@ def _read_value(r: _Reader, vtype: int, key: str) -> object:
     if count > (r.size - r.pos) // size:
         raise _Bad(start, f"array '{key}' claims {count} {_TYPE_NAMES[etype]} values ({count * size} bytes), "
                           f"more than the {r.size - r.pos} bytes left in the file")
+    values_at = r.pos
     r.pos += count * size
+    if count <= _READ_ARRAYS_UP_TO or key in _READ_ARRAYS:
+        values = array.array(_SCALARS[etype][1], r.buf[values_at:r.pos])  # the struct codes are array codes
+        if sys.byteorder == "big":
+            values.byteswap()
+        return ("array", etype, count, start, values.tolist())
     return ("array", etype, count, start)
 
 
@@ -248,13 +291,65 @@ def _check_vocab_arrays(values: dict[str, object]) -> None:
             raise _Bad(other[3], f"array '{key}' has {other[2]} entries but tokenizer.ggml.tokens has {tokens[2]}")
 
 
-def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> None:
+LLAMA_TOKEN_TYPE_BYTE = 6
+# Tokenizer models whose vocabulary reads a BYTE-typed token's value from its text "<0xXX>" (llama-vocab.cpp,
+# token_to_byte: text.substr(3, 2), which throws through the C API on a shorter text); WPM ("bert") aborts on
+# any BYTE-typed token.
+_BYTE_TOKENS_AS_HEX = {b"llama", b"t5", b"gpt2", b"hybriddna", b"whitespace", b"gemma4"}
+_NO_BYTE_TOKENS = {b"bert"}
+
+
+def _check_vocab(values: dict[str, object], offsets: dict[str, int]) -> None:
+    """Vocabularies llama.cpp loads but then aborts on, when text is tokenized or tokens are turned back into
+    text (its C++ exceptions there cross the C API, which ends the process)."""
+    model = values.get("tokenizer.ggml.model")
+    if not isinstance(model, bytes):
+        return
+    model = model.split(b"\0", 1)[0]  # llama.cpp reads the string as a C string
+    at = offsets.get("tokenizer.ggml.model", 0)
+    if model in (b"none", b"no_vocab"):
+        raise _Bad(at, f"tokenizer.ggml.model is {model.decode()!r}: the model has no vocabulary, and llmplace "
+                       "turns text into tokens for every use of a model (llama.cpp aborts on a tokenizer call)", FIX_CONTENT)
+    tokens = values.get("tokenizer.ggml.tokens")
+    if not (isinstance(tokens, tuple) and len(tokens) > 4):
+        return
+    texts = tokens[4]
+    if model == b"llama":
+        # SentencePiece falls back to one token per byte for any piece the vocabulary lacks (byte_to_token:
+        # "<0xXX>", or the byte itself); a byte with neither throws std::out_of_range through llama_tokenize.
+        known = set(texts)
+        missing = [b for b in range(256) if b"<0x%02X>" % b not in known and (b == 0 or bytes([b]) not in known)]
+        if missing:
+            raise _Bad(at, f"tokenizer.ggml.model is 'llama' (SentencePiece), but the vocabulary has no token for "
+                           f"{len(missing)} of the 256 bytes (e.g. <0x{missing[0]:02X}>) to fall back on; llama.cpp "
+                           "aborts when text holds one. A byte-level BPE vocabulary is 'gpt2'", FIX_CONTENT)
+    types = values.get("tokenizer.ggml.token_type")
+    if isinstance(types, tuple) and len(types) > 4 and model in _BYTE_TOKENS_AS_HEX | _NO_BYTE_TOKENS:
+        for i, (kind, text) in enumerate(zip(types[4], texts)):
+            if kind != LLAMA_TOKEN_TYPE_BYTE:
+                continue
+            if model in _NO_BYTE_TOKENS:
+                raise _Bad(types[3], f"token {i} ({text!r}) is typed BYTE, which a '{model.decode()}' tokenizer does "
+                                     "not have (llama.cpp aborts when it turns the token into text)", FIX_CONTENT)
+            if not (len(text) == 6 and text.startswith(b"<0x") and text.endswith(b">")):
+                raise _Bad(types[3], f"token {i} ({text!r}) is typed BYTE, but a byte token's text must be <0xXX> "
+                                     "(llama.cpp aborts when it turns the token into text)", FIX_CONTENT)
+
+
+# Element types llama.cpp reads a per-layer uint32 array from (get_key_or_arr -> get_arr); others fail the load.
+_PER_LAYER_ELEMENT_TYPES = {4, 5, 7}   # uint32, int32 (taken as uint32), bool
+_EXPERT_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate_inp|(gate|up|down|gate_up)_exps)\.")
+
+
+def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> set[int]:
     """The hyperparameters llama.cpp checks with GGML_ASSERT (aborting the process) instead of failing the
     load (llama-model.cpp, load_hparams), or that fail an assertion at the first decode. Found by
-    tests/test_gguf_fuzz.py; arrays (per-layer values) are left to llama.cpp."""
+    tests/test_gguf_fuzz.py and tests/test_gguf_structure_fuzz.py. A per-layer array is checked element by
+    element, as llama.cpp reads it. Returns the layers routed to no expert, which must have no expert tensors
+    (checked with the tensor table)."""
     arch = values.get("general.architecture")
     if not isinstance(arch, bytes):
-        return
+        return set()
     prefix = arch.decode("utf-8", errors="replace") + "."
 
     def get(name: str, default: int = 0) -> int | float:
@@ -262,7 +357,16 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> None:
         return default if isinstance(value, (tuple, bytes)) else value
 
     def bad(name: str, message: str) -> _Bad:
-        return _Bad(offsets.get(prefix + name, 0), f"key '{prefix}{name}' {message}")
+        return _Bad(offsets.get(prefix + name, 0), f"key '{prefix}{name}' {message}", FIX_CONTENT)
+
+    def per_layer(name: str, n_layer: int) -> list[int] | None:
+        """A per-layer array's values as llama.cpp reads them (uint32), None if it is not an array llama.cpp
+        takes (a scalar, or an array it refuses by itself: another element type or length)."""
+        value = values.get(prefix + name)
+        if not (isinstance(value, tuple) and len(value) > 4 and value[1] in _PER_LAYER_ELEMENT_TYPES
+                and value[2] == n_layer):
+            return None
+        return [v & 0xFFFFFFFF for v in value[4]]
 
     n_layer = get("block_count", 1)
     if not 1 <= n_layer <= MAX_LAYERS:
@@ -273,10 +377,20 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> None:
     n_groups, n_group_used = get("expert_group_count"), get("expert_group_used_count")
     if n_expert > MAX_EXPERTS:
         raise bad("expert_count", f"is {n_expert}; llama.cpp takes at most {MAX_EXPERTS} experts")
-    per_layer_used = isinstance(values.get(prefix + "expert_used_count"), tuple)  # an array: left to llama.cpp
-    if not per_layer_used and (n_used > n_expert or (n_expert > 0 and n_used == 0)):
-        raise bad("expert_used_count", f"is {n_used} with expert_count {n_expert} (must be 1 to expert_count, or "
-                                       "0 without experts)")
+    used_per_layer = per_layer("expert_used_count", n_layer)
+    unrouted: set[int] = set()
+    if used_per_layer is None:
+        if n_used > n_expert or (n_expert > 0 and n_used == 0):
+            raise bad("expert_used_count", f"is {n_used} with expert_count {n_expert} (must be 1 to expert_count, "
+                                           "or 0 without experts)")
+    else:
+        too_many = [(il, n) for il, n in enumerate(used_per_layer) if n > n_expert]
+        if too_many or (n_expert > 0 and not any(used_per_layer)):
+            il, n = too_many[0] if too_many else (0, 0)
+            raise bad("expert_used_count", f"is a per-layer array whose layer {il} uses {n} experts, with "
+                                           f"expert_count {n_expert} (each must be 1 to expert_count, or 0 without "
+                                           "experts)")
+        unrouted = {il for il, n in enumerate(used_per_layer) if n == 0} if n_expert > 0 else set()
     if n_expert > 0 and (n_groups >= n_expert or (n_groups > 1 and (n_expert % n_groups
                                                                      or not 0 < n_group_used < n_groups))):
         raise bad("expert_group_count", f"is {n_groups} with {n_expert} experts and expert_group_used_count "
@@ -290,6 +404,7 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> None:
         eps = get(name, 0.0)
         if not (isinstance(eps, (int, float)) and 0.0 <= eps < float("inf")):
             raise bad(name, f"is {eps}; a norm epsilon must be a finite number >= 0 (ggml asserts it)")
+    return unrouted
 
 
 def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str, int, int]]:
@@ -329,6 +444,9 @@ def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str
         if shape[0] % block:
             raise _Bad(type_at, f"tensor '{name}' is {type_name} with rows of {shape[0]} elements, not a multiple "
                                 f"of its block size {block}")
+        kernel_problem = _kernel_problem(shape, type_id)
+        if kernel_problem:
+            raise _Bad(type_at, f"tensor '{name}' (shape {shape}) is {type_name}: {kernel_problem}", FIX_CONTENT)
         offset_at = r.pos
         offset = r.u64(f"the data offset of tensor '{name}'")
         if offset % alignment:
@@ -336,6 +454,17 @@ def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str
                                   f"{alignment}")
         tensors.append((name, offset, n_elements // block * type_size))
     return tensors
+
+
+def _kernel_problem(shape: list[int], type_id: int) -> str:
+    """Why llama.cpp's kernels cannot compute with a weight of this shape and type ('' when they can)."""
+    if len(shape) == 1 and type_id not in ELEMENTWISE_TYPES:
+        return ("a 1-D weight (a norm, bias or scale) must be F32: ggml's element-wise kernels take no other type, "
+                "and llama.cpp would abort at the first decode")
+    if len(shape) > 1 and type_id in NO_MATMUL_TYPES:
+        return ("ggml has no matrix-multiplication kernel for this type (it is not a storage type for weights), "
+                "and llama.cpp would crash at the first decode")
+    return ""
 
 
 def _check_data(r: _Reader, tensors: list[tuple[str, int, int]], alignment: int) -> tuple[int, int]:
@@ -387,11 +516,18 @@ def _parse(buf, size: int) -> GGUFLayout:
         raise _Bad(8, f"the header claims {n_tensors} tensors, more than a file of {size} bytes can hold")
     values, offsets = _check_kv(r, n_kv)
     _check_vocab_arrays(values)
-    _check_hparams(values, offsets)
+    _check_vocab(values, offsets)
+    unrouted_layers = _check_hparams(values, offsets)
     alignment = values.get("general.alignment", DEFAULT_ALIGNMENT)
     if alignment == 0 or alignment & (alignment - 1):
         raise _Bad(24, f"general.alignment is {alignment}, not a power of two")
     tensors = _check_tensors(r, n_tensors, alignment)
+    for name, _, _ in tensors:
+        # llama.cpp builds a layer's expert block with its expert_used_count; with 0 it reads a missing result
+        if _EXPERT_TENSOR.match(name) and int(name.split(".")[1]) in unrouted_layers:
+            raise _Bad(offsets.get(f"{values['general.architecture'].decode()}.expert_used_count", 0),
+                       f"expert_used_count routes layer {name.split('.')[1]} to 0 experts, but the layer has "
+                       f"expert tensors ({name}); each layer with experts must use 1 to expert_count of them", FIX_CONTENT)
     data_offset, data_size = _check_data(r, tensors, alignment)
     return GGUFLayout(version=version, n_kv=n_kv, n_tensors=n_tensors, alignment=alignment,
                       data_offset=data_offset, data_size=data_size)
@@ -417,4 +553,4 @@ def _validate(path: str, size: int, mtime_ns: int) -> GGUFLayout:  # mtime_ns on
                 return _parse(buf, min(size, len(buf)))
             except _Bad as bad:
                 raise ModelLoadError(f"{Path(path).name} is not a valid GGUF file: {bad} (at byte {bad.offset}); "
-                                     f"{FIX}") from None
+                                     f"{bad.fix}") from None
