@@ -52,13 +52,15 @@ def main() -> None:
     hot = cases("cap-llama8b-f16-hot.json")
     moe = cases("cap-qwen3-30b-a3b-q4_0.json")
     moe_reps = cases("cap-qwen3-30b-a3b-q4_0-reps.json")
+    moe_front = cases("cap-qwen3-30b-a3b-q4_0-front.json")  # the fit taking experts from the first layers
     big = cases("cap-llama70b-q4_0.json")
     bandwidth = float((RESULTS / "host-bandwidth.txt").read_text().split()[4])
 
     table = []
+    last, first = "Qwen3-30B-A3B shape Q4_0, ctx 4096, fit from the last layers", "... from the first layers"
     for model, runs_by_label in (("Llama-8B shape Q4_0", q4), ("Llama-8B shape F16", f16),
-                                 ("Llama-8B shape F16", hot), ("Qwen3-30B-A3B shape Q4_0, ctx 4096", moe),
-                                 ("Qwen3-30B-A3B shape Q4_0, ctx 4096", moe_reps), ("Llama-70B shape Q4_0", big)):
+                                 ("Llama-8B shape F16", hot), (last, moe), (last, moe_reps), (first, moe_front),
+                                 ("Llama-70B shape Q4_0", big)):
         for label, runs in runs_by_label.items():
             table.append(dict(model=model, case=label, runs=len(runs), budget_mib=runs[0]["budget_mib"],
                               peak_mib=max(r["peak_mib"] or 0 for r in runs), all_ok=all(r["ok"] for r in runs),
@@ -68,8 +70,10 @@ def main() -> None:
                               pp512=median(runs, "pp512"), tg32=median(runs, "tg32")))
 
     f16_fit = f16["fit:mmap=0,ctx=1024"] + hot["fit:mmap=0,ctx=1024"]
-    moe_fit = moe["fit"] + moe_reps["fit"]
-    moe_sweep16 = moe["ncmoe=16"] + moe_reps["ncmoe=16"]
+    moe_fit_last = moe["fit"] + moe_reps["fit"]  # before: llama.cpp's fit, experts of the last layers
+    moe_sweep16_before = moe["ncmoe=16"] + moe_reps["ncmoe=16"]
+    moe_fit = moe_front["fit"]
+    moe_sweep16 = moe_front["ncmoe=16"]
     big_fit = big["fit:mmap=0,ctx=1024,decode=32"]
     host_bytes_per_token = 34515 * 2**20  # the 70B plan's host weights (its loaded buffers), read once per token
     ratios = {
@@ -89,6 +93,10 @@ def main() -> None:
         / median(moe_sweep16, "cold_tg"),
         "item5_moe_prompt_warm_fit_vs_ncmoe16": median(moe_fit, "warm_pp") / median(moe_sweep16, "warm_pp"),
         "item5_moe_decode_fit_vs_llama_bench_fitt_tg32": median(moe_fit, "cold_tg") / moe["llama-bench fitt"][0]["tg32"],
+        "item5_before_moe_decode_last_layers_fit_vs_ncmoe16": median(moe_fit_last, "cold_tg")
+        / median(moe_sweep16_before, "cold_tg"),
+        "item5_before_moe_prompt_warm_last_layers_fit_vs_ncmoe16": median(moe_fit_last, "warm_pp")
+        / median(moe_sweep16_before, "warm_pp"),
         "item6_70b_decode_vs_host_bandwidth_limit": median(big_fit, "cold_tg")
         / (bandwidth * 1e9 / host_bytes_per_token),
     }
