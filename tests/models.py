@@ -75,3 +75,40 @@ def llama_simple_reply(model, prompt: str, n_predict: int, *, n_gpu_layers: int 
     prompt_rendered = model.detokenize(model.tokenize(prompt, parse_special=True), special=True)
     assert stdout.startswith(prompt_rendered)
     return stdout[len(prompt_rendered):].rstrip("\n")
+
+
+# The vocabulary-only GGUFs of llama.cpp's models/ folder (one per tokenizer family: SPM, BPE, WPM ...). The
+# vendored tree leaves models/ out; the pinned source archive the build caches holds them.
+LLAMA_CPP_VOCABS = ("llama-spm", "llama-bpe", "phi-3", "bert-bge", "gpt-2", "qwen2", "baichuan", "command-r",
+                    "deepseek-coder", "falcon", "gemma-4", "mpt", "starcoder", "refact", "nomic-bert-moe")
+
+
+def llama_cpp_vocab_paths(cache_dir: Path, names=LLAMA_CPP_VOCABS) -> dict[str, Path]:
+    """{name: path} of llama.cpp's models/ggml-vocab-<name>.gguf, extracted from the pinned llama.cpp source
+    archive (downloaded by pip, as the build does, when it is not cached yet) into cache_dir."""
+    import importlib.util
+    import tarfile
+
+    wanted = {f"ggml-vocab-{name}.gguf": name for name in names}
+    paths = {name: cache_dir / file for file, name in wanted.items()}
+    missing = {file for file, name in wanted.items() if not paths[name].exists()}
+    if missing:
+        spec = importlib.util.spec_from_file_location(
+            "vendor_llama_cpp", Path(__file__).resolve().parent.parent / "tools" / "vendor_llama_cpp.py")
+        vendor = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(vendor)
+        requirement, sha256, _ = vendor.read_pin()
+        archive = vendor.fetch_archive(requirement, sha256)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            for member in tar:  # streamed: the members are in one gzip stream, read once
+                parts = member.name.split("/")
+                if parts[1:4] == ["vendor", "llama.cpp", "models"] and len(parts) == 5 and parts[4] in missing:
+                    member.name = parts[4]
+                    tar.extract(member, cache_dir, filter="data")
+                    missing.discard(parts[4])
+                    if not missing:
+                        break
+    if missing:
+        raise FileNotFoundError(f"not in the pinned llama.cpp archive: {sorted(missing)}")
+    return paths
