@@ -63,15 +63,29 @@ from its own batched decode, so the texts part at the first near-tie (see tests/
 
 from __future__ import annotations
 
-from . import llama_cache, llama_chat_format, llama_grammar, llama_speculative, llama_types
+from collections.abc import Callable
+
+import numpy as np
+
+from . import llama_cache, llama_chat_format, llama_grammar, llama_speculative, llama_tokenizer, llama_types
 from ._install import install, uninstall
 from .errors import CompatibilityWarning, UnsupportedFeatureError
 from .llama import Llama, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError, StoppingCriteriaList
-from .llama_cache import LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
+from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
 # The low-level names (LLAMA_SPLIT_MODE_*, GGML_TYPE_*, llama_supports_gpu_offload ...), as llama_cpp exports them.
 from .llama_cpp import *  # noqa: F403
 from .llama_cpp import __all__ as _low_level_names
 from .llama_grammar import LlamaGrammar
+from .llama_speculative import LlamaDraftModel
+from .llama_tokenizer import BaseLlamaTokenizer, LlamaTokenizer
+# The OpenAI-shaped types: llama-cpp-python re-exports them here (its llama.py star-imports llama_types), so
+# `from llama_cpp import ChatCompletionRequestUserMessage` is common.
+from .llama_types import *  # noqa: F403
+from .verbosity import set_verbose, suppress_stdout_stderr
+
+# The call signatures of a logits processor and a stopping criterion (llama-cpp-python's llama.py names them).
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
 
 # The llama-cpp-python version whose interface this layer follows (what `llama_cpp.__version__` reads after
 # install()); llmplace's own version is llmplace.__version__.
@@ -79,5 +93,8 @@ __version__ = "0.3.36"
 
 __all__ = ["Llama", "LogitsProcessorList", "StoppingCriteriaList", "MinTokensLogitsProcessor", "llama_types",
            "llama_speculative", "llama_chat_format", "llama_grammar", "LlamaGrammar", "install", "uninstall",
-           "llama_cache", "LlamaCache", "LlamaRAMCache", "LlamaDiskCache", "LlamaState",
-           "UnsupportedFeatureError", "CompatibilityWarning", "ModelPathError", *_low_level_names]
+           "llama_cache", "BaseLlamaCache", "LlamaCache", "LlamaRAMCache", "LlamaDiskCache", "LlamaState",
+           "llama_tokenizer", "BaseLlamaTokenizer", "LlamaTokenizer", "LlamaDraftModel", "LogitsProcessor",
+           "StoppingCriteria", "set_verbose", "suppress_stdout_stderr",
+           "UnsupportedFeatureError", "CompatibilityWarning", "ModelPathError", *_low_level_names,
+           *llama_types.__all__]

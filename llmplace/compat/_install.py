@@ -21,13 +21,14 @@ ALIASES = {
     "llama_cpp.llama_chat_format": "llmplace.compat.llama_chat_format",
     "llama_cpp.llama_grammar": "llmplace.compat.llama_grammar",
     "llama_cpp.llama_cache": "llmplace.compat.llama_cache",
+    "llama_cpp.llama_tokenizer": "llmplace.compat.llama_tokenizer",
 }
 
 
 def install(*, replace: bool = False) -> None:
     """Make `import llama_cpp` (and its submodules llama, llama_cpp, llama_types, llama_speculative,
-    llama_chat_format, llama_grammar, llama_cache) import llmplace's compatibility layer in this process. Call it before the code that
-    imports llama_cpp.
+    llama_chat_format, llama_grammar, llama_cache, llama_tokenizer) import llmplace's compatibility layer in
+    this process. Call it before the code that imports llama_cpp.
 
     If the real llama-cpp-python is already imported, this raises, since objects already made by it would
     mix with llmplace's; replace=True installs anyway (modules that imported it keep their reference)."""

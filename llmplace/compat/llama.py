@@ -361,18 +361,13 @@ class Llama:
 
     def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
         """The bytes `tokens` stand for. prev_tokens is accepted for compatibility (llama-cpp-python ignores it too).
-        As llama-cpp-python, a list that starts with BOS loses the leading space of its text: SPM vocabularies
-        (Llama 2, Mistral) render the first word's piece with the space they prefixed it with when tokenizing,
-        and llama-cpp-python drops it for any vocabulary type whenever the first token is BOS."""
+        As llama-cpp-python, a list that starts with BOS loses the leading space of its text (see
+        llama_tokenizer.vocab_detokenize)."""
         if self.tokenizer_ is not None:
             return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
-        piece = self._model.vocab.piece
-        ids = [int(t) for t in tokens]
-        text = b"".join([piece(t, special=special) for t in ids])
-        bos = self._model.vocab.bos
-        if bos is not None and ids and ids[0] == bos and text.startswith(b" "):
-            return text[1:]
-        return text
+        from .llama_tokenizer import vocab_detokenize
+
+        return vocab_detokenize(self._model.vocab, tokens, special=special)
 
     def tokenizer(self):
         return self.tokenizer_ if self.tokenizer_ is not None else self

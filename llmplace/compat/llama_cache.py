@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidParameterError
+# llama-cpp-python's llama_cache star-imports llama_types, so code finds the types here too
+from .llama_types import *  # noqa: F403
 
 logger = logging.getLogger("llmplace")
 

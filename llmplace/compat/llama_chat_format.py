@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
 from . import _chat
+from .verbosity import suppress_stdout_stderr  # noqa: F401 - llama-cpp-python's module exports it too
+
+# llama-cpp-python's module exposes its logger here; llmplace's messages go to the "llmplace" logger
+logger = logging.getLogger("llmplace")
 
 
 @dataclasses.dataclass
@@ -31,7 +36,11 @@ class ChatFormatter(Protocol):
     def __call__(self, *, messages: list[dict[str, Any]], **kwargs: Any) -> ChatFormatterResponse: ...
 
 
-LlamaChatCompletionHandler = Callable[..., Any]
+class LlamaChatCompletionHandler(Protocol):
+    """A chat handler: called with the Llama and the request's keywords (messages, tools, temperature ...), it
+    returns a chat completion dict, or an iterator of chunks when stream=True."""
+
+    def __call__(self, *, llama: Any, messages: list[dict[str, Any]], **kwargs: Any) -> Any: ...
 
 
 class LlamaChatCompletionHandlerNotFoundException(Exception):

@@ -10,13 +10,20 @@ from __future__ import annotations
 from .._ffi import C, ffi
 from ..backends import ensure_initialized
 
+# The enums and #defines of llama.h / ggml.h that llama-cpp-python exports (what cffi compiles in, so the values
+# are this build's).
 _ENUM_PREFIXES = ("LLAMA_SPLIT_MODE_", "LLAMA_POOLING_TYPE_", "LLAMA_ROPE_SCALING_TYPE_", "LLAMA_ATTENTION_TYPE_",
                   "LLAMA_VOCAB_TYPE_", "LLAMA_FTYPE_", "LLAMA_FLASH_ATTN_TYPE_", "LLAMA_TOKEN_ATTR_",
-                  "GGML_TYPE_", "GGML_NUMA_STRATEGY_", "LLAMA_ROPE_TYPE_")
+                  "GGML_TYPE_", "GGML_NUMA_STRATEGY_", "LLAMA_ROPE_TYPE_", "LLAMA_TOKEN_TYPE_",
+                  "LLAMA_KV_OVERRIDE_TYPE_", "LLAMA_LOAD_MODE_", "LLAMA_LAZY_MODE_", "LLAMA_CONTEXT_TYPE_",
+                  "LLAMA_MODEL_META_KEY_", "LLAMA_PROCESS_TYPE_", "LLAMA_STATE_SEQ_", "LLAMA_SESSION_",
+                  "LLAMA_FILE_MAGIC_", "GGML_ROPE_TYPE_")
 
 __all__ = [
     "LLAMA_DEFAULT_SEED",
     "LLAMA_MAX_DEVICES",
+    "LLAMA_SESSION_MAGIC",
+    "LLAMA_STATE_SEQ_MAGIC",
     "LLAMA_TOKEN_NULL",
     "llama_max_devices",
     "llama_print_system_info",
@@ -36,6 +43,9 @@ for _name in dir(C):
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 LLAMA_TOKEN_NULL = -1
 LLAMA_MAX_DEVICES = C.llama_max_devices()
+# Defined in llama.h as other macros (LLAMA_FILE_MAGIC_GGSN / _GGSQ), which cffi does not evaluate.
+LLAMA_SESSION_MAGIC = C.LLAMA_FILE_MAGIC_GGSN
+LLAMA_STATE_SEQ_MAGIC = C.LLAMA_FILE_MAGIC_GGSQ
 
 
 def llama_max_devices() -> int:

@@ -11,10 +11,13 @@ decodes without speculation.
 from __future__ import annotations
 
 import abc
+import numbers
 import os
 from typing import Any
 
 import numpy as np
+
+from ..errors import InvalidParameterError
 
 
 class LlamaDraftModel(abc.ABC):
@@ -26,22 +29,42 @@ class LlamaDraftModel(abc.ABC):
 
 
 class LlamaPromptLookupDecoding(LlamaDraftModel):
-    """Prompt-lookup speculation: propose the tokens that followed the latest earlier occurrence of the last
-    n-gram. num_pred_tokens: the most tokens drafted per step."""
+    """Prompt-lookup speculation: propose the tokens that followed an earlier occurrence of the last n-gram.
+    num_pred_tokens: the most tokens drafted per step. Called directly, it proposes what llama-cpp-python's
+    does (find_candidate_pred_tokens); as Llama's draft_model, llmplace's own drafter runs (module docstring)."""
 
     def __init__(self, max_ngram_size: int = 2, num_pred_tokens: int = 10) -> None:
         self.max_ngram_size = max_ngram_size
         self.num_pred_tokens = num_pred_tokens
 
-    def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
-        ids = [int(t) for t in input_ids]
-        n = len(ids)
-        for size in range(min(self.max_ngram_size, n - 1), 0, -1):
-            tail = ids[n - size:]
-            for start in range(n - size - 1, -1, -1):
-                if ids[start:start + size] == tail:
-                    return np.array(ids[start + size:start + size + self.num_pred_tokens], dtype=np.intc)
+    @staticmethod
+    def find_candidate_pred_tokens(input_ids: np.ndarray, max_ngram_size: int, num_pred_tokens: int) -> np.ndarray:
+        """Up to num_pred_tokens tokens that followed the first earlier occurrence of the last n tokens of
+        input_ids, trying n = max_ngram_size first (at most len - 1) and shorter n-grams after; an empty intc
+        array when nothing matches. The tokens are a slice of input_ids (its dtype); a continuation may run
+        into the n-gram itself and is cut at the end of input_ids."""
+        for name, value in (("max_ngram_size", max_ngram_size), ("num_pred_tokens", num_pred_tokens)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InvalidParameterError(f"{name} must be an int, not {type(value).__name__}")
+        ids = np.asarray(input_ids)
+        if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
+            raise InvalidParameterError(f"input_ids must be a 1-D array of token ids, not an array of shape "
+                                        f"{ids.shape} and dtype {ids.dtype}")
+        length = ids.shape[0]
+        for size in range(min(int(max_ngram_size), length - 1), 0, -1):
+            tail = ids[length - size:]
+            # every window of `size` tokens, compared with the tail at once
+            windows = np.lib.stride_tricks.sliding_window_view(ids, size)
+            for start in np.flatnonzero((windows == tail).all(axis=1)):
+                begin = int(start) + size
+                end = min(begin + int(num_pred_tokens), length)
+                if begin < end:  # the tail's own position has nothing after it
+                    return ids[begin:end]
         return np.array([], dtype=np.intc)
+
+    def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
+        return self.find_candidate_pred_tokens(input_ids=input_ids, max_ngram_size=self.max_ngram_size,
+                                               num_pred_tokens=self.num_pred_tokens)
 
     def _llmplace_draft(self) -> dict:
         return {"lookup": True, "depth": max(1, int(self.num_pred_tokens))}

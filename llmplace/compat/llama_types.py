@@ -301,3 +301,8 @@ ChatCompletionChunk = CreateChatCompletionStreamResponse
 ChatCompletionStreamResponse = CreateChatCompletionStreamResponse
 ChatCompletionResponseFunction = ChatCompletionFunction
 ChatCompletionFunctionCall = ChatCompletionResponseFunctionCall
+
+# What `from llama_types import *` gives (llama_cpp's top level and llama_cache star-import it, as upstream's
+# do): the types above, not the typing names they are written with.
+__all__ = [_name for _name in list(globals()) if not _name.startswith("_")
+           and _name not in {"annotations", "Any", "Literal", "TypedDict", "Union", "NotRequired"}]
