@@ -100,3 +100,25 @@ def test_spm_text_after_bos_has_no_leading_space(vocab_paths):
         import numpy as np
 
         assert llm.detokenize(np.array(tokens, dtype=np.intc)) == b"Hello World"
+
+
+def test_llama_tokenizer_equals_llama_cpp_pythons(pair):
+    """llama_tokenizer.LlamaTokenizer (what upstream's Llama uses inside) gives the same tokens and bytes, and a
+    Llama given its own LlamaTokenizer as tokenizer= does not recurse."""
+    from llama_cpp.llama_tokenizer import LlamaTokenizer as UpstreamTokenizer
+
+    from llmplace.compat.llama_tokenizer import LlamaTokenizer
+
+    name, upstream, ours = pair
+    theirs, mine = UpstreamTokenizer(upstream), LlamaTokenizer(ours)
+    for text in TEXTS:
+        assert mine.tokenize(text) == theirs.tokenize(text), (name, text)
+        assert mine.encode(text.decode()) == theirs.encode(text.decode())
+        tokens = theirs.tokenize(text)
+        assert mine.detokenize(tokens) == theirs.detokenize(tokens)
+        assert mine.decode(tokens) == theirs.decode(tokens)
+    ours.tokenizer_ = mine
+    try:
+        assert ours.detokenize(theirs.tokenize(TEXTS[0])) == upstream.detokenize(theirs.tokenize(TEXTS[0]))
+    finally:
+        ours.tokenizer_ = None

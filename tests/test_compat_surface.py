@@ -224,3 +224,134 @@ def test_every_exclusion_is_still_needed():
 def test_exclusion_reasons_say_why():
     short = {key: reason for key, reason in EXCLUDED.items() if len(reason) < 40}
     assert short == {}
+
+
+# ---- the checker itself finds what differs ----
+
+def test_signature_check_finds_renamed_missing_required_and_default_changes():
+    def upstream(text, add_bos=True, *, special=False, **kwargs): ...
+
+    def renamed(txt, add_bos=True, *, special=False, **kwargs): ...
+
+    def no_keyword(text, add_bos=True): ...
+
+    def more_required(text, extra, add_bos=True, *, special=False, **kwargs): ...
+
+    def other_default(text, add_bos=False, *, special=False, **kwargs): ...
+
+    def compatible(text, add_bos=True, special=False, verbose=None, **kwargs): ...
+
+    assert [p for p, _ in signature_problems(upstream, renamed)] == ["text"]
+    assert {p for p, _ in signature_problems(upstream, no_keyword)} == {"special", "kwargs"}
+    assert ("extra", "required here, optional or absent upstream") in signature_problems(upstream, more_required)
+    assert [p for p, _ in signature_problems(upstream, other_default)] == ["add_bos"]
+    assert signature_problems(upstream, compatible) == []
+
+
+# ---- what the issue reported, and the new names at work ----
+
+def test_upstream_imports_work_after_install():
+    """Third-party code's imports (issue 16), in a process where llama_cpp is llmplace's layer."""
+    from isolation import outcome
+
+    result = outcome("""
+        import llmplace.compat
+        llmplace.compat.install()
+        from llama_cpp import (ChatCompletionRequestUserMessage, ChatCompletionRequestMessage, CreateCompletionResponse,
+                               LlamaTokenizer, BaseLlamaTokenizer, LlamaDraftModel, BaseLlamaCache, set_verbose,
+                               suppress_stdout_stderr, LogitsProcessor, LLAMA_TOKEN_TYPE_BYTE, LLAMA_SESSION_MAGIC)
+        from llama_cpp.llama_tokenizer import LlamaHFTokenizer
+        from llama_cpp.llama_cache import ChatCompletion
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        import llama_cpp
+        assert "ChatCompletionRequestUserMessage" in llama_cpp.__all__
+        message: ChatCompletionRequestUserMessage = {"role": "user", "content": "hi"}
+        expect_typed(lambda: LlamaPromptLookupDecoding.find_candidate_pred_tokens([1], 2, "3"))
+    """)
+    assert result.kind == "typed" and result.error == "InvalidParameterError", result
+
+
+def test_find_candidate_pred_tokens_equals_llama_cpp_pythons():
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding as Upstream
+
+    from llmplace.compat.llama_speculative import LlamaPromptLookupDecoding as Ours
+
+    rng = np.random.default_rng(16)
+    for _ in range(400):
+        ids = rng.integers(0, 4, size=int(rng.integers(0, 24))).astype(np.intc)
+        ngram, n_pred = int(rng.integers(-1, 6)), int(rng.integers(-2, 9))
+        want = Upstream.find_candidate_pred_tokens(ids, ngram, n_pred)
+        got = Ours.find_candidate_pred_tokens(ids, ngram, n_pred)
+        assert got.dtype == want.dtype and got.tolist() == want.tolist(), (ids, ngram, n_pred)
+        assert Ours(ngram, n_pred)(ids).tolist() == want.tolist()
+    # the first earlier occurrence wins, continuations are cut at the end
+    assert Ours.find_candidate_pred_tokens(np.array([5, 1, 2, 5, 3, 5]), 1, 3).tolist() == [1, 2, 5]
+    assert Ours.find_candidate_pred_tokens(np.array([7, 8, 7]), 2, 10).tolist() == [8, 7]
+
+
+BAD_LOOKUPS = ["None, 2, 3", "[[1, 2], [1, 2]], 2, 3", "['a', 'b'], 2, 3", "[1.5, 2.5], 2, 3", "[1, 2], 2.0, 3",
+               "[1, 2], 2, None", "[1, 2], True, 3", "object(), 2, 3"]
+BAD_TOKEN_LISTS = ["None", "5", "[None]", "[1.5]", "['x']", "[-1]", "[10**20]", "[2**31]", "[32000]", "[True]",
+                   "np.array([[1, 2]])", "np.array([1.0])", "[np.int64(2**40)]", "'abc'", "[object()]"]
+
+
+def test_bad_inputs_get_typed_errors(model_cache):
+    """Each bad argument of find_candidate_pred_tokens and of detokenize / LlamaTokenizer on Llama 2's SPM
+    vocabulary raises a typed error, in one subprocess (a crash of any case would show as the batch's)."""
+    import json
+
+    import models
+    from isolation import outcome
+
+    spm = models.llama_cpp_vocab_paths(model_cache, ("llama-spm",))["llama-spm"]
+    cases = [f"lambda: LlamaPromptLookupDecoding.find_candidate_pred_tokens({a})" for a in BAD_LOOKUPS]
+    cases += [f"lambda: llm.detokenize({t})" for t in BAD_TOKEN_LISTS]
+    cases += [f"lambda: tokenizer.detokenize({t})" for t in BAD_TOKEN_LISTS]
+    cases += ["lambda: LlamaTokenizer(object())", "lambda: LlamaTokenizer(None)"]
+    result = outcome(f"""
+        import numpy as np
+        from llmplace.compat import Llama
+        from llmplace.compat.llama_speculative import LlamaPromptLookupDecoding
+        from llmplace.compat.llama_tokenizer import LlamaTokenizer
+        llm = Llama({str(spm)!r}, vocab_only=True, verbose=False)
+        tokenizer = LlamaTokenizer(llm)
+        kinds = []
+        for case in [{", ".join(cases)}]:
+            try:
+                case()
+                kinds.append("ok")
+            except LlmplaceError as exc:
+                kinds.append("typed")
+            except BaseException as exc:
+                kinds.append("untyped " + type(exc).__name__ + ": " + str(exc)[:80])
+        report("ok", message=json.dumps(kinds))
+    """, timeout=120)
+    assert result.kind == "ok", result
+    kinds = json.loads(result.message)
+    assert len(kinds) == len(cases)
+    assert [(case, kind) for case, kind in zip(cases, kinds) if kind != "typed"] == []
+
+
+def test_suppress_stdout_stderr_silences_python_and_native_writes():
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import logging, os, sys
+        from llmplace.compat import suppress_stdout_stderr, set_verbose
+        with suppress_stdout_stderr(disable=False):
+            print("hidden print"); os.write(1, b"hidden fd 1\\n"); os.write(2, b"hidden fd 2\\n")
+            sys.stderr.write("hidden stderr\\n")
+        with suppress_stdout_stderr():  # upstream's default: disabled, a no-op
+            print("shown by default")
+        print("shown after", flush=True); os.write(2, b"stderr after\\n")
+        set_verbose(True)
+        assert logging.getLogger("llmplace").level == logging.DEBUG
+        set_verbose(False)
+        assert logging.getLogger("llmplace").level == logging.ERROR
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "shown by default\nshown after\n"
+    assert done.stderr == "stderr after\n"

@@ -9,6 +9,11 @@ sequence, and the common errors' types and messages (ValueError "Model path does
 "Requested tokens (N) exceed context window of M", "logprobs is not supported for models created with
 logits_all=False").
 
+What is left out of llama-cpp-python's public surface (the raw ctypes C API, llava/mtmd bindings, its FastAPI
+server classes, the Python chat-format renderers, the Python JSON-schema converter ...) is listed, name by name
+with the reason, in `llmplace.compat.surface.EXCLUDED`; tests/test_compat_surface.py checks every other public
+name, class member and parameter of llama-cpp-python 0.3.36 against this layer.
+
 What differs (each is warned about or raises a typed error when used):
 - Grammars: `grammar=LlamaGrammar.from_string(gbnf)`, `response_format={"type": "json_object"}` (with or
   without "schema") and `{"type": "json_schema", "json_schema": {"schema": ...}}` (llama-cpp-python ignores
@@ -48,6 +53,10 @@ What differs (each is warned about or raises a typed error when used):
 - embed() of several texts gives each the same vectors as embedding it alone (llama-cpp-python 0.3.36 reads
   the per-token embeddings of every text after the first at a wrong offset).
 - `save_state()`'s LlamaState holds no scores (an empty array).
+- `detokenize` returns every token's whole piece: llama-cpp-python reads pieces into a 32-byte buffer and puts
+  other bytes in place of a longer piece. Token ids that are not ints raise TokenizationError.
+- `LlamaPromptLookupDecoding(...)(input_ids)` proposes what llama-cpp-python's does; as a draft_model it runs
+  llmplace's own prompt-lookup drafter.
 - n_threads=None means all available cores (llama-cpp-python: half of them); verbose=True does not print
   llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
 - `Llama.from_pretrained(repo_id, filename_glob)` needs huggingface_hub (not a dependency of llmplace).
