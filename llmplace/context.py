@@ -40,12 +40,32 @@ EXTRA_PARAMS = {"rope_scaling_type", "pooling_type", "attention_type", "rope_fre
 
 
 def default_threads() -> int:
-    """Physical-ish core count: llama.cpp decodes fastest with one thread per core, not per hyperthread."""
+    """Threads a Context uses when n_threads is not given: one per physical core this process may run on, less
+    the cores other programs keep busy (the 1-minute load average), and at least 1.
+
+    llama.cpp's threads meet at a barrier after every graph node, so one thread waiting for a core stalls the
+    others: on a 2-core machine under load ~10, SmolLM2 generated 37.9 tok/s with 1 thread and 9.2 with 2, and
+    with 4 more spinning processes 4.2 against 0.2 (benchmarks/threads.py, results/cpu-2core-threads-*.json),
+    while on the idle machine 2 threads win (112 vs 68 tok/s, issue 19). Hyperthreads share a core's vector
+    units, so they count once (llama.cpp's own default). The load is read when the Context is made; pass
+    n_threads= to fix the number."""
     try:
-        n = len(os.sched_getaffinity(0))
+        cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, n)
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:  # no topology (some containers): count logical CPUs
+            cores.add(("cpu", str(cpu)))
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:  # pragma: no cover - load average unavailable
+        busy = 0.0
+    return max(1, min(len(cores), int(len(cpus) - busy + 0.5)))
 
 
 def _positive_int(name: str, value, upper: int) -> int:
