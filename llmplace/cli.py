@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: one per core)")
+    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: the physical cores the load leaves free, at least 1)")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
     p.set_defaults(func=cmd_chat)
 
