@@ -338,18 +338,37 @@ def _check_vocab(values: dict[str, object], offsets: dict[str, int]) -> None:
 
 # Element types llama.cpp reads a per-layer uint32 array from (get_key_or_arr -> get_arr); others fail the load.
 _PER_LAYER_ELEMENT_TYPES = {4, 5, 7}   # uint32, int32 (taken as uint32), bool
-_EXPERT_TENSOR = re.compile(r"blk\.\d+\.ffn_(gate_inp|(gate|up|down|gate_up)_exps)\.")
+_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.ffn_(gate_inp|(gate|up|down|gate_up)_exps)\.")
+_ATTENTION_TENSOR = re.compile(r"blk\.(\d+)\.attn_(q|k|v|qkv|output)\.")
+# Architectures whose graph asserts that RoPE turns whole heads (GGML_ASSERT(n_embd_head == n_rot) in the
+# pinned src/models/*.cpp), so rope.dimension_count must equal the head size; llama.cpp's loader checks it only
+# for llama, deci, falcon and llama-embed, and throws (a failed load) there.
+_ROPE_OVER_WHOLE_HEAD = frozenset((
+    "apertus arcee arctic baichuan chameleon codeshell cogvlm cohere2moe dbrx deci deepseek dots1 dream ernie4_5 "
+    "ernie4_5-moe exaone exaone-moe falcon granite granite_swa graniteswitch grok grovemoe hunyuan-moe hunyuan_vl "
+    "hy_v3 internlm2 jais2 llada llada-moe maincoder mistral3 olmo olmoe orion paddleocr pangu-embedded plamo "
+    "pockettts qwen2 qwen2moe qwen2vl qwen3 qwen3moe qwen3vl qwen3vlmoe rnd1 seed_oss smollm3 starcoder2 talkie "
+    "xverse").split())
 
 
-def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> set[int]:
+@dataclass(frozen=True)
+class _LayerRule:
+    """Layers whose hyperparameters leave no room for some tensors (checked against the tensor table)."""
+
+    tensors: re.Pattern          # group 1: the layer number
+    layers: frozenset[int]
+    key: str
+    message: str                 # with {layer}
+
+
+def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> list[_LayerRule]:
     """The hyperparameters llama.cpp checks with GGML_ASSERT (aborting the process) instead of failing the
     load (llama-model.cpp, load_hparams), or that fail an assertion at the first decode. Found by
     tests/test_gguf_fuzz.py and tests/test_gguf_structure_fuzz.py. A per-layer array is checked element by
-    element, as llama.cpp reads it. Returns the layers routed to no expert, which must have no expert tensors
-    (checked with the tensor table)."""
+    element, as llama.cpp reads it. Returns what the tensor table must then agree with."""
     arch = values.get("general.architecture")
     if not isinstance(arch, bytes):
-        return set()
+        return []
     prefix = arch.decode("utf-8", errors="replace") + "."
 
     def get(name: str, default: int = 0) -> int | float:
@@ -378,7 +397,7 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> set[in
     if n_expert > MAX_EXPERTS:
         raise bad("expert_count", f"is {n_expert}; llama.cpp takes at most {MAX_EXPERTS} experts")
     used_per_layer = per_layer("expert_used_count", n_layer)
-    unrouted: set[int] = set()
+    rules: list[_LayerRule] = []
     if used_per_layer is None:
         if n_used > n_expert or (n_expert > 0 and n_used == 0):
             raise bad("expert_used_count", f"is {n_used} with expert_count {n_expert} (must be 1 to expert_count, "
@@ -390,7 +409,32 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> set[in
             raise bad("expert_used_count", f"is a per-layer array whose layer {il} uses {n} experts, with "
                                            f"expert_count {n_expert} (each must be 1 to expert_count, or 0 without "
                                            "experts)")
-        unrouted = {il for il, n in enumerate(used_per_layer) if n == 0} if n_expert > 0 else set()
+        if n_expert > 0:
+            # llama.cpp builds a layer's expert block with its expert_used_count; with 0 it reads a missing result
+            rules.append(_LayerRule(_EXPERT_TENSOR, frozenset(il for il, n in enumerate(used_per_layer) if n == 0),
+                                    prefix + "expert_used_count", "routes layer {layer} to 0 experts, but the layer "
+                                    "has expert tensors; each layer with experts must use 1 to expert_count of them"))
+    # Heads per layer: a layer with attention weights and 0 heads (or 0 key/value heads) builds a graph whose
+    # shapes disagree, and ggml asserts. 0 is meaningful only in layers without attention (recurrent layers of
+    # hybrid models), so it is checked against the tensor table.
+    n_head_layers = per_layer("attention.head_count", n_layer) or [get("attention.head_count", 1)] * n_layer
+    n_head_kv_layers = per_layer("attention.head_count_kv", n_layer) or (
+        n_head_layers if prefix + "attention.head_count_kv" not in values
+        else [get("attention.head_count_kv", 1)] * n_layer)
+    for name, counts in (("attention.head_count", n_head_layers), ("attention.head_count_kv", n_head_kv_layers)):
+        zero = frozenset(il for il, n in enumerate(counts) if n == 0)
+        if zero:
+            rules.append(_LayerRule(_ATTENTION_TENSOR, zero, prefix + name, "gives layer {layer} 0 heads, but the "
+                                    "layer has attention weights (llama.cpp would abort at the first decode)"))
+    arch_name = prefix[:-1]
+    n_head = n_head_layers[0]
+    n_embd = get("embedding_length")
+    if arch_name in _ROPE_OVER_WHOLE_HEAD and isinstance(n_head, int) and n_head and isinstance(n_embd, int):
+        head_size = get("attention.key_length", n_embd // n_head)
+        n_rot = get("rope.dimension_count", head_size)
+        if n_rot != head_size:
+            raise bad("rope.dimension_count", f"is {n_rot}, but a {arch_name} model's RoPE turns whole heads of "
+                                              f"{head_size} (llama.cpp asserts that they are equal)")
     if n_expert > 0 and (n_groups >= n_expert or (n_groups > 1 and (n_expert % n_groups
                                                                      or not 0 < n_group_used < n_groups))):
         raise bad("expert_group_count", f"is {n_groups} with {n_expert} experts and expert_group_used_count "
@@ -404,7 +448,7 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> set[in
         eps = get(name, 0.0)
         if not (isinstance(eps, (int, float)) and 0.0 <= eps < float("inf")):
             raise bad(name, f"is {eps}; a norm epsilon must be a finite number >= 0 (ggml asserts it)")
-    return unrouted
+    return rules
 
 
 def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str, int, int]]:
@@ -517,17 +561,17 @@ def _parse(buf, size: int) -> GGUFLayout:
     values, offsets = _check_kv(r, n_kv)
     _check_vocab_arrays(values)
     _check_vocab(values, offsets)
-    unrouted_layers = _check_hparams(values, offsets)
+    layer_rules = _check_hparams(values, offsets)
     alignment = values.get("general.alignment", DEFAULT_ALIGNMENT)
     if alignment == 0 or alignment & (alignment - 1):
         raise _Bad(24, f"general.alignment is {alignment}, not a power of two")
     tensors = _check_tensors(r, n_tensors, alignment)
-    for name, _, _ in tensors:
-        # llama.cpp builds a layer's expert block with its expert_used_count; with 0 it reads a missing result
-        if _EXPERT_TENSOR.match(name) and int(name.split(".")[1]) in unrouted_layers:
-            raise _Bad(offsets.get(f"{values['general.architecture'].decode()}.expert_used_count", 0),
-                       f"expert_used_count routes layer {name.split('.')[1]} to 0 experts, but the layer has "
-                       f"expert tensors ({name}); each layer with experts must use 1 to expert_count of them", FIX_CONTENT)
+    for rule in layer_rules:
+        for name, _, _ in tensors:
+            m = rule.tensors.match(name)
+            if m and int(m.group(1)) in rule.layers:
+                raise _Bad(offsets.get(rule.key, 0), f"key '{rule.key}' {rule.message.format(layer=m.group(1))} "
+                                                     f"({name})", FIX_CONTENT)
     data_offset, data_size = _check_data(r, tensors, alignment)
     return GGUFLayout(version=version, n_kv=n_kv, n_tensors=n_tensors, alignment=alignment,
                       data_offset=data_offset, data_size=data_size)

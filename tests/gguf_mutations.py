@@ -22,6 +22,7 @@ import os
 import pickle
 import queue
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -525,12 +526,14 @@ def run(templates: dict[str, Template], cases: list[tuple[int, str, Mutation]], 
         t.start()
     for t in threads:
         t.join()
-    if confirm:
+    try:
         for case, model, mutation in cases:
             r = results[case]
-            if r.kind in ("crash", "hang"):
+            if confirm and r.kind in ("crash", "hang"):
                 alone = _run_alone(templates[model], mutation, folder, case_timeout)
                 results[case] = dataclasses.replace(r, message=f"{r.message} | alone: {alone}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # a crashed case leaves its file behind
     return [results[case] for case, _, _ in cases]
 
 
