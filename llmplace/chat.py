@@ -36,8 +36,9 @@ from typing import Iterator, Mapping, Sequence
 
 from .chat_template import ChatTemplate, format_chat, validate_messages
 from .context import Context
-from .errors import AbortedError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError
-from .generation import stream_generate
+from .context_lock import GenerationHold
+from .errors import AbortedError, BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError
+from .generation import _setup, stream_generate
 from .model import Model, load
 from .sampling import SamplingParams
 
@@ -101,7 +102,10 @@ class Chat:
     draft (a Model or a path), depth, lookup: speculative decoding, passed to stream_generate (which checks
     them); a draft given as a path is loaded once and owned by the Chat.
 
-    A Chat is used from one thread; only `abort()` may be called from another.
+    A Chat is used from one thread at a time: a turn (or reset, load_history ...) from another thread while a
+    reply is being generated raises BusyError and leaves that reply alone. `abort()` may be called from any
+    thread; so may `close()`, which waits for the token being computed (aborting a long prompt's decode) and
+    makes the reply in flight raise ClosedError.
     """
 
     def __init__(self, model: Model | str | os.PathLike, system_prompt: str | None = None, *,
@@ -221,7 +225,11 @@ class Chat:
     def _check_usable(self) -> Context:
         if self.closed:
             raise ClosedError("this Chat is closed (or its Model was closed); create a new Chat")
-        if self._active:
+        claim = self._context._claim
+        if claim.holder is not None:  # a turn holds the Chat's context, from stream() to the end of its reply
+            if claim.holder_thread != threading.get_ident():
+                raise BusyError("this Chat is generating a reply in another thread: a Chat serves one thread at "
+                                "a time; wait for the reply to end, or give each thread its own Chat")
             raise InvalidParameterError("a reply is still streaming from this Chat; finish iterating it (or close "
                                         "the generator) before the next turn")
         return self._context
@@ -341,8 +349,10 @@ class Chat:
 
     def stream(self, text: str, **options) -> Iterator[str]:
         """Send a user message; yield the reply's text as it is generated (pieces, never empty). The Reply
-        with its figures is `chat.last` once the iteration ends. Arguments are checked at the call."""
-        return self._run(self._prepare(text, options))
+        with its figures is `chat.last` once the iteration ends. Arguments are checked at the call, and the
+        Chat is taken for this turn at the call: another turn (any thread) raises BusyError until it ends."""
+        turn = self._prepare(text, options)
+        return self._run(turn, GenerationHold(self._context))
 
     def _prepare(self, text: str, options: Mapping) -> _Turn:
         context = self._check_usable()
@@ -374,7 +384,9 @@ class Chat:
                 f"{self.model.n_ctx_train})")
         return _Turn(messages, tokens, options, dropped)
 
-    def _run(self, turn: _Turn) -> Iterator[str]:
+    def _run(self, turn: _Turn, hold: GenerationHold) -> Iterator[str]:
+        """The turn's reply, generated under `hold` (the Chat's context), released once the history and the
+        cache are put in order: no other turn can start in between."""
         context = self._context
         self._active = True
         self._abort_requested.clear()
@@ -386,8 +398,8 @@ class Chat:
         consistent = True          # the cache and context.tokens are known to agree
         steps = None
         try:
-            steps = stream_generate(self.model, turn.tokens, context=context, add_special=False,
-                                    **turn.options, **self._speculation)
+            steps = _setup(self.model, turn.tokens, context=context, add_special=False, hold=hold,
+                           **turn.options, **self._speculation).steps()
             for step in steps:
                 last = step
                 if step.text:
@@ -409,31 +421,42 @@ class Chat:
             consistent, keep = False, False
             raise
         finally:
-            if steps is not None:
-                steps.close()
-            self._active = False
-            self._abort_requested.clear()
-            # An abort() that came after the last decode would otherwise stop the next one early (decode
-            # clears the flag, decode_one does not).
-            for each in self._contexts():
-                each._abort_flag[0] = 0
-            if not consistent and not context.closed:
-                # Drop the last cached token, which also removes any KV cell that llama.cpp filled but
-                # context.tokens does not list; the next turn recomputes it.
+            try:
+                self._end_turn(context, steps, consistent)
+                if keep:
+                    reply_text = "".join(pieces)
+                    self._messages = turn.messages + [{"role": "assistant", "content": reply_text}]
+                    now = time.perf_counter()
+                    self.last = Reply(
+                        text=reply_text, finish_reason=finish, prompt_tokens=len(turn.tokens),
+                        prompt_evaluated=(last.prompt_tokens - last.prompt_cached) if last else 0,
+                        generated_tokens=last.generated_tokens if last else 0,
+                        prompt_tps=last.prompt_tps if last else 0.0,
+                        generation_tps=last.generation_tps if last else 0.0,
+                        elapsed=now - start, dropped=turn.dropped, speculative=getattr(last, "speculative", None))
+            finally:
+                hold.release()  # only now may another turn start: the history and the cache are in order
+
+    def _end_turn(self, context: Context, steps, consistent: bool) -> None:
+        """Stop the generation and leave the cache consistent (the history is recorded by the caller)."""
+        if steps is not None:
+            steps.close()
+        self._active = False
+        self._abort_requested.clear()
+        # An abort() that came after the last decode would otherwise stop the next one early (decode
+        # clears the flag, decode_one does not).
+        for each in self._contexts():
+            each._abort_flag[0] = 0
+        if not consistent and not context.closed:
+            # Drop the last cached token, which also removes any KV cell that llama.cpp filled but
+            # context.tokens does not list; the next turn recomputes it.
+            try:
                 if len(context.tokens) > 1:
                     context.truncate(len(context.tokens) - 1)
                 else:
                     context.clear()
-            if keep:
-                reply_text = "".join(pieces)
-                self._messages = turn.messages + [{"role": "assistant", "content": reply_text}]
-                now = time.perf_counter()
-                self.last = Reply(
-                    text=reply_text, finish_reason=finish, prompt_tokens=len(turn.tokens),
-                    prompt_evaluated=(last.prompt_tokens - last.prompt_cached) if last else 0,
-                    generated_tokens=last.generated_tokens if last else 0,
-                    prompt_tps=last.prompt_tps if last else 0.0, generation_tps=last.generation_tps if last else 0.0,
-                    elapsed=now - start, dropped=turn.dropped, speculative=getattr(last, "speculative", None))
+            except ClosedError:
+                pass  # closed from another thread meanwhile: no cache left to put in order
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._messages)} messages, {self.n_cached} cached tokens"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import numbers
 import os
-import threading
 import weakref
 from typing import Mapping, Sequence
 
@@ -16,7 +15,8 @@ from ._handle import NativeObject
 from .backends import cpu_backend_function
 from ._ffi import C, ffi
 from .c_values import INT32, integer, set_fields
-from .errors import BusyError, ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
+from .context_lock import BUSY_MESSAGE, ContextLock  # noqa: F401 - BUSY_MESSAGE: where callers found it
+from .errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
 
 # KV-cache element types accepted for type_k / type_v.
@@ -98,21 +98,23 @@ def _free_context(handle, pools) -> None:
         free(pool)
 
 
-BUSY_MESSAGE = ("this Context is in use by another thread (llama.cpp contexts are not thread-safe): give each "
-                "thread its own Context (one Model serves several), or serialize the calls with a lock")
+def _raise_flag(flag) -> None:
+    flag[0] = 1
 
 
 def exclusive(method):
-    """Run a Context method only if no other thread is using the context (else BusyError, never a corrupted
-    cache). The lock is reentrant: a generation holding the context may decode on it."""
+    """Run a Context method only when no other thread is using the context (else BusyError, never a corrupted
+    cache) and inside a use of it (close() from another thread waits for the call to return). Calls nest, and
+    the thread running a generation held on the context may make them (see context_lock)."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        if not self._in_use.acquire(blocking=False):
-            raise BusyError(BUSY_MESSAGE)
+        claim = self._claim
+        claim.enter_call()
         try:
-            return method(self, *args, **kwargs)
+            with self._lifetime:
+                return method(self, *args, **kwargs)
         finally:
-            self._in_use.release()
+            claim.exit_call()
     return run
 
 
@@ -131,7 +133,8 @@ class Context(NativeObject):
                  n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn="auto",
                  type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1,
                  extra_params: Mapping[str, object] | None = None, lora: Mapping | None = None) -> None:
-        model_ptr = model._ptr  # raises ClosedError on a closed model
+        # Who may use the context (context_lock); set first: set_lora below is such a use.
+        self._claim = ContextLock()
         if model.dry_run:
             raise InvalidParameterError("this Model comes from a dry run (no weights in memory): it can be "
                                         "inspected, not run; load it with llmplace.load(path)")
@@ -182,15 +185,27 @@ class Context(NativeObject):
         # Other llama_context_params fields (rope/YaRN scaling, pooling, embeddings ...) by their C names:
         # what the llama-cpp-python drop-in passes through, each checked against its C type and enumerators.
         set_fields(params, extra_params or {}, EXTRA_PARAMS, "extra_params")
-        # Held by the thread decoding or generating on this context (see `exclusive`).
-        self._in_use = threading.RLock()
-        # Set by abort() from any thread; read by the shim's C abort callback at every graph node.
+        # Set by abort() (and close()) from any thread; read by the shim's C abort callback at every graph node.
         self._abort_flag = ffi.new("int *", 0)
         params.abort_callback = C.llmplace_abort_if_flag_set
         params.abort_callback_data = self._abort_flag
 
-        with logs.capture() as native_messages:
-            handle = C.llama_init_from_model(model_ptr, params)
+        # Inside a use of the model: Model.close() from another thread waits for the context to exist (and
+        # be listed in model._contexts, which it closes first) instead of freeing the model under it.
+        with model._lifetime, logs.capture() as native_messages:
+            handle = C.llama_init_from_model(model._ptr, params)
+            if handle != ffi.NULL:
+                try:
+                    pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
+                except BaseException:
+                    C.llama_free(handle)
+                    raise
+                self._own(handle, _free_context, pools, interrupt=functools.partial(_raise_flag, self._abort_flag))
+                self._pools = pools  # [generation pool, batch pool (if another thread count)]
+                # Sizes read now: once model._contexts lists it, a Model.close() may free it at any time.
+                n_batch, self._n_ctx = C.llama_n_batch(handle), C.llama_n_ctx(handle)  # fixed for its life
+                causal, n_ubatch = bool(C.llama_get_causal_attn(handle)), C.llama_n_ubatch(handle)
+                model._contexts.add(self)
         if handle == ffi.NULL:
             reason = "; ".join(native_messages) or "no reason given"
             if native_messages and not any(word in reason.lower() for word in ("alloc", "memory", "buffer")):
@@ -201,17 +216,9 @@ class Context(NativeObject):
             raise OutOfMemoryError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: {reason}. "
                 "Try a smaller n_ctx or n_batch, or a quantized KV cache (type_k='q8_0', type_v='q8_0').")
-        # A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
+        # (above) A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
         # graph computation, i.e. every generated token.
-        try:
-            pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
-        except BaseException:
-            C.llama_free(handle)
-            raise
-        self._own(handle, _free_context, pools)
-        self._pools = pools  # [generation pool, batch pool (if another thread count)]
         self.model = model
-        model._contexts.add(self)
         # Tokens held in the KV cache for sequence 0, in order: lets a new prompt reuse a cached prefix.
         self.tokens: list[int] = []
         # What speculative decoding learned about this context that outlives one call: the batch sizes it
@@ -220,16 +227,19 @@ class Context(NativeObject):
         self.speculation_memory: dict = {}
         # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since
         # a larger batch fails an assertion that aborts the process.
-        self._token_buf = ffi.new("llama_token[]", C.llama_n_batch(handle))
+        self._token_buf = ffi.new("llama_token[]", n_batch)
         # decode_one's batch: the first token of _token_buf, no positions (llama.cpp continues sequence 0).
         # llama_decode takes the batch by value, so one struct serves every call.
         self._one_token_batch = C.llama_batch_get_one(self._token_buf, 1)
-        self._n_ctx = C.llama_n_ctx(handle)  # fixed for the context's life
         # Non-causal attention (embedding models, attention_type=1) computes a sequence in one micro-batch:
         # llama.cpp aborts the process on a decode of more tokens than n_ubatch.
-        self._causal = bool(C.llama_get_causal_attn(handle))
-        self._max_decode = len(self._token_buf) if self._causal else C.llama_n_ubatch(handle)
+        self._causal = causal
+        self._max_decode = n_batch if causal else n_ubatch
         self._batch = None  # a llama_batch with per-token logits flags, made by the first decode_all
+        # Rows of output (logits, embeddings) the last decode produced: what embeddings() may read. In embedding
+        # mode llama.cpp outputs every token of a decode, otherwise those the batch asks for.
+        self._outputs_all = bool(params.embeddings)
+        self._n_outputs = 0
         self.lora: dict = {}
         if lora:
             self.set_lora(lora)
@@ -247,26 +257,32 @@ class Context(NativeObject):
     # ---- sizes ----
     @property
     def n_ctx(self) -> int:
-        return C.llama_n_ctx(self._ptr)
+        self._ptr  # noqa: B018 - ClosedError on a closed context, as before
+        return self._n_ctx
 
     @property
     def n_batch(self) -> int:
-        return C.llama_n_batch(self._ptr)
+        with self._lifetime:
+            return C.llama_n_batch(self._ptr)
 
     @property
     def n_ubatch(self) -> int:
-        return C.llama_n_ubatch(self._ptr)
+        with self._lifetime:
+            return C.llama_n_ubatch(self._ptr)
 
     @property
     def n_threads(self) -> int:
-        return C.llama_n_threads(self._ptr)
+        with self._lifetime:
+            return C.llama_n_threads(self._ptr)
 
     # ---- the KV cache ----
+    @exclusive
     def clear(self) -> None:
         """Forget every token in the KV cache."""
         C.llama_memory_clear(C.llama_get_memory(self._ptr), True)
         self.tokens.clear()
 
+    @exclusive
     def reuse_prefix(self, tokens: Sequence[int], keep_last: int = 1) -> int:
         """Keep the longest cached prefix of `tokens`, leaving at least `keep_last` of them to compute (the
         last prompt token must be decoded again for its logits); drop the rest of the cache. Returns the
@@ -277,6 +293,7 @@ class Context(NativeObject):
         self.truncate(cached)
         return cached
 
+    @exclusive
     def truncate(self, n_keep: int) -> None:
         """Keep the first n_keep tokens of sequence 0 in the KV cache, drop the rest."""
         n_keep = integer("n_keep", n_keep, 0, INT32[1])
@@ -310,12 +327,13 @@ class Context(NativeObject):
                 f"all tokens of a decode at once: {n} tokens do not fit its n_ubatch of {self._max_decode}; create "
                 "the Context with n_ubatch and n_batch of at least the longest input")
         n_batch = len(self._token_buf)
-        self._abort_flag[0] = 0
+        self._start_decode()
         base = len(self.tokens)
         try:
             for start in range(0, n, n_batch):
                 chunk = tokens[start:start + n_batch]
                 self._token_buf[0:len(chunk)] = chunk
+                self._n_outputs = 0
                 rc = C.llama_decode(ptr, C.llama_batch_get_one(self._token_buf, len(chunk)))
                 if rc == 2 or rc < -1:
                     # Aborted or failed part way: llama.cpp keeps the micro-batches it finished. Re-read
@@ -324,6 +342,8 @@ class Context(NativeObject):
                     self.tokens.extend(chunk[:max(0, kept - len(self.tokens))])
                 check(rc, "llama_decode")
                 self.tokens.extend(chunk)
+                # Rows of output this decode left: every token's in embedding mode, else the last one's.
+                self._n_outputs = len(chunk) if self._outputs_all else 1
         except KeyboardInterrupt:
             self._resync(tokens, base)
             raise
@@ -334,8 +354,8 @@ class Context(NativeObject):
         self._decode_one(token)
 
     def _decode_one(self, token: int) -> None:
-        """decode_one for a caller that already holds `_in_use` (the generation loop, which holds it for the
-        whole generation): no lock per token, and the one-token batch is built once."""
+        """decode_one for a caller already inside a use of the context (the generation loop, one use per step,
+        see context_lock.GenerationHold): no lock per token, and the one-token batch is built once."""
         ptr = self._ptr  # raises ClosedError on a closed context
         tokens = self.tokens
         base = len(tokens)
@@ -348,9 +368,11 @@ class Context(NativeObject):
             raise InvalidParameterError(f"token id {token!r} is outside the vocabulary (0 .. "
                                         f"{self.model.n_vocab - 1})") from None
         try:
+            self._n_outputs = 0
             rc = C.llama_decode(ptr, self._one_token_batch)
             if rc:
                 check(rc, "llama_decode")
+            self._n_outputs = 1
             tokens.append(token)
         except KeyboardInterrupt:
             self._resync([token], base)
@@ -400,47 +422,91 @@ class Context(NativeObject):
             batch.seq_id[i][0] = 0
             batch.logits[i] = 1
         batch.n_tokens = n
-        self._abort_flag[0] = 0
+        self._start_decode()
+        self._n_outputs = 0
         rc = C.llama_decode(ptr, batch)
         if rc != 0:
             # Aborted or failed: drop whatever part of the batch reached the cache, so `tokens` stays true.
             C.llama_memory_seq_rm(C.llama_get_memory(ptr), 0, pos0, -1)
         check(rc, "llama_decode")
+        self._n_outputs = n
         self.tokens.extend(tokens)
         n_vocab = self.model.n_vocab
         # Rows come back in batch order (llama_get_logits undoes any reordering of the outputs).
         return np.frombuffer(ffi.buffer(C.llama_get_logits(ptr), n * n_vocab * 4), dtype=np.float32
                              ).reshape(n, n_vocab).copy()
 
+    @exclusive
     def synchronize(self) -> None:
         """Wait until the device has finished the decodes handed to it (GPU decoding is asynchronous: a
         decode call can return before the work is done; reading logits or sampling waits implicitly)."""
         C.llama_synchronize(self._ptr)
 
-    def logits(self, index: int = -1, *, copy: bool = True) -> np.ndarray:
-        """A copy of the logits of the last decoded token (index -1), as float32[n_vocab].
+    def _start_decode(self) -> None:
+        """Clear an abort left from before this decode, unless close() has begun (it raised the flag to stop a
+        decode in flight: this one must not run to its end while close() waits for it)."""
+        self._abort_flag[0] = 0
+        if self._lifetime.closing:
+            from .errors import ClosedError
 
-        copy=False returns a writable view of llama.cpp's own buffer instead, valid until the next decode:
-        changing it changes what a sampler draws from (how logits processors work)."""
+            raise ClosedError(self._closed_message)
+
+    @exclusive
+    def logits(self, index: int = -1, *, copy: bool = True) -> np.ndarray:
+        """The logits of the last decoded token (index -1; i for output i of the last decode), as a
+        float32[n_vocab] copy. Always a copy: llama.cpp reallocates its output buffer when a decode needs more
+        rows and frees it with the context, so a view kept by the caller would read freed memory. To change
+        what a sampler draws from (a logits processor), edit the copy and hand it to `set_logits`."""
+        if copy is not True:
+            raise InvalidParameterError("logits(copy=False) is gone: a view of llama.cpp's buffer outlived it (the "
+                                        "next decode may reallocate it, close() frees it); use logits(), and "
+                                        "set_logits(values) to change what the sampler draws from")
+        return np.frombuffer(ffi.buffer(self._logits_row(index), self.model.n_vocab * 4), dtype=np.float32).copy()
+
+    @exclusive
+    def set_logits(self, values, index: int = -1) -> None:
+        """Replace the logits of output `index` of the last decode (what the next `Sampler.sample` draws from)
+        with `values` (n_vocab numbers, or one number for all)."""
+        n_vocab = self.model.n_vocab
+        try:
+            array = np.ascontiguousarray(np.broadcast_to(np.asarray(values, dtype=np.float32), (n_vocab,)))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameterError(f"logits must be {n_vocab} numbers (one per token of the vocabulary), "
+                                        f"not {type(values).__name__} of shape {np.shape(values)}: {exc}") from None
+        ffi.memmove(self._logits_row(index), ffi.from_buffer(array), n_vocab * 4)
+
+    def _logits_row(self, index: int):
         ptr = C.llama_get_logits_ith(self._ptr, integer("index", index, *INT32))
         if ptr == ffi.NULL:
             raise InvalidParameterError(f"no logits for output {index}: decode tokens first")
-        view = np.frombuffer(ffi.buffer(ptr, self.model.n_vocab * 4), dtype=np.float32)
-        return view.copy() if copy else view
+        return ptr
 
+    @exclusive
     def embeddings(self, n_tokens: int = 1) -> np.ndarray:
         """Embeddings computed by the last decode of a context created with extra_params={"embeddings": True}:
         the pooled vector of sequence 0 (float32[n_embd]) when the context pools, else one row for each of
-        the last `n_tokens` tokens of that decode (float32[n_tokens, n_embd])."""
+        the last `n_tokens` tokens of that decode (float32[n_tokens, n_embd]), at most the tokens that decode
+        computed (a decode() longer than n_batch leaves its last n_batch). Always a copy."""
         ptr = self._ptr
-        n_embd = self.model.n_embd
+        n_embd = C.llama_model_n_embd_out(self.model._ptr)  # the width of llama.cpp's output rows
         pooled = C.llama_pooling_type(ptr) != C.LLAMA_POOLING_TYPE_NONE
-        data = C.llama_get_embeddings_seq(ptr, 0) if pooled else C.llama_get_embeddings(ptr)
+        if pooled:
+            data = C.llama_get_embeddings_seq(ptr, 0)
+            rows = 1
+        else:
+            data = C.llama_get_embeddings(ptr)
+            rows = integer("n_tokens", n_tokens, 1, INT32[1])
+            if data != ffi.NULL and rows > self._n_outputs:
+                raise InvalidParameterError(
+                    f"n_tokens={rows}, but the last decode left embeddings for {self._n_outputs} token(s): ask for "
+                    "at most that many (decode() keeps its last n_batch tokens' rows; decode the text first)")
         if data == ffi.NULL:
             raise InvalidParameterError("no embeddings: create the Context with extra_params={'embeddings': True} "
                                         "and decode tokens first")
-        rows = 1 if pooled else n_tokens
-        values = np.frombuffer(ffi.buffer(data, rows * n_embd * 4), dtype=np.float32).reshape(rows, n_embd).copy()
+        # llama.cpp keeps the rows in batch order: the last n_tokens rows are the decode's last tokens.
+        first_row = 0 if pooled else self._n_outputs - rows
+        values = np.frombuffer(ffi.buffer(data + first_row * n_embd, rows * n_embd * 4), dtype=np.float32)
+        values = values.reshape(rows, n_embd).copy()
         return values[0] if pooled else values
 
     def abort(self) -> None:
@@ -448,13 +514,19 @@ class Context(NativeObject):
         there). Thread-safe."""
         self._abort_flag[0] = 1
 
+    def _interrupt_calls(self) -> None:
+        # close() from another thread: stop a decode in flight at its next graph node rather than wait for it
+        _raise_flag(self._abort_flag)
+
     def perf(self) -> dict[str, float]:
         """llama.cpp's own timings for this context: prompt/generation milliseconds and token counts."""
-        data = C.llama_perf_context(self._ptr)
+        with self._lifetime:
+            data = C.llama_perf_context(self._ptr)
         return {"prompt_ms": data.t_p_eval_ms, "prompt_tokens": data.n_p_eval,
                 "eval_ms": data.t_eval_ms, "eval_tokens": data.n_eval}
 
     # ---- saving and restoring ----
+    @exclusive
     def save_state(self) -> bytes:
         """The whole state (KV cache and last outputs; samplers are separate) as bytes, for `load_state` on a
         context of the same model and size. `tokens` says which tokens it holds."""
@@ -464,9 +536,11 @@ class Context(NativeObject):
         n = C.llama_state_get_data(ptr, buf, size)
         return ffi.buffer(buf, n)[:]
 
+    @exclusive
     def load_state(self, data: bytes, tokens: Sequence[int]) -> None:
         """Restore a state from `save_state`; `tokens` are the tokens it holds (they become `self.tokens`)."""
         buf = ffi.from_buffer("uint8_t[]", data)
+        self._n_outputs = 0  # a restored state's outputs are not known here: decode before reading embeddings
         if C.llama_state_set_data(self._ptr, buf, len(data)) != len(data):
             self.clear()  # a partial restore leaves the cache in no known state
             raise InvalidParameterError("this state does not fit this context (saved from another model or another "

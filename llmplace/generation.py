@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from .context import BUSY_MESSAGE, Context
-from .errors import BusyError, ContextOverflowError, InvalidParameterError, unknown_keyword_error
+from .context import Context
+from .context_lock import GenerationHold
+from .errors import ContextOverflowError, InvalidParameterError, unknown_keyword_error
 from .model import Model
 from .sampling import Sampler, SamplingParams
 
@@ -160,7 +161,10 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
     incompatible draft raises IncompatibleDraftError; repetition penalties and typical_p are refused.
     The last step's `speculative` field holds the counts (drafted, accepted, acceptance_rate).
 
-    Arguments are checked when this is called, not at the first step: a bad value raises here.
+    Arguments are checked when this is called, not at the first step: a bad value raises here, and so does
+    BusyError when `context` is in use (by another thread, or by another generation not yet finished).
+    close() of the context (or its model) from another thread stops the generation: its next step raises
+    ClosedError (a decode in flight is aborted first).
     """
     return _setup(model, prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, context=context,
                   add_special=add_special, draft=draft, depth=depth, lookup=lookup, adaptive_depth=adaptive_depth,
@@ -173,12 +177,14 @@ _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 def _setup(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
            stop: str | Sequence[str] = (), sampling: SamplingParams | None = None, context: Context | None = None,
            add_special: bool = True, draft=None, depth: int = 5, lookup: bool = False, adaptive_depth: bool = True,
-           **sampling_kwargs) -> _Run:
-    """stream_generate's checks and resources (sampler, drafter, a context when none is given), as a _Run."""
+           hold: GenerationHold | None = None, **sampling_kwargs) -> _Run:
+    """stream_generate's checks and resources (sampler, drafter, a context when none is given, the hold on the
+    context), as a _Run. hold: a GenerationHold the caller took on `context` (Chat, Llama: they hold the
+    context across their own clean-up and release it themselves)."""
     unknown = set(sampling_kwargs) - _SAMPLING_NAMES
     if unknown:
         # otherwise SamplingParams(**...) raises a TypeError naming that internal class, not the typo's fix
-        own = set(inspect.signature(_setup).parameters) - {"model", "prompt", "sampling_kwargs"}
+        own = set(inspect.signature(_setup).parameters) - {"model", "prompt", "sampling_kwargs", "hold"}
         raise unknown_keyword_error("generate/stream_generate", unknown, own | _SAMPLING_NAMES)
     if sampling is not None and sampling_kwargs:
         raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, not both")
@@ -210,7 +216,10 @@ def _setup(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int
             f"the prompt has {len(tokens)} tokens but the context holds {held} (and generation needs at least one "
             "more); shorten the prompt, or use a larger n_ctx (load(..., n_ctx=N) or a Context of your own)")
     sampler = drafter = None
+    release = hold is None  # a hold taken here is released when the steps end
     try:
+        if hold is None:
+            hold = GenerationHold(context)  # BusyError now, before anything changes, if the context is in use
         sampler = Sampler(model.n_vocab, params)
         if speculate:
             # Loads and checks the draft now, before any decoding: an incompatible pair raises here.
@@ -219,14 +228,17 @@ def _setup(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int
     except BaseException:
         if sampler is not None:
             sampler.close()
+        if release and hold is not None:
+            hold.release()
         if own_context:
             context.close()
         raise
     if drafter is None or max_tokens == 0:  # plain generation (a drafter made for nothing is freed all the same)
-        return _Run(model, context, own_context, sampler, params, tokens, max_tokens, stops, drafter)
+        return _Run(model, context, own_context, sampler, params, tokens, max_tokens, stops, drafter,
+                    hold=hold, release=release)
     return _Run(model, context, own_context, sampler, params, tokens, max_tokens, stops, drafter,
                 lambda: speculative.speculative_steps(model, context, params, tokens, max_tokens, stops, drafter,
-                                                      depth, bool(adaptive_depth), rng))
+                                                      depth, bool(adaptive_depth), rng), hold=hold, release=release)
 
 
 class _Run:
@@ -235,14 +247,16 @@ class _Run:
     and the llama-cpp-python layer read: no per-token object or timing)."""
 
     def __init__(self, model: Model, context: Context, own_context: bool, sampler: Sampler, params: SamplingParams,
-                 tokens: list[int], max_tokens: int, stops: list[str], drafter=None, speculative_steps=None) -> None:
+                 tokens: list[int], max_tokens: int, stops: list[str], drafter=None, speculative_steps=None, *,
+                 hold: GenerationHold, release: bool = True) -> None:
         self.model, self.context, self.own_context, self.sampler, self.params = model, context, own_context, sampler, params
         self.tokens, self.max_tokens, self.stops = tokens, max_tokens, stops
         self.drafter, self.speculative_steps = drafter, speculative_steps
+        self.hold, self.release = hold, release
 
     def _own(self, steps):
-        return _owning(steps, self.sampler, self.context if self.own_context else None, self.drafter,
-                       hold=self.context)
+        return _owning(self.hold.steps(steps, self.release), self.sampler,
+                       self.context if self.own_context else None, self.drafter)
 
     def steps(self) -> Iterator[GenerationStep]:
         if self.speculative_steps is not None:
@@ -260,21 +274,13 @@ class _Run:
 
 
 def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None,
-            drafter=None, hold: Context | None = None) -> Iterator[GenerationStep]:
-    """Yield the steps, holding `hold` (the context generated on) so that no other thread decodes on it
-    meanwhile (BusyError), then free the sampler, a drafter (and a context made for this call), however
-    iteration ends."""
-    held = hold is not None and hold._in_use.acquire(blocking=False)
+            drafter=None) -> Iterator[GenerationStep]:
+    """Yield the steps (run under the context's GenerationHold, see _Run._own), then free the sampler, a
+    drafter (and a context made for this call), however iteration ends, in whichever thread."""
     try:
-        if hold is not None and not held:
-            raise BusyError(BUSY_MESSAGE)
         yield from steps
     finally:
-        if held:
-            try:
-                hold._in_use.release()
-            except RuntimeError:  # finalized by the garbage collector in another thread: nothing to release
-                pass
+        steps.close()  # gives the context back (when this call took it) before a context of its own is closed
         sampler.close()
         if drafter is not None:
             drafter.close()
@@ -303,7 +309,8 @@ def _token_steps(model: Model, context: Context, sampler: Sampler, params: Sampl
     them, or with as_steps=True a GenerationStep. `stats` receives [start, prompt_done, prompt_cached,
     prompt_tps] before the first token.
 
-    The caller holds `context._in_use`. Per token: one sampler call, one cached vocabulary look-up, one decode.
+    Runs under a GenerationHold on the context (one use of it per step). Per token: one sampler call, one
+    cached vocabulary look-up, one decode.
     A piece that is whole UTF-8 while no character is pending skips the incremental decoder (whose result
     would be the same); with no stop strings the matcher is skipped."""
     n_ctx = context.n_ctx

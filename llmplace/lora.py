@@ -42,14 +42,17 @@ class LoRA:
         if info.arch != model.arch:
             raise InvalidParameterError(f"{self.path.name} is a LoRA for {info.arch!r} models, and this model is "
                                         f"{model.arch!r}: use the adapter made for this base model")
-        with logs.capture() as messages:
+        # Inside a use of the model: Model.close() in another thread waits for the adapter to be listed in
+        # model._adapters (and forgets it) instead of freeing the model under the load.
+        with model._lifetime, logs.capture() as messages:
             handle = C.llama_adapter_lora_init(model._ptr, str(self.path).encode())
+            if handle != ffi.NULL:
+                self._handle = handle
+                self.model = model
+                model._adapters.append(self)
         if handle == ffi.NULL:
             reason = "; ".join(m for m in messages if m) or "no reason given"
             raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {self.path}: {reason}")
-        self._handle = handle
-        self.model = model
-        model._adapters.append(self)
 
     @property
     def _ptr(self):

@@ -200,13 +200,25 @@ class Model(NativeObject):
         self.vocab = Vocab(self)
 
     def close(self) -> None:
-        """Free the model, and first every context still open on it. Safe to call twice."""
+        """Free the model, and first every context still open on it (each once the call in flight on it, in
+        another thread, has returned: a generation there stops with ClosedError). Safe to call twice."""
         if not self.closed:
             for context in list(self._contexts):
-                context.close()
-            for adapter in self._adapters:
-                adapter._forget()
+                # before anything is closed: a callback of a generation on one of them cannot close the model
+                context._lifetime.refuse_inside("this Model (one of its Contexts is running the caller)")
         super().close()
+
+    def _close_dependents(self) -> None:
+        # No context can be created any more (that is a use of the model): close those there are.
+        for context in list(self._contexts):
+            context.close()
+        for adapter in self._adapters:
+            adapter._forget()
+
+    def _call(self, function, *args):
+        """function(model pointer, *args) inside a use of the model (close() in another thread waits for it)."""
+        with self._lifetime:
+            return function(self._ptr, *args)
 
     def load_lora(self, path: str | os.PathLike) -> LoRA:
         """Load a LoRA adapter (GGUF) for this model; apply it with Context(model, lora={adapter: scale}) or
@@ -228,36 +240,36 @@ class Model(NativeObject):
     @property
     def description(self) -> str:
         """llama.cpp's one-line description, e.g. 'llama 135M Q4_1'."""
-        return read_c_string_into_buffer(lambda buf, n: C.llama_model_desc(self._ptr, buf, n))
+        return read_c_string_into_buffer(lambda buf, n: self._call(C.llama_model_desc, buf, n))
 
     @property
     def n_params(self) -> int:
-        return int(C.llama_model_n_params(self._ptr))
+        return int(self._call(C.llama_model_n_params))
 
     @property
     def size(self) -> int:
         """Bytes of all weights."""
-        return int(C.llama_model_size(self._ptr))
+        return int(self._call(C.llama_model_size))
 
     @property
     def n_layer(self) -> int:
-        return C.llama_model_n_layer(self._ptr)
+        return self._call(C.llama_model_n_layer)
 
     @property
     def n_embd(self) -> int:
-        return C.llama_model_n_embd(self._ptr)
+        return self._call(C.llama_model_n_embd)
 
     @property
     def n_head(self) -> int:
-        return C.llama_model_n_head(self._ptr)
+        return self._call(C.llama_model_n_head)
 
     @property
     def n_head_kv(self) -> int:
-        return C.llama_model_n_head_kv(self._ptr)
+        return self._call(C.llama_model_n_head_kv)
 
     @property
     def n_ctx_train(self) -> int:
-        return C.llama_model_n_ctx_train(self._ptr)
+        return self._call(C.llama_model_n_ctx_train)
 
     @property
     def n_vocab(self) -> int:
@@ -266,18 +278,20 @@ class Model(NativeObject):
     @property
     def chat_template(self) -> str | None:
         """The chat template shipped in the GGUF (Jinja source), or None."""
-        value = C.llama_model_chat_template(self._ptr, ffi.NULL)
-        return None if value == ffi.NULL else c_string(value)
+        with self._lifetime:
+            value = C.llama_model_chat_template(self._ptr, ffi.NULL)
+            return None if value == ffi.NULL else c_string(value)
 
     @property
     def metadata(self) -> dict[str, str]:
         """Every GGUF key/value as llama.cpp read it (long arrays are abbreviated by llama.cpp)."""
-        ptr = self._ptr
         result = {}
-        for i in range(C.llama_model_meta_count(ptr)):
-            key = read_c_string_into_buffer(lambda buf, n: C.llama_model_meta_key_by_index(ptr, i, buf, n))
-            result[key] = read_c_string_into_buffer(
-                lambda buf, n: C.llama_model_meta_val_str_by_index(ptr, i, buf, n), 1024)
+        with self._lifetime:
+            ptr = self._ptr
+            for i in range(C.llama_model_meta_count(ptr)):
+                key = read_c_string_into_buffer(lambda buf, n: C.llama_model_meta_key_by_index(ptr, i, buf, n))
+                result[key] = read_c_string_into_buffer(
+                    lambda buf, n: C.llama_model_meta_val_str_by_index(ptr, i, buf, n), 1024)
         return result
 
     # ---- placement ----

@@ -30,7 +30,8 @@ class SamplingParams:
     top_k: keep the k most likely tokens (0 = off). top_p: nucleus, keep the most likely tokens whose
     probabilities add up to p (1 = off). min_p: drop tokens below p × the top probability (0 = off).
     typical_p: locally typical sampling (1 = off). repeat_penalty / frequency_penalty / presence_penalty
-    apply to the last `penalty_last_n` tokens (-1 = the whole context, 0 = none). seed: None = random. logit_bias: {token id: added logit}.
+    apply to the last `penalty_last_n` tokens (-1 = the whole context, 0 = none). seed: None = random.
+    logit_bias: {token id: added logit}.
     mirostat: 1 or 2 samples for a target surprise `mirostat_tau` with learning rate `mirostat_eta` instead of
     top-k/top-p/min-p/typical (0 = off); temperature=0 stays greedy.
     """
@@ -156,14 +157,18 @@ class Sampler(NativeObject):
             raise ClosedError(self._closed_message)
         self._build(context.n_ctx)
         for token in self._early_accepts:
-            C.llama_sampler_accept(self._ptr, token)
+            with self._lifetime:
+                C.llama_sampler_accept(self._ptr, token)
         self._early_accepts.clear()
 
     def sample(self, context, index: int = -1) -> int:
         """Draw the next token from the logits of output `index` of `context` (and record it for penalties)."""
         if not self._built:
             self._ensure_built(context)
-        return C.llama_sampler_sample(self._ptr, context._ptr, index)
+        # Inside uses of both: close() of either, in another thread, waits for the draw instead of freeing
+        # memory under it (and a closed one raises ClosedError here).
+        with self._lifetime, context._lifetime:
+            return C.llama_sampler_sample(self._ptr, context._ptr, index)
 
     def accept(self, token: int) -> None:
         """Record a token the sampler did not draw (e.g. the prompt), for repetition penalties."""
@@ -171,13 +176,15 @@ class Sampler(NativeObject):
         if not self._built:
             self._early_accepts.append(token)
             return
-        C.llama_sampler_accept(self._ptr, token)
+        with self._lifetime:
+            C.llama_sampler_accept(self._ptr, token)
 
     def reset(self) -> None:
         if not self._built:
             self._early_accepts.clear()
             return
-        C.llama_sampler_reset(self._ptr)
+        with self._lifetime:
+            C.llama_sampler_reset(self._ptr)
 
     def close(self) -> None:
         self._released = True

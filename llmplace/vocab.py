@@ -43,15 +43,24 @@ class Vocab:
         # token → (is_eog, piece, piece as text or None when it is not whole UTF-8 by itself): what generation
         # needs per token in one dictionary look-up (see `generation_entry`).
         self._entries: dict[int, tuple[bool, bytes, str | None]] = {}
-        self._buf = ffi.new("char[]", 256)
+        self._n_tokens: int | None = None
 
     @property
     def _ptr(self):
         return C.llama_model_get_vocab(self._model._ptr)
 
+    def _call(self, function, *args):
+        """function(vocab pointer, *args) inside a use of the model: Model.close() in another thread waits
+        for it instead of freeing the vocabulary under it."""
+        with self._model._lifetime:
+            return function(C.llama_model_get_vocab(self._model._ptr), *args)
+
     @property
     def n_tokens(self) -> int:
-        return C.llama_vocab_n_tokens(self._ptr)
+        n = self._n_tokens
+        if n is None:
+            n = self._n_tokens = self._call(C.llama_vocab_n_tokens)  # fixed for the model's life
+        return n
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -62,34 +71,34 @@ class Vocab:
 
     @property
     def bos(self) -> int | None:
-        return self._special(C.llama_vocab_bos(self._ptr))
+        return self._special(self._call(C.llama_vocab_bos))
 
     @property
     def eos(self) -> int | None:
-        return self._special(C.llama_vocab_eos(self._ptr))
+        return self._special(self._call(C.llama_vocab_eos))
 
     @property
     def eot(self) -> int | None:
-        return self._special(C.llama_vocab_eot(self._ptr))
+        return self._special(self._call(C.llama_vocab_eot))
 
     @property
     def nl(self) -> int | None:
-        return self._special(C.llama_vocab_nl(self._ptr))
+        return self._special(self._call(C.llama_vocab_nl))
 
     @property
     def pad(self) -> int | None:
-        return self._special(C.llama_vocab_pad(self._ptr))
+        return self._special(self._call(C.llama_vocab_pad))
 
     @property
     def add_bos(self) -> bool:
-        return bool(C.llama_vocab_get_add_bos(self._ptr))
+        return bool(self._call(C.llama_vocab_get_add_bos))
 
     def is_eog(self, token: int) -> bool:
         """Does this token end generation (EOS, EOT, or another end-of-generation token)?"""
         eog = self._eog.get(token)
         if eog is None:
             self._check_token(token)  # llama.cpp indexes its token table unchecked (SIGSEGV far outside)
-            eog = self._eog[token] = bool(C.llama_vocab_is_eog(self._ptr, token))
+            eog = self._eog[token] = bool(self._call(C.llama_vocab_is_eog, token))
         return eog
 
     def generation_entry(self, token: int) -> tuple[bool, bytes, str | None]:
@@ -108,12 +117,13 @@ class Vocab:
 
     def is_control(self, token: int) -> bool:
         self._check_token(token)
-        return bool(C.llama_vocab_is_control(self._ptr, token))
+        return bool(self._call(C.llama_vocab_is_control, token))
 
     def token_text(self, token: int) -> str:
         """The token's entry in the vocabulary, as stored (e.g. 'Ġhello' for byte-level BPE)."""
         self._check_token(token)
-        return ffi.string(C.llama_vocab_get_text(self._ptr, token)).decode("utf-8", errors="replace")
+        with self._model._lifetime:
+            return ffi.string(C.llama_vocab_get_text(self._ptr, token)).decode("utf-8", errors="replace")
 
     # ---- conversion ----
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -122,13 +132,13 @@ class Vocab:
         data = encode_utf8(text)
         n_max = len(data) + 8
         tokens = ffi.new("llama_token[]", n_max)
-        n = C.llama_tokenize(self._ptr, data, len(data), tokens, n_max, add_special, parse_special)
+        n = self._call(C.llama_tokenize, data, len(data), tokens, n_max, add_special, parse_special)
         if n < 0:
             if n == -(2**31):
                 raise TokenizationError("the text is too long to tokenize (more than 2^31 tokens)")
             n_max = -n
             tokens = ffi.new("llama_token[]", n_max)
-            n = C.llama_tokenize(self._ptr, data, len(data), tokens, n_max, add_special, parse_special)
+            n = self._call(C.llama_tokenize, data, len(data), tokens, n_max, add_special, parse_special)
             if n < 0:
                 raise TokenizationError("llama_tokenize failed twice with a buffer of the size it asked for")
         return list(tokens[0:n])
@@ -141,11 +151,13 @@ class Vocab:
             if cached is not None:
                 return cached
         self._check_token(token)
-        n = C.llama_token_to_piece(self._ptr, token, self._buf, len(self._buf), 0, special)
+        # A buffer of this call's own: the vocabulary is shared by the threads generating on its model.
+        buf = ffi.new("char[]", 64)
+        n = self._call(C.llama_token_to_piece, token, buf, len(buf), 0, special)
         if n < 0:
-            self._buf = ffi.new("char[]", -n)
-            n = C.llama_token_to_piece(self._ptr, token, self._buf, len(self._buf), 0, special)
-        data = ffi.unpack(self._buf, n)
+            buf = ffi.new("char[]", -n)
+            n = self._call(C.llama_token_to_piece, token, buf, len(buf), 0, special)
+        data = ffi.unpack(buf, n)
         if not special:
             self._pieces[token] = data
         return data

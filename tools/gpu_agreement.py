@@ -31,7 +31,7 @@ def teacher_forced(model, prompt: str, reference: list[int], **ctx_kwargs) -> in
     with llmplace.Context(model, n_ctx=1024, **ctx_kwargs) as ctx:
         ctx.decode(model.tokenize(prompt))
         for token in reference:
-            agree += int(ctx.logits(copy=False).argmax()) == token
+            agree += int(ctx.logits().argmax()) == token
             ctx.decode([token])
     return agree
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .._ffi import C
+from ..context_lock import GenerationHold
 from ..errors import ContextOverflowError, InvalidParameterError
 from ..generation import _setup, _StopMatcher
 from ..sampling import Sampler, SamplingParams
@@ -156,14 +157,19 @@ class _HookedRun:
         matcher = _StopMatcher(self.stops)
         n_ctx = ctx.n_ctx
         for i in range(self.max_tokens):
-            logits = ctx.logits(copy=False)  # llama.cpp's buffer: what the sampler will draw from
+            # A copy (as llama-cpp-python's scores): a processor may keep what it is given, and a view of
+            # llama.cpp's buffer would outlive it. What the processors and grammar make of it is written back
+            # for the sampler to draw from.
+            logits = ctx.logits()
             raw = logits.copy() if self.keep_rows or self.criteria is not None else logits
             if self.keep_rows:
                 self.rows.append(raw)
-            if self.processors:
-                logits[:] = self.processors(np.asarray(ctx.tokens, dtype=np.intc), logits)
-            if self.grammar is not None:
-                self.grammar.apply(logits)
+            if self.processors or self.grammar is not None:
+                if self.processors:
+                    logits = _processed(self.processors, ctx, logits)
+                if self.grammar is not None:
+                    self.grammar.apply(logits)
+                ctx.set_logits(logits)
             token = sampler.sample(ctx)
             if self.grammar is not None and not vocab.is_eog(token):
                 self.grammar.accept(token)
@@ -188,10 +194,25 @@ class _HookedRun:
             yield _Step(token, text, None)
 
 
+def _processed(processors, ctx, logits: np.ndarray) -> np.ndarray:
+    """The logits processors' result as float32[n_vocab] (they may edit `logits` in place and return it)."""
+    result = processors(np.asarray(ctx.tokens, dtype=np.intc), logits)
+    try:
+        return np.array(np.broadcast_to(np.asarray(result, dtype=np.float32), logits.shape))
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"a logits processor must return {logits.shape[0]} scores (one per token), "
+                                    f"not {type(result).__name__} of shape {np.shape(result)}: {exc}") from None
+
+
 def generate_tokens(llama: Llama, tokens, params: SamplingParams, reset: bool, processors, criteria):
     """Llama.generate: yield sampled token ids without end (the caller stops); a value sent into the generator
-    (a list of token ids) is decoded after the token, as in llama-cpp-python."""
+    (a list of token ids) is decoded after the token, as in llama-cpp-python. Holds the context from the first
+    step to the end (BusyError there when another generation or thread is using it)."""
     ctx = llama._context()
+    yield from GenerationHold(ctx).steps(_token_ids(ctx, llama, tokens, params, reset, processors, criteria))
+
+
+def _token_ids(ctx, llama: Llama, tokens, params: SamplingParams, reset: bool, processors, criteria):
     tokens = [int(t) for t in tokens]
     if reset:
         cached, limit = 0, min(len(ctx.tokens), len(tokens) - 1)
@@ -204,10 +225,10 @@ def generate_tokens(llama: Llama, tokens, params: SamplingParams, reset: bool, p
     sampler = Sampler(llama.n_vocab(), params)
     try:
         while True:
-            logits = ctx.logits(copy=False)
+            logits = ctx.logits()  # a copy: see _HookedRun._steps
             raw = logits.copy() if criteria is not None else logits
             if processors:
-                logits[:] = processors(np.asarray(ctx.tokens, dtype=np.intc), logits)
+                ctx.set_logits(_processed(processors, ctx, logits))
             token = sampler.sample(ctx)
             if criteria is not None and criteria(np.asarray(ctx.tokens, dtype=np.intc), raw):
                 return
@@ -260,6 +281,28 @@ def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_
     if suffix is not None and not isinstance(suffix, str):
         raise InvalidParameterError(f"suffix must be a str or None, not {type(suffix).__name__}")
     ctx = llama._context()
+    # The context is taken first: a second caller (another thread, or a stream of this one not finished) gets
+    # BusyError before anything changes (the seed sequence, the cache, the KV cache under the first call).
+    hold = GenerationHold(ctx)
+    try:
+        return _create(llama, ctx, hold, prompt, suffix=suffix, max_tokens=max_tokens, temperature=temperature,
+                       top_p=top_p, min_p=min_p, typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop,
+                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                       repeat_penalty=repeat_penalty, top_k=top_k, stream=stream, seed=seed,
+                       mirostat_mode=mirostat_mode, model=model, stopping_criteria=stopping_criteria,
+                       logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias,
+                       mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta)
+    except BaseException:
+        hold.release()
+        raise
+
+
+def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_tokens, temperature, top_p, min_p,
+            typical_p, logprobs, echo, stop, frequency_penalty, presence_penalty, repeat_penalty, top_k, stream, seed,
+            mirostat_mode, model, stopping_criteria, logits_processor, grammar, logit_bias, mirostat_tau,
+            mirostat_eta):
+    """create_completion under `hold`: a stream releases it when it ends (or is closed or collected), a whole
+    completion when its dict is made (after the state is saved to the cache)."""
     tokens, text_suffix = build_prompt(llama, prompt, suffix)
     n_ctx = ctx.n_ctx
     if len(tokens) >= n_ctx:
@@ -286,19 +329,22 @@ def create(llama: Llama, prompt, *, suffix, max_tokens, temperature, top_p, min_
         run = _HookedRun(llama, tokens, max_tokens, stops, params, logits_processor or None, stopping_criteria or None,
                          keep_rows=logprobs is not None, prompt_rows=logprobs is not None and echo and not stream,
                          grammar=constraint)
-        steps = iter(run)
+        steps = hold.steps(iter(run), release=False)
     else:
         run = None
         # mirostat's feedback does not fit speculative acceptance: a mirostat request decodes plainly
         speculation = (llama._speculation or {}) if not params.mirostat else {}
         # stream_generate's request, read as (token, text, finish_reason) tuples: no per-token step object.
         steps = _setup(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
-                       **speculation).token_steps()
+                       hold=hold, **speculation).token_steps()
     info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()),
             "model": model if model is not None else llama.model_path}
     if stream:
-        return _chunks(llama, steps, run, info, logprobs, prompt, tokens)
-    return _whole(llama, steps, run, info, tokens, prompt, logprobs, echo, text_suffix)
+        return _chunks(llama, steps, run, info, logprobs, prompt, tokens, hold)
+    try:
+        return _whole(llama, steps, run, info, tokens, prompt, logprobs, echo, text_suffix)
+    finally:
+        hold.release()
 
 
 def _restore_from_cache(llama: Llama, ctx, tokens: list[int]) -> None:
@@ -350,7 +396,16 @@ def _whole(llama, steps, run, info, prompt_tokens, prompt, logprobs, echo, text_
                       "total_tokens": len(prompt_tokens) + len(tokens)}}
 
 
-def _chunks(llama, steps, run, info, logprobs, prompt, prompt_tokens) -> Iterator[dict]:
+def _chunks(llama, steps, run, info, logprobs, prompt, prompt_tokens, hold: GenerationHold) -> Iterator[dict]:
+    """The stream's chunks; the context is given back when it ends, is closed, or is collected unstarted."""
+    try:
+        yield from _chunk_steps(llama, steps, run, info, logprobs, prompt, prompt_tokens)
+    finally:
+        steps.close()
+        hold.release()
+
+
+def _chunk_steps(llama, steps, run, info, logprobs, prompt, prompt_tokens) -> Iterator[dict]:
     cid, created, model = info["id"], info["created"], info["model"]
 
     def chunk(text, chunk_logprobs, finish):

@@ -19,6 +19,7 @@ import numpy as np
 
 from .._ffi import C
 from ..context import KV_TYPES, Context
+from ..context_lock import GenerationHold
 from ..errors import InvalidParameterError, ModelLoadError, unknown_keyword_error
 from ..model import Model, load
 from ..placement import Placement
@@ -266,7 +267,8 @@ class Llama:
 
     # ---- lifetime ----
     def close(self) -> None:
-        """Free the context and the model. Safe to call twice."""
+        """Free the context and the model. Safe to call twice, and from another thread: a call in flight there
+        is stopped (its decode aborted) and waited for, and then raises ClosedError."""
         if self._ctx is not None:
             self._ctx.close()
         if self._model is not None:
@@ -508,6 +510,8 @@ class Llama:
         texts = [input] if isinstance(input, str) else list(input)
         n_batch = self.n_batch
         results, total = [], 0
+        # Held for all the inputs: another thread's call in between would see (or clear) a half-done cache.
+        hold = GenerationHold(ctx)
         try:
             for text in texts:
                 tokens = self.tokenize(text.encode("utf-8"))
@@ -527,7 +531,10 @@ class Llama:
                     values = np.divide(values, norms, out=values, where=norms != 0)
                 results.append(values.tolist())
         finally:
-            ctx.clear()
+            try:
+                ctx.clear()
+            finally:
+                hold.release()
         output = results[0] if isinstance(input, str) else results
         return (output, total) if return_count else output
 

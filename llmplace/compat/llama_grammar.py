@@ -240,7 +240,7 @@ class GrammarConstraint(NativeObject):
         check_grammar_size(text)
         if "\0" in text or "\0" in root:
             raise InvalidParameterError("the grammar holds a NUL character, which would cut it short in llama.cpp")
-        with logs.capture() as native_messages:
+        with model._lifetime, logs.capture() as native_messages:  # Model.close() elsewhere waits for it
             sampler = C.llama_sampler_init_grammar(model.vocab._ptr, text.encode("utf-8"), root.encode("utf-8"))
         if sampler == ffi.NULL:
             reason = "; ".join(m for m in native_messages if m) or "no reason given"
@@ -264,7 +264,8 @@ class GrammarConstraint(NativeObject):
         view["p"] = 0.0
         array = self._array
         array.data, array.size, array.selected, array.sorted = self._data, self._n, -1, False
-        C.llama_sampler_apply(self._ptr, array)
+        with self._lifetime:  # close() in another thread waits for it
+            C.llama_sampler_apply(self._ptr, array)
         if array.size != self._n:  # never seen: the grammar sampler masks, it does not drop candidates
             masked = np.full(self._n, -np.inf, dtype=np.float32)
             kept = view[:array.size]
@@ -274,4 +275,5 @@ class GrammarConstraint(NativeObject):
             logits[view["id"]] = view["logit"]
 
     def accept(self, token: int) -> None:
-        C.llama_sampler_accept(self._ptr, token)
+        with self._lifetime:
+            C.llama_sampler_accept(self._ptr, token)
