@@ -57,7 +57,8 @@ def set_fields(struct, values: Mapping[str, object], allowed: set[str], what: st
         if ctype.kind == "enum":
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) not in ctype.elements:
                 choices = ", ".join(f"{v} ({n})" for v, n in sorted(ctype.elements.items()) if not n.endswith("_COUNT"))
-                raise InvalidParameterError(f"{what}[{name!r}] = {value!r} is not a {ctype.cname}; use one of: {choices}")
+                raise InvalidParameterError(f"{what}[{name!r}] = {value!r} is not a value of {ctype.cname}; use one "
+                                            f"of: {choices}")
             value = int(value)
         elif ctype.cname == "_Bool":
             if not isinstance(value, (bool, numbers.Integral)) or value not in (0, 1):

@@ -8,12 +8,13 @@ recursion and backtracking, with no limit of its own:
   `([a-z._0-9]+)+!`, `.*.*.*.*!`);
 - a NUL byte ends the C string, silently matching with a shorter pattern than the one given.
 
-So a pattern is refused, with PlacementError naming the rule it breaks, when it is longer than
-MAX_PATTERN_CHARS, nests groups deeper than MAX_GROUP_DEPTH, repeats more than MAX_REPEAT times, or when an upper bound of the paths a backtracking matcher can try on a tensor
-name (names are at most 63 bytes) exceeds MAX_MATCH_PATHS. The bound is computed from the pattern's structure
-alone (`_Estimate`), so it is deterministic and costs microseconds; it over-estimates, so a refused pattern
-may run quickly in practice: the message says how to write it more simply (structured selectors: layers=,
-role=, or several rules).
+So a pattern is refused, with PlacementError naming the rule it breaks, when it is longer than MAX_PATTERN_CHARS,
+nests groups deeper than MAX_GROUP_DEPTH, repeats more than MAX_REPEAT times, expands to more than MAX_STATES
+regex states, or when an upper bound of the paths a
+backtracking matcher can try on a tensor name (names are at most 63 bytes) exceeds MAX_MATCH_PATHS. The bound is
+computed from the pattern's structure alone (`_Estimate`), so it is deterministic and costs microseconds; it over-
+estimates, so a refused pattern may run quickly in practice: the message says how to write it more simply
+(structured selectors: layers=, role=, or several rules).
 """
 
 from __future__ import annotations

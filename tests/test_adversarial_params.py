@@ -15,6 +15,7 @@ import math
 import llmplace
 from llmplace import Context
 from llmplace.sampling import Sampler, SamplingParams
+from llmplace.compat import Llama
 
 def run(path, **load_kwargs):
     '''Load, then decode and sample a few tokens: some bad values only fail at the first decode.'''
@@ -125,6 +126,18 @@ def test_context_and_load_values_that_aborted_or_overflowed_are_refused(tiny_lla
         "decode_all_huge_token": "with_model(lambda m: Context(m, n_ctx=64).decode_all([1, 2**40]))",
         "logits_index_huge": "with_model(lambda m: Context(m, n_ctx=64).logits(2**40))",
         "truncate_huge": "with_model(lambda m: Context(m, n_ctx=64).truncate(2**40))",
+        # the llama-cpp-python drop-in passes its keywords through to the same checks
+        "compat_pooling_99": "Llama(LLAMA, pooling_type=99, verbose=False)",
+        "compat_rope_scaling_7": "Llama(LLAMA, rope_scaling_type=7, verbose=False)",
+        "compat_attention_type_9": "Llama(LLAMA, attention_type=9, verbose=False)",
+        "compat_type_k_99": "Llama(LLAMA, type_k=99, verbose=False)",
+        "compat_n_gpu_layers_2_31": "Llama(LLAMA, n_gpu_layers=2**31, verbose=False)",
+        "compat_main_gpu_10_30": "Llama(LLAMA, main_gpu=10**30, verbose=False)",
+        "compat_n_ctx_2_33": "Llama(LLAMA, n_ctx=2**33, verbose=False)",
+        "compat_yarn_orig_ctx_negative": "Llama(LLAMA, yarn_orig_ctx=-1, verbose=False)",
+        "compat_last_n_2_31": "Llama(LLAMA, n_ctx=64, last_n_tokens_size=2**31, verbose=False)"
+                              ".create_completion('hi', max_tokens=2, repeat_penalty=1.1)",
+        "compat_kv_overrides": "Llama(LLAMA, kv_overrides={'llama.block_count': 0}, verbose=False)",
     }
     _run(outcomes(SETUP + f"LLAMA = {str(tiny_llama_path)!r}\n", cases, timeout=180), cases)
 
@@ -148,7 +161,8 @@ def test_every_enum_value_of_extra_params_runs_or_is_refused(tiny_llama_path):
 def test_deep_grammars_and_schemas_are_refused(tiny_llama_path):
     cases = {
         "grammar_parens_100k": "GrammarConstraint(VOCAB_MODEL, 'root ::= ' + '(' * 100000 + '\"a\"' + ')' * 100000)",
-        "grammar_parens_300k_llamagrammar": "LlamaGrammar.from_string('root ::= ' + '(' * 300000 + '\"a\"' + ')' * 300000)",
+        "grammar_parens_300k_llamagrammar": "LlamaGrammar.from_string("
+                                            "'root ::= ' + '(' * 300000 + '\"a\"' + ')' * 300000)",
         "grammar_rule_chain_100k": "GrammarConstraint(VOCAB_MODEL, 'root ::= r0\\n' + ''.join("
                                    "f'r{i} ::= r{i + 1}\\n' for i in range(100000)) + 'r100000 ::= \"a\"\\n')",
         "grammar_nul": "GrammarConstraint(VOCAB_MODEL, 'root ::= \"a\"\\x00junk')",
