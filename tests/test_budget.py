@@ -104,3 +104,35 @@ def test_load_n_ctx_is_the_default_context_size(smollm2_path):
 def test_load_refuses_an_n_ctx_that_is_not_a_size(smollm2_path, n_ctx):
     with pytest.raises(InvalidParameterError, match="n_ctx"):
         llmplace.load(smollm2_path, n_ctx=n_ctx, progress=False)
+
+
+def test_dense_hot_tensors_first_keeps_attention_and_kv_on_the_device(rpc_devices, smollm2_path, empty_cache):
+    from llmplace.gguf_info import read as read_gguf
+    from llmplace.memory import SWITCH_BYTES
+
+    device = rpc_devices[0].name
+    opts = dict(n_ctx=1024, margin=0, devices=[device], runtime=0)
+    budget = int(estimate(smollm2_path, n_ctx=1024, devices=[device])[device].total * 0.85)
+    layers = fit(smollm2_path, budget={device: budget}, dense="layers", **opts)
+    hot = fit(smollm2_path, budget={device: budget}, dense="hot", **opts)
+    assert layers.success and hot.success, (layers.message, hot.message)
+    assert 0 <= layers.n_gpu_layers < 31 and hot.n_gpu_layers == -1 and "hot tensors first" in hot.message
+    assert hot.estimate[device].total <= budget and hot.estimate["host"].kv == 0 < layers.estimate["host"].kv
+    with llmplace.load(smollm2_path, progress=False, devices=[device], **hot.load_kwargs()) as model, \
+            llmplace.Context(model, n_ctx=1024) as ctx:
+        report = model.placement_report()
+        on_host = {t.role for t in report if t.layer is not None and t.buffer_type.startswith("CPU")}
+        assert on_host == {"ffn"}  # attention and norms of every layer stayed on the device
+        assert breakdown(ctx._ptr)[device].buffers == hot.estimate[device].buffers
+        assert llmplace.generate(model, "Hi", max_tokens=2, temperature=0, context=ctx).tokens
+    # "auto" takes the plan the model says reads less host memory per token (switches counted)
+    moved_layers = {a.tensor.layer for a in hot.placement.resolve(read_gguf(smollm2_path).tensors).assignments}
+
+    def cost(plan, switches):
+        return plan.estimate["host"].weights + plan.estimate["host"].kv + switches * SWITCH_BYTES
+
+    auto = fit(smollm2_path, budget={device: budget}, **opts)
+    expected = hot if cost(hot, 2 * len(moved_layers)) < cost(layers, 2) else layers
+    assert auto.n_gpu_layers == expected.n_gpu_layers and auto.to_ot() == expected.to_ot()
+    with pytest.raises(InvalidParameterError, match="dense"):
+        fit(smollm2_path, dense="attention-first", **opts)
