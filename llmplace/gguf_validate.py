@@ -7,7 +7,10 @@ tensor data, and never allocates by a count read from the file: a 16 GB model va
 a damaged one raises `ModelLoadError` naming the byte offset, key or tensor at fault.
 
 The rules are those of the pinned llama.cpp's gguf.cpp, plus a few stricter ones no real model breaks
-(every dimension >= 1, a tensor name that is not empty, data ranges that do not overlap).
+(every dimension >= 1, a tensor name that is not empty, data ranges that do not overlap). Beyond the format, it
+refuses well-formed content that llama.cpp loads and then aborts or crashes on, at the first decode or the first
+tokenization: a weight of a type ggml's kernels cannot compute with in its role, a vocabulary llama.cpp cannot
+tokenize or detokenize, hyperparameters (scalar or per layer) that its graph asserts on.
 """
 
 from __future__ import annotations
@@ -390,6 +393,8 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> list[_
     n_layer = get("block_count", 1)
     if not 1 <= n_layer <= MAX_LAYERS:
         raise bad("block_count", f"is {n_layer}; llama.cpp takes 1 to {MAX_LAYERS} layers")
+    if not isinstance(n_layer, int):
+        return []  # a float: llama.cpp refuses the key's type itself (a failed load)
     if get("nextn_predict_layers") > n_layer:
         raise bad("nextn_predict_layers", f"is {get('nextn_predict_layers')}, more than block_count {n_layer}")
     n_expert, n_used = get("expert_count"), get("expert_used_count")

@@ -140,3 +140,9 @@ def test_rope_must_turn_whole_heads_where_the_graph_asserts_it(templates, tmp_pa
     key = "qwen3moe.rope.dimension_count"
     with pytest.raises(ModelLoadError, match=f"is {n_rot}, but a qwen3moe model's RoPE turns whole heads of 16"):
         validate(_with_kv(templates, tmp_path, "qwen3moe", key, gm.KV(key, gm.U32, n_rot)))
+
+
+def test_a_block_count_of_the_wrong_type_is_left_to_llama_cpp_without_a_python_error(templates, tmp_path):
+    # the per-layer checks need an integer layer count; a float one is refused by llama.cpp's own type check
+    key = "llama.block_count"
+    assert validate(_with_kv(templates, tmp_path, "llama", key, gm.KV(key, gm.F32, 2.0))).n_tensors
