@@ -594,13 +594,27 @@ def _hot_tensors_first(info, n_layer: int, dev, layers_plan: Estimate, measure, 
     m, moved = 0, 0
     while m < n_layer and moved < over[name]:
         moved, m = moved + ffn.get(m, 0), m + 1
-    for count in range(max(1, m), min(n_layer, m + 2) + 1):
+
+    def plan(count: int):
         rules = Placement([Rule(target, role="ffn", layers=range(0, count))])
         planned, planned_over = measure(rules)
-        if not planned_over:
-            break
-    else:
+        return (rules, planned) if not planned_over else None
+
+    # the FFN bytes of m layers would free the excess, but moving weights to the host grows the compute buffer
+    # (op offload copies them back for prompts): find the fewest layers that fit, by bisection up to all of them
+    best = plan(n_layer)
+    if best is None:
         return None
+    low, high = max(1, m), n_layer  # high fits
+    while low < high:
+        middle = (low + high) // 2
+        found = plan(middle)
+        if found is not None:
+            best, high = found, middle
+        else:
+            low = middle + 1
+    rules, planned = best
+    count = high
     cost_layers = layers_plan[HOST].weights + layers_plan[HOST].kv + 2 * SWITCH_BYTES
     cost_hot = planned[HOST].weights + planned[HOST].kv + 2 * count * SWITCH_BYTES
     if cost_hot >= cost_layers and not force:
