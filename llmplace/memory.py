@@ -560,9 +560,9 @@ def _experts_from_the_front(fitted: Placement, info, n_layer: int) -> list[Place
 
 # What one switch between host and device in a token's graph costs, as bytes of host memory read: each switch is
 # a synchronisation and a copy of the activations. On the H200 (host reads ~83 GB/s), the F16 Llama-8B shape at
-# 4 GiB decoded at the same speed (1.01x) with hot tensors first, which had 62 more switches and 272 MiB less on
-# the host (168 MiB of weights, 104 MiB of KV cache): break-even at about 4.4 MiB a switch.
-SWITCH_BYTES = 4 << 20
+# 4 GiB decoded at the same speed (1.01x) with hot tensors first, which had 62 more switches and 165 MiB less on
+# the host (61 MiB of weights, 104 MiB of KV cache): break-even at about 2.7 MiB a switch, counted as 3 MiB.
+SWITCH_BYTES = 3 << 20
 
 
 def _hot_tensors_first(info, n_layer: int, dev, layers_plan: Estimate, measure, *, force: bool = False):
