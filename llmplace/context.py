@@ -123,7 +123,8 @@ class Context(NativeObject):
 
     n_ctx: context length in tokens (0 = the model's trained length; default min(4096, trained)).
     n_batch: most tokens one `decode` call hands to llama.cpp; n_ubatch: tokens computed at once.
-    n_threads / n_threads_batch: threads for generation / prompt processing (default: all cores).
+    n_threads / n_threads_batch: threads for generation / prompt processing (default: default_threads(), one per
+    physical core less the cores the load average says are busy, at least 1).
     flash_attn: "auto", True or False. type_k / type_v: KV-cache types ("f16", "q8_0", ...).
     """
 

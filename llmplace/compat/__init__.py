@@ -57,7 +57,7 @@ What differs (each is warned about or raises a typed error when used):
   other bytes in place of a longer piece. Token ids that are not ints raise TokenizationError.
 - `LlamaPromptLookupDecoding(...)(input_ids)` proposes what llama-cpp-python's does; as a draft_model it runs
   llmplace's own prompt-lookup drafter.
-- n_threads=None means all available cores (llama-cpp-python: half of them); verbose=True does not print
+- n_threads=None means llmplace.context.default_threads() (llama-cpp-python: half the cores); verbose=True does not print
   llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
 - `Llama.from_pretrained(repo_id, filename_glob)` needs huggingface_hub (not a dependency of llmplace).
 - `install()` makes `import llama_cpp` in this process give this layer (for third-party code that imports
