@@ -4,9 +4,9 @@ Byte flips (tests/test_gguf_fuzz.py) mostly break the file's framing, which the 
 mutations here keep the file well-formed and change one field's meaning at a time, as a careless converter or a
 hostile file would: a tensor retyped to another ggml type (its data resized to match), a tensor reshaped,
 dropped or duplicated, a key/value given another type, length or value (zeros, negatives, huge numbers, NaN, a
-per-layer array), the tokenizer model swapped, a token holding a NUL byte or repeating another. Files are
-written with the `gguf` package; the two things it refuses to write (a tensor name twice, a ggml type it does
-not know) are patched into the written bytes afterwards.
+per-layer array), the architecture or the tokenizer model swapped, a token holding a NUL byte or repeating
+another. Files are written with the `gguf` package; the two things it refuses to write (a tensor name twice, a
+ggml type it does not know) are patched into the written bytes afterwards.
 
 Each mutation is loaded, tokenized, decoded for one token and detokenized in a worker process; a worker reports
 every case before it starts it, so a crash or a hang is pinned on the exact case that caused it (which is then
@@ -255,6 +255,37 @@ def _scalar_variants(kv: KV, n_layer: int) -> list[KV]:
     return out
 
 
+def _rename_arch(arch: str, kvs: list, tensors: list) -> None:
+    """general.architecture set to `arch`, and every key of the old architecture's namespace moved to the new
+    one, as a converter that picked the wrong architecture would write the file."""
+    old = next(kv.value.decode() for kv in kvs if kv.key == "general.architecture") + "."
+    for i, kv in enumerate(kvs):
+        if kv.key == "general.architecture":
+            kvs[i] = KV(kv.key, STR, arch.encode())
+        elif kv.key.startswith(old):
+            kvs[i] = dataclasses.replace(kv, key=arch + "." + kv.key[len(old):])
+
+
+# Other architectures a file can claim to be (llama.cpp's names), chosen across families: dense, MoE, with
+# biases, sliding-window, recurrent, encoder-only, encoder-decoder.
+_OTHER_ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "qwen2moe", "mistral3", "granite", "olmo", "olmoe",
+                "smollm3", "gemma", "gemma2", "gemma3", "phi3", "starcoder2", "mamba", "rwkv6", "bert", "t5", "deci",
+                "falcon", "gpt2", "stablelm", "command-r", "exaone", "internlm2", "minicpm", "dbrx", "deepseek2",
+                "jamba", "nemotron_h", "lfm2", "unknown-arch")
+
+
+def _arch_mutations(template: Template) -> list[Mutation]:
+    out = []
+    for arch in _OTHER_ARCHS:
+        if arch != template.arch:
+            out.append(Mutation("arch", f"architecture {template.arch} -> {arch}, keys renamed",
+                                partial(_rename_arch, arch)))
+            new = KV("general.architecture", STR, arch.encode())
+            out.append(Mutation("arch", f"architecture {template.arch} -> {arch}, keys kept",
+                                partial(_set_kv, new.key, new)))
+    return out
+
+
 def _array_mutations(kv: KV) -> list[Mutation]:
     key = kv.key
     out = [Mutation("kv", f"{key}: array made {how}", partial(_reshape_array, key, how, None))
@@ -357,7 +388,7 @@ def _token_mutations(template: Template, seed: int) -> list[Mutation]:
 def all_mutations(template: Template, seed: int = 0) -> list[Mutation]:
     """Every mutation of `template` (deterministic for a seed), the clean file first."""
     return [Mutation("clean", "unchanged"), *_tensor_mutations(template), *_kv_mutations(template),
-            *_token_mutations(template, seed)]
+            *_arch_mutations(template), *_token_mutations(template, seed)]
 
 
 def sample(mutations: list[Mutation], count: int, seed: int) -> list[Mutation]:
