@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 
-from isolation import PRELUDE, Outcome
+from isolation import OUTSIDE_CHECKOUT, PRELUDE, Outcome
 
 _RUNNER = """
 def _case(name, fn):
@@ -43,7 +43,7 @@ def outcomes(setup: str, cases: dict[str, str], *, timeout: float = 120.0,
             f"_case({name!r}, lambda: ({cases[name]}))" for name in pending)
         try:
             done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
-                                  timeout=timeout, env=full_env)
+                                  timeout=timeout, env=full_env, cwd=OUTSIDE_CHECKOUT)
             stdout, stderr, failure = done.stdout, done.stderr, ("crash" if done.returncode else None)
             returncode = done.returncode
         except subprocess.TimeoutExpired as exc:

@@ -580,7 +580,8 @@ def _drive(templates, share, folder, case_timeout, results, lock) -> None:
             pickle.dump(({m: templates[m] for _, m, _ in pending}, pending, folder), f)
         proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {tests_dir!r}); "
                                  f"import gguf_mutations; gguf_mutations._worker({str(job)!r})"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=tempfile.gettempdir())  # the checkout's llmplace/ would hide the installed one
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
         stderr_tail: list[str] = []

@@ -11,8 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
+
+# `python -c` puts its working folder first on sys.path: run outside the checkout, whose llmplace/ (without the
+# compiled module, unless installed editable) would hide the installed package.
+OUTSIDE_CHECKOUT = tempfile.gettempdir()
 
 PRELUDE = """
 import json, sys, traceback
@@ -52,7 +57,7 @@ def outcome(body: str, *, timeout: float = 60.0, env: dict | None = None) -> Out
     full_env = dict(os.environ, LLMPLACE_LOG="error", **(env or {}))
     try:
         done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=timeout,
-                              env=full_env)
+                              env=full_env, cwd=OUTSIDE_CHECKOUT)
     except subprocess.TimeoutExpired as exc:
         return Outcome("hang", stderr=(exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes)
                        else (exc.stderr or ""))

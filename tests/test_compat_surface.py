@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
+import tempfile
 import typing
 from fnmatch import fnmatchcase
 from functools import cache
@@ -351,7 +352,8 @@ def test_suppress_stdout_stderr_silences_python_and_native_writes():
         set_verbose(False)
         assert logging.getLogger("llmplace").level == logging.ERROR
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=tempfile.gettempdir())  # the checkout's llmplace/ would hide the installed one
     assert done.returncode == 0, done.stderr
     assert done.stdout == "shown by default\nshown after\n"
     assert done.stderr == "stderr after\n"
