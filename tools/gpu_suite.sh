@@ -100,6 +100,11 @@ caphot)  # hot tensors first against the fit's whole layers, F16 Llama-8B shape 
     python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-8b-f16.gguf --budget 4GiB --case hot:mmap=0,ctx=1024 \
         --case fit:mmap=0,ctx=1024 --case hot:mmap=0,ctx=1024 --out "$out/cap-llama8b-f16-hot.json"
     ;;
+capauto)  # the dense chooser's plan under the cap (quick)
+    synth llama-8b f16
+    python3 "$repo/benchmarks/budget_cap.py" /tmp/llama-8b-f16.gguf --budget 4GiB \
+        --case fit:mmap=0,ctx=1024,decode=32 --out "$out/cap-llama8b-f16-auto.json"
+    ;;
 capmoe)  # the Qwen3-30B-A3B shape at 12 GiB, ctx 4096: the fit, an n_cpu_moe sweep, llama-bench -fitt
     # SWEEP: other cases (e.g. repetitions, interleaved); NO_BENCH=1: without llama-bench
     synth qwen3-30b-a3b
