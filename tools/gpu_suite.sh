@@ -14,6 +14,9 @@
 #   STEP=trace   the depth controller round by round (tools/spec_trace.py) and what a change of batch size
 #                costs (tools/gpu_shape_switch.py), real SmolLM2
 #   STEP=split   two GPUs: write the Llama-70B shape, run the split table
+#   STEP=cap8b / caphot / capauto / capmoe / cap70b  budgets under a real cap (benchmarks/budget_cap.py: a
+#                helper process holds all of the GPU but the budget): Llama-8B Q4_0 and F16 at 4 GiB, hot
+#                tensors first, the dense chooser, Qwen3-30B-A3B at 12 GiB with an n_cpu_moe sweep, 70B at 4 GiB
 #
 # Carry .whl (cffi, pycparser, gguf for cp312), .tok (tiny-llama.gguf, SmolLM2's tokenizer; or .dev), .dev
 # (llama.cpp.tar.xz, to build) or .stage (a packed stage). The real SmolLM2 (98 MB) is over one call's carry
