@@ -72,14 +72,11 @@ from its own batched decode, so the texts part at the first near-tie (see tests/
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import numpy as np
-
 from . import llama_cache, llama_chat_format, llama_grammar, llama_speculative, llama_tokenizer, llama_types
 from ._install import install, uninstall
 from .errors import CompatibilityWarning, UnsupportedFeatureError
-from .llama import Llama, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError, StoppingCriteriaList
+from .llama import (Llama, LogitsProcessor, LogitsProcessorList, MinTokensLogitsProcessor, ModelPathError,
+                    StoppingCriteria, StoppingCriteriaList)
 from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
 # The low-level names (LLAMA_SPLIT_MODE_*, GGML_TYPE_*, llama_supports_gpu_offload ...), as llama_cpp exports them.
 from .llama_cpp import *  # noqa: F403
@@ -92,9 +89,6 @@ from .llama_tokenizer import BaseLlamaTokenizer, LlamaTokenizer
 from .llama_types import *  # noqa: F403
 from .verbosity import set_verbose, suppress_stdout_stderr
 
-# The call signatures of a logits processor and a stopping criterion (llama-cpp-python's llama.py names them).
-LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
-StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
 
 # The llama-cpp-python version whose interface this layer follows (what `llama_cpp.__version__` reads after
 # install()); llmplace's own version is llmplace.__version__.

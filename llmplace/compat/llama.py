@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -603,3 +603,17 @@ class MinTokensLogitsProcessor:
         if len(input_ids) - self.prompt_tokens < self.min_tokens:
             scores[self.token_eos] = -np.inf
         return scores
+
+
+# What llama-cpp-python's llama.py also offers (its star import of llama_types and the helpers it imports), so that
+# `from llama_cpp.llama import X` works for the same X (tests/test_compat_surface.py checks the list).
+from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache  # noqa: E402,F401
+from .llama_grammar import LlamaGrammar  # noqa: E402,F401
+from .llama_speculative import LlamaDraftModel  # noqa: E402,F401
+from .llama_tokenizer import BaseLlamaTokenizer, LlamaTokenizer  # noqa: E402,F401
+from .llama_types import *  # noqa: E402,F401,F403
+from .verbosity import set_verbose, suppress_stdout_stderr  # noqa: E402,F401
+
+# The call signatures of a logits processor and a stopping criterion (llama-cpp-python's llama.py names them).
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]

@@ -25,10 +25,6 @@ _RAW_C_API = (
     "ctypes objects could not be passed to it; use Llama, llmplace.Model / Context / generate. The enum and "
     "#define constants and llama_supports_* / llama_max_devices / llama_print_system_info / llama_time_us are "
     "provided (llmplace/compat/llama_cpp.py)")
-_NOT_IN_LLAMA_PY_YET = (
-    "llama-cpp-python's llama.py re-exports it (star import of llama_types, the cache, tokenizer, grammar and "
-    "output helpers); llmplace.compat.llama does not re-export them yet (llama.py is being changed elsewhere). "
-    "Import it from llama_cpp (the package) or from its own module")
 _IMAGES = ("image input is not implemented in llmplace (image content parts raise UnsupportedFeatureError), so "
            "the multimodal chat handlers built on llava / libmtmd are not provided")
 _FUNCTION_CALLING = ("the function-calling chat formats are not implemented: chat_format='chatml-function-calling' "
@@ -137,19 +133,6 @@ EXCLUDED: dict[str, str] = {
         "provided, with a different value: the same rules as upstream's (llama.cpp's grammars/json.gbnf) without "
         "its two comments"),
 }
-
-
-def _llama_py_re_exports() -> dict[str, str]:
-    """The names upstream's llama.py re-exports that llmplace.compat.llama does not have (yet)."""
-    from . import llama, llama_types
-
-    names = [*llama_types.__all__, "BaseLlamaCache", "LlamaCache", "LlamaDiskCache", "LlamaRAMCache",
-             "BaseLlamaTokenizer", "LlamaTokenizer", "LlamaDraftModel", "LlamaGrammar", "LogitsProcessor",
-             "StoppingCriteria", "set_verbose", "suppress_stdout_stderr"]
-    return {f"llama_cpp.llama.{name}": _NOT_IN_LLAMA_PY_YET for name in names if not hasattr(llama, name)}
-
-
-EXCLUDED.update(_llama_py_re_exports())
 
 
 def exclusion_reason(*keys: str) -> str | None:
