@@ -238,7 +238,7 @@ def add_rpc_server(endpoint: str, timeout: float = 3.0) -> list[Device]:
         return list(devs)
 
 
-def rpc_endpoints() -> list[str]:
+def registered_rpc_endpoints() -> list[str]:
     """The RPC servers added so far ("host:port"), in the order they were added."""
     with _lock:
         return list(_rpc_devices)

@@ -28,7 +28,7 @@ from .context import _FLASH_ATTN, KV_TYPES
 from .errors import DeviceNotFoundError, InvalidParameterError, OutOfMemoryError
 from .gguf_info import read as read_gguf
 from .placement import Placement, Rule, is_host_buffer, model_devices
-from .runtime_cost import ProbeSettings, device_by_name, device_free, runtime_costs
+from .runtime_cost import ProbeSettings, RuntimeCost, device_by_name, device_free, runtime_costs
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -267,23 +267,22 @@ def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k
                                          compute=mine.compute + use.compute, mapped=mine.mapped + use.mapped)
     settings = ProbeSettings(n_batch=n_batch, n_ubatch=n_ubatch, n_seq=n_seq, type_k=type_k, type_v=type_v,
                              flash_attn=flash_attn)
-    for name, cost in runtime_of(model, [n for n in memories if n != HOST], settings, runtime, draft).items():
-        memories[name] = replace(memories[name], runtime=cost)
+    devs = [device_by_name(name) for name in memories if name != HOST]
+    for name, cost in runtime_of(model, devs, settings, runtime, draft).items():
+        memories[name] = replace(memories[name], runtime=cost.total)
     return Estimate(memories, chosen_ctx)
 
 
-def runtime_of(model, device_names: Sequence[str], settings: ProbeSettings, given=None, draft=None) -> dict[str, int]:
-    """The runtime row per device name (runtime_cost.py). A draft model runs in a context of its own, with its own
-    pools and library workspaces on each device (the backend's context is shared): its cost less that part is
-    added."""
-    devs = [device_by_name(name) for name in device_names]
+def runtime_of(model, devs: Sequence, settings: ProbeSettings, given=None, draft=None) -> dict[str, RuntimeCost]:
+    """The runtime row per device name of `devs` (ggml device handles; runtime_cost.py). A draft model runs in a
+    context of its own, with its own pools and library workspaces on each device (the backend's context is
+    shared): its cost less that part is added."""
     costs = runtime_costs(_model_path(model), devs, settings, given)
-    result = {name: cost.total for name, cost in costs.items()}
     if draft is not None:
         for name, cost in runtime_costs(_model_path(draft), devs, settings, given).items():
-            if cost.source not in ("given",):
-                result[name] += cost.total - cost.context
-    return result
+            if cost.source != "given":
+                costs[name] = replace(costs[name], total=costs[name].total + cost.total - cost.context)
+    return costs
 
 
 # ---- fit -----------------------------------------------------------------------------------------------
@@ -412,11 +411,7 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     free = [device_free(dev)[0] for dev in devs]  # read after this process initialised each device
     settings = ProbeSettings(n_batch=n_batch, n_ubatch=n_ubatch, n_seq=n_seq, type_k=type_k, type_v=type_v,
                              flash_attn=flash_attn)
-    costs = runtime_costs(path, devs, settings, runtime)
-    if draft is not None:
-        for name, cost in runtime_costs(_model_path(draft), devs, settings, runtime).items():
-            if cost.source != "given":  # a draft's context has pools and workspaces of its own
-                costs[name] = replace(costs[name], total=costs[name].total + cost.total - cost.context)
+    costs = runtime_of(path, devs, settings, runtime, draft)
     # usable: the most the process may hold in each memory (budget, or what it could reach: the free memory
     # plus the backend context it already holds), less the margin. room: what is left of that for llama.cpp's
     # buffers once the runtime row is paid.

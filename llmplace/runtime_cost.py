@@ -197,10 +197,10 @@ class _Drift(Exception):
 
 
 def _probe(path: Path, dev, name: str, settings: ProbeSettings, timeout: float) -> tuple[int, int, int]:
-    from .backends import rpc_endpoints
+    from .backends import registered_rpc_endpoints
 
     # the child registers the same RPC servers, so that it sees the same devices under the same names
-    spec = dict(path=str(path), device=name, rpc_servers=rpc_endpoints(), **settings.__dict__)
+    spec = dict(path=str(path), device=name, rpc_servers=registered_rpc_endpoints(), **settings.__dict__)
     free_before, _ = device_free(dev)
     env = dict(os.environ, LLMPLACE_LOG=os.environ.get("LLMPLACE_LOG", "error"))
     # stderr to a file, not a pipe: a child that logs more than a pipe holds would block on it
