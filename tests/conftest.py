@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 import models  # noqa: E402  (tests/models.py)
+from processes import free_port  # noqa: E402  (tests/processes.py)
 
 import llmplace  # noqa: E402
 
@@ -43,14 +44,6 @@ def tiny_qwen3moe_path(model_cache) -> Path:
     return models.synthetic_path(model_cache, "tiny-qwen3moe")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def rpc_devices():
     """Two local RPC servers (CPU backend) registered as devices RPC0 and RPC1: multi-device placement on a
@@ -66,7 +59,7 @@ def rpc_devices():
     servers, endpoints = [], []
     try:
         for _ in range(2):
-            port = _free_port()
+            port = free_port()
             servers.append(subprocess.Popen([str(BIN_DIR / "llmplace-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
                                              "-t", "1"], cwd=LIB_DIR, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL))

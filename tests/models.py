@@ -83,20 +83,27 @@ LLAMA_CPP_VOCABS = ("llama-spm", "llama-bpe", "phi-3", "bert-bge", "gpt-2", "qwe
                     "deepseek-coder", "falcon", "gemma-4", "mpt", "starcoder", "refact", "nomic-bert-moe")
 
 
+def vendor_tool():
+    """tools/vendor_llama_cpp.py as a module (the build script: the pin, the source archive's cache, file hashes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "vendor_llama_cpp", Path(__file__).resolve().parent.parent / "tools" / "vendor_llama_cpp.py")
+    vendor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vendor)
+    return vendor
+
+
 def llama_cpp_vocab_paths(cache_dir: Path, names=LLAMA_CPP_VOCABS) -> dict[str, Path]:
     """{name: path} of llama.cpp's models/ggml-vocab-<name>.gguf, extracted from the pinned llama.cpp source
     archive (downloaded by pip, as the build does, when it is not cached yet) into cache_dir."""
-    import importlib.util
     import tarfile
 
     wanted = {f"ggml-vocab-{name}.gguf": name for name in names}
     paths = {name: cache_dir / file for file, name in wanted.items()}
     missing = {file for file, name in wanted.items() if not paths[name].exists()}
     if missing:
-        spec = importlib.util.spec_from_file_location(
-            "vendor_llama_cpp", Path(__file__).resolve().parent.parent / "tools" / "vendor_llama_cpp.py")
-        vendor = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(vendor)
+        vendor = vendor_tool()
         requirement, sha256, _ = vendor.read_pin()
         archive = vendor.fetch_archive(requirement, sha256)
         cache_dir.mkdir(parents=True, exist_ok=True)

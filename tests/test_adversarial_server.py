@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+from processes import free_port, stop
 
 KEY = "adversarial-key"
 LIMIT = 128  # --max-tokens-limit: the most tokens one request may generate
@@ -24,15 +25,9 @@ SMOLLM2_EOS = {"0": -100, "2": -100}  # logit_bias that bans SmolLM2's end token
 MODEL_NAME = "m" * 40000  # every streamed chunk repeats it: ~40 KB per token, so a non-reader's buffers fill fast
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    port = _free_port()
+    port = free_port()
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(
         [sys.executable, "-m", "llmplace.cli", "serve", str(smollm2_path), "--port", str(port), "--api-key", KEY,
@@ -48,12 +43,7 @@ def server(smollm2_path):
         time.sleep(0.2)
     yield port
     alive = process.poll() is None
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop(process)
     log.seek(0)
     assert alive, f"the server died: {log.read().decode(errors='replace')[-3000:]}"
 

@@ -12,7 +12,6 @@ returns a tally of the typed errors and successes it saw. SmolLM2 with one threa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import time
 import pytest
 from adversarial import outcomes
 from isolation import outcome
+from processes import free_port
 
 SETUP = r'''
 import gc, os, threading, time
@@ -384,12 +384,6 @@ def test_interpreter_exit_while_a_daemon_thread_generates(smollm2_path, what):
 
 
 # ---- llmplace serve stopped by Ctrl-C during a stream ----
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _connect(port: int, deadline: float) -> socket.socket:
     while True:
         try:
@@ -402,7 +396,7 @@ def _connect(port: int, deadline: float) -> socket.socket:
 
 @pytest.mark.parametrize("attempt", range(3))
 def test_serve_survives_ctrl_c_during_a_stream(smollm2_path, attempt):
-    port = _free_port()
+    port = free_port()
     log = tempfile.TemporaryFile()
     process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "serve", str(smollm2_path), "--port", str(port),
                                 "--threads", "1", "--n-ctx", "512"], stdout=subprocess.DEVNULL, stderr=log,

