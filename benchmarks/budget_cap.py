@@ -130,12 +130,12 @@ def run_case(spec: dict) -> None:
     rng = random.Random(0)
     decode = int(spec.get("decode", 128))
     results = {}
+    # random weights may pick an end-of-generation token: ban them, so that every run decodes n_gen tokens
+    ban = {t: -1e9 for t in range(model.n_vocab) if model.vocab.is_eog(t)}
     for phase, n_gen in (("cold", decode), ("warm", min(decode, 32))):
         ctx.clear()
         prompt = [rng.randrange(1000, model.n_vocab - 1) for _ in range(512)]
         event(f"{phase}_prompt")
-        # random weights may pick an end-of-generation token: ban them, so that every run decodes n_gen tokens
-        ban = {t: -1e9 for t in range(model.n_vocab) if model.vocab.is_eog(t)}
         r = llmplace.generate(model, prompt, max_tokens=n_gen, temperature=0, context=ctx, logit_bias=ban)
         results[phase] = dict(prompt_tps=r.prompt_tps, ttft=512 / r.prompt_tps if r.prompt_tps else None,
                               decode_tps=r.generation_tps, decoded=len(r.tokens))
