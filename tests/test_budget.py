@@ -136,3 +136,11 @@ def test_dense_hot_tensors_first_keeps_attention_and_kv_on_the_device(rpc_device
     assert auto.n_gpu_layers == expected.n_gpu_layers and auto.to_ot() == expected.to_ot()
     with pytest.raises(InvalidParameterError, match="dense"):
         fit(smollm2_path, dense="attention-first", **opts)
+
+
+@pytest.mark.parametrize("item", ["CUDA0", "700MiB"])
+def test_fit_command_refuses_a_runtime_without_a_device(smollm2_path, item):
+    from llmplace.cli import main
+
+    with pytest.raises(SystemExit, match="write DEVICE=SIZE, e.g. --runtime CUDA0=700MiB"):
+        main(["fit", str(smollm2_path), "--runtime", item])
