@@ -16,7 +16,8 @@ import subprocess
 import time
 
 import llmplace
-from llmplace.memory import breakdown, estimate, parse_size
+from llmplace.memory import breakdown, parse_size
+from llmplace.planning import estimate
 from llmplace.placement import n_cpu_moe
 
 

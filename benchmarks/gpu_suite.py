@@ -31,7 +31,8 @@ import llmplace
 from llmplace._ffi import BIN_DIR, LIB_DIR
 from llmplace.context import default_threads
 from llmplace import gguf_info
-from llmplace.memory import breakdown, estimate, parse_size
+from llmplace.memory import breakdown, parse_size
+from llmplace.planning import estimate
 from llmplace.placement import n_cpu_moe
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -7,7 +7,7 @@
 The public names are imported on first use, so `import llmplace` is cheap and the pure-Python parts
 (`llmplace.synthetic`, `llmplace.gguf_info`) work without loading the compiled library. No module is named
 like a public function (`llmplace.devices()` lives in backends.py, `llmplace.generate()` in generation.py,
-`llmplace.fit()` in memory.py):
+`llmplace.load()` and `llmplace.fit()` in planning.py):
 importing a submodule binds its name on the package, which would hide the function.
 """
 
@@ -19,14 +19,14 @@ __version__ = "0.1.0"
 
 # public name → module that defines it
 _EXPORTS = {
-    "load": "model", "Model": "model",
+    "load": "planning", "Model": "model",
     "Context": "context", "LoRA": "lora",
     "generate": "generation", "stream_generate": "generation", "Generation": "generation",
     "GenerationStep": "generation",
     "SamplingParams": "sampling", "Sampler": "sampling",
-    "Placement": "placement", "Rule": "placement", "explain": "placement", "distribute": "placement",
+    "Placement": "placement", "Rule": "placement", "explain": "planning", "distribute": "placement",
     "cpu_moe": "placement", "n_cpu_moe": "placement",
-    "estimate": "memory", "fit": "memory", "FitResult": "memory", "Estimate": "memory",
+    "estimate": "planning", "fit": "planning", "FitResult": "planning", "Estimate": "memory",
     "devices": "backends", "Device": "backends", "device": "backends", "backend_modules": "backends",
     **{name: "errors" for name in (
         "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",

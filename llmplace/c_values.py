@@ -13,7 +13,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from ._ffi import ffi
+from ._ffi import C, ffi
 from .errors import InvalidParameterError
 
 INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -22,6 +22,11 @@ INT64 = (-(1 << 63), (1 << 63) - 1)
 _RANGES = {"int8_t": (-(1 << 7), (1 << 7) - 1), "uint8_t": (0, (1 << 8) - 1), "int16_t": (-(1 << 15), (1 << 15) - 1),
            "uint16_t": (0, (1 << 16) - 1), "int32_t": INT32, "int": INT32, "uint32_t": UINT32, "int64_t": INT64,
            "uint64_t": (0, (1 << 64) - 1), "size_t": (0, (1 << 64) - 1)}
+
+# llama_context_params.flash_attn_type for the `flash_attn` keyword of Context, estimate and fit. Here, below
+# them all, so that memory.py (below the model) and context.py (above it) read the one map.
+FLASH_ATTN_TYPES = {"auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO, True: C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                    False: C.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
 
 def integer(name: str, value, low: int, high: int, hint: str = "") -> int:

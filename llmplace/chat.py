@@ -39,7 +39,8 @@ from .context import Context
 from .context_lock import GenerationHold
 from .errors import AbortedError, BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError
 from .generation import _setup, stream_generate
-from .model import Model, load
+from .model import Model
+from .planning import load
 from .sampling import SamplingParams
 
 __all__ = ["Chat", "Reply", "format_chat"]

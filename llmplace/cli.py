@@ -79,7 +79,8 @@ def describe_rule(rule) -> str:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .backends import add_rpc_server
-    from .placement import Placement, distribute, explain, n_cpu_moe
+    from .placement import Placement, distribute, n_cpu_moe
+    from .planning import explain
 
     for endpoint in args.rpc:
         add_rpc_server(endpoint)
@@ -387,7 +388,7 @@ def _device_sizes(option: str, items: list[str], example: str) -> dict[str, str]
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from .backends import add_rpc_server
-    from .memory import fit
+    from .planning import fit
 
     for endpoint in args.rpc:
         add_rpc_server(endpoint)

@@ -14,7 +14,7 @@ from . import logs
 from ._handle import NativeObject
 from .backends import cpu_backend_function
 from ._ffi import C, ffi
-from .c_values import INT32, integer, set_fields
+from .c_values import FLASH_ATTN_TYPES, INT32, integer, set_fields
 from .context_lock import BUSY_MESSAGE, ContextLock  # noqa: F401 - BUSY_MESSAGE: where callers found it
 from .errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
@@ -25,8 +25,7 @@ KV_TYPES = {
     "q4_0": C.GGML_TYPE_Q4_0, "q4_1": C.GGML_TYPE_Q4_1, "q5_0": C.GGML_TYPE_Q5_0, "q5_1": C.GGML_TYPE_Q5_1,
     "iq4_nl": C.GGML_TYPE_IQ4_NL,
 }
-_FLASH_ATTN = {"auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO, True: C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-               False: C.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+_FLASH_ATTN = FLASH_ATTN_TYPES  # c_values: memory.py reads the same map
 # Far beyond any model's trained context; larger values are typos (and overflow llama.cpp's uint32).
 MAX_N_CTX = 1 << 24
 DEFAULT_N_CTX = 4096

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import logs
 from ._ffi import C, ffi
@@ -23,14 +22,12 @@ from .errors import ClosedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
 
-if TYPE_CHECKING:
-    from .model import Model
-
 
 class LoRA:
     """A LoRA adapter loaded for one model (see `Model.load_lora`)."""
 
-    def __init__(self, model: Model, path: str | os.PathLike) -> None:
+    # model: the Model it is loaded for (model.py imports this module, so the type is not named here)
+    def __init__(self, model, path: str | os.PathLike) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         check_header(self.path)
         info = read_gguf(self.path)
@@ -72,7 +69,7 @@ class LoRA:
         return f"<llmplace.LoRA {self.path.name}{' (closed)' if self._handle == ffi.NULL else ''}>"
 
 
-def apply(ctx_ptr, model: Model, adapters: Mapping[LoRA, float]) -> list:
+def apply(ctx_ptr, model, adapters: Mapping[LoRA, float]) -> list:
     """Set the adapters a context applies (an empty mapping: none); returns the C arrays llama.cpp reads."""
     if not isinstance(adapters, Mapping):
         raise InvalidParameterError("lora must be a dict of LoRA adapter -> scale, e.g. {adapter: 1.0}")

@@ -1,4 +1,7 @@
-"""Model: load a GGUF file, read its metadata, own the native handle."""
+"""Model: load a GGUF file, read its metadata, own the native handle.
+
+`llmplace.load` (planning.py) builds one; with fit=True it first plans where everything goes, which needs dry-run
+Models: planning sits above this module, which imports nothing of it."""
 
 from __future__ import annotations
 
@@ -7,23 +10,19 @@ import threading
 import weakref
 from pathlib import Path
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from . import logs
 from ._ffi import C, c_string, ffi, read_c_string_into_buffer
 from ._handle import NativeObject
 from .backends import add_rpc_server, buffer_type, ensure_initialized
 from .c_values import INT32, integer
-from .errors import AbortedError, InvalidParameterError, ModelLoadError, OutOfMemoryError
+from .errors import AbortedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
+from .lora import LoRA
 from .placement import Placement, configure, describe, is_host_buffer, read_back
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
-
-if TYPE_CHECKING:
-    from .context import Context
-    from .lora import LoRA
 
 # llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state
 # (log capture, backend registry); loads are rare and long, so they are serialized.
@@ -195,7 +194,8 @@ class Model(NativeObject):
         self.vocab_only = bool(vocab_only)  # a tokenizer only: no Context can run on it
         self.fit_result = None  # set by load(fit=True): the FitResult this model was loaded with
         self.default_n_ctx: int | None = None  # load(n_ctx=N): the size of contexts made without one
-        self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
+        # its open Contexts (context.py imports this module, so the type is not named here)
+        self._contexts: weakref.WeakSet = weakref.WeakSet()
         self._adapters: list[LoRA] = []  # freed by llama.cpp with the model
         self.vocab = Vocab(self)
 
@@ -223,8 +223,6 @@ class Model(NativeObject):
     def load_lora(self, path: str | os.PathLike) -> LoRA:
         """Load a LoRA adapter (GGUF) for this model; apply it with Context(model, lora={adapter: scale}) or
         context.set_lora(...). It lives as long as the model."""
-        from .lora import LoRA
-
         return LoRA(self, path)
 
     def __repr__(self) -> str:
@@ -323,77 +321,3 @@ class Model(NativeObject):
     def detokenize(self, tokens, *, special: bool = False) -> str:
         return self.vocab.detokenize(tokens, special=special)
 
-
-def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
-         use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
-         progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None,
-         split_by: str = "bytes", devices=None, rpc_servers=None, kv_overrides=None, fit: bool = False,
-         budget=None, margin="1GiB", n_ctx: int = 0,
-         n_ctx_min: int = 4096) -> Model:
-    """Load a GGUF model.
-
-    n_gpu_layers: layers offloaded to the GPU(s), -1 = all (nothing is offloaded without a GPU backend).
-    progress: a callable taking the fraction loaded (return False to cancel; an exception it raises is
-    re-raised here), True for a terminal bar, False for none; by default a bar appears on a terminal
-    when the load takes longer than a second.
-    placement: rules saying which device holds which tensor (a `Placement`, Rules, (pattern, target)
-    pairs or an `-ot` string such as "exps=CPU"); tensors no rule matches follow n_gpu_layers.
-    split_mode: "layer" (default), "row", "tensor" or "none" (everything on main_gpu).
-    tensor_split: relative share of each device ([2, 1] → 2/3 and 1/3), indexed like llama.cpp's device
-    list (RPC devices, then GPUs), or like `devices` when given. devices: names of the devices to use.
-    split_by: in layer split mode, what tensor_split shares: "bytes" (default: the layer boundaries are chosen
-    so each device's weight bytes follow the shares as closely as whole layers allow) or "layers" (llama.cpp's
-    own reading: shares of the layer count, the output counted as one more layer, so a device can get
-    noticeably more bytes than its share).
-    rpc_servers: "host:port" of RPC servers whose devices to add (reachability is checked first).
-    kv_overrides: GGUF metadata to read differently, {"qwen3moe.expert_used_count": 4, "llama.context_length":
-    8192, "tokenizer.ggml.add_bos_token": False}; the value's type (bool, int, float, str) must match the key's.
-    fit: first find the n_gpu_layers / tensor_split / overrides / context size that fit each device's
-    `budget` ({"CUDA0": "12GiB", "host": "32GiB"}; default its free memory) less `margin`, keeping
-    `placement`'s rules (see llmplace.fit); n_ctx (0 = as large as fits, down to n_ctx_min) becomes the
-    default size of this model's contexts; `model.fit_result` says what was chosen. Raises
-    OutOfMemoryError, with the estimate, when nothing fits or the real load runs out of memory.
-    n_ctx without fit: the default size of this model's contexts (`Context(model)`, `generate`, `Chat`);
-    0 (default) = Context's own default, min(4096, the trained length).
-    """
-    from .context import MAX_N_CTX
-
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 <= n_ctx <= MAX_N_CTX:
-        raise InvalidParameterError(f"n_ctx must be an int from 0 (automatic) to {MAX_N_CTX} tokens, not {n_ctx!r}")
-    if fit:
-        return _load_fitted(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
-                            devices=devices, rpc_servers=rpc_servers, progress=progress, use_mmap=use_mmap,
-                            use_mlock=use_mlock, check_tensors=check_tensors, split_mode=split_mode,
-                            main_gpu=main_gpu, kv_overrides=kv_overrides)
-    if budget is not None:
-        raise InvalidParameterError("budget= is used by the memory fit: pass fit=True as well")
-    model = Model(path, n_gpu_layers=n_gpu_layers, split_mode=split_mode, main_gpu=main_gpu, use_mmap=use_mmap,
-                  use_mlock=use_mlock, vocab_only=vocab_only, check_tensors=check_tensors, progress=progress,
-                  placement=placement, tensor_split=tensor_split, split_by=split_by, devices=devices,
-                  rpc_servers=rpc_servers, kv_overrides=kv_overrides)
-    model.default_n_ctx = n_ctx or None
-    return model
-
-
-def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, rpc_servers, progress, **kwargs
-                 ) -> Model:
-    from .memory import fit as fit_memory
-
-    for endpoint in rpc_endpoints(rpc_servers):
-        add_rpc_server(endpoint)
-    check_header(Path(os.fspath(path)).expanduser())
-    if kwargs.get("kv_overrides"):
-        # bad overrides are refused as such, not reported as a failed fit
-        kv_override_array(kwargs["kv_overrides"], read_gguf(path).metadata)
-    result = fit_memory(path, budget=budget, margin=margin, n_ctx=n_ctx, n_ctx_min=n_ctx_min, placement=placement,
-                        devices=devices)
-    if not result.success:
-        raise OutOfMemoryError(f"{Path(path).name} does not fit: {result.message}\n{result.estimate}")
-    try:
-        model = Model(path, devices=devices, progress=progress, **kwargs, **result.load_kwargs())
-    except ModelLoadError as exc:
-        raise OutOfMemoryError(f"loading {Path(path).name} with the fitted placement failed ({exc}); the fit "
-                               f"estimated:\n{result.estimate}\nlower the budget or raise the margin") from exc
-    model.fit_result = result
-    model.default_n_ctx = result.n_ctx
-    return model

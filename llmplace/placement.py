@@ -547,16 +547,3 @@ def describe(tensors: Sequence[TensorInfo], resolution: Resolution, landed: dict
                             n_bytes=t.n_bytes, buffer_type=landed.get(t.name, ("", 0))[0], rule=rule_of.get(t.name))
             for t in tensors]
 
-
-def explain(path, placement=None, *, n_gpu_layers: int = -1, **split) -> Explanation:
-    """Where every weight tensor of the model at `path` would go under `placement`, decided by llama.cpp
-    itself in a dry-run load (no weights read or allocated), with the rule that placed each one.
-    `split` takes load()'s split keywords: split_mode, tensor_split, main_gpu, devices."""
-    from .gguf_info import read
-    from .model import Model
-
-    tensors = read(path).tensors
-    with Model(path, n_gpu_layers=n_gpu_layers, placement=placement, dry_run=True, progress=False, **split) as model:
-        landed = read_back(model)
-        resolution, plan = model.resolution, model.split
-    return Explanation(describe(tensors, resolution, landed), resolution.unmatched, resolution.overrides, plan)

@@ -42,9 +42,10 @@ from pathlib import Path
 from typing import Mapping
 
 from . import logs
-from ._ffi import C, c_string, ffi
+from ._ffi import C, c_string
 from .cache import cache_root
 from .errors import DeviceNotFoundError, InvalidParameterError, OutOfMemoryError
+from .memory import breakdown, device_free, parse_size
 
 # Tokens decoded one at a time after the prompt: enough for the decode kernels, and for CUDA graphs to be
 # captured (the CUDA backend captures a graph once the same decode graph repeats).
@@ -75,12 +76,6 @@ def device_by_name(name: str):
         if c_string(C.ggml_backend_dev_name(dev)) == name:
             return dev
     raise DeviceNotFoundError(f"no device named {name!r}")
-
-
-def device_free(dev) -> tuple[int, int]:
-    free, total = ffi.new("size_t *"), ffi.new("size_t *")
-    C.ggml_backend_dev_memory(dev, free, total)
-    return int(free[0]), int(total[0])
 
 
 def rule_for(dev) -> str | None:
@@ -143,8 +138,6 @@ def runtime_costs(path: Path, devs: list, settings: ProbeSettings, given=None) -
     given: None to measure (cached); a number of bytes / size string for every measured device (0 turns the
     row off); or a mapping {device name: bytes or size string}, whose devices are taken as given and the
     others measured."""
-    from .memory import parse_size
-
     if given is not None and not isinstance(given, Mapping):
         fixed = parse_size(given, "runtime")
         given = {c_string(C.ggml_backend_dev_name(d)): fixed for d in devs if rule_for(d) is None}
@@ -260,7 +253,6 @@ def _child(spec: dict) -> None:
     from .backends import add_rpc_server, ensure_initialized
     from .context import Context
     from .errors import LlmplaceError
-    from .memory import breakdown
     from .model import Model
 
     def say(**message) -> None:

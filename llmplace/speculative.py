@@ -232,7 +232,7 @@ class ModelDrafter:
             if isinstance(draft, Model):
                 model = draft
             else:
-                from .model import load
+                from .planning import load
                 model = load(draft, progress=False)
                 self._owned.append(model)
             self.context = None

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from ._ffi import C, ffi
 from .errors import TokenizationError
-
-if TYPE_CHECKING:
-    from .model import Model
 
 
 def encode_utf8(text: str | bytes, what: str = "text") -> bytes:
@@ -36,7 +33,7 @@ def encode_utf8(text: str | bytes, what: str = "text") -> bytes:
 class Vocab:
     """The tokenizer of a loaded model. Obtained as `model.vocab`."""
 
-    def __init__(self, model: "Model") -> None:
+    def __init__(self, model) -> None:  # the Model it belongs to (model.py imports this module)
         self._model = model
         self._pieces: dict[int, bytes] = {}      # token → bytes of its piece (special tokens not rendered)
         self._eog: dict[int, bool] = {}          # token → is_eog(token), filled as tokens are seen

@@ -10,7 +10,8 @@ import pytest
 
 import llmplace
 from llmplace import ContextOverflowError, InvalidParameterError
-from llmplace.memory import breakdown, estimate, fit
+from llmplace.memory import breakdown
+from llmplace.planning import estimate, fit
 
 MiB = 1 << 20
 
@@ -108,7 +109,7 @@ def test_load_refuses_an_n_ctx_that_is_not_a_size(smollm2_path, n_ctx):
 
 def test_dense_hot_tensors_first_keeps_attention_and_kv_on_the_device(rpc_devices, smollm2_path, empty_cache):
     from llmplace.gguf_info import read as read_gguf
-    from llmplace.memory import SWITCH_BYTES
+    from llmplace.planning import SWITCH_BYTES
 
     device = rpc_devices[0].name
     opts = dict(n_ctx=1024, margin=0, devices=[device], runtime=0)

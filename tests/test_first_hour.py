@@ -22,7 +22,8 @@ import llmplace
 from adversarial import outcomes, summary
 from llmplace import cli
 from llmplace.errors import InvalidParameterError, UnknownKeywordError
-from llmplace.placement import Placement, Rule, explain
+from llmplace.placement import Placement, Rule
+from llmplace.planning import explain
 
 OUTSIDE_CHECKOUT = Path(tempfile.gettempdir())  # `python -m llmplace...` from the root would import the sources
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import llmplace
-from llmplace.placement import Placement, Rule, cpu_moe, distribute, explain, is_host_buffer, n_cpu_moe, read_back
+from llmplace.placement import Placement, Rule, cpu_moe, distribute, is_host_buffer, n_cpu_moe, read_back
+from llmplace.planning import explain
 
 pytestmark = pytest.mark.gpu
 
@@ -152,7 +153,8 @@ def test_prompt_lookup_on_the_gpu_drafts_and_learns_the_context(gpu, smollm2_pat
 
 @pytest.mark.parametrize("placement", [None, "exps=CPU"])
 def test_estimate_matches_the_allocation_on_the_gpu(gpu, small_qwen3moe_path, placement):
-    from llmplace.memory import breakdown, estimate
+    from llmplace.memory import breakdown
+    from llmplace.planning import estimate
 
     planned = estimate(small_qwen3moe_path, placement, n_ctx=1024)
     with llmplace.load(small_qwen3moe_path, placement=placement, progress=False) as model, \

@@ -8,7 +8,8 @@ import pytest
 
 import llmplace
 from llmplace import DeviceNotFoundError, InvalidParameterError, OutOfMemoryError
-from llmplace.memory import breakdown, estimate, fit, parse_size
+from llmplace.memory import breakdown, parse_size
+from llmplace.planning import estimate, fit
 from llmplace.placement import is_host_buffer
 
 MiB = 1 << 20

@@ -9,7 +9,8 @@ import pytest
 import llmplace
 from llmplace import DeviceNotFoundError, PlacementError
 from llmplace.gguf_info import read
-from llmplace.placement import Placement, Rule, cpu_moe, distribute, experts, explain, n_cpu_moe, regex_search
+from llmplace.placement import Placement, Rule, cpu_moe, distribute, experts, n_cpu_moe, regex_search
+from llmplace.planning import explain
 
 
 def host_normalized(buffer_type: str) -> str:

@@ -21,7 +21,8 @@ from .._ffi import C
 from ..context import KV_TYPES, Context
 from ..context_lock import GenerationHold
 from ..errors import InvalidParameterError, ModelLoadError, unknown_keyword_error
-from ..model import Model, load
+from ..model import Model
+from ..planning import load
 from ..placement import Placement
 from ..placement import n_cpu_moe as _n_cpu_moe_rules
 from . import _chat, _completion
