@@ -34,7 +34,8 @@ MAX_WIDTH = 10_000            # a width or precision in a format spec, a tojson/
 
 
 class LimitExceeded(Exception):
-    """A template went past one of the limits above (chat_template turns it into a TemplateError)."""
+    """A template went past one of the limits above (chat_template and the drop-in's Jinja2ChatFormatter turn it
+    into a TemplateError)."""
 
 
 class _Budget:

@@ -2,10 +2,11 @@
 
 - LlamaDiskCache never executes what it finds in its folder: a planted pickle whose unpickling would create a
   file is skipped unopened, and damaged entries (truncated, altered bytes, a forged header, garbage) are refused
-  with a warning instead of reaching llama.cpp or crashing.
+  with a warning instead of reaching llama.cpp or crashing. An entry forged with a valid checksum whose state
+  llama.cpp refuses makes the completion warn, drop it and compute the prompt (the uncached text).
 - Chat templates render under limits: huge ranges, nested loops, repetition, formatting widths, recursion,
   big numbers and output floods end in a TemplateError within a few seconds, never an untyped
-  MemoryError/RecursionError/OverflowError or a hang.
+  MemoryError/RecursionError/OverflowError or a hang; in the drop-in's Jinja2ChatFormatter too.
 
 Each batch runs in a subprocess of its own (tests/adversarial.py): a crash or hang fails its case, not pytest.
 """
@@ -123,31 +124,54 @@ def test_the_disk_cache_runs_no_planted_code_and_refuses_damaged_entries():
 
 
 REAL_STATE_SETUP = """
-import hashlib, json, struct, tempfile, pathlib
+import hashlib, json, struct, tempfile, pathlib, warnings
 import llmplace
 from llmplace.compat import LlamaDiskCache
+from llmplace.compat.llama_cache import _StateFile
 
+FIRST, LONGER = "The capital of France is", "The capital of France is a city"
 folder = pathlib.Path(tempfile.mkdtemp())
 llm = llmplace.Llama(PATH, verbose=False, n_ctx=256, n_threads=1)
+uncached = llm(LONGER, max_tokens=4, temperature=0)["choices"][0]["text"]
+llm.reset()
 llm.set_cache(LlamaDiskCache(str(folder)))
-first = llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+llm(FIRST, max_tokens=4, temperature=0)
 entry = next(folder.glob("*.llamastate"))
 good = entry.read_bytes()
 
+def complete_longer_with_a_new_cache():
+    '''LONGER (which shares FIRST's tokens with the entry) from an empty context, with a new cache over the
+    folder: (equal to the uncached completion, the RuntimeWarnings it gave).'''
+    llm.reset()
+    llm.set_cache(LlamaDiskCache(str(folder)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = llm(LONGER, max_tokens=4, temperature=0)["choices"][0]["text"]
+    return text == uncached, [str(w.message) for w in caught if w.category is RuntimeWarning]
+
 def with_state(change):
-    '''Replace the real entry's llama.cpp state bytes (checksum recomputed), then complete the same prompt
-    with a new cache over the folder: the state reaches llama_state_set_data.'''
+    '''Replace the real entry's llama.cpp state bytes (checksum recomputed), alone in the folder, then complete
+    a longer prompt with a new cache over the folder: the state reaches llama_state_set_data, which refuses
+    it. The completion must warn once, delete the entry and compute the prompt; a second completion loads the
+    state the first one cached, without a warning. Returns (first equal to uncached, its warnings, they say
+    why, the forged file still there, second equal, its warnings).'''
+    for other in folder.glob("*.llamastate"):
+        other.unlink()
     n = struct.unpack_from("<I", good, 8)[0]
     header = json.loads(good[12:12 + n])
     start = 12 + n + 4 * header["input_ids"]
     state = change(good[start:])
     payload = good[12 + n:start] + state
-    header.update(state_size=len(state), sha256=hashlib.sha256(payload).hexdigest())
+    # a forger who knows the format: the header agrees with the bytes, so only llama.cpp can refuse them
+    header.update(state_size=len(state), sha256=hashlib.sha256(payload).hexdigest(),
+                  arch=_StateFile.state_arch(state))
     raw = json.dumps(header).encode()
     entry.write_bytes(good[:8] + struct.pack("<I", len(raw)) + raw + payload)
-    llm.reset()
-    llm.set_cache(LlamaDiskCache(str(folder)))
-    return llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"] == first
+    same, warned = complete_longer_with_a_new_cache()
+    kept = entry.exists()
+    again, warned_again = complete_longer_with_a_new_cache()
+    return (same, len(warned), all("unusable and is ignored" in w for w in warned), kept, again,
+            len(warned_again))
 """.replace("PATH", "{path!r}")
 
 REAL_STATE_CASES = {
@@ -159,11 +183,13 @@ REAL_STATE_CASES = {
 }
 
 
-def test_forged_states_with_valid_checksums_do_not_crash_the_interpreter(smollm2_path):
-    """Past the file checks, llama.cpp's own state reader sees the bytes: it must refuse, not crash."""
+def test_forged_states_with_valid_checksums_fall_back_to_computing_the_prompt(smollm2_path):
+    """Past the file checks, llama.cpp's own state reader sees the bytes: it must refuse, not crash, and the
+    completion goes on without the cache (a RuntimeWarning, the entry dropped, the uncached greedy text)."""
     results = outcomes(REAL_STATE_SETUP.format(path=str(smollm2_path)), REAL_STATE_CASES)
     print(summary(results))
-    assert all(r.kind in ("ok", "typed") for r in results.values()), summary(results)
+    assert {name: (r.kind, r.message) for name, r in results.items()} == \
+        dict.fromkeys(REAL_STATE_CASES, ("ok", "(True, 1, True, False, True, 0)")), summary(results)
 
 
 # ---- chat templates ----
@@ -287,3 +313,51 @@ def test_templates_within_the_limits_still_render(smollm2):
                 "{{ 'x'|center(5) }}|{{ [1, 2, 3]|map('string')|join('-') }}|{{ range(100000)|list|length }}")
     assert format_chat(smollm2, messages, template=template) == \
         "1/2 USER: hi\n2/2 ASSISTANT: hello|0,1,2|00042|   7|ababab|1024|True|  x  |1-2-3|100000"
+
+
+# ---- the drop-in's Jinja2ChatFormatter (llama-cpp-python's class): the same limits ----
+FORMATTER_SETUP = """
+import time
+from llmplace.compat.llama_chat_format import Jinja2ChatFormatter
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+LONG = [{"role": "user", "content": "x" * 3000000}]
+
+def render(template, messages=MESSAGES):
+    started = time.monotonic()
+    try:
+        return Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")(messages=messages).prompt
+    finally:
+        if time.monotonic() - started > 15:
+            raise SystemExit("took %.1f s" % (time.monotonic() - started))  # a near-hang: fails as untyped
+"""
+# Ordinary template bugs rather than exhaustion: the formatter raises what llama-cpp-python's raises.
+PLAIN_FAILURES = {"division_by_zero": "ZeroDivisionError", "wordwrap_zero": "ValueError"}
+
+
+def test_hostile_templates_in_the_drop_in_chat_formatter_raise_template_error_quickly():
+    cases = {name: f"render({source!r})" for name, source in TEMPLATES.items()}
+    cases.update({name: f"render({source})" for name, source in BIG_TEMPLATES.items()})
+    results = outcomes(FORMATTER_SETUP, cases, timeout=240)
+    print(summary(results))
+    expected = {name: ("untyped", PLAIN_FAILURES[name]) if name in PLAIN_FAILURES else ("typed", "TemplateError")
+                for name in cases}
+    assert {name: (r.kind, r.error) for name, r in results.items()} == expected, summary(results)
+
+
+def test_the_drop_in_chat_formatter_still_renders_templates_within_the_limits():
+    import pytest
+
+    from llmplace.compat.llama_chat_format import Jinja2ChatFormatter
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "héllo"}]
+    template = ("{{ bos_token }}{% for m in messages %}{{ loop.index }}/{{ loop.length }} {{ m.role|upper }}: "
+                "{{ m.content }}{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}|{{ '%05d' % 42 }}|"
+                "{{ messages[1]|tojson }}|{{ range(100000)|list|length }}{{ eos_token }}")
+    response = Jinja2ChatFormatter(template, eos_token="</s>", bos_token="<s>")(messages=messages)
+    assert response.prompt == ('<s>1/2 USER: hi\n2/2 ASSISTANT: héllo|00042|{"role": "assistant", "content": '
+                               '"héllo"}|100000</s>')
+    assert response.stop == ["</s>"]
+    refusing = Jinja2ChatFormatter("{{ raise_exception('no system role') }}", eos_token="", bos_token="")
+    with pytest.raises(ValueError, match="^no system role$"):  # raise_exception's ValueError, as upstream's
+        refusing(messages=messages)

@@ -355,7 +355,13 @@ def _restore_from_cache(llama: Llama, ctx, tokens: list[int]) -> None:
         return
     cached = longest_token_prefix(item.input_ids[:item.n_tokens].tolist(), tokens)
     if cached > longest_token_prefix(ctx.tokens, tokens):
-        llama.load_state(item)
+        try:
+            llama.load_state(item)
+        except InvalidParameterError as exc:  # llama.cpp refused the state (a forged or foreign cache entry)
+            from .llama_cache import forget_unusable_state
+
+            # a cache is an optimization: warn, drop the entry, compute the prompt (the load cleared the context)
+            forget_unusable_state(llama.cache, item, exc)
 
 
 def _save_to_cache(llama: Llama, prompt_tokens: list[int], tokens: list[int]) -> None:

@@ -15,12 +15,15 @@ import json
 import logging
 import os
 import struct
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..context import common_prefix_length
 from ..errors import InvalidParameterError
 # llama-cpp-python's llama_cache star-imports llama_types, so code finds the types here too
 from .llama_types import *  # noqa: F403
@@ -39,12 +42,7 @@ class LlamaState:
 
 
 def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return common_prefix_length(a, b)
 
 
 class BaseLlamaCache:
@@ -78,6 +76,21 @@ class BaseLlamaCache:
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         raise NotImplementedError
 
+    def _forget(self, state: LlamaState) -> None:
+        """Drop the entry this cache handed out as `state` (llama.cpp refused it). A cache defined elsewhere
+        keeps its entries: only the warning of forget_unusable_state is given."""
+
+
+def forget_unusable_state(cache: BaseLlamaCache, state: LlamaState, reason: Exception) -> None:
+    """A completion found `state` in `cache` and llama.cpp refused to load it (a cache file forged with a valid
+    checksum, state bytes from another model or context size): warn, drop the entry so it is not tried again,
+    and let the completion compute its prompt from scratch (the context was cleared by the failed load)."""
+    warnings.warn(f"a prompt cache entry of {state.n_tokens} tokens was unusable and is ignored (llama.cpp refused "
+                  f"its state: {reason}); the prompt is computed again", RuntimeWarning, stacklevel=2)
+    forget = getattr(cache, "_forget", None)
+    if forget is not None:
+        forget(state)
+
 
 class LlamaRAMCache(BaseLlamaCache):
     """States in memory, least recently used dropped first beyond capacity_bytes (default 2 GiB)."""
@@ -99,6 +112,10 @@ class LlamaRAMCache(BaseLlamaCache):
             raise KeyError("Key not found")
         self.cache_state.move_to_end(found)
         return self.cache_state[found]
+
+    def _forget(self, state: LlamaState) -> None:
+        for key in [key for key, value in self.cache_state.items() if value is state]:
+            del self.cache_state[key]
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         key = tuple(key)
@@ -235,6 +252,8 @@ class LlamaDiskCache(BaseLlamaCache):
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._index: OrderedDict[tuple[int, ...], Path] = OrderedDict()  # least recently used first
+        # the key of each state handed out and still in use (a state is a fresh copy: identity names its entry)
+        self._handed_out: weakref.WeakKeyDictionary[LlamaState, tuple[int, ...]] = weakref.WeakKeyDictionary()
         entries = []
         for path in self.cache_dir.glob("*" + self._SUFFIX):
             try:
@@ -279,7 +298,16 @@ class LlamaDiskCache(BaseLlamaCache):
                 os.utime(path)  # recency survives the process too
             except OSError:
                 pass
+            self._handed_out[state] = found
             return state
+
+    def _forget(self, state: LlamaState) -> None:
+        """Delete the entry's file too: it verified (a valid checksum), so it is one of ours, and a later
+        process would only be refused it again."""
+        key = self._handed_out.pop(state, None)
+        path = self._index.pop(key, None) if key is not None else None
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def __setitem__(self, key: Sequence[int], value: LlamaState) -> None:
         if not all(hasattr(value, name) for name in ("input_ids", "scores", "n_tokens", "llama_state", "seed")):

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
+from .. import jinja_limits
+from ..errors import TemplateError
 from . import _chat
 from .verbosity import suppress_stdout_stderr  # noqa: F401 - llama-cpp-python's module exports it too
 
@@ -132,32 +134,46 @@ def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> 
 
 class Jinja2ChatFormatter:
     """Render messages with a Hugging Face style Jinja chat template (sandboxed, trim_blocks and lstrip_blocks,
-    `raise_exception`, `strftime_now`, a `tojson` filter keeping non-ASCII text)."""
+    `raise_exception`, `strftime_now`, a `tojson` filter keeping non-ASCII text), under the limits of
+    llmplace/jinja_limits.py (time, output size, ranges, repetition, format widths, call depth): a template past
+    one raises TemplateError instead of hanging or exhausting the process."""
 
     def __init__(self, template: str, eos_token: str, bos_token: str, add_generation_prompt: bool = True,
                  stop_token_ids: list[int] | None = None) -> None:
         import jinja2
         import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.template, self.eos_token, self.bos_token = template, eos_token, bos_token
         self.add_generation_prompt = add_generation_prompt
         self.stop_token_ids = set(stop_token_ids) if stop_token_ids is not None else None
-        environment = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
-                                                    extensions=[jinja2.ext.loopcontrols])
-        environment.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: \
-            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-        self._template = environment.from_string(template)
+        if isinstance(template, str) and len(template) > jinja_limits.MAX_TEMPLATE_CHARS:
+            raise TemplateError(f"the chat template is {len(template)} characters long (the limit is "
+                                f"{jinja_limits.MAX_TEMPLATE_CHARS}); a chat template should only format the messages")
+        # The template is a program from a model file or a hub config: llama-cpp-python's plain sandbox stops
+        # escapes, not exhaustion, so it renders under llmplace's limits, as llmplace's own chat templates do.
+        environment = jinja_limits.environment(loader=jinja2.BaseLoader(), trim_blocks=True, lstrip_blocks=True,
+                                               extensions=[jinja2.ext.loopcontrols])
+        environment.filters["tojson"] = jinja_limits.limited_filter(
+            "tojson", lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False:
+            json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys))
+        try:
+            self._template = environment.from_string(template)
+        except jinja2.TemplateSyntaxError:
+            raise  # what llama-cpp-python's formatter raises for invalid Jinja
+        except (RecursionError, MemoryError, SyntaxError) as exc:  # too deep for Jinja's parser, Python's compiler
+            raise TemplateError(f"the chat template could not be compiled ({type(exc).__name__}: {str(exc)[:200]}); "
+                                "a chat template should only format the messages") from None
 
     def __call__(self, *, messages, functions=None, function_call=None, tools=None, tool_choice=None,
                  **kwargs: Any) -> ChatFormatterResponse:
         def raise_exception(message: str):
             raise ValueError(message)
 
-        prompt = self._template.render(
-            messages=messages, eos_token=self.eos_token, bos_token=self.bos_token, raise_exception=raise_exception,
-            add_generation_prompt=self.add_generation_prompt, functions=functions, function_call=function_call,
-            tools=tools, tool_choice=tool_choice, strftime_now=lambda f: datetime.now().strftime(f), **kwargs)
+        prompt = _render_limited(
+            self._template, messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
+            raise_exception=raise_exception, add_generation_prompt=self.add_generation_prompt, functions=functions,
+            function_call=function_call, tools=tools, tool_choice=tool_choice,
+            strftime_now=lambda f: datetime.now().strftime(f), **kwargs)
         stopping_criteria = None
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
@@ -171,3 +187,17 @@ class Jinja2ChatFormatter:
 
     def to_chat_handler(self) -> LlamaChatCompletionHandler:
         return chat_formatter_to_chat_completion_handler(self)
+
+
+def _render_limited(template, **variables: Any) -> str:
+    """Render under jinja_limits: a template past a limit (or exhausting the interpreter some other way) raises
+    TemplateError. Its ordinary failures (raise_exception's ValueError, an undefined name, a TypeError) pass
+    through unchanged, as llama-cpp-python's formatter raises them."""
+    try:
+        return jinja_limits.render(template, **variables)
+    except jinja_limits.LimitExceeded as exc:
+        raise TemplateError(f"the chat template exceeded its limits: {exc}; a chat template should only format "
+                            "the messages") from None
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        raise TemplateError(f"the chat template exhausted the interpreter ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "a chat template should only format the messages") from None
