@@ -2,7 +2,11 @@
 garbage, closes, never answers, or speaks another protocol version must be refused with DeviceNotFoundError
 before llama.cpp connects (it aborts the process on a bad reply and waits forever for a silent server).
 
-The fake servers run in the case's own interpreter (threads), so each case is self-contained."""
+The fake servers run in the case's own interpreter (threads), so each case is self-contained.
+
+What cannot be refused beforehand, a connection lost after a good handshake, aborts the process inside
+llama.cpp: the last test proves the README's recipe (the RPC-backed model in a child process) with a real
+server killed mid-generation."""
 
 from __future__ import annotations
 
@@ -123,3 +127,85 @@ def test_the_protocol_version_matches_the_pinned_header():
     assert f"RPC_PROTO_MAJOR_VERSION    {rpc.PROTOCOL_MAJOR}" in text
     assert f"RPC_PROTO_MINOR_VERSION    {rpc.PROTOCOL_MINOR}" in text
     assert struct.calcsize("<BBBB") + rpc.CONN_CAPS_BYTES == 28
+
+
+
+# The README's recipe for the one failure that cannot be caught: llama.cpp's RPC client aborts the process when
+# a reply fails after a good handshake (RPC_STATUS_ASSERT calls GGML_ABORT: no error path to return through).
+# So the model that uses the RPC server runs in a process of its own; when the connection drops, that process
+# ends and its parent carries on.
+CHILD_GENERATING_OVER_RPC = """
+import sys
+import llmplace
+
+model = llmplace.load(sys.argv[1], rpc_servers=[sys.argv[2]], progress=False)
+on_rpc = sum("RPC" in row.buffer_type for row in model.placement_report())
+print("LOADED", on_rpc, flush=True)
+while True:  # generate for ever: every token is a round trip to the RPC server
+    for step in llmplace.stream_generate(model, "Once upon a time", max_tokens=64, temperature=0):
+        print("TOKEN", step.token, flush=True)
+"""
+
+
+def test_an_rpc_connection_lost_mid_generation_ends_only_the_child_process_that_held_it(tiny_llama_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from isolation import OUTSIDE_CHECKOUT
+    from processes import free_port, stop
+
+    from llmplace._ffi import BIN_DIR, LIB_DIR
+
+    port = free_port()
+    server = subprocess.Popen([str(BIN_DIR / "llmplace-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                              cwd=LIB_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = watchdog = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the server listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "the RPC server did not start"
+                time.sleep(0.1)
+        child = subprocess.Popen([sys.executable, "-c", CHILD_GENERATING_OVER_RPC, str(tiny_llama_path),
+                                  f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=OUTSIDE_CHECKOUT, env=dict(os.environ, GGML_NO_BACKTRACE="1"))
+        watchdog = threading.Timer(120, child.kill)  # bounded: a child stuck before its first lines is killed
+        watchdog.start()
+        lines = []
+        for line in child.stdout:
+            lines.append(line.split())
+            if sum(words[0] == "TOKEN" for words in lines) >= 5:
+                break
+        assert lines and lines[0][0] == "LOADED" and int(lines[0][1]) > 0, \
+            f"the child did not load its weights onto the RPC server: {lines} {child.stderr.read()[-2000:]}"
+        assert sum(words[0] == "TOKEN" for words in lines) >= 5, "the child was not generating over RPC"
+
+        server.kill()  # the connection drops in the middle of the generation
+        server.wait()
+        started = time.monotonic()
+        try:
+            child.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the child hung after its RPC server died (it should have ended)") from None
+        stderr = child.stderr.read()
+        print(f"child ended with {child.returncode} {time.monotonic() - started:.2f} s after the server died; "
+              f"stderr tail: {stderr[-300:]!r}")
+        # llama.cpp aborted the child (SIGABRT): it could not have raised; this process is unaffected.
+        assert child.returncode == -signal.SIGABRT, stderr[-2000:]
+        assert "Remote RPC server crashed or returned malformed response" in stderr, stderr[-2000:]
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        if server.poll() is None:
+            stop(server)
