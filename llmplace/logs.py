@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from ._ffi import C, ffi
 
@@ -30,12 +31,25 @@ _FLAGS_AS_KEYWORDS = (
     ("Try using a bigger --parallel value", "create the Context with a larger n_seq_max"),
 )
 
-_pending: list[str] = []          # pieces of a line not yet ended by "\n"
-_pending_level = logging.INFO
 _installed = False
-# Warning and error lines of the native call in progress, kept whatever the logger's level, so that an
-# exception raised after a failed C call can quote llama.cpp's own reason (see `capture`).
-_captured: list[str] | None = None
+
+
+class _ThreadLog(threading.local):
+    """What the log callback keeps per thread. llama.cpp's callback is process-wide, but llama.cpp and ggml call
+    it on the thread doing the work (llama_log_internal and ggml_log_internal call it directly; the loader's
+    worker threads print with fprintf, not through it). So a line belongs to the thread it arrives on: two
+    threads loading or creating contexts at once neither mix their half-written lines nor quote each other's
+    messages in their exceptions."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []       # pieces of a line not yet ended by "\n"
+        self.level = logging.INFO          # the level of the line in progress (GGML_LOG_LEVEL_CONT continues it)
+        # Warning and error lines of this thread's native call in progress, kept whatever the logger's level,
+        # so that an exception raised after a failed C call can quote llama.cpp's own reason (see `capture`).
+        self.captured: list[str] | None = None
+
+
+_thread = _ThreadLog()
 
 
 def configure_from_environment() -> None:
@@ -48,47 +62,45 @@ def configure_from_environment() -> None:
 
 @ffi.def_extern()
 def _llmplace_log_callback(level, text, user_data):  # noqa: ARG001 - signature fixed by ggml
-    """Called by llama.cpp for every log fragment; must never raise into C."""
-    global _pending_level
+    """Called by llama.cpp for every log fragment, on the thread that logs; must never raise into C."""
     try:
+        state = _thread
         if level != C.GGML_LOG_LEVEL_CONT:
-            _pending_level = _LEVELS.get(level, logging.INFO)
-        wanted = _native_logger.isEnabledFor(_pending_level)
-        capturing = _captured is not None and _pending_level >= logging.WARNING
-        if not (wanted or capturing):
-            _pending.clear()
+            state.level = _LEVELS.get(level, logging.INFO)
+        wanted = _native_logger.isEnabledFor(state.level)
+        captured = state.captured if state.level >= logging.WARNING else None
+        if not wanted and captured is None:
+            state.pending.clear()
             return
         piece = ffi.string(text).decode("utf-8", errors="replace")
         if not piece.endswith("\n"):
-            _pending.append(piece)
+            state.pending.append(piece)
             return
-        line = "".join(_pending) + piece[:-1]
-        _pending.clear()
+        line = "".join(state.pending) + piece[:-1]
+        state.pending.clear()
         if "-" in line:
             for flag, keyword in _FLAGS_AS_KEYWORDS:
                 line = line.replace(flag, keyword)
-        if capturing:
-            _captured.append(line.strip())
+        if captured is not None:
+            captured.append(line.strip())
         if wanted:
-            _native_logger.log(_pending_level, "%s", line)
+            _native_logger.log(state.level, "%s", line)
     except Exception:  # noqa: BLE001 - a logging failure must not cross into C
         pass
 
 
 class capture:
-    """Collect llama.cpp's warning and error lines during a native call: `with capture() as lines: ...`.
-
-    Not re-entrant across threads; llmplace uses it around model loads, which hold the load lock."""
+    """Collect llama.cpp's warning and error lines that this thread's native calls log meanwhile:
+    `with capture() as lines: ...`. Per thread (see `_ThreadLog`): another thread's lines never land here. A
+    capture nested in another one takes the lines while it is open."""
 
     def __enter__(self) -> list[str]:
-        global _captured
-        self._previous = _captured
-        _captured = []
-        return _captured
+        self._previous = _thread.captured
+        _thread.captured = []
+        return _thread.captured
 
     def __exit__(self, *exc_info) -> None:
-        global _captured
-        _captured = self._previous
+        _thread.captured = self._previous
 
 
 def install() -> None:
