@@ -11,6 +11,10 @@ The rules are those of the pinned llama.cpp's gguf.cpp, plus a few stricter ones
 refuses well-formed content that llama.cpp loads and then aborts or crashes on, at the first decode or the first
 tokenization: a weight of a type ggml's kernels cannot compute with in its role, a vocabulary llama.cpp cannot
 tokenize or detokenize, hyperparameters (scalar or per layer) that its graph asserts on.
+
+It is llmplace's one GGUF reader: the same pass gives the key/values, the tensor table and the layout (`read`),
+which gguf_info, placement and planning use, so a file is parsed once (cached by path, size and modification
+time), with one table of ggml types. The `gguf` package is used only to write files (synthetic models).
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ FIX = "the file is damaged or truncated, or not a GGUF model; re-download or re-
 FIX_CONTENT = ("llama.cpp cannot run the file as written (a converter's or quantizer's bug, an edited or damaged "
                "file); re-download or re-convert it")
 
-# ggml's type traits at the pinned commit: id -> (name, elements per block, bytes per block). Taken from
-# ggml itself, not from the `gguf` package, whose table lacks Q2_0 and gives Q8_1 a stale size (40, not 36);
-# tests/test_gguf_fuzz.py checks this table against the compiled ggml. Ids 4, 5 and 31-33, 36-38 were
+# ggml's type traits at the pinned commit: id -> (name, elements per block, bytes per block), the one table
+# llmplace sizes tensors by (their bytes here, block sizes for placement). Taken from ggml itself, not from
+# the `gguf` package, whose table lacks Q2_0 and gives Q8_1 a stale size (40, not 36);
+# tests/test_gguf_fuzz.py checks every entry against ggml_blck_size / ggml_type_size of the compiled ggml. Ids 4, 5 and 31-33, 36-38 were
 # removed from ggml: a file using them cannot be loaded.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
@@ -55,6 +60,14 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18),
 }
+
+GGML_TYPE_IDS: dict[str, int] = {name: type_id for type_id, (name, _, _) in GGML_TYPES.items()}
+
+
+def block_size(type_name: str) -> int:
+    """Elements per quantization block of a ggml type, by name ("Q4_K" -> 256)."""
+    return GGML_TYPES[GGML_TYPE_IDS[type_name]][1]
+
 
 # What ggml's CPU kernels accept, per role of a weight (the pinned ggml-cpu: binary-ops.cpp, ops.cpp and the
 # type traits in ggml-cpu.c). A file that breaks these loads without complaint and then aborts or crashes the
@@ -69,6 +82,8 @@ ELEMENTWISE_TYPES = {0}
 #   dot-product kernel (vec_dot) are called through a NULL pointer: Q8_1 and Q8_K (intermediate types of the
 #   kernels, never stored), the integer types and F64.
 NO_MATMUL_TYPES = {9, 15, 24, 25, 26, 27, 28}
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")  # a layer's tensors: "blk.<N>.<name>"
 
 # GGUF value types: id -> (name, struct format of one element, its size). 8 is a string, 9 an array.
 STRING, ARRAY = 8, 9
@@ -115,6 +130,27 @@ class GGUFLayout:
     alignment: int
     data_offset: int          # where the tensor data section starts
     data_size: int            # bytes from data_offset to the end of the last tensor
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of the tensor table."""
+
+    name: str
+    shape: tuple[int, ...]      # GGUF order: ne0 (the contiguous dimension) first
+    dtype: str                  # ggml type name: "F32", "Q4_0", "Q4_K" ...
+    n_bytes: int
+    offset: int                 # byte offset of the data in the file
+    layer: int | None           # N of "blk.N." names, None for others (embeddings, output ...)
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """Everything read from a file's metadata part in one pass."""
+
+    layout: GGUFLayout
+    metadata: dict[str, object]     # key -> str, int, float, bool or list of them ("<unreadable>": not UTF-8)
+    tensors: list[TensorInfo]       # in file order
 
 
 class _Bad(Exception):
@@ -253,10 +289,12 @@ def _read_value(r: _Reader, vtype: int, key: str) -> object:
     return ("array", etype, count, start)
 
 
-def _check_kv(r: _Reader, n_kv: int) -> tuple[dict[str, object], dict[str, int]]:
-    """Walk the key/values; returns the values (arrays summarized) and where each key starts."""
+def _check_kv(r: _Reader, n_kv: int) -> tuple[dict[str, object], dict[str, int], dict[str, tuple[int, int]]]:
+    """Walk the key/values; returns the values (arrays summarized), where each key starts, and each key's
+    GGUF type with where its value ends."""
     values: dict[str, object] = {}
     offsets: dict[str, int] = {}
+    types: dict[str, tuple[int, int]] = {}
     for i in range(n_kv):
         start = r.pos
         raw = r.string(f"the name of key/value {i}")
@@ -279,7 +317,8 @@ def _check_kv(r: _Reader, n_kv: int) -> tuple[dict[str, object], dict[str, int]]
                 raise _Bad(value_start, f"key '{key}' must be {want_text}, not {got_text}")
         values[key] = value
         offsets[key] = start
-    return values, offsets
+        types[key] = (vtype, r.pos)
+    return values, offsets, types
 
 
 def _check_vocab_arrays(values: dict[str, object]) -> None:
@@ -456,8 +495,9 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> list[_
     return rules
 
 
-def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str, int, int]]:
-    """Read the tensor table; returns (name, offset, n_bytes) per tensor, in file order."""
+def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str, int, int, tuple[int, ...], str]]:
+    """Read the tensor table; returns (name, offset, n_bytes, shape, type name) per tensor, in file order (the
+    offset counted from the start of the data section)."""
     seen: set[bytes] = set()
     tensors = []
     for i in range(n_tensors):
@@ -501,7 +541,7 @@ def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str
         if offset % alignment:
             raise _Bad(offset_at, f"tensor '{name}' has data offset {offset}, not a multiple of the alignment "
                                   f"{alignment}")
-        tensors.append((name, offset, n_elements // block * type_size))
+        tensors.append((name, offset, n_elements // block * type_size, tuple(shape), type_name))
     return tensors
 
 
@@ -516,7 +556,7 @@ def _kernel_problem(shape: list[int], type_id: int) -> str:
     return ""
 
 
-def _check_data(r: _Reader, tensors: list[tuple[str, int, int]], alignment: int) -> tuple[int, int]:
+def _check_data(r: _Reader, tensors: list[tuple], alignment: int) -> tuple[int, int]:
     """Check where the tensor data lies; returns (data section offset, its size)."""
     if not tensors:
         return r.pos, 0
@@ -525,19 +565,19 @@ def _check_data(r: _Reader, tensors: list[tuple[str, int, int]], alignment: int)
     if room < 0:
         raise _Bad(r.pos, f"the data section would start at byte {data_offset}, past the end of the file "
                           f"({r.size} bytes)")
-    for name, offset, n_bytes in tensors:
+    for name, offset, n_bytes, *_ in tensors:
         if offset + n_bytes > room:
             raise _Bad(data_offset + min(offset, room),
                        f"the data of tensor '{name}' (bytes {data_offset + offset} to {data_offset + offset + n_bytes}) "
                        f"lies beyond the end of the file ({r.size} bytes)")
     by_offset = sorted(tensors, key=lambda t: t[1])
-    for (prev, prev_offset, prev_bytes), (name, offset, _) in itertools.pairwise(by_offset):
+    for (prev, prev_offset, prev_bytes, *_), (name, offset, *_) in itertools.pairwise(by_offset):
         if offset < prev_offset + prev_bytes:
             raise _Bad(data_offset + offset, f"the data of tensor '{name}' overlaps that of '{prev}' (offsets "
                                              f"{offset} and {prev_offset}, {prev_bytes} bytes)")
     # llama.cpp also requires table order with only alignment padding between tensors.
     expected = 0
-    for name, offset, n_bytes in tensors:
+    for name, offset, n_bytes, *_ in tensors:
         if offset != expected:
             raise _Bad(data_offset + offset, f"tensor '{name}' has data offset {offset} but llama.cpp expects "
                                              f"{expected} (tensor data must follow the table's order, padded to "
@@ -546,7 +586,7 @@ def _check_data(r: _Reader, tensors: list[tuple[str, int, int]], alignment: int)
     return data_offset, expected
 
 
-def _parse(buf, size: int) -> GGUFLayout:
+def _parse(buf, size: int) -> GGUFFile:
     r = _Reader(buf, size)
     r.need(24, "the header")
     if bytes(buf[0:4]) != GGUF_MAGIC:
@@ -563,7 +603,7 @@ def _parse(buf, size: int) -> GGUFLayout:
         raise _Bad(16, f"the header claims {n_kv} key/values, more than a file of {size} bytes can hold")
     if n_tensors > (size - 24) // 33:
         raise _Bad(8, f"the header claims {n_tensors} tensors, more than a file of {size} bytes can hold")
-    values, offsets = _check_kv(r, n_kv)
+    values, offsets, types = _check_kv(r, n_kv)
     _check_vocab_arrays(values)
     _check_vocab(values, offsets)
     layer_rules = _check_hparams(values, offsets)
@@ -572,27 +612,82 @@ def _parse(buf, size: int) -> GGUFLayout:
         raise _Bad(24, f"general.alignment is {alignment}, not a power of two")
     tensors = _check_tensors(r, n_tensors, alignment)
     for rule in layer_rules:
-        for name, _, _ in tensors:
+        for name, *_ in tensors:
             m = rule.tensors.match(name)
             if m and int(m.group(1)) in rule.layers:
                 raise _Bad(offsets.get(rule.key, 0), f"key '{rule.key}' {rule.message.format(layer=m.group(1))} "
                                                      f"({name})", FIX_CONTENT)
     data_offset, data_size = _check_data(r, tensors, alignment)
-    return GGUFLayout(version=version, n_kv=n_kv, n_tensors=n_tensors, alignment=alignment,
-                      data_offset=data_offset, data_size=data_size)
+    layout = GGUFLayout(version=version, n_kv=n_kv, n_tensors=n_tensors, alignment=alignment,
+                        data_offset=data_offset, data_size=data_size)
+    table = []
+    for name, offset, n_bytes, shape, type_name in tensors:
+        m = _LAYER.match(name)
+        table.append(TensorInfo(name=name, shape=shape, dtype=type_name, n_bytes=n_bytes,
+                                offset=data_offset + offset, layer=int(m.group(1)) if m else None))
+    return GGUFFile(layout, _metadata(buf, values, types), table)
+
+
+
+def _metadata(buf, values: dict[str, object], types: dict[str, tuple[int, int]]) -> dict[str, object]:
+    """The key/values as Python values: str for a string, bool for a bool, a list for an array (its contents
+    read here, from the ranges the checks walked), int or float otherwise. A string that is not UTF-8 makes
+    its value "<unreadable>"."""
+    result: dict[str, object] = {}
+    for key, value in values.items():
+        vtype, end = types[key]
+        try:
+            if vtype == STRING:
+                value = value.decode("utf-8")
+            elif vtype == 7:
+                value = bool(value)
+            elif vtype == ARRAY:
+                value = _array_contents(buf, value, end)
+        except UnicodeDecodeError:
+            value = "<unreadable>"
+        result[key] = value
+    return result
+
+
+def _array_contents(buf, summary: tuple, end: int) -> list:
+    """All elements of an array the checks summarized as ("array", element type, count, offset[, values]) and
+    found to end at `end`."""
+    etype, count, start = summary[1], summary[2], summary[3]
+    at = start + 12  # past the element type (u32) and the count (u64)
+    if etype == STRING:
+        data, unpack, pos, texts = bytes(buf[at:end]), _U64.unpack_from, 0, []
+        for _ in range(count):  # lengths bounds-checked by skip_strings
+            (n,) = unpack(data, pos)
+            texts.append(data[pos + 8:pos + 8 + n].decode("utf-8"))
+            pos += 8 + n
+        return texts
+    if len(summary) > 4 and etype != 7:
+        return list(summary[4])
+    code, size = _SCALARS[etype][1], _SCALARS[etype][2]
+    values = array.array(code, buf[at:at + count * size])
+    if sys.byteorder == "big":
+        values.byteswap()
+    return [bool(v) for v in values] if etype == 7 else values.tolist()
 
 
 def validate(path: str | Path) -> GGUFLayout:
     """Check the metadata part of a GGUF file; raise ModelLoadError naming what is wrong and where.
 
     Results are cached per file, keyed by its size and modification time (loads re-validate nothing)."""
+    return read(path).layout
+
+
+def read(path: str | Path) -> GGUFFile:
+    """Check a GGUF file as `validate` does, and return what that pass read: key/values, tensor table, layout.
+    Cached per file, keyed by its size and modification time: treat the result as read-only."""
     path = Path(path)
     stat = path.stat()
     return _validate(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=32)
-def _validate(path: str, size: int, mtime_ns: int) -> GGUFLayout:  # mtime_ns only keys the cache
+# Few entries: a result holds the whole vocabulary, and a process works with a model or two at a time.
+@functools.lru_cache(maxsize=8)
+def _validate(path: str, size: int, mtime_ns: int) -> GGUFFile:  # mtime_ns only keys the cache
     with open(path, "rb") as f:
         if size == 0:
             raise ModelLoadError(f"{path} is empty; {FIX}")

@@ -20,6 +20,7 @@ from .backends import buffer_type
 from .errors import DeviceNotFoundError, PlacementError
 from .gguf_info import TensorInfo
 from .gguf_info import read as read_gguf
+from .gguf_validate import block_size
 from .logs import logger
 from .pattern_limits import check_pattern
 
@@ -298,8 +299,6 @@ _SPLIT_ALONG_ROWS = re.compile(r"\.(ffn_down(_exps|_shexp)?|attn_output)\.weight
 def tensor_split_blocker(path, placement: "Placement", n_devices: int) -> str | None:
     """Why llama.cpp's tensor split cannot run this model here (None if it can). Each reason is a case
     where llama.cpp would refuse late with a generic error or abort the process."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     if n_devices < 2:
         return f"tensor split needs two or more GPUs and {n_devices} offload device(s) are present"
     if placement.rules:
@@ -311,7 +310,7 @@ def tensor_split_blocker(path, placement: "Placement", n_devices: int) -> str | 
         return f"llama.cpp has no tensor split for the {info.arch!r} architecture"
     for t in info.tensors:
         if _SPLIT_ALONG_ROWS.search(t.name):
-            block = GGML_QUANT_SIZES[GGMLQuantizationType[t.dtype]][0]
+            block = block_size(t.dtype)
             if t.shape[0] // block < n_devices:
                 return (f"{t.name} ({t.dtype}, rows of {t.shape[0]}) has {t.shape[0] // block} quantization block(s) "
                         f"per row, fewer than the {n_devices} devices it would be cut across")

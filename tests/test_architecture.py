@@ -118,6 +118,20 @@ def test_no_import_circles_beyond_the_allowed_ones():
                             f"{unexpected}; move what both need into a module below them both")
 
 
+def test_only_code_that_writes_gguf_files_uses_the_gguf_package():
+    """Files are read by gguf_validate alone (one parser, one ggml type table checked against the compiled ggml
+    by tests/test_gguf_fuzz.py); the `gguf` package's reader parses again, with a stale type table."""
+    writers = {"llmplace.synthetic"}  # writes the synthetic test and benchmark models
+    users = set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "gguf" for a in node.names):
+                users.add(name)
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "gguf":
+                users.add(name)
+    assert users <= writers, f"{sorted(users - writers)} import the gguf package: read with llmplace.gguf_validate"
+
+
 def test_planning_is_above_what_it_plans():
     """model, memory, placement and runtime_cost do not reach planning (it imports them)."""
     graph = import_graph()
