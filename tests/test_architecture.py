@@ -16,9 +16,11 @@ PACKAGE = Path(llmplace.__file__).parent
 
 # Circles that may stay, each with why. Keep this list as short as it can be.
 ALLOWED_CYCLES = [
-    # compat mirrors llama-cpp-python's module layout, whose modules import each other (llama.py uses the chat
-    # formats and the tokenizer, which take a Llama); the circle is upstream's public shape, kept so that code
-    # written against it runs unchanged.
+    # compat mirrors llama-cpp-python's modules, which import each other: Llama (llama.py) uses the chat
+    # formats, the tokenizer and its completion/chat helpers, and those take a Llama (typed as one in _chat and
+    # _completion, built by LlamaTokenizer.from_ggml_file) or use llama.py's StoppingCriteriaList, as upstream's
+    # do. Each of them is upstream's public module (or one split off llama.py to keep it under ~600 lines), so
+    # the circle is the shape code written against llama-cpp-python imports, kept so that it runs unchanged.
     {"llmplace.compat._chat", "llmplace.compat._completion", "llmplace.compat.llama",
      "llmplace.compat.llama_chat_format", "llmplace.compat.llama_tokenizer"},
     # removed by the token-loop redesign
