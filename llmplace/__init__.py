@@ -22,7 +22,7 @@ _EXPORTS = {
     "load": "planning", "Model": "model",
     "Context": "context", "LoRA": "lora",
     "generate": "generation", "stream_generate": "generation", "Generation": "generation",
-    "GenerationStep": "generation",
+    "GenerationStep": "generation", "Engine": "engine", "EngineRequest": "engine", "generate_batch": "engine",
     "SamplingParams": "sampling", "Sampler": "sampling",
     "Placement": "placement", "Rule": "placement", "explain": "planning", "distribute": "placement",
     "cpu_moe": "placement", "n_cpu_moe": "placement",

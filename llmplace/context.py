@@ -436,6 +436,162 @@ class Context(NativeObject):
         return np.frombuffer(ffi.buffer(C.llama_get_logits(ptr), n * n_vocab * 4), dtype=np.float32
                              ).reshape(n, n_vocab).copy()
 
+    # ---- several sequences (llmplace.engine) ----
+    # The methods above work on sequence 0 (`tokens`). These address any sequence of a context made with
+    # n_seq_max > 1; the caller keeps track of which tokens each sequence holds. Sequence 0 stays in step with
+    # `tokens` when they touch it. Every value llama.cpp checks by aborting the process (a seq_id out of range,
+    # a partial copy between the per-sequence caches of a non-unified context, a batch over n_batch) is
+    # checked here first and raises a typed error.
+
+    def _seq_id(self, name: str, seq_id) -> int:
+        return integer(name, seq_id, 0, C.llama_n_seq_max(self._ptr) - 1,
+                       " (a sequence id below the context's n_seq_max)")
+
+    @property
+    def n_seq_max(self) -> int:
+        with self._lifetime:
+            return C.llama_n_seq_max(self._ptr)
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one sequence may hold: n_ctx when the KV cache is unified (shared by all sequences),
+        n_ctx / n_seq_max (rounded up by llama.cpp) when each sequence has a cache of its own."""
+        with self._lifetime:
+            return C.llama_n_ctx_seq(self._ptr)
+
+    @exclusive
+    def sequence_length(self, seq_id: int) -> int:
+        """How many positions sequence `seq_id` holds in the KV cache (0 when empty)."""
+        seq_id = self._seq_id("seq_id", seq_id)
+        return C.llama_memory_seq_pos_max(C.llama_get_memory(self._ptr), seq_id) + 1
+
+    @exclusive
+    def remove_sequence(self, seq_id: int) -> None:
+        """Forget every token of sequence `seq_id` (its cells become free for other sequences)."""
+        seq_id = self._seq_id("seq_id", seq_id)
+        C.llama_memory_seq_rm(C.llama_get_memory(self._ptr), seq_id, -1, -1)  # a whole sequence never fails
+        if seq_id == 0:
+            self.tokens.clear()
+
+    @exclusive
+    def truncate_sequence(self, seq_id: int, n_keep: int) -> int:
+        """Keep the first n_keep positions of sequence `seq_id`, drop the rest. Returns the positions kept:
+        n_keep, or 0 when the memory cannot drop a suffix (recurrent models), which empties the sequence."""
+        seq_id = self._seq_id("seq_id", seq_id)
+        n_keep = integer("n_keep", n_keep, 0, INT32[1])
+        memory = C.llama_get_memory(self._ptr)
+        length = C.llama_memory_seq_pos_max(memory, seq_id) + 1
+        if n_keep >= length:
+            return length
+        if not C.llama_memory_seq_rm(memory, seq_id, n_keep, -1):
+            C.llama_memory_seq_rm(memory, seq_id, -1, -1)
+            n_keep = 0
+        if seq_id == 0:
+            del self.tokens[n_keep:]
+        return n_keep
+
+    @exclusive
+    def copy_sequence(self, src: int, dst: int, n: int, tokens: Sequence[int] | None = None) -> int:
+        """Make sequence `dst` hold the first `n` positions of sequence `src` (what dst held before is dropped),
+        without computing anything: a shared prompt prefix is computed once. Returns the positions copied: n,
+        or 0 when the memory cannot cut a sequence (recurrent models), which leaves dst empty. tokens: the
+        tokens copied, needed when dst is 0 (they become `tokens`).
+
+        In a unified KV cache the cells are shared (no copy); with a cache per sequence llama.cpp copies the
+        whole cache of src at the next decode (it refuses a partial copy by aborting), and the positions from
+        n on are then dropped from dst."""
+        src, dst = self._seq_id("src", src), self._seq_id("dst", dst)
+        if src == dst:
+            raise InvalidParameterError(f"copy_sequence needs two different sequences, got src = dst = {src}")
+        memory = C.llama_get_memory(self._ptr)
+        length = C.llama_memory_seq_pos_max(memory, src) + 1
+        n = integer("n", n, 0, length, f" (sequence {src} holds {length} positions)")
+        if dst == 0:
+            if tokens is None or len(tokens) < n:
+                raise InvalidParameterError("copying into sequence 0 needs tokens= (the n tokens copied): "
+                                            "Context.tokens lists what sequence 0 holds")
+            self._check_tokens(tokens[:n])
+        C.llama_memory_seq_rm(memory, dst, -1, -1)
+        if dst == 0:
+            self.tokens.clear()
+        if n == 0:
+            return 0
+        if C.llama_n_ctx_seq(self._ptr) < C.llama_n_ctx(self._ptr):  # a cache per sequence: whole copies only
+            C.llama_memory_seq_cp(memory, src, dst, -1, -1)
+            if n < length and not C.llama_memory_seq_rm(memory, dst, n, -1):
+                C.llama_memory_seq_rm(memory, dst, -1, -1)
+                return 0
+        else:
+            C.llama_memory_seq_cp(memory, src, dst, 0, n)
+        if dst == 0:
+            self.tokens.extend(int(t) for t in tokens[:n])
+        return n
+
+    @exclusive
+    def decode_batch(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
+        """Compute tokens of several sequences in ONE llama_decode. entries: (seq_id, token, position,
+        wants_logits), at most n_batch of them; each sequence's positions must continue it (the first is the
+        number of positions it holds, the next ones follow by 1). Returns the batch index of each entry that
+        wants logits, in order: what `logits(index)` and `Sampler.sample(context, index)` read, until the next
+        decode. On a failure nothing of the batch stays in the cache (every sequence is cut back to where it
+        was) and the typed error of `check` is raised."""
+        ptr = self._ptr
+        n = len(entries)
+        if not 1 <= n <= self._max_decode:
+            raise InvalidParameterError(f"decode_batch takes 1 to {self._max_decode} entries (n_batch, or n_ubatch "
+                                        f"for non-causal attention), got {n}")
+        memory = C.llama_get_memory(ptr)
+        n_seq_max, n_ctx_seq, n_vocab = C.llama_n_seq_max(ptr), C.llama_n_ctx_seq(ptr), self.model.n_vocab
+        starts: dict[int, int] = {}   # seq_id -> the position its first entry must have (what it held)
+        following: dict[int, int] = {}  # seq_id -> the position its next entry must have
+        outputs: list[int] = []
+        for i, entry in enumerate(entries):
+            try:
+                seq_id, token, position, wants_logits = entry
+            except (TypeError, ValueError):
+                raise InvalidParameterError(f"decode_batch entry {i} must be (seq_id, token, position, "
+                                            f"wants_logits), not {entry!r}") from None
+            seq_id = integer(f"entries[{i}] seq_id", seq_id, 0, n_seq_max - 1,
+                             f" (the context was created with n_seq_max={n_seq_max})")
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < n_vocab:
+                raise InvalidParameterError(f"entries[{i}]: token id {token!r} is outside the vocabulary "
+                                            f"(0 .. {n_vocab - 1})")
+            expected = following.get(seq_id)
+            if expected is None:
+                expected = starts[seq_id] = C.llama_memory_seq_pos_max(memory, seq_id) + 1
+            if isinstance(position, bool) or not isinstance(position, numbers.Integral) or position != expected:
+                raise InvalidParameterError(
+                    f"entries[{i}]: sequence {seq_id} continues at position {expected}, not {position!r} (positions "
+                    "follow on from what the sequence holds, one by one)")
+            if position >= n_ctx_seq:
+                raise ContextOverflowError(f"entries[{i}]: position {position} is beyond what one sequence of this "
+                                           f"context holds ({n_ctx_seq} tokens); create it with a larger n_ctx")
+            following[seq_id] = expected + 1
+            batch_slot = self._batch
+            if batch_slot is None:
+                batch_slot = self._batch = C.llama_batch_init(len(self._token_buf), 0, 1)
+                self._batch_finalizer = weakref.finalize(self, C.llama_batch_free, batch_slot)
+            batch_slot.token[i] = token
+            batch_slot.pos[i] = position
+            batch_slot.n_seq_id[i] = 1
+            batch_slot.seq_id[i][0] = seq_id
+            batch_slot.logits[i] = 1 if wants_logits else 0
+            if wants_logits:
+                outputs.append(i)
+        batch = self._batch
+        batch.n_tokens = n
+        self._start_decode()
+        self._n_outputs = 0
+        rc = C.llama_decode(ptr, batch)
+        if rc != 0:
+            for seq_id, start in starts.items():
+                C.llama_memory_seq_rm(memory, seq_id, start, -1)
+        check(rc, "llama_decode")
+        self._n_outputs = len(outputs)
+        if 0 in starts:
+            self.tokens.extend(int(e[1]) for e in entries if e[0] == 0)
+        return outputs
+
     @exclusive
     def synchronize(self) -> None:
         """Wait until the device has finished the decodes handed to it (GPU decoding is asynchronous: a

@@ -1,0 +1,619 @@
+"""The batching engine: one model, one context holding several sequences, decoded together (continuous batching).
+
+    with llmplace.Engine(model, slots=4, n_ctx=2048) as engine:
+        handles = [engine.submit(prompt, max_tokens=64, temperature=0) for prompt in prompts]
+        for step in handles[0]:                 # GenerationSteps, as stream_generate yields them
+            print(step.text, end="")
+        replies = [h.result() for h in handles] # Generation objects, as generate returns them
+
+A scheduler thread owns the context. At every step it admits waiting requests into free slots, decodes one
+token for each generating sequence, prefills a piece of each waiting prompt, and draws each sequence's next
+token with that sequence's own sampler chain (temperature, seed, penalties ...), stop strings and limits
+(`token_loop.SequenceState`). A request joins at the next step and leaves as soon as it ends or is cancelled.
+
+Equal to one request run alone. The judge of an engine is that batching does not change what a request
+produces: on the CPU a sequence's greedy tokens equal `generate` of the same prompt token for token. ggml's
+CPU kernels compute each row of a micro-batch on its own, but some choose their algorithm by the shape of the
+micro-batch, and the attention kernels' rounding depends on where a sequence's tokens lie in the KV cache. So:
+- each sequence has a KV cache of its own (a non-unified cache, one "stream" per slot): its tokens lie in
+  cells 0, 1, 2 ... as they do in a context of its own, whatever the other sequences hold. (A unified cache
+  interleaves the sequences' cells, which changes how the attention sums are grouped.)
+- a prompt is prefilled in pieces cut at the boundaries of the micro-batches a lone `generate` computes it in
+  (multiples of PREFILL_UNIT from position 0), each piece a decode of its own, and a piece is never cut below
+  FA_TILE_ROWS rows where the lone micro-batch had more: flash attention takes its tiled kernel (float32
+  queries) from FA_TILE_ROWS rows on and its one-row kernel (float16 queries) below.
+- one generated token per sequence is decoded for all generating sequences in one decode, except a sequence
+  attending to SPLIT_KV_CELLS cells or more: alone, one query over that many cells takes the kernel that
+  splits the cells across threads, so such a sequence gets a decode of its own.
+- a shared prefix (from a live or finished slot, `Context.copy_sequence`) is cut so that the rest of the
+  prompt is computed in pieces of the same kinds as alone.
+On a GPU the kernels differ between batch shapes anyway (see README, speculative decoding), so batched greedy
+output may differ from a lone run at near-ties there, as it does for speculative decoding.
+
+Speculative decoding stays a single-sequence feature (`generate(..., draft=...)`): the engine refuses draft=
+and lookup=, since verifying drafts of several sequences in one batch is not built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import inspect
+import threading
+import time
+from typing import Iterator, Sequence
+
+from .context import Context, common_prefix_length
+from .errors import (BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError,
+                     unknown_keyword_error)
+from .generation import Generation, GenerationStep, _new_step, _prompt_tokens
+from .model import Model
+from .sampling import Sampler, SamplingParams
+from .text_assembly import TextAssembler
+from .token_loop import SequenceState
+
+# The micro-batch size of a Context made by `generate` (Context's default n_ubatch): a lone run prefills its
+# prompt in micro-batches [0, 512), [512, 1024) ...; the engine cuts prompts at the same boundaries.
+PREFILL_UNIT = inspect.signature(Context).parameters["n_ubatch"].default
+# ggml's CPU flash attention (ops.cpp, GGML_FA_TILE_Q): micro-batches of at least this many query rows take
+# the tiled kernel, smaller ones the one-row kernel; the two round differently.
+FA_TILE_ROWS = 64
+# llama.cpp pads the number of KV cells a decode attends to to a multiple of 256 (llama_kv_cache::get_n_kv);
+# a single query over 512 cells or more takes the kernel that splits the cells across threads.
+KV_PAD = 256
+SPLIT_KV_CELLS = 512
+DEFAULT_MAX_QUEUE = 1024
+# The attention kernel a row of a KV cache was computed with; a cached row is reused for a new prompt only
+# if a lone run would compute that row with the same one (its values differ in the last bits otherwise).
+ROW, TILE, SPLIT = 0, 1, 2   # one-row kernel; tiled kernel; one query with the cells split across threads
+
+_SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_SPECULATIVE = frozenset({"draft", "lookup", "depth", "adaptive_depth"})
+CLOSED_WHILE_RUNNING = ("the Engine was closed (close() on it or on its Model) before this request finished; "
+                        "its text so far is in the steps already received. Submit it to an open Engine")
+
+
+def prefill_pieces(start: int, n_prompt: int, limit: int) -> list[int]:
+    """The ends of the pieces the engine prefills prompt positions [start, n_prompt) in: cut at the lone run's
+    micro-batch boundaries (multiples of PREFILL_UNIT), pieces of at most `limit` tokens, except that a piece
+    of a micro-batch of FA_TILE_ROWS rows or more keeps at least FA_TILE_ROWS rows (see the module docstring;
+    `exact_reuse` makes sure such a part is never shorter)."""
+    ends = []
+    position = start
+    while position < n_prompt:
+        first = position - position % PREFILL_UNIT
+        end = min(first + PREFILL_UNIT, n_prompt)
+        length = end - position
+        count = -(-length // limit)
+        # never fewer rows per piece than the lone micro-batch's kernel needs (one query row takes another
+        # kernel than several)
+        count = max(1, min(count, length // (FA_TILE_ROWS if end - first >= FA_TILE_ROWS else 2)))
+        for i in range(1, count + 1):
+            ends.append(position + length * i // count)
+        position = end
+    return ends
+
+
+def piece_kind(start: int, length: int) -> int:
+    """The kernel computing a piece of `length` rows of one sequence, alone in its micro-batch, from `start`."""
+    if length >= FA_TILE_ROWS:
+        return TILE
+    return SPLIT if length == 1 and start >= KV_PAD else ROW
+
+
+def lone_kind(row: int, n_prompt: int) -> int:
+    """The kernel a lone `generate` computes prompt row `row` of an n_prompt-token prompt with."""
+    first = row - row % PREFILL_UNIT
+    return piece_kind(row, min(first + PREFILL_UNIT, n_prompt) - first)
+
+
+def exact_reuse(cached: int, n_prompt: int) -> int:
+    """How many of `cached` prompt tokens (already in a cache) to keep so that the rest of the prompt is
+    prefilled in pieces of the kinds a lone run computes it in: at most n_prompt - 1 (the last prompt token is
+    computed for its logits), not inside the last FA_TILE_ROWS rows of a lone micro-batch of at least that
+    many rows, and not leaving one row of a smaller one of several rows."""
+    cached = max(0, min(cached, n_prompt - 1))
+    if cached == 0:
+        return 0
+    first = cached - cached % PREFILL_UNIT
+    end = min(first + PREFILL_UNIT, n_prompt)
+    rows = FA_TILE_ROWS if end - first >= FA_TILE_ROWS else min(2, end - first)
+    return min(cached, end - rows)
+
+
+class EngineRequest:
+    """A request submitted to an Engine: iterate it (in any thread) for its GenerationSteps as they come,
+    `async for` them in asyncio, `result()` / `await` it for the Generation, `cancel()` it.
+
+    Every iteration sees every step from the first. A request the engine could not run (closed, a decode
+    failure) raises that typed error from iteration, result() and await, after the steps it did produce."""
+
+    def __init__(self, engine: Engine, tokens: list[int], max_tokens: int, stops: list[str],
+                 params: SamplingParams, sampler: Sampler) -> None:
+        self.tokens, self.max_tokens, self.stops, self.params = tokens, max_tokens, stops, params
+        self._engine, self._sampler = engine, sampler
+        self._cond = threading.Condition()
+        self._steps: list[GenerationStep] = []
+        self._finished = False
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._waiters: list = []   # (event loop, future) of async iterations waiting for a step
+        # Set by the scheduler thread only:
+        self.slot: _Slot | None = None
+        self.state: SequenceState | None = None
+        self.position = 0          # prompt positions in the cache (while prefilling)
+        self.pieces: list[int] = []  # ends of the prompt pieces still to prefill
+        self.pending = -1          # the token drawn last, decoded at the next step
+        self.submitted = time.perf_counter()
+        self.start = self.prompt_done = 0.0
+        self.prompt_cached = 0
+        self.prompt_tps = 0.0
+
+    # ---- what the caller reads ----
+    @property
+    def done(self) -> bool:
+        """True once the request has ended (finished, cancelled, or failed)."""
+        return self._finished
+
+    def cancel(self) -> None:
+        """Stop the request: a waiting one leaves the queue now, a running one frees its slot at the next step.
+        Its steps end with finish_reason "cancelled". Does nothing once it has ended. Thread-safe."""
+        self._engine._cancel(self)
+
+    def __iter__(self) -> Iterator[GenerationStep]:
+        index = 0
+        while True:
+            with self._cond:
+                while index >= len(self._steps) and not self._finished:
+                    self._cond.wait()
+                if index < len(self._steps):
+                    step = self._steps[index]
+                    index += 1
+                elif self._error is not None:
+                    raise _fresh(self._error)
+                else:
+                    return
+            yield step
+
+    def __aiter__(self):
+        return self._async_steps()
+
+    async def _async_steps(self):
+        loop = asyncio.get_running_loop()
+        index = 0
+        while True:
+            future = step = None
+            with self._cond:
+                if index < len(self._steps):
+                    step = self._steps[index]
+                    index += 1
+                elif self._finished:
+                    if self._error is not None:
+                        raise _fresh(self._error)
+                    return
+                else:
+                    future = loop.create_future()
+                    self._waiters.append((loop, future))
+            if future is not None:
+                await future
+            else:
+                yield step
+
+    def __await__(self):
+        return self._async_result().__await__()
+
+    async def _async_result(self) -> Generation:
+        async for _ in self._async_steps():
+            pass
+        return self.result()
+
+    def result(self, timeout: float | None = None) -> Generation:
+        """Wait for the request to end and return its Generation (finish_reason "stop", "length" or
+        "cancelled"). Raises the typed error that ended it, if one did; TimeoutError after `timeout` seconds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._finished, timeout):
+                raise TimeoutError(f"the request did not finish within {timeout} s")
+            if self._error is not None:
+                raise _fresh(self._error)
+            steps = list(self._steps)
+        tokens = [s.token for s in steps if s.token >= 0]
+        last = steps[-1]
+        return Generation(text="".join(s.text for s in steps), tokens=tokens, finish_reason=last.finish_reason,
+                          prompt_tokens=len(self.tokens), prompt_tps=self.prompt_tps,
+                          generation_tps=last.generation_tps)
+
+    # ---- what the scheduler writes ----
+    def _push(self, token: int, text: str, finish: str | None) -> None:
+        now = time.perf_counter()
+        state = self.state
+        generated = state.generated if state is not None and token >= 0 else 0
+        tps = generated / max(now - self.prompt_done, 1e-9) if generated else 0.0
+        step = _new_step(token, text, finish, len(self.tokens), self.prompt_cached, generated, self.prompt_tps,
+                         tps, now - self.submitted)
+        with self._cond:
+            self._steps.append(step)
+            if finish is not None:
+                self._finished = True
+                self._sampler.close()
+            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        _wake(waiters)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            if self._finished:
+                return
+            self._error = error
+            self._finished = True
+            self._sampler.close()
+            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        _wake(waiters)
+
+
+def _fresh(error: BaseException) -> BaseException:
+    """A new exception like `error` (one raised in several threads would pile up tracebacks)."""
+    try:
+        return type(error)(*error.args)
+    except Exception:  # pragma: no cover - an exception class with another constructor
+        return error
+
+
+def _set_result(future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _wake(waiters) -> None:
+    for loop, future in waiters:
+        try:
+            loop.call_soon_threadsafe(_set_result, future)
+        except RuntimeError:  # that event loop is closed: nobody is waiting any more
+            pass
+
+
+class _Slot:
+    """One sequence of the context: which request runs in it and which tokens its cache holds."""
+
+    __slots__ = ("cached", "kinds", "last_used", "request", "seq_id")
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.request: EngineRequest | None = None
+        self.cached: list[int] = []   # the tokens the KV cache holds for this sequence, position by position
+        self.kinds = bytearray()      # the kernel (ROW, TILE, SPLIT) each of them was computed with
+        self.last_used = 0.0
+
+    def reusable(self, tokens: list[int]) -> int:
+        """How many leading tokens of a prompt this cache holds computed as a lone run computes them, cut by
+        exact_reuse."""
+        n_prompt = len(tokens)
+        n = common_prefix_length(self.cached, tokens, 0, min(n_prompt - 1, len(self.cached)))
+        kinds = self.kinds
+        for row in range(n):
+            if kinds[row] != lone_kind(row, n_prompt):
+                n = row
+                break
+        return exact_reuse(n, n_prompt)
+
+
+class Engine:
+    """Serve several generation requests at once on one model (continuous batching).
+
+    slots: sequences decoded together (each has its own KV cache of n_ctx tokens; default n_ctx: the model's
+    load(n_ctx=...), else min(4096, trained length)). n_batch: the most prompt tokens prefilled per step (in
+    pieces; generating sequences get their token at every step). max_queue: requests waiting for a slot
+    before submit raises BusyError. Other keywords go to the Context (n_threads, flash_attn, type_k, ...).
+    Requests are submitted from any thread (`submit`); close() (or the with-block's end) stops the engine:
+    requests not finished then raise ClosedError."""
+
+    def __init__(self, model: Model, slots: int = 4, n_ctx: int | None = None, n_batch: int = 512, *,
+                 max_queue: int = DEFAULT_MAX_QUEUE, **context_options) -> None:
+        for name, value, upper in (("slots", slots, 256), ("n_batch", n_batch, 1 << 24),
+                                   ("max_queue", max_queue, 1 << 30)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+                raise InvalidParameterError(f"{name} must be an int between 1 and {upper}, not {value!r}")
+        if n_ctx is None:
+            n_ctx = model.default_n_ctx or (min(4096, model.n_ctx_train) if model.n_ctx_train > 0 else 4096)
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+            raise InvalidParameterError(f"n_ctx (tokens each slot holds) must be an int >= 1, not {n_ctx!r}")
+        context_names = set(inspect.signature(Context).parameters) - {"model", "n_ctx", "n_seq_max", "n_batch"}
+        unknown = set(context_options) - context_names
+        if unknown & _SAMPLING_NAMES or unknown & {"max_tokens", "stop"}:
+            raise InvalidParameterError(f"{', '.join(sorted(unknown))}: sampling options and max_tokens / stop are "
+                                        "per request: pass them to submit()")
+        if unknown - {"n_seq_max", "n_batch"}:
+            raise unknown_keyword_error("Engine", unknown - {"n_seq_max", "n_batch"},
+                                        context_names | {"slots", "n_ctx", "n_batch", "max_queue"})
+        taken = {"n_seq_max", "n_batch"} & set(context_options)
+        if taken:
+            raise InvalidParameterError(f"{', '.join(sorted(taken))}: the Engine sets these (slots=, n_batch=)")
+        extra = dict(context_options.pop("extra_params", None) or {})
+        if extra.get("kv_unified"):
+            raise InvalidParameterError("the Engine gives each slot a KV cache of its own (kv_unified=False): "
+                                        "in a unified cache a sequence's results depend on the others' (see "
+                                        "llmplace/engine.py); leave kv_unified out")
+        extra["kv_unified"] = False
+        context_options.setdefault("n_ubatch", PREFILL_UNIT)
+        self.model = model
+        self.slots = slots
+        self.n_batch = n_batch
+        self.max_queue = max_queue
+        self._context = Context(model, n_ctx=n_ctx * slots, n_batch=max(PREFILL_UNIT, slots), n_seq_max=slots,
+                                extra_params=extra, **context_options)
+        self.n_ctx = self._context.n_ctx_seq  # llama.cpp rounds each sequence's cache up to a multiple of 256
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._waiting: collections.deque[EngineRequest] = collections.deque()
+        self._active: list[EngineRequest] = []   # admitted, in admission order
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="llmplace-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side ----
+    def submit(self, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256, stop: str | Sequence[str] = (),
+               sampling: SamplingParams | None = None, add_special: bool = True, **sampling_kwargs) -> EngineRequest:
+        """Queue a request (text or token ids, as `generate`); it starts when a slot is free. Sampling options
+        as `generate`'s (temperature, top_k, top_p, min_p, seed, penalties, logit_bias ...), per request.
+        Raises BusyError when max_queue requests are waiting, ClosedError after close(), and the typed errors
+        of bad arguments (here, not later)."""
+        unknown = set(sampling_kwargs) - _SAMPLING_NAMES
+        if unknown & _SPECULATIVE:
+            raise InvalidParameterError("speculative decoding (draft=, lookup=) runs one sequence at a time: use "
+                                        "llmplace.generate(..., draft=...) for it; the Engine does not draft")
+        if unknown:
+            raise unknown_keyword_error("Engine.submit", unknown,
+                                        {"max_tokens", "stop", "sampling", "add_special"} | _SAMPLING_NAMES)
+        if sampling is not None and sampling_kwargs:
+            raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as "
+                                        "keywords, not both")
+        params = sampling or SamplingParams(**sampling_kwargs)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise InvalidParameterError(f"stop must be a string or a list of strings, not {stop!r}")
+        if self._closing:
+            raise ClosedError("this Engine is closed; create a new one")
+        tokens = _prompt_tokens(self.model, prompt, add_special)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens)} tokens but a slot holds {self.n_ctx} (and generation needs at least "
+                "one more); shorten the prompt, or create the Engine with a larger n_ctx")
+        sampler = Sampler(self.model.n_vocab, params, n_ctx=self.n_ctx)
+        if params.uses_penalties:
+            for token in tokens:
+                sampler.accept(token)
+        request = EngineRequest(self, tokens, max_tokens, stops, params, sampler)
+        with self._wake:
+            if self._closing:
+                sampler.close()
+                raise ClosedError("this Engine is closed; create a new one")
+            if len(self._waiting) >= self.max_queue:
+                sampler.close()
+                raise BusyError(f"the Engine's wait queue is full ({self.max_queue} requests wait for a slot): "
+                                "retry later, or create the Engine with a larger max_queue or more slots")
+            self._waiting.append(request)
+            self._wake.notify_all()
+        return request
+
+    def generate(self, prompt: str | bytes | Sequence[int], **kwargs) -> Generation:
+        """submit(prompt, **kwargs).result(): one request, waited for."""
+        return self.submit(prompt, **kwargs).result()
+
+    def _cancel(self, request: EngineRequest) -> None:
+        with self._wake:
+            if request.done:
+                return
+            request._cancelled = True
+            try:
+                self._waiting.remove(request)
+            except ValueError:  # running: the scheduler ends it at its next step
+                self._wake.notify_all()
+                return
+        request._push(-1, "", "cancelled")
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop the scheduler (a decode in flight is aborted), end every unfinished request with ClosedError,
+        free the context. Safe to call more than once, from any thread."""
+        with self._wake:
+            already = self._closing
+            self._closing = True
+            self._wake.notify_all()
+        if not already:
+            try:
+                self._context.abort()
+            except LlmplaceError:
+                pass
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self._context.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- the scheduler thread ----
+    def _run(self) -> None:
+        error: BaseException = ClosedError(CLOSED_WHILE_RUNNING)
+        try:
+            while True:
+                with self._wake:
+                    while not self._closing and not self._waiting and not self._active:
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                    admitted = []
+                    free = sum(slot.request is None for slot in self._slots)
+                    while self._waiting and len(admitted) < free:
+                        admitted.append(self._waiting.popleft())
+                for request in admitted:
+                    self._admit(request)
+                self._step()
+        except BaseException as exc:  # the context was closed under it (Model.close), or worse: end everything
+            if not self._closing:
+                error = exc if isinstance(exc, LlmplaceError) else ClosedError(f"{CLOSED_WHILE_RUNNING} ({exc!r})")
+        finally:
+            with self._wake:
+                self._closing = True
+                leftovers = list(self._waiting) + list(self._active)
+                self._waiting.clear()
+                self._active.clear()
+            for request in leftovers:
+                request._fail(error)
+
+    def _admit(self, request: EngineRequest) -> None:
+        """Put a request in a free slot, reusing the longest prefix of its prompt found in any slot's cache:
+        the free slot's own (kept), or another slot's (copied)."""
+        if request._cancelled:
+            request._push(-1, "", "cancelled")
+            return
+        tokens = request.tokens
+        if request.max_tokens == 0:
+            request.state = SequenceState(TextAssembler(self.model.vocab, request.stops), len(tokens), 0, self.n_ctx)
+            request._push(-1, "", "length")
+            return
+        context = self._context
+        reusable = {slot.seq_id: slot.reusable(tokens) if slot.cached else 0 for slot in self._slots}
+        free = [slot for slot in self._slots if slot.request is None]
+        # the free slot whose cache shares most with the prompt; among equals, the one holding least
+        own = max(free, key=lambda s: (reusable[s.seq_id], -len(s.cached), -s.last_used))
+        source = max(self._slots, key=lambda s: reusable[s.seq_id])
+        if reusable[source.seq_id] > reusable[own.seq_id]:
+            # a copy of another slot's prefix replaces what the chosen slot held: take the free one holding least
+            target = min(free, key=lambda s: (len(s.cached), s.last_used))
+            reused = context.copy_sequence(source.seq_id, target.seq_id, reusable[source.seq_id], tokens=tokens)
+            kinds = source.kinds[:reused]
+        else:
+            target = own
+            reused = context.truncate_sequence(target.seq_id, reusable[own.seq_id])
+            kinds = target.kinds[:reused]
+        target.cached = list(tokens[:reused])
+        target.kinds = kinds
+        target.request = request
+        target.last_used = time.perf_counter()
+        request.slot = target
+        request.position = request.prompt_cached = reused
+        request.pieces = prefill_pieces(reused, len(tokens), self.n_batch)
+        request.start = time.perf_counter()
+        request.state = SequenceState(TextAssembler(self.model.vocab, request.stops), len(tokens),
+                                      request.max_tokens, self.n_ctx)
+        self._active.append(request)
+
+    def _step(self) -> None:
+        """One step: end cancelled requests, decode each generating sequence's last token, prefill prompt
+        pieces; draw a token for every sequence that got logits."""
+        for request in [r for r in self._active if r._cancelled]:
+            self._finish(request, cancelled=True)
+        generating = [r for r in self._active if r.pending >= 0]
+        together = sorted((r for r in generating if r.slot and len(r.slot.cached) < KV_PAD),
+                          key=lambda r: r.slot.seq_id)
+        calls = [together] if together else []
+        calls += [[r] for r in generating if len(r.slot.cached) >= KV_PAD]
+        for group in calls:
+            self._decode(group, [(r.slot.seq_id, r.pending, len(r.slot.cached), True) for r in group],
+                         [r.pending for r in group])
+        budget = self.n_batch
+        for request in [r for r in self._active if r.pieces]:
+            while request.pieces and budget > 0 and not request.done:
+                end = request.pieces[0]
+                start, seq_id, last = request.position, request.slot.seq_id, len(request.tokens)
+                piece = request.tokens[start:end]
+                entries = [(seq_id, token, start + i, start + i == last - 1) for i, token in enumerate(piece)]
+                if not self._decode([request], entries, [piece]):
+                    break
+                budget -= len(piece)
+            if budget <= 0:
+                break
+
+    def _decode(self, group: list[EngineRequest], entries, added: list) -> bool:
+        """One decode_batch for `group` (one entry list), then the draws. `added`: per request, what its cache
+        gains (a token, or a list of prompt tokens). False when the decode failed (those requests end)."""
+        try:
+            outputs = self._context.decode_batch(entries)
+        except LlmplaceError as exc:
+            if self._closing:
+                raise
+            for request in group:
+                self._end(request)
+                request._fail(exc)
+            return False
+        seq_index = {request.slot.seq_id: request for request in group}
+        for request, gained in zip(group, added):
+            slot = request.slot
+            if isinstance(gained, list):
+                slot.kinds.extend([piece_kind(len(slot.cached), len(gained))] * len(gained))
+                slot.cached.extend(gained)
+                request.position += len(gained)
+                request.pieces.pop(0)
+                if not request.pieces:
+                    request.prompt_done = now = time.perf_counter()
+                    computed = len(request.tokens) - request.prompt_cached
+                    request.prompt_tps = computed / max(now - request.start, 1e-9)
+            else:
+                slot.kinds.append(piece_kind(len(slot.cached), 1))
+                slot.cached.append(gained)
+        sampler_context = self._context
+        for index in outputs:
+            request = seq_index[entries[index][0]]
+            token = request._sampler.sample(sampler_context, index)
+            text, finish = request.state.emit(token)
+            if finish is None:
+                request.pending = token
+                request._push(token, text, None)
+            else:
+                request.pending = -1
+                self._end(request)
+                request._push(token, text, finish)
+        return True
+
+    def _finish(self, request: EngineRequest, *, cancelled: bool) -> None:
+        self._end(request)
+        if cancelled:
+            text = request.state.assembler.end() if request.state is not None else ""
+            request._push(-1, text, "cancelled")
+
+    def _end(self, request: EngineRequest) -> None:
+        """Free the request's slot; its cache stays, for a later prompt with the same prefix."""
+        slot = request.slot
+        if slot is not None and slot.request is request:
+            slot.request = None
+            slot.last_used = time.perf_counter()
+        request.pending = -1
+        request.pieces = []
+        if request in self._active:
+            self._active.remove(request)
+
+
+def generate_batch(model: Model, prompts: Sequence[str | bytes | Sequence[int]], *, slots: int | None = None,
+                   n_ctx: int | None = None, max_tokens: int = 256, add_special: bool = True,
+                   **kwargs) -> list[Generation]:
+    """Generate a reply to each prompt, batched on one Engine, and return the Generations in prompt order.
+    Each equals `generate(model, prompt, ...)` with the same keywords (greedy output token for token on the
+    CPU; a seed gives each request the same draws as alone). slots: sequences at once (default: the number
+    of prompts, at most 8). n_ctx: tokens per slot (default: enough for the longest prompt and max_tokens, as
+    `generate` sizes its context). Other keywords: sampling options and stop, as `generate`'s, and Context
+    options (n_threads, flash_attn ...)."""
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    token_lists = [_prompt_tokens(model, prompt, add_special) for prompt in prompts]
+    if slots is None:
+        slots = min(len(prompts), 8)
+    if n_ctx is None:
+        longest = max(len(tokens) for tokens in token_lists)
+        n_ctx = model.default_n_ctx or min(max(512, longest + max_tokens + 1),
+                                           max(model.n_ctx_train, longest + 1))
+    submit_names = {"stop", "sampling"} | _SAMPLING_NAMES | _SPECULATIVE
+    request_options = {k: v for k, v in kwargs.items() if k in submit_names}
+    context_options = {k: v for k, v in kwargs.items() if k not in submit_names}
+    with Engine(model, slots=slots, n_ctx=n_ctx, max_queue=len(prompts), **context_options) as engine:
+        handles = [engine.submit(tokens, max_tokens=max_tokens, **request_options) for tokens in token_lists]
+        return [handle.result() for handle in handles]
