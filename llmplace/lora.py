@@ -16,11 +16,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import logs
 from ._ffi import C, ffi
 from .errors import ClosedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
+from .native_errors import native_call
 
 
 class LoRA:
@@ -41,15 +41,12 @@ class LoRA:
                                         f"{model.arch!r}: use the adapter made for this base model")
         # Inside a use of the model: Model.close() in another thread waits for the adapter to be listed in
         # model._adapters (and forgets it) instead of freeing the model under the load.
-        with model._lifetime, logs.capture() as messages:
-            handle = C.llama_adapter_lora_init(model._ptr, str(self.path).encode())
-            if handle != ffi.NULL:
-                self._handle = handle
-                self.model = model
-                model._adapters.append(self)
-        if handle == ffi.NULL:
-            reason = "; ".join(m for m in messages if m) or "no reason given"
-            raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {self.path}: {reason}")
+        with model._lifetime:
+            self._handle = native_call(C.llama_adapter_lora_init, model._ptr, str(self.path).encode(),
+                                       error=lambda reason: ModelLoadError(
+                                           f"llama.cpp could not load the LoRA adapter {self.path}: {reason}"))
+            self.model = model
+            model._adapters.append(self)
 
     @property
     def _ptr(self):

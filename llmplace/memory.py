@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from . import logs
 from ._ffi import C, c_string, ffi
 from .c_values import FLASH_ATTN_TYPES
 from .context import KV_TYPES
 from .errors import InvalidParameterError, OutOfMemoryError
+from .native_errors import native_call
 from .placement import is_host_buffer
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -179,12 +179,8 @@ def measure(model, cparams, *, use_mmap: bool = True) -> dict[str, MemoryUse]:
     """Create a context for `model` (a dry-run or loaded Model) and read llama.cpp's memory breakdown of both.
     On a dry-run model nothing is allocated, and the numbers are what a real load would allocate (a load
     with `use_mmap` maps the host weights it can: they are reported as mapped)."""
-    with logs.capture() as messages:
-        ctx = C.llama_init_from_model(model._ptr, cparams)
-    if ctx == ffi.NULL:
-        reason = "; ".join(m for m in messages if m) or "no reason given"
-        raise OutOfMemoryError(f"llama.cpp could not create a context of {cparams.n_ctx} tokens for "
-                               f"{model.path.name}: {reason}")
+    ctx = native_call(C.llama_init_from_model, model._ptr, cparams, error=lambda reason: OutOfMemoryError(
+        f"llama.cpp could not create a context of {cparams.n_ctx} tokens for {model.path.name}: {reason}"))
     try:
         return breakdown(ctx, would_map=_mmap_buffer_types() if model.dry_run and use_mmap else ())
     finally:

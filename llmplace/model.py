@@ -20,6 +20,7 @@ from .errors import AbortedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
 from .lora import LoRA
+from .native_errors import native_call
 from .placement import Placement, configure, describe, is_host_buffer, read_back
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
@@ -177,18 +178,20 @@ class Model(NativeObject):
         params.progress_callback = C._llmplace_progress_callback
         params.progress_callback_user_data = relay.handle
 
-        with _load_lock, logs.capture() as native_messages:
-            handle = C.llama_model_load_from_file(str(self.path).encode(), params)
-        del keep_alive, override_array  # llama.cpp copied what it needed during the load
-        if relay.exception is not None:
-            if handle != ffi.NULL:
-                C.llama_model_free(handle)
-            raise relay.exception
-        if handle == ffi.NULL:
+        def load_error(reason: str) -> BaseException:
+            # A progress callback that raised or returned False is why the load stopped, not llama.cpp's lines
+            if relay.exception is not None:
+                return relay.exception
             if relay.cancelled:
-                raise AbortedError(f"loading {self.path} was cancelled by the progress callback")
-            reason = "; ".join(m for m in native_messages if m) or "no reason given"
-            raise ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
+                return AbortedError(f"loading {self.path} was cancelled by the progress callback")
+            return ModelLoadError(f"llama.cpp could not load {self.path}: {reason}")
+
+        with _load_lock:
+            handle = native_call(C.llama_model_load_from_file, str(self.path).encode(), params, error=load_error)
+        del keep_alive, override_array  # llama.cpp copied what it needed during the load
+        if relay.exception is not None:  # raised at the last report, after which llama.cpp finished anyway
+            C.llama_model_free(handle)
+            raise relay.exception
         self._own(handle, C.llama_model_free)
         self.dry_run = dry_run  # weights were placed but not allocated: metadata and placement only
         self.vocab_only = bool(vocab_only)  # a tokenizer only: no Context can run on it

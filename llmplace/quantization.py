@@ -9,11 +9,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import logs
 from ._ffi import C, ffi
 from .backends import ensure_initialized
 from .errors import InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
+from .native_errors import is_nonzero, native_call
 
 # Type name → llama_ftype. Only types that need no importance matrix: the IQ1/IQ2/IQ3 families need one,
 # which llmplace does not compute.
@@ -93,14 +93,14 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str = "q4_0",
                               "choose a writable folder") from None
     os.close(fd)
     try:
-        with logs.capture() as native_messages:
-            rc = C.llama_model_quantize(str(src_path).encode(), tmp_name.encode(), params)
-        if rc != 0:
-            reason = "; ".join(m for m in native_messages if m) or "no reason given"
+        def quantize_error(reason: str) -> Exception:
             if "requantizing" in reason:
-                raise InvalidParameterError(f"{src_path} is already quantized; pass allow_requantize=True to "
-                                            f"requantize it to {key} ({reason})")
-            raise ModelLoadError(f"llama.cpp could not quantize {src_path} to {key}: {reason}")
+                return InvalidParameterError(f"{src_path} is already quantized; pass allow_requantize=True to "
+                                             f"requantize it to {key} ({reason})")
+            return ModelLoadError(f"llama.cpp could not quantize {src_path} to {key}: {reason}")
+
+        native_call(C.llama_model_quantize, str(src_path).encode(), tmp_name.encode(), params, error=quantize_error,
+                    failed=is_nonzero)
         # mkstemp made the file private (0600); give it the mode any new file gets (0666 less the umask)
         os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, dst_path)

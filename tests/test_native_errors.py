@@ -12,6 +12,7 @@ import llmplace
 from llmplace import ModelLoadError, logs
 from llmplace._ffi import C, ffi
 from llmplace.backends import ensure_initialized
+from llmplace.native_errors import NO_REASON, is_nonzero, native_call
 
 
 def _missing_a_tensor(tmp_path, source):
@@ -78,3 +79,17 @@ def test_a_failed_load_quotes_only_its_own_threads_log(tmp_path, tiny_llama_path
     assert any("other-thread" in line for line in other_lines)
     assert not any("output_norm" in line or "missing-tensor" in line for line in other_lines)
 
+
+def test_native_call_raises_the_callers_error_with_llama_cpps_reason(tmp_path):
+    ensure_initialized()
+    params = C.llama_model_default_params()
+    with pytest.raises(ModelLoadError, match=r"^could not load: .*no-such-model\.gguf") as info:
+        native_call(C.llama_model_load_from_file, str(tmp_path / "no-such-model.gguf").encode(), params,
+                    error=lambda reason: ModelLoadError(f"could not load: {reason}"))
+    assert NO_REASON not in str(info.value)
+
+
+def test_native_call_without_a_log_line_says_no_reason_was_given():
+    with pytest.raises(ValueError, match=f"code 3: {NO_REASON}"):
+        native_call(lambda: 3, error=lambda reason: ValueError(f"code 3: {reason}"), failed=is_nonzero)
+    assert native_call(lambda: 0, error=ValueError, failed=is_nonzero) == 0

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import logs
 from .._ffi import C, ffi
 from .._handle import NativeObject
 from ..errors import InvalidParameterError
+from ..native_errors import native_call
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
@@ -240,12 +240,11 @@ class GrammarConstraint(NativeObject):
         check_grammar_size(text)
         if "\0" in text or "\0" in root:
             raise InvalidParameterError("the grammar holds a NUL character, which would cut it short in llama.cpp")
-        with model._lifetime, logs.capture() as native_messages:  # Model.close() elsewhere waits for it
-            sampler = C.llama_sampler_init_grammar(model.vocab._ptr, text.encode("utf-8"), root.encode("utf-8"))
-        if sampler == ffi.NULL:
-            reason = "; ".join(m for m in native_messages if m) or "no reason given"
-            raise InvalidParameterError(f"llama.cpp rejected the grammar: {reason}. Check its GBNF syntax (rule "
-                                        f"'{root}' must exist)")
+        with model._lifetime:  # Model.close() elsewhere waits for it
+            sampler = native_call(C.llama_sampler_init_grammar, model.vocab._ptr, text.encode("utf-8"),
+                                  root.encode("utf-8"), error=lambda reason: InvalidParameterError(
+                                      f"llama.cpp rejected the grammar: {reason}. Check its GBNF syntax (rule "
+                                      f"'{root}' must exist)"))
         self._own(sampler, C.llama_sampler_free)
         n = model.n_vocab
         self._data = ffi.new("llama_token_data[]", n)
