@@ -38,7 +38,7 @@ from .chat_template import ChatTemplate, format_chat, validate_messages
 from .context import Context
 from .context_lock import GenerationHold
 from .errors import AbortedError, BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError
-from .generation import _setup, stream_generate
+from .generation import request, stream_generate
 from .model import Model
 from .planning import load
 from .sampling import SamplingParams
@@ -399,8 +399,8 @@ class Chat:
         consistent = True          # the cache and context.tokens are known to agree
         steps = None
         try:
-            steps = _setup(self.model, turn.tokens, context=context, add_special=False, hold=hold,
-                           **turn.options, **self._speculation).steps()
+            steps = request(self.model, turn.tokens, context=context, add_special=False, hold=hold,
+                            **turn.options, **self._speculation).steps()
             for step in steps:
                 last = step
                 if step.text:

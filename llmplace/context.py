@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from . import logs
 from ._handle import NativeObject
 from .backends import cpu_backend_function
 from ._ffi import C, ffi
@@ -17,7 +18,6 @@ from .c_values import FLASH_ATTN_TYPES, INT32, integer, set_fields
 from .context_lock import BUSY_MESSAGE, ContextLock  # noqa: F401 - BUSY_MESSAGE: where callers found it
 from .errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
-from .native_errors import NO_REASON, native_call
 
 # KV-cache element types accepted for type_k / type_v.
 KV_TYPES = {
@@ -99,6 +99,15 @@ def _free_context(handle, pools) -> None:
 
 def _raise_flag(flag) -> None:
     flag[0] = 1
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int], start: int = 0, limit: int | None = None) -> int:
+    """How many leading tokens a and b share (at most `limit`), given that the first `start` match."""
+    n = start
+    end = min(len(a), len(b)) if limit is None else limit
+    while n < end and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def exclusive(method):
@@ -192,29 +201,30 @@ class Context(NativeObject):
 
         # Inside a use of the model: Model.close() from another thread waits for the context to exist (and
         # be listed in model._contexts, which it closes first) instead of freeing the model under it.
-        def creation_error(reason: str) -> Exception:
-            if reason != NO_REASON and not any(word in reason.lower() for word in ("alloc", "memory", "buffer")):
+        with model._lifetime, logs.capture() as native_messages:
+            handle = C.llama_init_from_model(model._ptr, params)
+            if handle != ffi.NULL:
+                try:
+                    pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
+                except BaseException:
+                    C.llama_free(handle)
+                    raise
+                self._own(handle, _free_context, pools, interrupt=functools.partial(_raise_flag, self._abort_flag))
+                self._pools = pools  # [generation pool, batch pool (if another thread count)]
+                # Sizes read now: once model._contexts lists it, a Model.close() may free it at any time.
+                n_batch, self._n_ctx = C.llama_n_batch(handle), C.llama_n_ctx(handle)  # fixed for its life
+                causal, n_ubatch = bool(C.llama_get_causal_attn(handle)), C.llama_n_ubatch(handle)
+                model._contexts.add(self)
+        if handle == ffi.NULL:
+            reason = "; ".join(native_messages) or "no reason given"
+            if native_messages and not any(word in reason.lower() for word in ("alloc", "memory", "buffer")):
                 # every value was range-checked above, so this is a combination llama.cpp refuses
-                return InvalidParameterError(f"llama.cpp refused to create a context with n_ctx={n_ctx}, "
-                                             f"n_batch={n_batch}, n_seq_max={n_seq_max}, extra_params="
-                                             f"{dict(extra_params or {})}: {reason}")
-            return OutOfMemoryError(
+                raise InvalidParameterError(f"llama.cpp refused to create a context with n_ctx={n_ctx}, "
+                                            f"n_batch={n_batch}, n_seq_max={n_seq_max}, extra_params="
+                                            f"{dict(extra_params or {})}: {reason}")
+            raise OutOfMemoryError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: {reason}. "
                 "Try a smaller n_ctx or n_batch, or a quantized KV cache (type_k='q8_0', type_v='q8_0').")
-
-        with model._lifetime:
-            handle = native_call(C.llama_init_from_model, model._ptr, params, error=creation_error)
-            try:
-                pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
-            except BaseException:
-                C.llama_free(handle)
-                raise
-            self._own(handle, _free_context, pools, interrupt=functools.partial(_raise_flag, self._abort_flag))
-            self._pools = pools  # [generation pool, batch pool (if another thread count)]
-            # Sizes read now: once model._contexts lists it, a Model.close() may free it at any time.
-            n_batch, self._n_ctx = C.llama_n_batch(handle), C.llama_n_ctx(handle)  # fixed for its life
-            causal, n_ubatch = bool(C.llama_get_causal_attn(handle)), C.llama_n_ubatch(handle)
-            model._contexts.add(self)
         # (above) A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
         # graph computation, i.e. every generated token.
         self.model = model
@@ -282,13 +292,13 @@ class Context(NativeObject):
         self.tokens.clear()
 
     @exclusive
-    def reuse_prefix(self, tokens: Sequence[int], keep_last: int = 1) -> int:
+    def reuse_prefix(self, tokens: Sequence[int], keep_last: int = 1, known: int = 0) -> int:
         """Keep the longest cached prefix of `tokens`, leaving at least `keep_last` of them to compute (the
         last prompt token must be decoded again for its logits); drop the rest of the cache. Returns the
-        number of tokens reused."""
-        cached, limit = 0, min(len(self.tokens), len(tokens) - keep_last)
-        while cached < limit and self.tokens[cached] == tokens[cached]:
-            cached += 1
+        number of tokens reused. known: a length of prefix the caller knows to match (comparing starts there).
+        Every reuse of cached tokens (generation, Chat, the drop-in, a draft model's context) goes through here."""
+        limit = min(len(self.tokens), len(tokens) - keep_last)
+        cached = common_prefix_length(self.tokens, tokens, min(known, limit), limit)
         self.truncate(cached)
         return cached
 

@@ -23,8 +23,6 @@ ALLOWED_CYCLES = [
     # the circle is the shape code written against llama-cpp-python imports, kept so that it runs unchanged.
     {"llmplace.compat._chat", "llmplace.compat._completion", "llmplace.compat.llama",
      "llmplace.compat.llama_chat_format", "llmplace.compat.llama_tokenizer"},
-    # removed by the token-loop redesign
-    {"llmplace.generation", "llmplace.speculative"},
 ]
 
 

@@ -219,7 +219,7 @@ def test_adaptive_depth_catching_up_a_draft_in_batches_keeps_greedy_output(smoll
 
 def simulate(n_tokens, verify_cost, *, accept, step_cost=0.0, catchup_cost=0.0, lookup=False, depth=5,
              prompt_tokens=40, ratio=1.0, seed=0):
-    """Drive a DepthController as speculative_steps does, with synthetic costs (seconds) and a drafter whose
+    """Drive a DepthController as SpeculativeTokens.draw does, with synthetic costs (seconds) and a drafter whose
     tokens are each accepted with probability `accept`. Returns (seconds after the prompt, depth per round)."""
     rng = random.Random(seed)
     prompt = verify_cost(prompt_tokens)

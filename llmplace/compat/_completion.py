@@ -9,21 +9,22 @@ rewrite the logits in llama.cpp's buffer before the same sampler chain draws fro
 
 from __future__ import annotations
 
-import codecs
 import random
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._ffi import C
 from ..context_lock import GenerationHold
 from ..errors import ContextOverflowError, InvalidParameterError
-from ..generation import _setup, _StopMatcher
+from ..generation import request
 from ..sampling import Sampler, SamplingParams
+from ..text_assembly import TextAssembler
+from ..token_loop import DrawnTokens, LogitsHooks, SequenceState, run
 from .errors import UnsupportedFeatureError
 from .llama_cache import longest_token_prefix
 from .llama_grammar import GrammarConstraint
@@ -32,14 +33,6 @@ if TYPE_CHECKING:
     from .llama import Llama
 
 _NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: "pick a random seed"
-
-
-class _Step(NamedTuple):
-    """What the hooked loop yields: the fields of GenerationStep this module reads."""
-
-    token: int
-    text: str
-    finish_reason: str | None
 
 
 # ---- prompt ----
@@ -117,91 +110,45 @@ def sampling_params(llama: Llama, *, temperature, top_k, top_p, min_p, typical_p
 
 # ---- generation with per-token hooks ----
 class _HookedRun:
-    """Generation that exposes each token's logits before the draw (logits processors, stopping criteria,
-    logprobs). Same sampler chain, prefix reuse and stop-string handling as stream_generate."""
+    """Generation that exposes each token's logits before the draw (logits processors, grammar, stopping
+    criteria, logprobs): the token loop over a DrawnTokens source with LogitsHooks. Same sampler chain, prefix
+    reuse and text assembly as stream_generate; a new sampler chain, so that penalties see only generated tokens
+    (as llama-cpp-python)."""
 
     def __init__(self, llama: Llama, tokens: list[int], max_tokens: int, stops: list[str], params: SamplingParams,
                  processors, criteria, keep_rows: bool, prompt_rows: bool, grammar=None) -> None:
         self.llama, self.tokens, self.max_tokens, self.stops, self.params = llama, tokens, max_tokens, stops, params
-        self.processors, self.criteria, self.keep_rows = processors, criteria, keep_rows
-        self.rows: list[np.ndarray] = []          # the logits each generated token was drawn from
+        self.hooks = LogitsHooks(processors, grammar, criteria, keep_rows)
         self.prompt_rows: np.ndarray | None = None  # row i: logits after prompt token i (echo with logprobs)
         self.want_prompt_rows = prompt_rows
-        self.grammar = grammar
 
-    def __iter__(self) -> Iterator[_Step]:
+    @property
+    def rows(self) -> list[np.ndarray]:
+        """The logits each generated token was drawn from (keep_rows)."""
+        return self.hooks.rows
+
+    def __iter__(self) -> Iterator[tuple[int, str, str | None]]:
         llama, tokens = self.llama, self.tokens
-        ctx, vocab = llama._ctx, llama._model.vocab
-        if self.want_prompt_rows:
-            if len(tokens) > ctx.n_batch:
-                raise UnsupportedFeatureError(f"echo with logprobs needs the prompt in one batch: it has {len(tokens)} "
-                                              f"tokens, n_batch is {ctx.n_batch}; create the Llama with a larger n_batch")
-            ctx.clear()
-            self.prompt_rows = ctx.decode_all(tokens)
-        else:
-            cached, limit = 0, min(len(ctx.tokens), len(tokens) - 1)
-            while cached < limit and ctx.tokens[cached] == tokens[cached]:
-                cached += 1
-            ctx.truncate(cached)
-            ctx.decode(tokens[cached:])
-        sampler = Sampler(llama.n_vocab(), self.params)  # a new chain: penalties see only generated tokens
+        ctx = llama._ctx
+        sampler = None
         try:
-            yield from self._steps(ctx, vocab, sampler)
+            if self.want_prompt_rows:
+                if len(tokens) > ctx.n_batch:
+                    raise UnsupportedFeatureError(f"echo with logprobs needs the prompt in one batch: it has "
+                                                  f"{len(tokens)} tokens, n_batch is {ctx.n_batch}; create the Llama "
+                                                  "with a larger n_batch")
+                ctx.clear()
+                self.prompt_rows = ctx.decode_all(tokens)
+            else:
+                ctx.decode(tokens[ctx.reuse_prefix(tokens):])
+            sampler = Sampler(llama.n_vocab(), self.params)
+            state = SequenceState(TextAssembler(llama._model.vocab, self.stops), len(tokens), self.max_tokens,
+                                  ctx.n_ctx)
+            yield from run(state, DrawnTokens(ctx, sampler, self.hooks))
         finally:
-            sampler.close()
-            if self.grammar is not None:
-                self.grammar.close()
-
-    def _steps(self, ctx, vocab, sampler) -> Iterator[_Step]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = _StopMatcher(self.stops)
-        n_ctx = ctx.n_ctx
-        for i in range(self.max_tokens):
-            # A copy (as llama-cpp-python's scores): a processor may keep what it is given, and a view of
-            # llama.cpp's buffer would outlive it. What the processors and grammar make of it is written back
-            # for the sampler to draw from.
-            logits = ctx.logits()
-            raw = logits.copy() if self.keep_rows or self.criteria is not None else logits
-            if self.keep_rows:
-                self.rows.append(raw)
-            if self.processors or self.grammar is not None:
-                if self.processors:
-                    logits = _processed(self.processors, ctx, logits)
-                if self.grammar is not None:
-                    self.grammar.apply(logits)
-                ctx.set_logits(logits)
-            token = sampler.sample(ctx)
-            if self.grammar is not None and not vocab.is_eog(token):
-                self.grammar.accept(token)
-            if self.criteria is not None and self.criteria(np.asarray(ctx.tokens, dtype=np.intc), raw):
-                # As llama-cpp-python: the token that met the criteria is dropped, the reply ends with "stop".
-                if self.keep_rows:
-                    self.rows.pop()
-                yield _Step(-1, decoder.decode(b"", final=True) + matcher.flush(), "stop")
-                return
-            if vocab.is_eog(token):
-                yield _Step(token, decoder.decode(b"", final=True) + matcher.flush(), "stop")
-                return
-            text, hit = matcher.feed(decoder.decode(vocab.piece(token)))
-            if hit:
-                yield _Step(token, text, "stop")
-                return
-            if i == self.max_tokens - 1 or len(ctx.tokens) >= n_ctx:
-                tail, hit = matcher.feed(decoder.decode(b"", final=True))
-                yield _Step(token, text + (tail if hit else tail + matcher.flush()), "stop" if hit else "length")
-                return
-            ctx.decode_one(token)
-            yield _Step(token, text, None)
-
-
-def _processed(processors, ctx, logits: np.ndarray) -> np.ndarray:
-    """The logits processors' result as float32[n_vocab] (they may edit `logits` in place and return it)."""
-    result = processors(np.asarray(ctx.tokens, dtype=np.intc), logits)
-    try:
-        return np.array(np.broadcast_to(np.asarray(result, dtype=np.float32), logits.shape))
-    except (TypeError, ValueError) as exc:
-        raise InvalidParameterError(f"a logits processor must return {logits.shape[0]} scores (one per token), "
-                                    f"not {type(result).__name__} of shape {np.shape(result)}: {exc}") from None
+            if sampler is not None:
+                sampler.close()
+            self.hooks.close()
 
 
 def generate_tokens(llama: Llama, tokens, params: SamplingParams, reset: bool, processors, criteria):
@@ -215,23 +162,18 @@ def generate_tokens(llama: Llama, tokens, params: SamplingParams, reset: bool, p
 def _token_ids(ctx, llama: Llama, tokens, params: SamplingParams, reset: bool, processors, criteria):
     tokens = [int(t) for t in tokens]
     if reset:
-        cached, limit = 0, min(len(ctx.tokens), len(tokens) - 1)
-        while cached < limit and ctx.tokens[cached] == tokens[cached]:
-            cached += 1
-        ctx.truncate(cached)
-        tokens = tokens[cached:]
+        tokens = tokens[ctx.reuse_prefix(tokens):]
     if tokens:
         ctx.decode(tokens)
     sampler = Sampler(llama.n_vocab(), params)
+    # The token source of the token loop, drawn step by step: this API has no end, no text and no limit.
+    source = DrawnTokens(ctx, sampler, LogitsHooks(processors or None, criteria=criteria or None))
     try:
         while True:
-            logits = ctx.logits()  # a copy: see _HookedRun._steps
-            raw = logits.copy() if criteria is not None else logits
-            if processors:
-                ctx.set_logits(_processed(processors, ctx, logits))
-            token = sampler.sample(ctx)
-            if criteria is not None and criteria(np.asarray(ctx.tokens, dtype=np.intc), raw):
+            drawn = source.draw()
+            if drawn is None:  # a stopping criterion
                 return
+            token = drawn[0]
             more = yield token
             ctx.decode([token, *map(int, more)] if more else [token])
     finally:
@@ -335,8 +277,8 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
         # mirostat's feedback does not fit speculative acceptance: a mirostat request decodes plainly
         speculation = (llama._speculation or {}) if not params.mirostat else {}
         # stream_generate's request, read as (token, text, finish_reason) tuples: no per-token step object.
-        steps = _setup(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
-                       hold=hold, **speculation).token_steps()
+        steps = request(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
+                        hold=hold, **speculation).token_steps()
     info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()),
             "model": model if model is not None else llama.model_path}
     if stream:
