@@ -10,7 +10,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import logs
 from ._handle import NativeObject
 from .backends import cpu_backend_function
 from ._ffi import C, ffi
@@ -18,6 +17,7 @@ from .c_values import FLASH_ATTN_TYPES, INT32, integer, set_fields
 from .context_lock import BUSY_MESSAGE, ContextLock  # noqa: F401 - BUSY_MESSAGE: where callers found it
 from .errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
+from .native_errors import NO_REASON, native_call
 
 # KV-cache element types accepted for type_k / type_v.
 KV_TYPES = {
@@ -201,30 +201,29 @@ class Context(NativeObject):
 
         # Inside a use of the model: Model.close() from another thread waits for the context to exist (and
         # be listed in model._contexts, which it closes first) instead of freeing the model under it.
-        with model._lifetime, logs.capture() as native_messages:
-            handle = C.llama_init_from_model(model._ptr, params)
-            if handle != ffi.NULL:
-                try:
-                    pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
-                except BaseException:
-                    C.llama_free(handle)
-                    raise
-                self._own(handle, _free_context, pools, interrupt=functools.partial(_raise_flag, self._abort_flag))
-                self._pools = pools  # [generation pool, batch pool (if another thread count)]
-                # Sizes read now: once model._contexts lists it, a Model.close() may free it at any time.
-                n_batch, self._n_ctx = C.llama_n_batch(handle), C.llama_n_ctx(handle)  # fixed for its life
-                causal, n_ubatch = bool(C.llama_get_causal_attn(handle)), C.llama_n_ubatch(handle)
-                model._contexts.add(self)
-        if handle == ffi.NULL:
-            reason = "; ".join(native_messages) or "no reason given"
-            if native_messages and not any(word in reason.lower() for word in ("alloc", "memory", "buffer")):
+        def creation_error(reason: str) -> Exception:
+            if reason != NO_REASON and not any(word in reason.lower() for word in ("alloc", "memory", "buffer")):
                 # every value was range-checked above, so this is a combination llama.cpp refuses
-                raise InvalidParameterError(f"llama.cpp refused to create a context with n_ctx={n_ctx}, "
-                                            f"n_batch={n_batch}, n_seq_max={n_seq_max}, extra_params="
-                                            f"{dict(extra_params or {})}: {reason}")
-            raise OutOfMemoryError(
+                return InvalidParameterError(f"llama.cpp refused to create a context with n_ctx={n_ctx}, "
+                                             f"n_batch={n_batch}, n_seq_max={n_seq_max}, extra_params="
+                                             f"{dict(extra_params or {})}: {reason}")
+            return OutOfMemoryError(
                 f"llama.cpp could not create a context with n_ctx={n_ctx}, n_batch={n_batch}: {reason}. "
                 "Try a smaller n_ctx or n_batch, or a quantized KV cache (type_k='q8_0', type_v='q8_0').")
+
+        with model._lifetime:
+            handle = native_call(C.llama_init_from_model, model._ptr, params, error=creation_error)
+            try:
+                pools = _attach_thread_pools(handle, n_threads, n_threads_batch)
+            except BaseException:
+                C.llama_free(handle)
+                raise
+            self._own(handle, _free_context, pools, interrupt=functools.partial(_raise_flag, self._abort_flag))
+            self._pools = pools  # [generation pool, batch pool (if another thread count)]
+            # Sizes read now: once model._contexts lists it, a Model.close() may free it at any time.
+            n_batch, self._n_ctx = C.llama_n_batch(handle), C.llama_n_ctx(handle)  # fixed for its life
+            causal, n_ubatch = bool(C.llama_get_causal_attn(handle)), C.llama_n_ubatch(handle)
+            model._contexts.add(self)
         # (above) A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
         # graph computation, i.e. every generated token.
         self.model = model
