@@ -459,7 +459,10 @@ class Engine:
                 self._step()
         except BaseException as exc:  # the context was closed under it (Model.close), or worse: end everything
             if not self._closing:
-                error = exc if isinstance(exc, LlmplaceError) else ClosedError(f"{CLOSED_WHILE_RUNNING} ({exc!r})")
+                if isinstance(exc, LlmplaceError) and not self._context._lifetime.closing:
+                    error = exc
+                else:
+                    error = ClosedError(f"{CLOSED_WHILE_RUNNING} ({type(exc).__name__}: {exc})")
         finally:
             with self._wake:
                 self._closing = True
@@ -539,7 +542,7 @@ class Engine:
         try:
             outputs = self._context.decode_batch(entries)
         except LlmplaceError as exc:
-            if self._closing:
+            if self._closing or self._context._lifetime.closing:  # close(), or Model.close() closed the context
                 raise
             for request in group:
                 self._end(request)
