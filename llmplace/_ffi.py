@@ -7,6 +7,7 @@ programs built from the same source (the RPC server, llama-bench, llama-simple).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import BuildError
@@ -52,3 +53,13 @@ def read_c_string_into_buffer(fill, initial_size: int = 256) -> str:
             return ffi.unpack(buf, n).decode("utf-8", errors="replace")
         size = n + 1
     return ffi.unpack(buf, size - 1).decode("utf-8", errors="replace")
+
+
+def null_terminated(ctype: str, items: Sequence) -> "ffi.CData":
+    """A C array of `ctype` holding `items` and then one zeroed element: llama.cpp's NULL-terminated lists (devices,
+    tensor buffer type overrides). An item is a value of `ctype` (a pointer) or, for a struct, a dict of its fields.
+    The caller keeps the array (and what its items point to) alive while llama.cpp reads it."""
+    array = ffi.new(f"{ctype}[]", len(items) + 1)  # ffi.new zeroes memory: the last element is the terminator
+    for i, item in enumerate(items):
+        array[i] = item
+    return array

@@ -56,6 +56,57 @@ class Device:
     host_buffer_type: str | None  # pinned host memory of a GPU ("CUDA_Host"), None when there is none
 
 
+@dataclass(frozen=True)
+class NativeDevice:
+    """A ggml backend device with its handles: what llmplace's own modules enumerate and hand to llama.cpp
+    (`native_devices`). Users see `Device`, which holds no pointer."""
+
+    index: int          # position in ggml's device list
+    name: str
+    description: str
+    type: int           # enum ggml_backend_dev_type (C.GGML_BACKEND_DEVICE_TYPE_CPU, _GPU ...)
+    kind: str           # as Device.kind: an RPC server's device is "rpc" whatever type it reports
+    backend: str        # the backend registry's name: "CPU", "CUDA", "RPC" ...
+    reg: object         # ggml_backend_reg_t
+    ptr: object         # ggml_backend_dev_t
+
+    def memory(self) -> tuple[int, int]:
+        """(free, total) bytes as the backend reports them now (see `device_memory`)."""
+        return device_memory(self.ptr)
+
+    def buffer_type(self):
+        """The device's default buffer type (ggml_backend_buffer_type_t)."""
+        return C.ggml_backend_dev_buffer_type(self.ptr)
+
+    def host_buffer_type(self):
+        """The device's pinned host memory buffer type, or NULL when it has none (the CPU, RPC)."""
+        return C.ggml_backend_dev_host_buffer_type(self.ptr)
+
+
+def native_devices() -> list[NativeDevice]:
+    """Every device ggml knows now, in its order, with its handles: the one place llmplace enumerates them."""
+    ensure_initialized()
+    found = []
+    for index in range(C.ggml_backend_dev_count()):
+        dev = C.ggml_backend_dev_get(index)
+        reg = C.ggml_backend_dev_backend_reg(dev)
+        backend, dev_type = c_string(C.ggml_backend_reg_name(reg)), C.ggml_backend_dev_type(dev)
+        found.append(NativeDevice(
+            index=index, name=c_string(C.ggml_backend_dev_name(dev)),
+            description=c_string(C.ggml_backend_dev_description(dev)), type=dev_type,
+            kind="rpc" if backend.upper() == "RPC" else _KINDS.get(dev_type, "unknown"),
+            backend=backend, reg=reg, ptr=dev))
+    return found
+
+
+def device_memory(dev) -> tuple[int, int]:
+    """(free, total) bytes of a ggml device (ggml_backend_dev_t), as its backend reports them now. For the CPU
+    that is all of the host's RAM; `Device.memory_free` gives the honest figure (see `_host_available`)."""
+    free, total = ffi.new("size_t *"), ffi.new("size_t *")
+    C.ggml_backend_dev_memory(dev, free, total)
+    return int(free[0]), int(total[0])
+
+
 _lock = threading.Lock()
 _modules: list[BackendModule] = []
 _rpc_devices: dict[str, list[Device]] = {}   # endpoint → its devices, each server registered once
@@ -182,17 +233,16 @@ def buffer_type(target: str):
     Accepted: "cpu"; "gpu" / "gpu:N" (the N-th GPU, in ggml's device order); "cuda_host" / "gpu_host:N"
     (that GPU's pinned host memory); a device name ("CUDA0", "RPC0"), meaning its default buffer type; or a
     buffer type name ("CUDA_Host", "RPC0[127.0.0.1:50052]"). Case-insensitive."""
-    ensure_initialized()
     wanted = target.strip().lower()
-    devs = [C.ggml_backend_dev_get(i) for i in range(C.ggml_backend_dev_count())]
-    gpus = [d for d in devs if C.ggml_backend_dev_type(d) == C.GGML_BACKEND_DEVICE_TYPE_GPU]
+    devs = native_devices()
+    gpus = [d for d in devs if d.type == C.GGML_BACKEND_DEVICE_TYPE_GPU]
     chosen = None
     host_of_gpu = wanted in ("cuda_host", "gpu_host") or wanted.startswith(("cuda_host:", "gpu_host:"))
     if host_of_gpu:
         # Pinned host memory of a GPU: weights stay in RAM but transfer to that GPU fast (op offload).
         wanted = "gpu" + wanted[wanted.index(":"):] if ":" in wanted else "gpu"
     if wanted == "cpu":
-        chosen = next((d for d in devs if C.ggml_backend_dev_type(d) == C.GGML_BACKEND_DEVICE_TYPE_CPU), None)
+        chosen = next((d for d in devs if d.type == C.GGML_BACKEND_DEVICE_TYPE_CPU), None)
     elif wanted == "gpu" or wanted.startswith("gpu:"):
         index = 0 if wanted == "gpu" else int(wanted[4:]) if wanted[4:].isdigit() else -1
         if not 0 <= index < len(gpus):
@@ -200,19 +250,19 @@ def buffer_type(target: str):
                                       "install a GPU plugin or target 'cpu'")
         chosen = gpus[index]
     if chosen is not None:
-        buft = (C.ggml_backend_dev_host_buffer_type if host_of_gpu else C.ggml_backend_dev_buffer_type)(chosen)
+        buft = chosen.host_buffer_type() if host_of_gpu else chosen.buffer_type()
         if buft == ffi.NULL:
-            raise DeviceNotFoundError(f"placement target {target!r}: {c_string(C.ggml_backend_dev_name(chosen))} "
-                                      "has no pinned host memory buffer type")
+            raise DeviceNotFoundError(f"placement target {target!r}: {chosen.name} has no pinned host memory "
+                                      "buffer type")
         return buft, c_string(C.ggml_backend_buft_name(buft))
     known = []
     for dev in devs:
-        for buft in (C.ggml_backend_dev_buffer_type(dev), C.ggml_backend_dev_host_buffer_type(dev)):
+        for buft in (dev.buffer_type(), dev.host_buffer_type()):
             if buft == ffi.NULL:
                 continue
             name = c_string(C.ggml_backend_buft_name(buft))
             known.append(name)
-            if wanted in (name.lower(), c_string(C.ggml_backend_dev_name(dev)).lower()):
+            if wanted in (name.lower(), dev.name.lower()):
                 return buft, name
     raise DeviceNotFoundError(f"placement target {target!r} is not a device or buffer type of this machine; "
                               f"use 'cpu', 'gpu', 'gpu:N' or one of: {', '.join(dict.fromkeys(known))}")
@@ -245,7 +295,7 @@ def registered_rpc_endpoints() -> list[str]:
 
 
 def _register_rpc_server(endpoint: str) -> list[Device]:
-    before = C.ggml_backend_dev_count()
+    before = len(native_devices())
     reg = C.ggml_backend_reg_by_name(b"RPC")
     add = C.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_rpc_add_server") if reg != ffi.NULL else ffi.NULL
     if add == ffi.NULL:
@@ -254,7 +304,7 @@ def _register_rpc_server(endpoint: str) -> list[Device]:
     if server_reg == ffi.NULL:
         raise DeviceNotFoundError(f"the RPC server at {endpoint} did not answer as an llmplace/llama.cpp RPC server")
     C.ggml_backend_register(server_reg)  # its devices join the global device list, as llama.cpp's --rpc does
-    return [_device(i) for i in range(before, C.ggml_backend_dev_count())]
+    return [_device(d) for d in native_devices()[before:]]
 
 
 def backend_modules() -> list[BackendModule]:
@@ -276,30 +326,25 @@ def _host_available(free: int, total: int) -> int:
     return free
 
 
-def _device(index: int) -> Device:
-    dev = C.ggml_backend_dev_get(index)
-    free, total = ffi.new("size_t *"), ffi.new("size_t *")
-    C.ggml_backend_dev_memory(dev, free, total)
-    backend = c_string(C.ggml_backend_reg_name(C.ggml_backend_dev_backend_reg(dev)))
-    kind = "rpc" if backend.upper() == "RPC" else _KINDS.get(C.ggml_backend_dev_type(dev), "unknown")
-    host = C.ggml_backend_dev_host_buffer_type(dev)
+def _device(dev: NativeDevice) -> Device:
+    free, total = dev.memory()
+    host = dev.host_buffer_type()
     return Device(
-        index=index,
-        name=c_string(C.ggml_backend_dev_name(dev)),
-        description=c_string(C.ggml_backend_dev_description(dev)),
-        kind=kind,
-        backend=backend,
-        memory_free=_host_available(int(free[0]), int(total[0])) if kind == "cpu" else int(free[0]),
-        memory_total=int(total[0]),
-        buffer_type=c_string(C.ggml_backend_buft_name(C.ggml_backend_dev_buffer_type(dev))),
+        index=dev.index,
+        name=dev.name,
+        description=dev.description,
+        kind=dev.kind,
+        backend=dev.backend,
+        memory_free=_host_available(free, total) if dev.kind == "cpu" else free,
+        memory_total=total,
+        buffer_type=c_string(C.ggml_backend_buft_name(dev.buffer_type())),
         host_buffer_type=c_string(C.ggml_backend_buft_name(host)) if host != ffi.NULL else None,
     )
 
 
 def devices() -> list[Device]:
     """The devices llama.cpp sees now, in ggml's order (free memory is read at each call)."""
-    ensure_initialized()
-    return [_device(i) for i in range(C.ggml_backend_dev_count())]
+    return [_device(d) for d in native_devices()]
 
 
 def device(name: str) -> Device:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ._ffi import C, c_string, ffi
+from .backends import device_memory as device_free  # noqa: F401 - planning, runtime_cost read it here
+from .backends import native_devices
 from .c_values import FLASH_ATTN_TYPES
 from .context import KV_TYPES
 from .errors import InvalidParameterError, OutOfMemoryError
@@ -128,23 +130,14 @@ def context_params(n_ctx: int, *, n_seq: int = 1, n_batch: int = 2048, n_ubatch:
     return params
 
 
-def device_free(dev) -> tuple[int, int]:
-    """(free, total) bytes of a ggml device's memory, as its backend reports them now."""
-    free, total = ffi.new("size_t *"), ffi.new("size_t *")
-    C.ggml_backend_dev_memory(dev, free, total)
-    return int(free[0]), int(total[0])
-
-
 def _device_names() -> dict[str, tuple[str, int, int]]:
     """Default buffer type name → (device name, free bytes, total bytes), for every non-CPU device."""
     result = {}
-    for i in range(C.ggml_backend_dev_count()):
-        dev = C.ggml_backend_dev_get(i)
-        if C.ggml_backend_dev_type(dev) == C.GGML_BACKEND_DEVICE_TYPE_CPU:
+    for dev in native_devices():
+        if dev.type == C.GGML_BACKEND_DEVICE_TYPE_CPU:
             continue
-        buft = C.ggml_backend_dev_buffer_type(dev)
-        name = c_string(C.ggml_backend_dev_name(dev))
-        result[c_string(C.ggml_backend_buft_name(buft)) if buft != ffi.NULL else name] = (name, *device_free(dev))
+        buft = dev.buffer_type()
+        result[c_string(C.ggml_backend_buft_name(buft)) if buft != ffi.NULL else dev.name] = (dev.name, *dev.memory())
     return result
 
 
@@ -153,12 +146,8 @@ def _mmap_buffer_types() -> frozenset[str]:
     default one, and the GPUs' pinned host ones (with mmap llama.cpp puts those weights on the CPU's default
     buffer type, llama-model-loader.cpp). A dry run maps nothing, so this names what a real load would map."""
     names = set()
-    for i in range(C.ggml_backend_dev_count()):
-        dev = C.ggml_backend_dev_get(i)
-        if C.ggml_backend_dev_type(dev) == C.GGML_BACKEND_DEVICE_TYPE_CPU:
-            buft = C.ggml_backend_dev_buffer_type(dev)
-        else:
-            buft = C.ggml_backend_dev_host_buffer_type(dev)
+    for dev in native_devices():
+        buft = dev.buffer_type() if dev.type == C.GGML_BACKEND_DEVICE_TYPE_CPU else dev.host_buffer_type()
         if buft != ffi.NULL:
             names.add(c_string(C.ggml_backend_buft_name(buft)))
     return frozenset(names)

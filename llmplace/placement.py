@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ._ffi import C, c_string, ffi
-from .backends import buffer_type
+from ._ffi import C, c_string, ffi, null_terminated
+from .backends import buffer_type, native_devices
 from .errors import DeviceNotFoundError, PlacementError
 from .gguf_info import TensorInfo
 from .gguf_info import read as read_gguf
@@ -262,23 +262,21 @@ SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 def model_devices(names: Sequence[str] | None = None) -> list:
     """The devices a model is split across, in llama.cpp's order: `names` as given, or by default RPC
     devices, then GPUs, then integrated GPUs only if there is no discrete GPU (never the CPU)."""
-    all_devs = [C.ggml_backend_dev_get(i) for i in range(C.ggml_backend_dev_count())]
-    name_of = lambda dev: c_string(C.ggml_backend_dev_name(dev))  # noqa: E731
+    all_devs = native_devices()
     if names is not None:
         chosen = []
         for name in names:
-            dev = next((d for d in all_devs if name_of(d).lower() == str(name).lower()), None)
+            dev = next((d for d in all_devs if d.name.lower() == str(name).lower()), None)
             if dev is None:
-                raise DeviceNotFoundError(f"no device named {name!r}; devices here: {', '.join(map(name_of, all_devs))}")
-            if C.ggml_backend_dev_type(dev) == C.GGML_BACKEND_DEVICE_TYPE_CPU:
+                raise DeviceNotFoundError(f"no device named {name!r}; devices here: "
+                                          f"{', '.join(d.name for d in all_devs)}")
+            if dev.type == C.GGML_BACKEND_DEVICE_TYPE_CPU:
                 raise PlacementError("devices= lists the devices to offload to; the CPU always takes part, leave it out")
-            chosen.append(dev)
+            chosen.append(dev.ptr)
         return chosen
-    is_rpc = lambda dev: c_string(C.ggml_backend_reg_name(C.ggml_backend_dev_backend_reg(dev))) == "RPC"  # noqa: E731
-    kind = C.ggml_backend_dev_type
-    rpc = [d for d in all_devs if is_rpc(d)]
-    gpus = [d for d in all_devs if kind(d) == C.GGML_BACKEND_DEVICE_TYPE_GPU and not is_rpc(d)]
-    igpus = [d for d in all_devs if kind(d) == C.GGML_BACKEND_DEVICE_TYPE_IGPU]
+    rpc = [d.ptr for d in all_devs if d.backend == "RPC"]
+    gpus = [d.ptr for d in all_devs if d.type == C.GGML_BACKEND_DEVICE_TYPE_GPU and d.backend != "RPC"]
+    igpus = [d.ptr for d in all_devs if d.type == C.GGML_BACKEND_DEVICE_TYPE_IGPU]
     return rpc + gpus + (igpus if not gpus else [])
 
 
@@ -387,9 +385,7 @@ def configure(params, path, placement: Placement, *, split_mode: str = "layer", 
     split = plan_split(path, placement, devs, split_mode)
     split_mode = split.mode
     if devices is not None:
-        array = ffi.new("ggml_backend_dev_t[]", len(devs) + 1)  # NULL-terminated
-        for i, dev in enumerate(devs):
-            array[i] = dev
+        array = null_terminated("ggml_backend_dev_t", devs)
         params.devices = array
         keep_alive.append(array)
     if isinstance(main_gpu, bool) or not isinstance(main_gpu, int) or main_gpu < 0 or (devs and main_gpu >= len(devs)):
@@ -428,11 +424,11 @@ def configure(params, path, placement: Placement, *, split_mode: str = "layer", 
         if len(overrides) >= limit:
             raise PlacementError(f"the placement compiles to {len(overrides)} overrides; llama.cpp takes at most "
                                  f"{limit - 1}: use fewer distinct targets or coarser rules")
-        array = ffi.new("struct llama_model_tensor_buft_override[]", len(overrides) + 1)  # NULL-terminated
-        for i, (pattern, target) in enumerate(overrides):
-            keep_alive.append(ffi.new("char[]", pattern.encode()))
-            array[i].pattern = keep_alive[-1]
-            array[i].buft = buffer_type(target)[0]
+        patterns = [ffi.new("char[]", pattern.encode()) for pattern, _ in overrides]
+        keep_alive.extend(patterns)
+        array = null_terminated("struct llama_model_tensor_buft_override",
+                                [{"pattern": c_pattern, "buft": buffer_type(target)[0]}
+                                 for c_pattern, (_, target) in zip(patterns, overrides)])
         params.tensor_buft_overrides = array
         keep_alive.append(array)
     if tensor_split is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import logs
-from ._ffi import C, c_string, ffi
+from ._ffi import C, c_string, ffi, null_terminated
 from .backends import add_rpc_server, ensure_initialized
 from .context import MAX_N_CTX
 from .errors import DeviceNotFoundError, InvalidParameterError, ModelLoadError, OutOfMemoryError
@@ -324,10 +324,8 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     while True:
         mparams = C.llama_model_default_params()
         if devices is not None:
-            # NULL-terminated; this local keeps the array alive while llama.cpp's fit reads it
-            device_array = ffi.new("ggml_backend_dev_t[]", len(devs) + 1)
-            for i, d in enumerate(devs):
-                device_array[i] = d
+            # this local keeps the array alive while llama.cpp's fit reads it
+            device_array = null_terminated("ggml_backend_dev_t", devs)
             mparams.devices = device_array
         cparams = context_params(n_ctx_try, n_seq=n_seq, n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k,
                                  type_v=type_v, flash_attn=flash_attn)

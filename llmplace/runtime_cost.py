@@ -43,6 +43,7 @@ from typing import Mapping
 
 from . import logs
 from ._ffi import C, c_string
+from .backends import native_devices
 from .cache import cache_root
 from .errors import DeviceNotFoundError, InvalidParameterError, OutOfMemoryError
 from .memory import breakdown, device_free, parse_size
@@ -71,10 +72,9 @@ def cache_file() -> Path:
 
 
 def device_by_name(name: str):
-    for i in range(C.ggml_backend_dev_count()):
-        dev = C.ggml_backend_dev_get(i)
-        if c_string(C.ggml_backend_dev_name(dev)) == name:
-            return dev
+    for dev in native_devices():
+        if dev.name == name:
+            return dev.ptr
     raise DeviceNotFoundError(f"no device named {name!r}")
 
 
@@ -142,7 +142,7 @@ def runtime_costs(path: Path, devs: list, settings: ProbeSettings, given=None) -
         fixed = parse_size(given, "runtime")
         given = {c_string(C.ggml_backend_dev_name(d)): fixed for d in devs if rule_for(d) is None}
     given_lower = {str(k).lower(): v for k, v in (given or {}).items()}
-    known = [c_string(C.ggml_backend_dev_name(C.ggml_backend_dev_get(i))) for i in range(C.ggml_backend_dev_count())]
+    known = [dev.name for dev in native_devices()]
     for key in given_lower:
         if key not in {name.lower() for name in known}:
             raise InvalidParameterError(f"runtime names {key!r}, which is not a device here; devices: "
