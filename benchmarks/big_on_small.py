@@ -72,7 +72,7 @@ def main() -> None:
     t0 = time.perf_counter()
     first = None
     n = 0
-    for step in llmplace.stream_generate(model, prompt, max_tokens=args.decode + 1, temperature=0, context=ctx):
+    for _step in llmplace.stream_generate(model, prompt, max_tokens=args.decode + 1, temperature=0, context=ctx):
         n += 1
         if first is None:
             first = time.perf_counter()

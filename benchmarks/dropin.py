@@ -36,7 +36,7 @@ def timed_completion(llm, tokens: int, stream: bool) -> tuple[float, int]:
     start = time.perf_counter()
     if stream:
         n = 0
-        for chunk in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
+        for _chunk in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
             n += 1  # chunks, not tokens: counted below from a non-streamed run's usage
         elapsed = time.perf_counter() - start
         return elapsed, n

@@ -225,7 +225,7 @@ def main() -> None:
     if "floor" in summary:
         # The floor pays what any Python caller pays (cffi calls, the timing proxy, and on a CPU the cold caches
         # a decode leaves behind): what a path costs above it is its own work.
-        for name, row in summary.items():
+        for row in summary.values():
             row["above_floor_us_per_token"] = (row["overhead_us_per_token_median"]
                                                - summary["floor"]["overhead_us_per_token_median"])
             row["cycle_above_floor_us"] = row["cycle_us_median"] - summary["floor"]["cycle_us_median"]

@@ -283,7 +283,7 @@ def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs) -> Gen
     run = request(model, prompt, **kwargs)
     pieces, tokens = [], []
     finish = None
-    for token, text, finish in run.token_steps():
+    for token, text, finish in run.token_steps():  # noqa: B007 - the last finish is read below
         pieces.append(text)
         tokens.append(token)
     now = time.perf_counter()

@@ -200,7 +200,7 @@ class _Reader:
         """Walk `count` length-prefixed strings without copying them (a 150k-token vocabulary)."""
         buf, size, pos, unpack = self.buf, self.size, self.pos, _U64.unpack_from
         try:
-            for i in range(count):
+            for i in range(count):  # noqa: B007 - the except below names the string by i
                 (n,) = unpack(buf, pos)
                 pos += 8 + n
         except (struct.error, OverflowError):

@@ -290,9 +290,9 @@ class Model(NativeObject):
         with self._lifetime:
             ptr = self._ptr
             for i in range(C.llama_model_meta_count(ptr)):
-                key = read_c_string_into_buffer(lambda buf, n: C.llama_model_meta_key_by_index(ptr, i, buf, n))
+                key = read_c_string_into_buffer(lambda buf, n, i=i: C.llama_model_meta_key_by_index(ptr, i, buf, n))
                 result[key] = read_c_string_into_buffer(
-                    lambda buf, n: C.llama_model_meta_val_str_by_index(ptr, i, buf, n), 1024)
+                    lambda buf, n, i=i: C.llama_model_meta_val_str_by_index(ptr, i, buf, n), 1024)
         return result
 
     # ---- placement ----

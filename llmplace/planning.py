@@ -368,9 +368,10 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
         if split is not None:
             kw.update(tensor_split=split, split_by="layers")  # llama.cpp's shares of the layer count
         def measure_plan(rules: Placement, layers: int = ngl) -> tuple[Estimate, dict[str, int]]:
-            planned = estimate(path, rules, n_ctx=chosen_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,
+            # B023: measure_plan is called only within the iteration of the loop that defines it
+            planned = estimate(path, rules, n_ctx=chosen_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,  # noqa: B023
                                flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, draft=draft,
-                               n_gpu_layers=layers, use_mmap=use_mmap, runtime=runtime_given, **kw)
+                               n_gpu_layers=layers, use_mmap=use_mmap, runtime=runtime_given, **kw)  # noqa: B023
             return planned, {name: planned[name].total - usable[name] for name in usable
                              if name in planned.memories and planned[name].total > usable[name]}
 

@@ -172,7 +172,7 @@ def measure(path: Path, dev, settings: ProbeSettings, *, timeout: float = 900.0)
     logs.logger.warning("measuring what %s holds beyond llama.cpp's buffers for %s (once; cached in %s)",
                         name, path.name, cache_file())
     last_error = None
-    for attempt in range(2):
+    for _attempt in range(2):
         try:
             total, context, layers = _probe(path, dev, name, settings, timeout)
         except _Drift as exc:  # another process changed the device's memory meanwhile: measure again

@@ -583,10 +583,12 @@ def _drive(templates, share, folder, case_timeout, results, lock) -> None:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 cwd=tempfile.gettempdir())  # the checkout's llmplace/ would hide the installed one
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True).start()
+        # The readers take this job's pipe and collection as arguments: the loop rebinds the names for the next job.
+        threading.Thread(target=lambda out, into: [into.put(x) for x in out] + [into.put(None)],
+                         args=(proc.stdout, lines), daemon=True).start()
         stderr_tail: list[str] = []
-        threading.Thread(target=lambda: [stderr_tail.append(x) or stderr_tail.__delitem__(slice(0, -40))
-                                         for x in proc.stderr], daemon=True).start()
+        threading.Thread(target=lambda err, tail: [tail.append(x) or tail.__delitem__(slice(0, -40)) for x in err],
+                         args=(proc.stderr, stderr_tail), daemon=True).start()
         current = None
         failure = None
         while True:

@@ -22,9 +22,9 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the differential tests need llama-cpp-python 0.3.36")
 
-import llmplace
+import llmplace  # noqa: E402  (after the importorskip above)
 from reference import reference_llama  # noqa: E402  (tests/reference.py)
-from llmplace.compat import (
+from llmplace.compat import (  # noqa: E402
     CompatibilityWarning,
     LogitsProcessorList,
     StoppingCriteriaList,
@@ -199,7 +199,9 @@ def test_reply_ending_with_end_of_text_matches(up, me):
 def test_streamed_completion_matches(up, me, prompt, max_tokens, stop):
     expected = list(up(prompt, max_tokens=max_tokens, temperature=0, stop=stop, stream=True))
     got = list(me(prompt, max_tokens=max_tokens, temperature=0, stop=stop, stream=True))
-    text = lambda chunks: "".join(c["choices"][0]["text"] for c in chunks)
+    def text(chunks):
+        return "".join(c["choices"][0]["text"] for c in chunks)
+
     assert text(got) == text(expected)
     assert structure(got[0]) == structure(expected[0]) and structure(got[-1]) == structure(expected[-1])
     assert values(got[-1]) == values(expected[-1])  # the final chunk: "" and the finish reason
@@ -222,7 +224,9 @@ def test_completion_with_logits_processor_matches(up, me):
 
 
 def test_completion_with_stopping_criteria_matches(up, me):
-    long_enough = lambda input_ids, logits: len(input_ids) > 8
+    def long_enough(input_ids, logits):
+        return len(input_ids) > 8
+
     expected = up("The capital of France is", max_tokens=10, temperature=0,
                   stopping_criteria=llama_cpp.StoppingCriteriaList([long_enough]))
     assert expected["choices"][0]["finish_reason"] == "stop"
@@ -320,7 +324,9 @@ def test_chat_logprobs_match_within_tolerance(up_logits, me_logits):
     expected = up_logits.create_chat_completion(messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     got = me_logits.create_chat_completion(messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     assert structure(got) == structure(expected)
-    tokens = lambda r: [c["token"] for c in r["choices"][0]["logprobs"]["content"]]
+    def tokens(r):
+        return [c["token"] for c in r["choices"][0]["logprobs"]["content"]]
+
     assert tokens(got) == tokens(expected)
 
 

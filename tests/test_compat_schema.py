@@ -240,7 +240,7 @@ def shape(value):
 
 @pytest.fixture(scope="module")
 def up(smollm2_path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="the differential tests need llama-cpp-python 0.3.36")
+    pytest.importorskip("llama_cpp", reason="the differential tests need llama-cpp-python 0.3.36")
     from reference import reference_llama
 
     llm = reference_llama(str(smollm2_path), **COMMON)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import models
 import pytest
 
@@ -33,7 +35,7 @@ def test_stream_yields_one_frozen_step_per_token(smollm2):
     assert [s.generated_tokens for s in steps] == list(range(1, 11))
     assert all(s.finish_reason is None for s in steps[:-1]) and steps[-1].finish_reason == "length"
     assert steps[0].prompt_tokens == len(smollm2.tokenize(PROMPT))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         steps[0].text = "changed"  # frozen
     whole = llmplace.generate(smollm2, PROMPT, max_tokens=10, temperature=0)
     assert "".join(s.text for s in steps) == whole.text

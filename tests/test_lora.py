@@ -35,7 +35,7 @@ def test_an_adapter_changes_the_output_by_its_scale_and_can_be_removed(smollm2_p
         with llmplace.Context(model, n_ctx=256, n_threads=1, lora={adapter: 4.0}) as ctx:
             assert greedy(model, ctx) == adapted
     with pytest.raises(llmplace.ClosedError):
-        adapter._ptr
+        adapter._ptr  # noqa: B018 - reading it must raise
 
 
 def test_bad_adapters_are_refused_with_the_reason(smollm2_path, smollm2, adapter_path, tiny_llama_path,

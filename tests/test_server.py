@@ -17,7 +17,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-import llmplace
+import llmplace  # noqa: E402  (after the importorskip above)
 from processes import free_port, stop  # noqa: E402  (tests/processes.py)
 
 KEY = "test-key"
@@ -44,7 +44,7 @@ def _start(path, *extra):
             return process, port
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')}")
+                raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')}") from None
             if time.monotonic() > deadline:
                 process.kill()
                 raise

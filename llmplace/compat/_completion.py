@@ -103,7 +103,9 @@ def sampling_params(llama: Llama, *, temperature, top_k, top_p, min_p, typical_p
     if temperature == 0:
         return SamplingParams(temperature=0.0, **common)
     # llama.cpp treats p >= 1 as "off" and p <= 0 as "keep one token"; SamplingParams takes (0, 1].
-    clamp = lambda p: min(max(float(p), 1e-9), 1.0)
+    def clamp(p: float) -> float:
+        return min(max(float(p), 1e-9), 1.0)
+
     return SamplingParams(temperature=temperature, top_k=max(0, int(top_k)), top_p=clamp(top_p),
                           min_p=min(max(float(min_p), 0.0), 1.0), typical_p=clamp(typical_p), **common)
 
@@ -184,7 +186,9 @@ def _token_ids(ctx, llama: Llama, tokens, params: SamplingParams, reset: bool, p
 def _logprobs(llama: Llama, entries: list[tuple[int, np.ndarray | None]], base_offset: int, n_top: int,
               first_null: bool = False) -> dict:
     """llama-cpp-python's CompletionLogprobs for (token, logits it was drawn from) pairs."""
-    piece = lambda t: llama.detokenize([t])
+    def piece(t: int) -> bytes:
+        return llama.detokenize([t])
+
     bos = llama.token_bos()
     tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
     consumed = b""
@@ -318,7 +322,7 @@ def _is_end_token(llama: Llama, token: int) -> bool:
 def _whole(llama, steps, run, info, prompt_tokens, prompt, logprobs, echo, text_suffix) -> dict:
     texts, tokens = [], []
     finish = "length"
-    for token, text, finish in steps:  # (token, text, finish_reason)
+    for token, text, finish in steps:  # noqa: B007 - (token, text, finish_reason); the last finish is read below
         texts.append(text)
         tokens.append(token)
     if tokens and finish == "stop" and _is_end_token(llama, tokens[-1]):
@@ -364,7 +368,7 @@ def _chunk_steps(llama, steps, run, info, logprobs, prompt, prompt_tokens) -> It
     tokens = []
     append = tokens.append
     if logprobs is None:
-        for token, text, finish in steps:  # (token, text, finish_reason); the chunk built inline: per token
+        for token, text, finish in steps:  # noqa: B007 - (token, text, finish_reason); the last finish is read below
             if text:
                 yield {"id": cid, "object": "text_completion", "created": created, "model": model,
                        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": None}]}
