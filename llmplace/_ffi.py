@@ -7,8 +7,11 @@ programs built from the same source (the RPC server, llama-bench, llama-simple).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 from .errors import BuildError
 
@@ -63,3 +66,69 @@ def null_terminated(ctype: str, items: Sequence) -> "ffi.CData":
     for i, item in enumerate(items):
         array[i] = item
     return array
+
+
+# Backend modules are loaded at run time (GGML_BACKEND_DL): the compiled module declares none of their functions
+# (DESIGN §4), and a few are not offered through ggml_backend_reg_get_proc_address either (a CPU variant's
+# ggml_backend_score, the CPU backend's ggml_threadpool_pause). They are found as ggml finds them, with dlopen and
+# dlsym, called through a second, tiny cffi FFI in ABI mode; the address is then cast to the real signature on
+# `ffi`, so calls are typed by the compiled module's own declarations.
+_dl = None
+_dl_ffi = None
+_dl_lock = threading.Lock()
+
+
+def _dynamic_loader():
+    global _dl, _dl_ffi
+    with _dl_lock:
+        if _dl is None:
+            import cffi
+
+            _dl_ffi = cffi.FFI()
+            _dl_ffi.cdef("void *dlopen(const char *, int); void *dlsym(void *, const char *); char *dlerror(void);"
+                         "int dlclose(void *);")
+            lib = _dl_ffi.dlopen(None)  # the process's own symbols: the C library's dynamic loader functions
+            # Resolved now: cffi looks a function up at its first use, and that dlsym would clear the message
+            # dlerror is about to report.
+            _dl = SimpleNamespace(**{name: getattr(lib, name) for name in ("dlopen", "dlsym", "dlerror", "dlclose")})
+    return _dl
+
+
+class SharedLibrary:
+    """A shared library opened with dlopen (RTLD_NOW | RTLD_LOCAL), for functions the compiled module does not
+    declare. `already_loaded=True` opens only a copy already in the process (RTLD_NOLOAD), never a second one.
+
+    Raises OSError with the dynamic loader's message when the library does not load. `close()` (or `with`)
+    releases this handle; a function taken from it must not be called after that unless the library is loaded
+    elsewhere too (as ggml keeps the backend modules it loaded)."""
+
+    def __init__(self, path: str | os.PathLike, *, already_loaded: bool = False) -> None:
+        dl = _dynamic_loader()
+        self.path = Path(path)
+        flags = os.RTLD_NOW | os.RTLD_LOCAL | (os.RTLD_NOLOAD if already_loaded else 0)
+        self._handle = dl.dlopen(os.fsencode(self.path), flags)
+        if self._handle == _dl_ffi.NULL:
+            reason = dl.dlerror()
+            raise OSError(_dl_ffi.string(reason).decode("utf-8", "replace") if reason != _dl_ffi.NULL
+                          else f"{self.path}: not loaded")
+
+    def function(self, name: str, signature: str):
+        """The library's function `name` as a function pointer of `signature` (a type of `ffi`, e.g.
+        "int (*)(void)"), or None when the library does not export it."""
+        if self._handle is None:
+            raise ValueError(f"{self.path} is closed")
+        address = _dynamic_loader().dlsym(self._handle, name.encode())
+        if address == _dl_ffi.NULL:
+            return None
+        return ffi.cast(signature, int(_dl_ffi.cast("uintptr_t", address)))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            _dynamic_loader().dlclose(self._handle)
+            self._handle = None
+
+    def __enter__(self) -> "SharedLibrary":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -8,15 +8,13 @@ and records every failure so `llmplace.devices()` / `llmplace devices` can say w
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import logs, rpc
-from ._ffi import LIB_DIR, C, c_string, ffi
+from ._ffi import LIB_DIR, C, SharedLibrary, c_string, ffi
 from .errors import BuildError, DeviceNotFoundError
 
 # Plugin distributions (one GPU backend each) install a package of this name holding libggml-<name>.so.
@@ -152,22 +150,36 @@ def _backend_name(path: Path) -> str:
     return path.name[len("libggml-"):-len(".so")].split("-")[0]
 
 
-def _loader_error(path: Path) -> str:
-    try:
-        ctypes.CDLL(str(path), mode=os.RTLD_LOCAL)
-    except OSError as exc:
-        return str(exc)
-    return "the module loaded but did not register a backend (wrong ggml version?)"
+def _load_failure(path: Path, messages: list[str]) -> str:
+    """Why ggml_backend_load refused a module, from ggml's own log lines: the dynamic loader's message
+    ("load_backend: failed to load PATH: <dlerror>"), a missing ggml_backend_init, another backend API version."""
+    for line in messages:
+        _, _, loader_message = line.partition(f"failed to load {path}: ")
+        if loader_message:
+            return loader_message
+    return "; ".join(line.removeprefix("load_backend: ") for line in messages if line) or (
+        "the module loaded but did not register a backend (wrong ggml version, or it does not support this system?)")
+
+
+def _load_module(name: str, path: Path) -> BackendModule:
+    logs.install()  # ggml says why a module did not load only in its log
+    with logs.capture() as messages:
+        reg = C.ggml_backend_load(str(path).encode())
+    if reg != ffi.NULL:
+        return BackendModule(name, path, True)
+    return BackendModule(name, path, False, _load_failure(path, messages))
 
 
 def _variant_score(path: Path) -> int:
-    """ggml_backend_score() of a CPU-variant module: 0 if this CPU lacks its instructions."""
+    """ggml_backend_score() of a CPU-variant module: 0 if this CPU lacks its instructions (or it does not load).
+    ggml does not offer it through a backend registry (the module is not registered yet), so it is looked up in the
+    module itself, which is then released: only the chosen variant stays loaded."""
     try:
-        score = ctypes.CDLL(str(path), mode=os.RTLD_LOCAL).ggml_backend_score
-    except (OSError, AttributeError):
+        with SharedLibrary(path) as module:
+            score = module.function("ggml_backend_score", "int (*)(void)")
+            return int(score()) if score is not None else 0
+    except OSError:
         return 0
-    score.restype = ctypes.c_int
-    return score()
 
 
 def _load_from(directory: Path) -> list[BackendModule]:
@@ -185,10 +197,7 @@ def _load_from(directory: Path) -> list[BackendModule]:
                                              "no variant of this backend supports this CPU"))
                 continue
             paths = [best]
-        path = paths[0]
-        reg = C.ggml_backend_load(str(path).encode())
-        loaded = reg != ffi.NULL
-        results.append(BackendModule(name, path, loaded, "" if loaded else _loader_error(path)))
+        results.append(_load_module(name, paths[0]))
     return results
 
 
@@ -225,6 +234,31 @@ def cpu_backend_function(name: str, signature: str):
     if pointer == ffi.NULL:
         raise BuildError(f"the CPU backend does not provide {name}; is it loaded? (see llmplace.backend_modules())")
     return ffi.cast(signature, pointer)
+
+
+_cpu_pause_lock = threading.Lock()
+_cpu_pause: list = []  # once looked up: [the function or None, the module handle that keeps it valid]
+
+
+def cpu_threadpool_pause():
+    """ggml_threadpool_pause of the loaded CPU backend module, as a cffi function pointer
+    (void (*)(struct ggml_threadpool *)), or None where it cannot be found (then threads are not paused: correct,
+    only slower). At the pinned commit the CPU backend's ggml_backend_reg_get_proc_address offers
+    ggml_threadpool_new, _free and ggml_backend_cpu_set_threadpool but not the pause, so it is looked up in the
+    module ggml already loaded (RTLD_NOLOAD: never a second copy)."""
+    with _cpu_pause_lock:
+        if not _cpu_pause:
+            function, module = None, None
+            for loaded in backend_modules():
+                if loaded.name == "cpu" and loaded.loaded:
+                    try:
+                        module = SharedLibrary(loaded.path, already_loaded=True)
+                    except OSError:
+                        break
+                    function = module.function("ggml_threadpool_pause", "void (*)(struct ggml_threadpool *)")
+                    break
+            _cpu_pause.extend((function, module))
+        return _cpu_pause[0]
 
 
 def buffer_type(target: str):

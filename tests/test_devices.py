@@ -45,6 +45,7 @@ def test_a_backend_module_that_fails_to_load_is_reported(tmp_path):
     (result,) = _load_from(tmp_path)
     assert result.name == "broken" and not result.loaded
     assert result.error  # the dynamic loader's reason
+    assert str(broken) in result.error and "load_backend" not in result.error  # its message, not ggml's prefix
     assert any(d.name == "CPU" for d in llmplace.devices())  # nothing else was disturbed
 
 
@@ -60,3 +61,25 @@ def test_a_plugin_built_from_another_llama_cpp_is_refused_with_the_fix(tmp_path)
     (plugin / "_build_info.py").write_text('LLAMA_CPP_COMMIT = "0123456789abcdef"\nLLMPLACE_VERSION = "0.0.1"\n')
     message = plugin_mismatch(plugin)
     assert "0123456789" in message and f"pip install 'llmplace-cuda13=={llmplace.__version__}'" in message
+
+
+def test_a_cpu_variant_is_scored_by_its_own_ggml_backend_score():
+    from llmplace.backends import _variant_score
+
+    cpu = next(m for m in llmplace.backend_modules() if m.name == "cpu")
+    assert _variant_score(cpu.path) > 0  # the variant this machine loaded runs here
+    assert _variant_score(LIB_DIR / "libggml-no-such-variant.so") == 0
+
+
+def test_cpu_threadpool_pause_pauses_a_real_pool():
+    from llmplace._ffi import C, ffi
+    from llmplace.backends import cpu_backend_function, cpu_threadpool_pause
+
+    pause = cpu_threadpool_pause()
+    assert pause is not None and pause is cpu_threadpool_pause()  # looked up once
+    new = cpu_backend_function("ggml_threadpool_new", "struct ggml_threadpool *(*)(struct ggml_threadpool_params *)")
+    free = cpu_backend_function("ggml_threadpool_free", "void (*)(struct ggml_threadpool *)")
+    pool = new(ffi.new("struct ggml_threadpool_params *", C.ggml_threadpool_params_default(2)))
+    assert pool != ffi.NULL
+    pause(pool)
+    free(pool)
