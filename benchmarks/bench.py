@@ -124,7 +124,8 @@ def main() -> None:
                     "devices": [f"{d.name}: {d.description}" for d in llmplace.devices()]},
         "model": {"file": path.name, "description": description},
         "settings": {"n_prompt": N_PROMPT, "n_gen": N_GEN, "n_batch": 2048, "n_ubatch": 512,
-                     "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "reps": args.reps, "summary": "median of interleaved reps"},
+                     "flash_attn": args.flash_attn, "n_gpu_layers": args.n_gpu_layers, "reps": args.reps,
+                     "summary": "median of interleaved reps"},
         "llama_bench_tps": ref, "llmplace_tps": ours, "ratio": ratios, "paired_ratio_median": paired,
         "runs": {"llama_bench": ref_runs, "llmplace": our_runs},
     }

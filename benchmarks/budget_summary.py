@@ -92,7 +92,8 @@ def main() -> None:
         "item5_moe_decode_fit_vs_best_sweep_point_in_cap_ncmoe16": median(moe_fit, "cold_tg")
         / median(moe_sweep16, "cold_tg"),
         "item5_moe_prompt_warm_fit_vs_ncmoe16": median(moe_fit, "warm_pp") / median(moe_sweep16, "warm_pp"),
-        "item5_moe_decode_fit_vs_llama_bench_fitt_tg32": median(moe_fit, "cold_tg") / moe["llama-bench fitt"][0]["tg32"],
+        "item5_moe_decode_fit_vs_llama_bench_fitt_tg32":
+            median(moe_fit, "cold_tg") / moe["llama-bench fitt"][0]["tg32"],
         "item5_before_moe_decode_last_layers_fit_vs_ncmoe16": median(moe_fit_last, "cold_tg")
         / median(moe_sweep16_before, "cold_tg"),
         "item5_before_moe_prompt_warm_last_layers_fit_vs_ncmoe16": median(moe_fit_last, "warm_pp")
@@ -102,7 +103,8 @@ def main() -> None:
     }
     summary = dict(machine="1x NVIDIA H200 (143,771 MiB), 16 cores; a helper process held all but the budget",
                    host_read_bandwidth_gbs=bandwidth, table=table, ratios=ratios,
-                   seventy_b=dict(ttft_cold_s=512 / median(big_fit, "cold_pp"), ttft_warm_s=512 / median(big_fit, "warm_pp"),
+                   seventy_b=dict(ttft_cold_s=512 / median(big_fit, "cold_pp"),
+                                  ttft_warm_s=512 / median(big_fit, "warm_pp"),
                                   decode_tps=median(big_fit, "cold_tg"),
                                   limit_tps=bandwidth * 1e9 / host_bytes_per_token))
     print("| model | plan | budget | peak (nvidia-smi) | planned (runtime) | prompt t/s cold / warm | decode t/s |")

@@ -71,7 +71,8 @@ def main() -> None:
     import llmplace
 
     settings = dict(n_ctx=512, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    libraries = {"llama_cpp": llama_cpp.Llama(str(model), **settings), "llmplace": llmplace.Llama(str(model), **settings)}
+    libraries = {"llama_cpp": llama_cpp.Llama(str(model), **settings),
+                 "llmplace": llmplace.Llama(str(model), **settings)}
     # Both must produce the same number of tokens for the figures to compare (no early end-of-text).
     counts = {name: llm.create_completion(PROMPT, max_tokens=args.tokens, temperature=0)["usage"]["completion_tokens"]
               for name, llm in libraries.items()}

@@ -115,7 +115,8 @@ def main() -> None:
         ("text", "plain", {}),
         ("text", "self draft, fixed", {"draft": target, "depth": d, "adaptive_depth": False}),
         ("text", "self draft, adaptive", {"draft": target, "depth": d}),
-        ("text", "requantized q4_0 draft, fixed", {"draft": drafts["requantized"], "depth": d, "adaptive_depth": False}),
+        ("text", "requantized q4_0 draft, fixed",
+         {"draft": drafts["requantized"], "depth": d, "adaptive_depth": False}),
         ("text", "requantized q4_0 draft, adaptive", {"draft": drafts["requantized"], "depth": d}),
         ("text", "lookup, adaptive", {"lookup": True, "depth": d}),
         ("edit", "plain", {}),
@@ -124,7 +125,8 @@ def main() -> None:
         ("edit", "requantized q4_0 draft, adaptive", {"draft": drafts["requantized"], "depth": d}),
     ]
     if "random" in drafts:
-        cases.insert(5, ("text", "random draft, fixed", {"draft": drafts["random"], "depth": d, "adaptive_depth": False}))
+        cases.insert(5, ("text", "random draft, fixed",
+                         {"draft": drafts["random"], "depth": d, "adaptive_depth": False}))
         cases.insert(6, ("text", "random draft, adaptive", {"draft": drafts["random"], "depth": d}))
     prompts = {"text": TEXT_PROMPT, "edit": EDIT_PROMPT}
     runs: dict[tuple[str, str], list[dict]] = {(p, name): [] for p, name, _ in cases}

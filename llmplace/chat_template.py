@@ -96,7 +96,8 @@ def _compile(source: str):
 
     if len(source) > jinja_limits.MAX_TEMPLATE_CHARS:
         raise TemplateError(f"the chat template is {len(source)} characters long (the limit is "
-                            f"{jinja_limits.MAX_TEMPLATE_CHARS}); pass template='chatml' (or another built-in name) instead")
+                            f"{jinja_limits.MAX_TEMPLATE_CHARS}); pass template='chatml' (or another built-in name) "
+                            "instead")
     import jinja2
 
     env = jinja_limits.environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])

@@ -401,7 +401,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(json.dumps({"success": result.success, "message": result.message, "n_ctx": result.n_ctx,
                           "n_gpu_layers": result.n_gpu_layers, "tensor_split": result.tensor_split,
                           "ot": result.to_ot(), "budgets": result.budgets,
-                          "memories": {k: {**v.__dict__, "total": v.total} for k, v in result.estimate.memories.items()}},
+                          "memories": {k: {**v.__dict__, "total": v.total}
+                                       for k, v in result.estimate.memories.items()}},
                          indent=2))
     else:
         print(("fits: " if result.success else "does NOT fit: ") + result.message)
@@ -512,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ctx", type=int, default=4096, help="context length in tokens")
-    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: the physical cores the load leaves free, at least 1)")
+    p.add_argument("--threads", "-t", type=int, default=None,
+                   help="CPU threads (default: the physical cores the load leaves free, at least 1)")
     p.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1)
     p.set_defaults(func=cmd_chat)
 

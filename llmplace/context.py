@@ -161,7 +161,8 @@ class Context(NativeObject):
         _positive_int("n_ubatch", n_ubatch, MAX_N_CTX)
         _positive_int("n_seq_max", n_seq_max, MAX_SEQ)
         n_threads = _positive_int("n_threads", default_threads() if n_threads is None else n_threads, 1024)
-        n_threads_batch = _positive_int("n_threads_batch", n_threads if n_threads_batch is None else n_threads_batch, 1024)
+        n_threads_batch = _positive_int("n_threads_batch", n_threads if n_threads_batch is None else n_threads_batch,
+                                        1024)
         if flash_attn not in _FLASH_ATTN:
             raise InvalidParameterError(f"flash_attn must be 'auto', True or False, not {flash_attn!r}")
         for name, value in (("type_k", type_k), ("type_v", type_v)):

@@ -101,5 +101,6 @@ def check(rc: int, op: str) -> int:
     """
     if rc == 0:
         return rc
-    error, message = _DECODE_ERRORS.get(rc, (DecodeError, "the compute graph failed (see the llmplace log for llama.cpp's reason)"))
+    error, message = _DECODE_ERRORS.get(
+        rc, (DecodeError, "the compute graph failed (see the llmplace log for llama.cpp's reason)"))
     raise error(f"{op} failed (code {rc}): {message}")

@@ -31,7 +31,7 @@ class GenerationStep:
     """One generated token and what it added to the text."""
 
     token: int
-    text: str                    # new text (may be "" while a multi-byte character or a possible stop string is pending)
+    text: str                    # new text; "" while a multi-byte character or a possible stop string is pending
     finish_reason: str | None    # None while generating; "stop" (end-of-generation token or stop string) or "length"
     prompt_tokens: int           # tokens in the prompt
     prompt_cached: int           # prompt tokens reused from the context's cache (not recomputed)
@@ -118,7 +118,8 @@ def request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: in
         own = set(inspect.signature(request).parameters) - {"model", "prompt", "sampling_kwargs", "hold"}
         raise unknown_keyword_error("generate/stream_generate", unknown, own | _SAMPLING_NAMES)
     if sampling is not None and sampling_kwargs:
-        raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, not both")
+        raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, "
+                                    "not both")
     params = sampling or SamplingParams(**sampling_kwargs)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
@@ -180,7 +181,8 @@ class GenerationRequest:
     def __init__(self, model: Model, context: Context, own_context: bool, sampler: Sampler, params: SamplingParams,
                  tokens: list[int], max_tokens: int, stops: list[str], *, drafter=None, depth: int = 0,
                  adaptive: bool = True, rng=None, hold: GenerationHold, release: bool = True) -> None:
-        self.model, self.context, self.own_context, self.sampler, self.params = model, context, own_context, sampler, params
+        self.model, self.context, self.own_context = model, context, own_context
+        self.sampler, self.params = sampler, params
         self.tokens, self.max_tokens, self.stops = tokens, max_tokens, stops
         self.drafter, self.depth, self.adaptive, self.rng = drafter, depth, adaptive, rng
         self.hold, self.release = hold, release

@@ -48,8 +48,8 @@ FIX_CONTENT = ("llama.cpp cannot run the file as written (a converter's or quant
 # ggml's type traits at the pinned commit: id -> (name, elements per block, bytes per block), the one table
 # llmplace sizes tensors by (their bytes here, block sizes for placement). Taken from ggml itself, not from
 # the `gguf` package, whose table lacks Q2_0 and gives Q8_1 a stale size (40, not 36);
-# tests/test_gguf_fuzz.py checks every entry against ggml_blck_size / ggml_type_size of the compiled ggml. Ids 4, 5 and 31-33, 36-38 were
-# removed from ggml: a file using them cannot be loaded.
+# tests/test_gguf_fuzz.py checks every entry against ggml_blck_size / ggml_type_size of the compiled ggml.
+# Ids 4, 5 and 31-33, 36-38 were removed from ggml: a file using them cannot be loaded.
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
@@ -351,7 +351,8 @@ def _check_vocab(values: dict[str, object], offsets: dict[str, int]) -> None:
     at = offsets.get("tokenizer.ggml.model", 0)
     if model in (b"none", b"no_vocab"):
         raise _Bad(at, f"tokenizer.ggml.model is {model.decode()!r}: the model has no vocabulary, and llmplace "
-                       "turns text into tokens for every use of a model (llama.cpp aborts on a tokenizer call)", FIX_CONTENT)
+                       "turns text into tokens for every use of a model (llama.cpp aborts on a tokenizer call)",
+                   FIX_CONTENT)
     tokens = values.get("tokenizer.ggml.tokens")
     if not (isinstance(tokens, tuple) and len(tokens) > 4):
         return
@@ -487,7 +488,8 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> list[_
         raise bad("expert_group_count", f"is {n_groups} in a model without experts")
     scaling = values.get(prefix + "rope.scaling.type")
     if scaling is not None and scaling not in ROPE_SCALING_TYPES:
-        raise bad("rope.scaling.type", f"is {scaling!r}; llama.cpp knows {sorted(t.decode() for t in ROPE_SCALING_TYPES)}")
+        known = sorted(t.decode() for t in ROPE_SCALING_TYPES)
+        raise bad("rope.scaling.type", f"is {scaling!r}; llama.cpp knows {known}")
     for name in ("attention.layer_norm_epsilon", "attention.layer_norm_rms_epsilon"):
         eps = get(name, 0.0)
         if not (isinstance(eps, (int, float)) and 0.0 <= eps < float("inf")):
@@ -568,7 +570,8 @@ def _check_data(r: _Reader, tensors: list[tuple], alignment: int) -> tuple[int, 
     for name, offset, n_bytes, *_ in tensors:
         if offset + n_bytes > room:
             raise _Bad(data_offset + min(offset, room),
-                       f"the data of tensor '{name}' (bytes {data_offset + offset} to {data_offset + offset + n_bytes}) "
+                       f"the data of tensor '{name}' "
+                       f"(bytes {data_offset + offset} to {data_offset + offset + n_bytes}) "
                        f"lies beyond the end of the file ({r.size} bytes)")
     by_offset = sorted(tensors, key=lambda t: t[1])
     for (prev, prev_offset, prev_bytes, *_), (name, offset, *_) in itertools.pairwise(by_offset):

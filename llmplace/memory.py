@@ -101,7 +101,8 @@ class Estimate:
             free = "" if m.free is None else human_size(m.free)
             mapped = human_size(m.mapped) if m.mapped else ""
             lines.append(f"{m.memory:<26} {human_size(m.weights):>11} {mapped:>11} {human_size(m.kv):>11} "
-                         f"{human_size(m.compute):>11} {human_size(m.runtime):>11} {human_size(m.total):>11} {free:>11}")
+                         f"{human_size(m.compute):>11} {human_size(m.runtime):>11} {human_size(m.total):>11} "
+                         f"{free:>11}")
         if any(m.mapped for m in self.memories.values()):
             lines.append("(mmap): the part of the weights read from the memory-mapped model file (page cache)")
         if any(m.runtime for m in self.memories.values()):
@@ -114,7 +115,8 @@ def context_params(n_ctx: int, *, n_seq: int = 1, n_batch: int = 2048, n_ubatch:
                    type_v: str = "f16", flash_attn="auto"):
     """llama_context_params as `Context` would make them (the fields that change memory use)."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
-        raise InvalidParameterError(f"n_ctx must be an int >= 0 (0 = as large as fits / the trained length), not {n_ctx!r}")
+        raise InvalidParameterError(f"n_ctx must be an int >= 0 (0 = as large as fits / the trained length), "
+                                    f"not {n_ctx!r}")
     for name, value in (("type_k", type_k), ("type_v", type_v)):
         if value not in KV_TYPES:
             raise InvalidParameterError(f"{name} must be one of {sorted(KV_TYPES)}, not {value!r}")

@@ -271,7 +271,8 @@ def model_devices(names: Sequence[str] | None = None) -> list:
                 raise DeviceNotFoundError(f"no device named {name!r}; devices here: "
                                           f"{', '.join(d.name for d in all_devs)}")
             if dev.type == C.GGML_BACKEND_DEVICE_TYPE_CPU:
-                raise PlacementError("devices= lists the devices to offload to; the CPU always takes part, leave it out")
+                raise PlacementError("devices= lists the devices to offload to; the CPU always takes part, "
+                                     "leave it out")
             chosen.append(dev.ptr)
         return chosen
     rpc = [d.ptr for d in all_devs if d.backend == "RPC"]

@@ -397,7 +397,8 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             return FitResult(True, chosen_ctx, ngl, split, combined, measured, changes, usable)
         if status == 0 and set(over) == {HOST}:
             reason = (f"host memory would hold {human_size(measured[HOST].total)}, over its budget of "
-                      f"{human_size(usable[HOST])} with the devices as full as their budgets allow: this model and context need more memory "
+                      f"{human_size(usable[HOST])} with the devices as full as their budgets allow: this model and "
+                      "context need more memory "
                       "than the budget gives (lower n_ctx, use a smaller quantization or raise the budget)")
             result = FitResult(False, chosen_ctx, ngl, split, combined, measured, f"{reason} ({changes})", usable)
         elif status == 0:

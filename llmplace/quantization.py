@@ -77,7 +77,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str = "q4_0",
     if not folder.is_dir():
         raise InvalidParameterError(f"the destination folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK | os.X_OK) or (dst_path.exists() and not os.access(dst_path, os.W_OK)):
-        raise PermissionError(f"cannot write {dst_path}: no write permission on {folder if not dst_path.exists() else dst_path}")
+        denied = folder if not dst_path.exists() else dst_path
+        raise PermissionError(f"cannot write {dst_path}: no write permission on {denied}")
 
     ensure_initialized()
     params = ffi.new("llama_model_quantize_params *", C.llama_model_quantize_default_params())

@@ -227,7 +227,8 @@ def _tensor_mutations(template: Template) -> list[Mutation]:
     for i, t in enumerate(template.tensors[:8]):
         for extra in {t.name.replace("blk.0.", f"blk.{n_layer}."), t.name + ".extra", "blk.0.unknown.weight"}:
             if extra != t.name:
-                out.append(Mutation("extra", f"extra tensor {extra} (copy of {t.name})", partial(_extra_tensor, i, extra)))
+                out.append(Mutation("extra", f"extra tensor {extra} (copy of {t.name})",
+                                    partial(_extra_tensor, i, extra)))
     return out
 
 
@@ -446,7 +447,8 @@ def write(template: Template, mutation: Mutation, path: Path) -> None:
 
     kvs, tensors = mutation.apply(template)
     writer = _writer(path, template.arch)
-    writer.kv_data[0].pop("general.architecture", None)  # the writer adds it; the template's own one (or its mutation) goes in its place
+    # the writer adds it; the template's own one (or its mutation) goes in its place
+    writer.kv_data[0].pop("general.architecture", None)
     for kv in kvs:
         writer.add_key_value(kv.key, kv.value, gguf.GGUFValueType(kv.vtype),
                              sub_type=gguf.GGUFValueType(kv.sub_type) if kv.sub_type is not None else None)

@@ -96,7 +96,8 @@ CACHE_CASES = {
     "one_state_byte_flipped": "damaged(lambda d: d[:-1] + bytes([d[-1] ^ 0xFF]))",
     "garbage_file": "damaged(lambda d: os.urandom(4096))",
     "header_length_huge": "damaged(lambda d: d[:8] + struct.pack('<I', 0xFFFFFFFF) + d[12:])",
-    "header_not_json": "damaged(lambda d: d[:12] + b'\\xff' * (struct.unpack_from('<I', d, 8)[0]) + d[12 + struct.unpack_from('<I', d, 8)[0]:])",
+    "header_not_json": ("damaged(lambda d: d[:12] + b'\\xff' * (struct.unpack_from('<I', d, 8)[0])"
+                        " + d[12 + struct.unpack_from('<I', d, 8)[0]:])"),
     "header_deeply_nested": "damaged(lambda d: d[:8] + struct.pack('<I', 200000) + b'[' * 100000 + b']' * 100000)",
     "header_state_size_inflated": "forged_header(lambda h: h.update(state_size=h['state_size'] + 10**12))",
     "header_key_not_ints": "forged_header(lambda h: h.update(key=['a', None, 1.5]))",

@@ -78,7 +78,8 @@ def test_rpc_server_command_serves_on_the_given_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "rpc-server", "--port", str(port), "--threads", "1"],
+    server = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "rpc-server", "--port", str(port),
+                               "--threads", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=Path(tempfile.gettempdir()))
     try:
         deadline = time.monotonic() + 30

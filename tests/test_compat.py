@@ -218,7 +218,8 @@ def test_completion_with_logits_processor_matches(up, me):
         return scores
 
     kwargs = dict(max_tokens=8, temperature=0, logits_processor=LogitsProcessorList([ban_paris]))
-    expected = up("The capital of France is", **{**kwargs, "logits_processor": llama_cpp.LogitsProcessorList([ban_paris])})
+    expected = up("The capital of France is",
+                  **{**kwargs, "logits_processor": llama_cpp.LogitsProcessorList([ban_paris])})
     assert "Paris" not in expected["choices"][0]["text"]
     assert_same(me("The capital of France is", **kwargs), expected)
 
@@ -468,7 +469,8 @@ def test_draft_model_keeps_greedy_output(path, me, draft):
     draft_model = LlamaPromptLookupDecoding(num_pred_tokens=4) if draft == "lookup" else LlamaDraftModelFile(path, 3)
     with llmplace.Llama(path, draft_model=draft_model, **COMMON) as spec:
         for prompt in ("1, 2, 3, 4, 5, 1, 2, 3,", "The capital of France is"):
-            assert values(spec(prompt, max_tokens=24, temperature=0)) == values(me(prompt, max_tokens=24, temperature=0))
+            assert (values(spec(prompt, max_tokens=24, temperature=0))
+                    == values(me(prompt, max_tokens=24, temperature=0)))
 
 
 def test_llama_cpp_pythons_prompt_lookup_class_is_recognised(path):

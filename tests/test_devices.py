@@ -56,7 +56,8 @@ def test_a_plugin_built_from_another_llama_cpp_is_refused_with_the_fix(tmp_path)
     plugin = tmp_path / "llmplace_cuda13"
     plugin.mkdir()
     assert "no _build_info.py" in plugin_mismatch(plugin)
-    (plugin / "_build_info.py").write_text(f'LLAMA_CPP_COMMIT = "{LLAMA_CPP_COMMIT}"\nLLMPLACE_VERSION = "{llmplace.__version__}"\n')
+    (plugin / "_build_info.py").write_text(f'LLAMA_CPP_COMMIT = "{LLAMA_CPP_COMMIT}"\n'
+                                           f'LLMPLACE_VERSION = "{llmplace.__version__}"\n')
     assert plugin_mismatch(plugin) is None
     (plugin / "_build_info.py").write_text('LLAMA_CPP_COMMIT = "0123456789abcdef"\nLLMPLACE_VERSION = "0.0.1"\n')
     message = plugin_mismatch(plugin)

@@ -159,7 +159,8 @@ def mutate(clean: bytes, seed: int) -> tuple[bytes, str]:
     if kind in ("count", "length"):
         value = rng.choice(_HUGE + [old + 1, old - 1, old + rng.randint(2, 1000), 0, old * 2])
     elif kind == "type":
-        value = rng.choice([rng.randrange(64), 9, 8, 4, 5, 13, 2**31, 0xFFFFFFFF, 4 if field.kind == "ggml_type" else 0])
+        value = rng.choice([rng.randrange(64), 9, 8, 4, 5, 13, 2**31, 0xFFFFFFFF,
+                            4 if field.kind == "ggml_type" else 0])
     elif kind == "shape":
         value = (rng.choice([0, 5, 3, 4, 2**31, 0xFFFFFFFF]) if field.kind == "n_dims" else
                  rng.choice([0, -1, 1, 2**62, 2**63 - 1, 2**40, old + 1, old * 2, old // 2, 2**32]))

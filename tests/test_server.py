@@ -96,7 +96,8 @@ def test_streamed_chat_gives_the_same_text(client, local):
     stream = client.chat.completions.create(model="x", messages=messages, max_tokens=24, temperature=0, stream=True)
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert text == local.create_chat_completion(messages, max_tokens=24, temperature=0)["choices"][0]["message"]["content"]
+    local_reply = local.create_chat_completion(messages, max_tokens=24, temperature=0)
+    assert text == local_reply["choices"][0]["message"]["content"]
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "stop"
 
 

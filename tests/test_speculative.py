@@ -384,7 +384,8 @@ def _chain_distribution(model, params: SamplingParams, logits: np.ndarray) -> di
 @pytest.mark.parametrize("options", [{"temperature": 1.0, "top_k": 8, "top_p": 1.0, "min_p": 0.0},
                                      {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05},
                                      {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.0},
-                                     {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.1, "logit_bias": {11: 3.0}}])
+                                     {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.1,
+                                      "logit_bias": {11: 3.0}}])
 def test_numpy_distribution_equals_llama_cpp_sampler_chain(smollm2, options):
     params = SamplingParams(seed=1, **options)
     with context(smollm2, 128) as ctx:

@@ -56,7 +56,8 @@ def main() -> None:
                 print(f"-- llmplace GPU fa={fa}:", repr(text[:300]))
                 print(f"   teacher-forced agreement fa={fa}: "
                       f"{teacher_forced(gpu, prompt, reference.tokens, flash_attn=fa)}/{n}")
-            print(f"   CPU vs CPU teacher-forced: {teacher_forced(cpu, prompt, reference.tokens)}/{len(reference.tokens)}")
+            agreed = teacher_forced(cpu, prompt, reference.tokens)
+            print(f"   CPU vs CPU teacher-forced: {agreed}/{len(reference.tokens)}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def main() -> None:
             "model": Path(args.model).name, "size": args.size,
             "steady_ms": {n: round(statistics.median(v), 3) for n, v in steady.items()},
             "switching_ms": {f"{label}": round(statistics.median(r[i] for r in rounds), 3)
-                             for i, label in enumerate(["batch after 1", "1st single after", "2nd single", "3rd single"])},
+                             for i, label in enumerate(["batch after 1", "1st single after", "2nd single",
+                                                        "3rd single"])},
         }
     print(json.dumps(result, indent=1))
     if args.out:

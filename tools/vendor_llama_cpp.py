@@ -137,7 +137,8 @@ def one_cuda_graph_per_batch_shape(root: Path) -> None:
     text = path.read_text()
     old = "static const void * ggml_cuda_graph_get_key(ggml_cgraph * cgraph) {\n    return cgraph->nodes[0];\n}\n"
     new = ("static const void * ggml_cuda_graph_get_key(ggml_cgraph * cgraph) {\n"
-           "    // llmplace (tools/vendor_llama_cpp.py, one_cuda_graph_per_batch_shape): one graph per small batch shape\n"
+           "    // llmplace (tools/vendor_llama_cpp.py, one_cuda_graph_per_batch_shape): "
+           "one graph per small batch shape\n"
            "    const ggml_tensor * first = cgraph->nodes[0];\n"
            "    const ggml_tensor * last  = cgraph->nodes[cgraph->n_nodes - 1];\n"
            "    if (first->ne[1] > 16) {\n"

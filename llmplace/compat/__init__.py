@@ -39,7 +39,8 @@ What differs (each is warned about or raises a typed error when used):
   tool itself (tool_choice "auto" gives a plain text reply), image content parts, a grammar in
   `Llama.generate`.
 - Accepted but not applied, with a `CompatibilityWarning`: lora_base, numa, a draft_model that is a Python
-  LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those silently). `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
+  LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those silently).
+  `LlamaPromptLookupDecoding` and `LlamaDraftModelFile` (llama_speculative) run llmplace's own
   speculative decoding, which refuses typical_p; calls with penalties, logits processors, stopping criteria,
   grammars or logprobs decode without speculation.
 - Arguments are checked when `create_completion(stream=True)` is called, not at the first chunk.
@@ -57,8 +58,8 @@ What differs (each is warned about or raises a typed error when used):
   other bytes in place of a longer piece. Token ids that are not ints raise TokenizationError.
 - `LlamaPromptLookupDecoding(...)(input_ids)` proposes what llama-cpp-python's does; as a draft_model it runs
   llmplace's own prompt-lookup drafter.
-- n_threads=None means llmplace.context.default_threads() (llama-cpp-python: half the cores); verbose=True does not print
-  llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
+- n_threads=None means llmplace.context.default_threads() (llama-cpp-python: half the cores); verbose=True does
+  not print llama.cpp's log (set LLMPLACE_LOG=info, it goes to the `logging` logger "llmplace").
 - `Llama.from_pretrained(repo_id, filename_glob)` needs huggingface_hub (not a dependency of llmplace).
 - `install()` makes `import llama_cpp` in this process give this layer (for third-party code that imports
   llama_cpp itself); nothing is installed on disk.

@@ -54,7 +54,8 @@ def _plain_messages(messages) -> list[dict]:
                 elif isinstance(part, str):
                     texts.append(part)
                 else:
-                    raise UnsupportedFeatureError(f"message {i} has a {part.get('type') if isinstance(part, dict) else type(part).__name__!r} "
+                    kind = part.get('type') if isinstance(part, dict) else type(part).__name__
+                    raise UnsupportedFeatureError(f"message {i} has a {kind!r} "
                                                   "content part: llmplace.Llama takes text only (no images yet)")
             content = "".join(texts)
         out.append({**message, "content": content})
@@ -67,7 +68,8 @@ def render(llama: Llama, messages) -> list[int]:
     fmt = llama.chat_format
     if fmt in UNSUPPORTED_FORMATS:
         raise UnsupportedFeatureError(f"chat_format={fmt!r} (function calling or vision in llama-cpp-python) is not "
-                                      "supported by llmplace.Llama yet; use the model's own template (chat_format=None)")
+                                      "supported by llmplace.Llama yet; use the model's own template "
+                                      "(chat_format=None)")
     template = None if fmt in (None, "chat_template.default") else CHAT_FORMAT_NAMES.get(fmt, fmt)
     text = format_chat(model, [{"role": m.get("role"), "content": m["content"]} for m in _plain_messages(messages)],
                        add_generation_prompt=True, template=template)

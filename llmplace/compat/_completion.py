@@ -55,8 +55,10 @@ def build_prompt(llama: Llama, prompt, suffix: str | None) -> tuple[list[int], s
     # llmplace uses the model's real ones, and appends the suffix to the text when the model has none.
     use_fim = suffix is not None and min(fim) >= 0
     plain_tokens = not is_text and suffix is None
-    bos_tokens = [] if plain_tokens or not vocab.add_bos or (cls if cls != -1 else bos) == -1 else [cls if cls != -1 else bos]
-    eos_tokens = [] if plain_tokens or (not C.llama_vocab_get_add_eos(vocab._ptr) and sep == -1) else [sep if sep != -1 else eos]
+    bos_tokens = ([] if plain_tokens or not vocab.add_bos or (cls if cls != -1 else bos) == -1
+                  else [cls if cls != -1 else bos])
+    eos_tokens = ([] if plain_tokens or (not C.llama_vocab_get_add_eos(vocab._ptr) and sep == -1)
+                  else [sep if sep != -1 else eos])
     if is_text:
         body = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=not use_fim) if prompt else []
     else:

@@ -23,7 +23,8 @@ def _match(repo_id: str, names: list[str], pattern: str) -> str:
     if not matches:
         raise ValueError(f"No file found in {repo_id} that match {pattern}\n\nAvailable Files:\n{json.dumps(names)}")
     if len(matches) > 1:
-        raise ValueError(f"Multiple files found in {repo_id} matching {pattern}\n\nAvailable Files:\n{json.dumps(names)}")
+        raise ValueError(f"Multiple files found in {repo_id} matching {pattern}\n\n"
+                         f"Available Files:\n{json.dumps(names)}")
     return matches[0]
 
 

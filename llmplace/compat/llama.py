@@ -237,7 +237,8 @@ class Llama:
         self.n_threads = n_threads
         self.n_threads_batch = n_threads_batch
         c_params = {
-            "rope_scaling_type": C.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling_type is None else rope_scaling_type,
+            "rope_scaling_type": (C.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling_type is None
+                                  else rope_scaling_type),
             "pooling_type": pooling_type, "attention_type": attention_type,
             "rope_freq_base": rope_freq_base, "rope_freq_scale": rope_freq_scale,
             "yarn_ext_factor": yarn_ext_factor, "yarn_attn_factor": yarn_attn_factor,

@@ -196,7 +196,8 @@ class _StateFile:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if not isinstance(header, dict) or header.get("version") != cls.VERSION:
-            raise CorruptStateFile(f"unknown format version {header.get('version') if isinstance(header, dict) else header!r}")
+            version = header.get('version') if isinstance(header, dict) else header
+            raise CorruptStateFile(f"unknown format version {version!r}")
         key, shape = header.get("key"), header.get("scores_shape")
         sizes = [header.get(k) for k in ("n_tokens", "input_ids", "state_size")]
         if (not isinstance(key, list) or not all(is_int(t) and -2**31 <= t < 2**31 for t in key)

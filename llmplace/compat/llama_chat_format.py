@@ -56,7 +56,8 @@ class LlamaChatCompletionHandlerRegistry:
     def register_chat_completion_handler(self, name: str, chat_handler: LlamaChatCompletionHandler,
                                          overwrite: bool = False) -> None:
         if not overwrite and name in self._chat_handlers:
-            raise ValueError(f"Formatter with name '{name}' is already registered. Use `overwrite=True` to overwrite it.")
+            raise ValueError(f"Formatter with name '{name}' is already registered. "
+                             "Use `overwrite=True` to overwrite it.")
         self._chat_handlers[name] = chat_handler
 
     def unregister_chat_handler(self, name: str) -> None:

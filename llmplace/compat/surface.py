@@ -72,7 +72,8 @@ EXCLUDED: dict[str, str] = {
     "llama_cpp.llama.Llama.ctx": "a raw ctypes llama_context pointer upstream; use Llama.llmplace_context",
     "llama_cpp.llama.Llama.model": "a raw ctypes llama_model pointer upstream; use Llama.llmplace_model",
     "llama_cpp.llama.Llama.eval_tokens": (
-        "upstream's deque of the evaluated tokens, kept in step with each eval(); read Llama.input_ids[:Llama.n_tokens]"),
+        "upstream's deque of the evaluated tokens, kept in step with each eval(); "
+        "read Llama.input_ids[:Llama.n_tokens]"),
     "llama_cpp.llama.Llama.eval_logits": (
         "upstream's deque of the logits of each evaluated token (logits_all=True); llmplace does not keep a "
         "Python copy of every position's logits"),
