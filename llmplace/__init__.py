@@ -14,6 +14,7 @@ importing a submodule binds its name on the package, which would hide the functi
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -39,8 +40,37 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# The same names for type checkers, which do not run __getattr__: `llmplace.load` types as planning.load, not Any.
+# Never executed, so `import llmplace` stays cheap. `name as name` marks each one as re-exported (mypy --strict).
+# tests/test_public_api.py checks that this block and _EXPORTS name the same things from the same modules.
+if TYPE_CHECKING:
+    from .backends import backend_modules as backend_modules, Device as Device, device as device, devices as devices
+    from .chat import Chat as Chat, format_chat as format_chat, Reply as Reply
+    from .compat.llama import Llama as Llama
+    from .context import Context as Context
+    from .engine import Engine as Engine, EngineRequest as EngineRequest, generate_batch as generate_batch
+    from .errors import (AbortedError as AbortedError, BuildError as BuildError, BusyError as BusyError,
+                         ClosedError as ClosedError, ContextOverflowError as ContextOverflowError,
+                         DecodeError as DecodeError, DeviceNotFoundError as DeviceNotFoundError,
+                         IncompatibleDraftError as IncompatibleDraftError,
+                         InvalidParameterError as InvalidParameterError, LlmplaceError as LlmplaceError,
+                         ModelLoadError as ModelLoadError, OutOfMemoryError as OutOfMemoryError,
+                         PlacementError as PlacementError, TemplateError as TemplateError,
+                         TokenizationError as TokenizationError)
+    from .generation import (generate as generate, Generation as Generation, GenerationStep as GenerationStep,
+                             stream_generate as stream_generate)
+    from .lora import LoRA as LoRA
+    from .memory import Estimate as Estimate
+    from .model import Model as Model
+    from .placement import (cpu_moe as cpu_moe, distribute as distribute, n_cpu_moe as n_cpu_moe,
+                            Placement as Placement, Rule as Rule)
+    from .planning import estimate as estimate, explain as explain, fit as fit, FitResult as FitResult, load as load
+    from .quantization import quantize as quantize, QUANTIZE_TYPES as QUANTIZE_TYPES
+    from .sampling import Sampler as Sampler, SamplingParams as SamplingParams
+    from .speculative import SpeculativeStats as SpeculativeStats
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> object:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'llmplace' has no attribute {name!r}")
