@@ -25,8 +25,8 @@ from .placement import Placement, configure, describe, is_host_buffer, read_back
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
 
-# llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state
-# (log capture, backend registry); loads are rare and long, so they are serialized.
+# llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state (the
+# backend registry; the log capture is per thread, see logs.py); loads are rare and long, so they are serialized.
 _load_lock = threading.Lock()
 
 
