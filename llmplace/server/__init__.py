@@ -2,8 +2,17 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, /v1/chat/completions (with "stream": true, server-sent events
 ending in `data: [DONE]`), /v1/embeddings (when started with --embedding), /extras/tokenize,
-/extras/tokenize/count, /extras/detokenize; GET /health. With an API key, requests must send
-`Authorization: Bearer <key>`. One request runs at a time, the others wait in arrival order (see app.py).
+/extras/tokenize/count, /extras/detokenize; GET /health, GET /metrics (Prometheus text). With an API key,
+requests must send `Authorization: Bearer <key>` (/health excepted).
+
+`--slots N` (default 4): completions and chats are decoded together on an llmplace.Engine of N slots
+(server/batching.py says which requests stay on the one Llama); `--slots 1`: every request on the Llama, one
+at a time, the others waiting in arrival order (see app.py). `--max-queue`: waiting requests beyond it get 429.
+
+Why the standard library's threading server and not an ASGI stack (Starlette / uvicorn): the model work runs
+in the engine's one scheduler thread and in C; a connection's thread only turns steps into SSE lines. Measured
+with benchmarks/serve_load.py on this CPU (see README, "Serving"): the HTTP layer does not limit throughput at
+32 streaming clients, so no new dependency is added.
 """
 
 from __future__ import annotations
@@ -26,13 +35,16 @@ def make_server(*args, **kwargs):
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, server_options: dict | None = None, **llama_kwargs) -> None:
     """Load `model_path` with llmplace.Llama(**llama_kwargs) and answer the OpenAI API until interrupted.
-    server_options: make_server's limits (max_body_bytes, read_timeout, write_timeout, max_tokens_limit)."""
+    server_options: make_server's limits (max_body_bytes, read_timeout, write_timeout, max_tokens_limit) and
+    batching (slots, max_queue, engine_options)."""
     from ..compat import Llama
 
     llama_kwargs.setdefault("verbose", False)
     with Llama(model_path, **llama_kwargs) as llama:
-        server = make_server(llama, host=host, port=port, model_name=model_name, api_key=api_key,
-                             **(server_options or {}))
+        options = dict(server_options or {})
+        # the engine computes as the Llama does: its flash attention setting (off by default, as the Llama's)
+        options.setdefault("engine_options", {"flash_attn": bool(llama_kwargs.get("flash_attn"))})
+        server = make_server(llama, host=host, port=port, model_name=model_name, api_key=api_key, **options)
         print(f"llmplace: serving {os.path.basename(model_path)} on http://{host}:{server.server_port}/v1",
               file=sys.stderr, flush=True)
         try:
@@ -101,6 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the most tokens one request may generate (default: the context size)")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
+    parser.add_argument("--slots", "--n_parallel", "-np", dest="slots", type=int, default=4,
+                        help="requests decoded together on the batching engine, each slot holding --n-ctx tokens "
+                             "(default 4; 1 = one request at a time on one context, the least memory)")
+    parser.add_argument("--max-queue", type=int, default=128,
+                        help="requests that may wait for a slot; more get 429 with Retry-After (default 128)")
     parser.add_argument("--read-timeout", type=float, default=30.0,
                         help="seconds a client may take to send a request")
     parser.add_argument("--write-timeout", type=float, default=10.0,
@@ -141,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"llmplace: no model file at {model}" + (" (a directory)" if os.path.isdir(model) else ""),
               file=sys.stderr)
         return 1
+    if not 1 <= args.slots <= 256:  # the Engine's bound: every slot is a KV cache of --n-ctx tokens
+        print(f"llmplace: --slots must be between 1 and 256, not {args.slots}", file=sys.stderr)
+        return 2
+    if args.max_queue < 1:
+        print(f"llmplace: --max-queue must be at least 1, not {args.max_queue}", file=sys.stderr)
+        return 2
     problem = _cannot_listen(args.host, args.port)
     if problem:
         print(f"llmplace: {problem}", file=sys.stderr)
@@ -154,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
               use_mmap=args.use_mmap, use_mlock=args.use_mlock, override_tensor=args.override_tensor,
               n_cpu_moe=args.n_cpu_moe, embedding=args.embedding, chat_format=args.chat_format,
               server_options=dict(max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
-                                  read_timeout=args.read_timeout, write_timeout=args.write_timeout),
+                                  read_timeout=args.read_timeout, write_timeout=args.write_timeout,
+                                  slots=args.slots, max_queue=args.max_queue),
               **optional)
     except (LlmplaceError, ValueError, OSError) as exc:
         # the model did not load, an option was refused, or the port was taken after the check above

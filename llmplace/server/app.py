@@ -26,12 +26,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..compat import Llama, UnsupportedFeatureError
-from ..errors import AbortedError, ClosedError, ContextOverflowError
+from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError
+from .batching import BatchedGeneration, engine_occupancy
+from .metrics import Metrics
 
 MAX_BODY_BYTES = 16 << 20  # a prompt filling a 1M-token context is ~4 MB of text
 MAX_JSON_DEPTH = 64        # tool schemas nest a dozen levels; deeper only costs recursion in the converters
 READ_TIMEOUT = 30.0        # seconds a client may take to send its headers and body
 WRITE_TIMEOUT = 10.0       # seconds one write may block on a client that does not read
+SLOTS = 4                  # sequences decoded together (llama-server's default too); 1 = the serial Llama path
+MAX_QUEUE = 128            # requests waiting for the model before the next one gets 429
+RETRY_AFTER = 1            # seconds a client told "queue full" (429) should wait before retrying
 
 # Request fields passed through to create_completion / create_chat_completion (OpenAI's, plus llama.cpp's).
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "stop", "seed",
@@ -46,10 +51,16 @@ class APIError(Exception):
     was not read, so the rest of the stream cannot be parsed as a next request)."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, close: bool = False) -> None:
+                 code: str | None = None, close: bool = False, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
         self.close = close
+        self.headers = headers or {}
+
+
+def queue_full(message: str) -> APIError:
+    """429 with Retry-After: the request was not queued (the queue is bounded), it may be sent again later."""
+    return APIError(429, message, "server_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER)})
 
 
 class ClientGone(Exception):
@@ -209,13 +220,14 @@ def client_gone(connection: socket.socket) -> bool:
 
 
 class ClientWatch:
-    """While a request holds the model, poll its client's socket; when the client has left, abort the
-    generation in flight (and keep aborting until the request ends: the abort flag is reset by each decode)."""
+    """While a request is served, poll its client's socket; when the client has left, call on_gone (and keep
+    calling it until the request ends: the serial path's abort flag is reset by each decode; an engine
+    request's cancel() is idempotent)."""
 
     POLL_SECONDS = 0.1
 
-    def __init__(self, connection: socket.socket, llama: Llama) -> None:
-        self.connection, self.llama = connection, llama
+    def __init__(self, connection: socket.socket, on_gone) -> None:
+        self.connection, self.on_gone = connection, on_gone
         self.gone = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmplace-client-watch", daemon=True)
@@ -234,9 +246,7 @@ class ClientWatch:
         while not self._done.wait(self.POLL_SECONDS):
             if self.gone or client_gone(self.connection):
                 self.gone = True
-                context = self.llama.llmplace_context
-                if context is not None:
-                    context.abort()
+                self.on_gone()
 
 
 class FifoLock:
@@ -261,25 +271,59 @@ class FifoLock:
 
 
 class ModelService:
-    """The model behind the API, its public name, the optional API key, and the request queue."""
+    """The model behind the API, its public name, the optional API key, the serial request queue (entered
+    with `with service:`), and the engine path when there is one (`batched`)."""
 
     def __init__(self, llama: Llama, model_name: str, api_key: str | None = None, *,
                  max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT,
-                 write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None) -> None:
+                 write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None,
+                 max_queue: int = MAX_QUEUE, batched: BatchedGeneration | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.llama, self.model_name, self.api_key = llama, model_name, api_key
         self.max_body_bytes, self.read_timeout, self.write_timeout = max_body_bytes, read_timeout, write_timeout
         self.max_tokens_limit = max_tokens_limit or llama.n_ctx()
+        self.max_queue = max_queue
+        self.batched = batched
+        self.metrics = metrics or Metrics()
         self.queue = FifoLock()
-        self.busy = 0  # requests holding the model (0 or 1): /health reports it
+        self._count_lock = threading.Lock()
+        self.waiting = 0  # requests queued for the Llama (bounded by max_queue)
+        self.busy = 0     # requests holding the Llama (0 or 1)
 
     def __enter__(self) -> ModelService:
-        self.queue.__enter__()
+        with self._count_lock:
+            if self.waiting >= self.max_queue:
+                raise queue_full(f"the server's queue is full ({self.max_queue} requests wait for the model): "
+                                 f"retry after {RETRY_AFTER} s, or start the server with a larger --max-queue")
+            self.waiting += 1
+        try:
+            self.queue.__enter__()
+        finally:
+            with self._count_lock:
+                self.waiting -= 1
         self.busy += 1
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.busy -= 1
         self.queue.__exit__(*exc_info)
+
+    def abort_serial(self) -> None:
+        """Abort the Llama's generation in flight (its client left)."""
+        context = self.llama.llmplace_context
+        if context is not None:
+            context.abort()
+
+    def occupancy(self) -> dict:
+        """What /health and /metrics report: the engine's slots busy and total (without an engine, the Llama
+        is the one slot), requests waiting (for a slot or for the Llama), and whether the Llama serves a request
+        (with an engine, the requests it does not take run there, see batching.py)."""
+        if self.batched is None:
+            return {"slots_busy": self.busy, "slots_total": 1, "queue_depth": self.waiting,
+                    "serial_busy": self.busy > 0}
+        engine_busy, engine_waiting = engine_occupancy(self.batched.engine)
+        return {"slots_busy": engine_busy, "slots_total": self.batched.engine.slots,
+                "queue_depth": engine_waiting + self.waiting, "serial_busy": self.busy > 0}
 
 
 def _options(body: dict, names: tuple, max_tokens_limit: int) -> dict:
@@ -292,6 +336,20 @@ def _options(body: dict, names: tuple, max_tokens_limit: int) -> dict:
     return options
 
 
+def _counted(chunks, metrics: Metrics):
+    """The serial path's stream chunks, counting one generated token per chunk with text (the Llama streams one
+    chunk per token whose text is complete; a token ending a stop string or a split character is not
+    counted)."""
+    try:
+        for chunk in chunks:
+            choice = (chunk.get("choices") or [{}])[0]
+            if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                metrics.count_generated()
+            yield chunk
+    finally:
+        chunks.close()  # ends the Llama's generation now (the client left, or the stream ended)
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "llmplace"
     protocol_version = "HTTP/1.1"
@@ -301,13 +359,21 @@ class Handler(BaseHTTPRequestHandler):
         pass  # the access log would go to stderr for every request
 
     # ---- plumbing ----
-    def _send_json(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.service.metrics.count_request(code)  # every answer passes here (the standard library's too)
+        super().send_response(code, message)
+
+    def _send_json(self, status: int, body: Any, headers: dict | None = None) -> None:
+        self._send_bytes(status, json.dumps(body).encode(), "application/json", headers)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
         self.connection.settimeout(self.service.write_timeout)  # a client that does not read is dropped
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -350,7 +416,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _authorize(self) -> None:
         key = self.service.api_key
-        if not key or self.path.split("?")[0].rstrip("/") == "/health":
+        if not key or self.path.split("?")[0].rstrip("/") == "/health":  # /metrics needs the key: it shows load
             return
         # compare_digest: the time taken does not reveal how much of a guessed key was right.
         sent = self.headers.get("Authorization", "").encode("latin-1", "replace")
@@ -365,9 +431,13 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as exc:
             if exc.close:
                 self.close_connection = True
-            self._send_json(exc.status, exc.body)
+            self._send_json(exc.status, exc.body, exc.headers)
         except (ClientGone, AbortedError, ConnectionError, TimeoutError):
             self.close_connection = True  # the client left (or stopped reading): nobody to answer
+            self.service.metrics.count_request("disconnected")
+        except BusyError as exc:  # the engine's wait queue is full
+            error = queue_full(f"{exc} (server option: --max-queue)")
+            self._send_json(error.status, error.body, error.headers)
         except ContextOverflowError as exc:
             self._send_json(400, APIError(400, str(exc), code="context_length_exceeded").body)
         except UnsupportedFeatureError as exc:
@@ -380,8 +450,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(500, APIError(500, f"{type(exc).__name__}: {exc}", "server_error").body)
 
     def do_GET(self) -> None:
-        routes = {"/v1/models": self._models,
-                  "/health": lambda: self._send_json(200, {"status": "ok", "busy": self.service.busy > 0})}
+        routes = {"/v1/models": self._models, "/health": self._health, "/metrics": self._metrics}
         route = routes.get(self.path.split("?")[0].rstrip("/"))
         self._handle(route or (lambda: self._not_found()))
 
@@ -413,8 +482,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (ConnectionError, TimeoutError, AbortedError):
-            pass  # the client left, stopped reading, or its generation was aborted because it left
+        except (ConnectionError, TimeoutError, AbortedError, ClientGone):
+            pass  # the client left, stopped reading, or its generation was aborted (cancelled) because it left
         except Exception as exc:  # noqa: BLE001 - headers are sent: report the failure as the stream's last event
             error = APIError(500, f"{type(exc).__name__}: {exc}", "server_error").body
             try:
@@ -426,18 +495,54 @@ class Handler(BaseHTTPRequestHandler):
             chunks.close()  # ends stream_generate now: the sampler is freed and the context stays consistent
 
     # ---- routes ----
+    def _health(self) -> None:
+        load = self.service.occupancy()
+        self._send_json(200, {"status": "ok", "busy": load["slots_busy"] > 0 or load["serial_busy"], **load})
+
+    def _metrics(self) -> None:
+        load = self.service.occupancy()
+        text = self.service.metrics.prometheus(queue_depth=load["queue_depth"], slots_busy=load["slots_busy"],
+                                               slots_total=load["slots_total"])
+        self._send_bytes(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
     def _models(self) -> None:
         self._send_json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model",
                                                           "created": 0, "owned_by": "llmplace", "permissions": []}]})
 
     def _generate(self, create, stream: bool) -> None:
-        """Run create() while holding the model and watching the client; answer (stream or JSON)."""
-        with self.service, ClientWatch(self.connection, self.service.llama):
+        """The serial path: run create() while holding the Llama and watching the client; answer (stream or
+        JSON)."""
+        metrics = self.service.metrics
+        with self.service, ClientWatch(self.connection, self.service.abort_serial):
             result = create()
             if stream:
-                self._stream(result)
+                self._stream(_counted(result, metrics))
                 return
+        usage = result.get("usage") or {}
+        metrics.count_prompt(usage.get("prompt_tokens", 0))
+        metrics.count_generated(usage.get("completion_tokens", 0))
         self._send_json(200, result)  # after the model is released: a slow reader delays only itself
+
+    def _generate_batched(self, route: str, payload, options: dict, stream: bool) -> None:
+        """The engine path: submit, watch the client (leaving cancels the request: its slot frees at the next
+        step), answer (stream or JSON) as the serial path would."""
+        batched = self.service.batched
+        if client_gone(self.connection):
+            raise ClientGone()
+        request, tokens = batched.submit(route, payload, options)
+        try:
+            with ClientWatch(self.connection, request.cancel):
+                result = batched.reply(route, request, tokens, payload, self.service.model_name, stream, ClientGone)
+                if stream:
+                    self._stream(result)
+                    return
+        finally:
+            request.cancel()  # nothing once it has ended; a stream whose client stopped reading ends here
+        self._send_json(200, result)
+
+    def _takes_engine(self, route: str, options: dict) -> bool:
+        batched = self.service.batched
+        return batched is not None and batched.serial_reason(route, options) is None
 
     def _completions(self) -> None:
         body = self._read_body("completions")
@@ -446,6 +551,9 @@ class Handler(BaseHTTPRequestHandler):
             prompt = prompt[0]
         options = _options(body, _COMPLETION, self.service.max_tokens_limit)
         stream = bool(body.get("stream"))
+        if self._takes_engine("completions", options):
+            self._generate_batched("completions", prompt, options, stream)
+            return
         self._generate(lambda: self.service.llama.create_completion(prompt, stream=stream,
                                                                     model=self.service.model_name, **options),
                        stream)
@@ -456,6 +564,9 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
         options = _options(body, _CHAT, self.service.max_tokens_limit)
         stream = bool(body.get("stream"))
+        if self._takes_engine("chat", options):
+            self._generate_batched("chat", body["messages"], options, stream)
+            return
         self._generate(lambda: self.service.llama.create_chat_completion(body["messages"], stream=stream,
                                                                          model=self.service.model_name, **options),
                        stream)
@@ -464,7 +575,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._read_body("embeddings")
         if body.get("input") is None:
             raise APIError(400, "input must be a string or a non-empty list of strings", param="input")
-        with self.service, ClientWatch(self.connection, self.service.llama):
+        with self.service, ClientWatch(self.connection, self.service.abort_serial):
             try:
                 result = self.service.llama.create_embedding(body["input"], model=self.service.model_name)
             except RuntimeError as exc:  # a model loaded without embedding=True
@@ -496,22 +607,55 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"text": text})
 
 
+class Server(ThreadingHTTPServer):
+    """The HTTP server; server_close() also stops the engine (its requests end with ClosedError)."""
+
+    daemon_threads = True
+    engine = None
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.engine is not None:
+            self.engine.close()
+
+
 def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT,
-                write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None) -> ThreadingHTTPServer:
+                write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None, slots: int = 1,
+                max_queue: int = MAX_QUEUE, engine_options: dict | None = None) -> Server:
     """An HTTP server (not yet serving: call serve_forever()) answering the OpenAI API with `llama`.
 
     max_body_bytes: larger request bodies are refused (413). read_timeout: seconds a client may take to send
     a request (its socket's timeout while reading). write_timeout: seconds one write may block before the
-    client is dropped. max_tokens_limit: the most tokens one request may generate (default: the context size)."""
+    client is dropped. max_tokens_limit: the most tokens one request may generate (default: the context size).
+    slots: with 2 or more, completions and chats run on an llmplace.Engine of that many slots on the Llama's
+    model, each slot holding the Llama's n_ctx tokens (see batching.py for what stays on the Llama); 1: every
+    request on the Llama, one at a time. max_queue: requests waiting for a slot (and, separately, for the
+    Llama) before the next gets 429. engine_options: the Engine's Context options; by default the Llama's
+    thread counts and flash_attn=False (the Llama's default), so that replies equal the serial ones."""
     import os
 
+    from ..engine import Engine
+
+    metrics = Metrics()
+    batched = None
+    if slots > 1 and not llama._embedding:  # an embedding context computes embeddings, not replies
+        options = {"n_threads": llama.n_threads, "n_threads_batch": llama.n_threads_batch, "flash_attn": False,
+                   **(engine_options or {})}
+        engine = Engine(llama._model, slots=slots, n_ctx=llama.n_ctx(), n_batch=llama.n_batch, max_queue=max_queue,
+                        **options)
+        batched = BatchedGeneration(llama, engine, metrics)
     service = ModelService(llama, model_name or os.path.basename(str(llama.model_path)), api_key,
                            max_body_bytes=max_body_bytes, read_timeout=read_timeout, write_timeout=write_timeout,
-                           max_tokens_limit=max_tokens_limit)
+                           max_tokens_limit=max_tokens_limit, max_queue=max_queue, batched=batched, metrics=metrics)
     # `timeout` is socketserver's per-connection socket timeout: reading headers and bodies is bounded.
     handler = type("LlmplaceHandler", (Handler,), {"service": service, "timeout": read_timeout})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    try:
+        server = Server((host, port), handler)
+    except BaseException:
+        if batched is not None:
+            batched.engine.close()
+        raise
+    server.engine = batched.engine if batched is not None else None
     server.started = time.time()
     return server
