@@ -19,12 +19,21 @@ micro-batch, and the attention kernels' rounding depends on where a sequence's t
   cells 0, 1, 2 ... as they do in a context of its own, whatever the other sequences hold. (A unified cache
   interleaves the sequences' cells, which changes how the attention sums are grouped.)
 - a prompt is prefilled in pieces cut at the boundaries of the micro-batches a lone `generate` computes it in
-  (multiples of PREFILL_UNIT from position 0), each piece a decode of its own, and a piece is never cut below
-  FA_TILE_ROWS rows where the lone micro-batch had more: flash attention takes its tiled kernel (float32
-  queries) from FA_TILE_ROWS rows on and its one-row kernel (float16 queries) below.
+  (multiples of PREFILL_UNIT from position 0), each piece a decode of its own, and a piece never has fewer
+  rows than the kernels of its lone micro-batch need (ROW_CLASSES: flash attention's tiled kernel from 64
+  rows, the tiled K-quant product from 8, sgemm from 2).
 - one generated token per sequence is decoded for all generating sequences in one decode, except a sequence
   attending to SPLIT_KV_CELLS cells or more: alone, one query over that many cells takes the kernel that
   splits the cells across threads, so such a sequence gets a decode of its own.
+- whether a batch of rows gets the logits each row gets alone also depends on the weights' types: llama.cpp
+  computes a matrix product of one row with ggml's dot products and of several rows with llamafile's sgemm
+  for some types (F32, F16, BF16, Q8_0, Q4_0 ...), and the tiled K-quant product from 8 rows on. The engine
+  probes this once, when it starts (`batched`): when a batch of rows is not bit for bit equal to one row, or
+  the model is a mixture of experts (a batch routes rows of several sequences to the experts together, and
+  the tiny test MoE's greedy output then differed from a lone run's after a few tokens, though a probe of
+  equal rows was equal), each sequence's token gets a decode of its own (exact=True, the default; the
+  steps still interleave, but batching then saves nothing), or is batched all the same (exact=False:
+  faster, output may differ from a lone run at near-ties, as on a GPU).
 - a shared prefix (from a live or finished slot, `Context.copy_sequence`) is cut so that the rest of the
   prompt is computed in pieces of the same kinds as alone.
 On a GPU the kernels differ between batch shapes anyway (see README, speculative decoding), so batched greedy
@@ -44,6 +53,8 @@ import threading
 import time
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from .context import Context, common_prefix_length
 from .errors import (BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError,
                      unknown_keyword_error)
@@ -56,17 +67,22 @@ from .token_loop import SequenceState
 # The micro-batch size of a Context made by `generate` (Context's default n_ubatch): a lone run prefills its
 # prompt in micro-batches [0, 512), [512, 1024) ...; the engine cuts prompts at the same boundaries.
 PREFILL_UNIT = inspect.signature(Context).parameters["n_ubatch"].default
-# ggml's CPU flash attention (ops.cpp, GGML_FA_TILE_Q): micro-batches of at least this many query rows take
-# the tiled kernel, smaller ones the one-row kernel; the two round differently.
+# ggml's CPU kernels choose their algorithm by how many rows of one sequence a micro-batch holds, and the
+# algorithms round differently: flash attention takes its tiled kernel (float32 queries) from 64 query rows on,
+# its one-row kernel (float16 queries) below (ops.cpp, GGML_FA_TILE_Q); the tiled K-quant matrix product runs
+# from 8 rows on (tiled/tiled.cpp, ggml_tiled_min_batch); llamafile's sgemm from 2 rows on (sgemm.cpp), ggml's
+# dot products for one. A row is computed exactly as alone only in a piece of the same class as the lone
+# micro-batch that held it: the least number of rows of each class.
 FA_TILE_ROWS = 64
+ROW_CLASSES = (FA_TILE_ROWS, 8, 2, 1)
 # llama.cpp pads the number of KV cells a decode attends to to a multiple of 256 (llama_kv_cache::get_n_kv);
 # a single query over 512 cells or more takes the kernel that splits the cells across threads.
 KV_PAD = 256
 SPLIT_KV_CELLS = 512
 DEFAULT_MAX_QUEUE = 1024
-# The attention kernel a row of a KV cache was computed with; a cached row is reused for a new prompt only
-# if a lone run would compute that row with the same one (its values differ in the last bits otherwise).
-ROW, TILE, SPLIT = 0, 1, 2   # one-row kernel; tiled kernel; one query with the cells split across threads
+# The kernels a row of a KV cache was computed with: its piece's row class, or SPLIT for one row over 512
+# cells or more. A cached row is reused for a new prompt only if a lone run computes it the same way.
+SPLIT = 0
 
 _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 _SPECULATIVE = frozenset({"draft", "lookup", "depth", "adaptive_depth"})
@@ -74,21 +90,23 @@ CLOSED_WHILE_RUNNING = ("the Engine was closed (close() on it or on its Model) b
                         "its text so far is in the steps already received. Submit it to an open Engine")
 
 
+def row_class(rows: int) -> int:
+    """The least number of rows of the kernel class a piece of `rows` rows falls in (ROW_CLASSES)."""
+    return next(least for least in ROW_CLASSES if rows >= least)
+
+
 def prefill_pieces(start: int, n_prompt: int, limit: int) -> list[int]:
     """The ends of the pieces the engine prefills prompt positions [start, n_prompt) in: cut at the lone run's
-    micro-batch boundaries (multiples of PREFILL_UNIT), pieces of at most `limit` tokens, except that a piece
-    of a micro-batch of FA_TILE_ROWS rows or more keeps at least FA_TILE_ROWS rows (see the module docstring;
-    `exact_reuse` makes sure such a part is never shorter)."""
+    micro-batch boundaries (multiples of PREFILL_UNIT), pieces of at most `limit` tokens, except that no piece
+    falls in a smaller row class than the lone micro-batch holding it (`exact_reuse` makes sure the part of a
+    micro-batch to compute is never too short for that)."""
     ends = []
     position = start
     while position < n_prompt:
         first = position - position % PREFILL_UNIT
         end = min(first + PREFILL_UNIT, n_prompt)
         length = end - position
-        count = -(-length // limit)
-        # never fewer rows per piece than the lone micro-batch's kernel needs (one query row takes another
-        # kernel than several)
-        count = max(1, min(count, length // (FA_TILE_ROWS if end - first >= FA_TILE_ROWS else 2)))
+        count = max(1, min(-(-length // limit), length // row_class(end - first)))
         for i in range(1, count + 1):
             ends.append(position + length * i // count)
         position = end
@@ -96,14 +114,14 @@ def prefill_pieces(start: int, n_prompt: int, limit: int) -> list[int]:
 
 
 def piece_kind(start: int, length: int) -> int:
-    """The kernel computing a piece of `length` rows of one sequence, alone in its micro-batch, from `start`."""
-    if length >= FA_TILE_ROWS:
-        return TILE
-    return SPLIT if length == 1 and start >= KV_PAD else ROW
+    """How a piece of `length` rows of one sequence, alone in its micro-batch, from `start`, is computed."""
+    if length == 1 and start >= KV_PAD:
+        return SPLIT
+    return row_class(length)
 
 
 def lone_kind(row: int, n_prompt: int) -> int:
-    """The kernel a lone `generate` computes prompt row `row` of an n_prompt-token prompt with."""
+    """How a lone `generate` computes prompt row `row` of an n_prompt-token prompt."""
     first = row - row % PREFILL_UNIT
     return piece_kind(row, min(first + PREFILL_UNIT, n_prompt) - first)
 
@@ -111,15 +129,14 @@ def lone_kind(row: int, n_prompt: int) -> int:
 def exact_reuse(cached: int, n_prompt: int) -> int:
     """How many of `cached` prompt tokens (already in a cache) to keep so that the rest of the prompt is
     prefilled in pieces of the kinds a lone run computes it in: at most n_prompt - 1 (the last prompt token is
-    computed for its logits), not inside the last FA_TILE_ROWS rows of a lone micro-batch of at least that
-    many rows, and not leaving one row of a smaller one of several rows."""
+    computed for its logits), and leaving at least the least rows of the row class of the lone micro-batch
+    it ends in."""
     cached = max(0, min(cached, n_prompt - 1))
     if cached == 0:
         return 0
     first = cached - cached % PREFILL_UNIT
     end = min(first + PREFILL_UNIT, n_prompt)
-    rows = FA_TILE_ROWS if end - first >= FA_TILE_ROWS else min(2, end - first)
-    return min(cached, end - rows)
+    return min(cached, end - row_class(end - first))
 
 
 class EngineRequest:
@@ -282,7 +299,7 @@ class _Slot:
         self.seq_id = seq_id
         self.request: EngineRequest | None = None
         self.cached: list[int] = []   # the tokens the KV cache holds for this sequence, position by position
-        self.kinds = bytearray()      # the kernel (ROW, TILE, SPLIT) each of them was computed with
+        self.kinds = bytearray()      # how each of them was computed (piece_kind)
         self.last_used = 0.0
 
     def reusable(self, tokens: list[int]) -> int:
@@ -309,7 +326,7 @@ class Engine:
     requests not finished then raise ClosedError."""
 
     def __init__(self, model: Model, slots: int = 4, n_ctx: int | None = None, n_batch: int = 512, *,
-                 max_queue: int = DEFAULT_MAX_QUEUE, **context_options) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, exact: bool = True, **context_options) -> None:
         for name, value, upper in (("slots", slots, 256), ("n_batch", n_batch, 1 << 24),
                                    ("max_queue", max_queue, 1 << 30)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
@@ -344,12 +361,38 @@ class Engine:
                                 extra_params=extra, **context_options)
         self.n_ctx = self._context.n_ctx_seq  # llama.cpp rounds each sequence's cache up to a multiple of 256
         self._slots = [_Slot(i) for i in range(slots)]
+        if not isinstance(exact, bool):
+            raise InvalidParameterError(f"exact must be True or False, not {exact!r}")
+        self.exact = exact
+        try:
+            # whether the generating sequences' tokens are decoded in one batch (see the module docstring)
+            experts = model.metadata.get(f"{model.arch}.expert_count", "0")
+            self.batched = not exact or slots == 1 or (experts in ("", "0") and self._batch_equals_one_row())
+        except BaseException:
+            self._context.close()
+            raise
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._active: list[EngineRequest] = []   # admitted, in admission order
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llmplace-engine", daemon=True)
         self._thread.start()
+
+    def _batch_equals_one_row(self) -> bool:
+        """Decode the same token at the same place in every sequence, once alone and once as a batch of `slots`
+        rows: True when every row of the batch has the logits of the lone row, bit for bit."""
+        context, n_vocab = self._context, self.model.n_vocab
+        history = [1 % n_vocab, 2 % n_vocab]
+        token, other = 3 % n_vocab, 4 % n_vocab
+        try:
+            context.decode_batch([(s, t, i, False) for s in range(self.slots) for i, t in enumerate(history)])
+            alone = context.logits(context.decode_batch([(0, token, len(history), True)])[0])
+            rows = context.decode_batch([(s, token, len(history), True) for s in range(1, self.slots)]
+                                        + [(0, other, len(history) + 1, False)])
+            return all(np.array_equal(context.logits(i), alone) for i in rows)
+        finally:
+            for s in range(self.slots):
+                context.remove_sequence(s)
 
     # ---- the caller's side ----
     def submit(self, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256, stop: str | Sequence[str] = (),
@@ -516,10 +559,14 @@ class Engine:
         for request in [r for r in self._active if r._cancelled]:
             self._finish(request, cancelled=True)
         generating = [r for r in self._active if r.pending >= 0]
-        together = sorted((r for r in generating if r.slot and len(r.slot.cached) < KV_PAD),
-                          key=lambda r: r.slot.seq_id)
-        calls = [together] if together else []
-        calls += [[r] for r in generating if len(r.slot.cached) >= KV_PAD]
+        if not self.batched:
+            calls = [[r] for r in generating]
+        elif not self.exact:
+            calls = [sorted(generating, key=lambda r: r.slot.seq_id)] if generating else []
+        else:
+            together = sorted((r for r in generating if len(r.slot.cached) < KV_PAD), key=lambda r: r.slot.seq_id)
+            calls = [together] if together else []
+            calls += [[r] for r in generating if len(r.slot.cached) >= KV_PAD]
         for group in calls:
             self._decode(group, [(r.slot.seq_id, r.pending, len(r.slot.cached), True) for r in group],
                          [r.pending for r in group])

@@ -53,16 +53,29 @@ def test_prefill_pieces_follow_a_lone_runs_micro_batches():
     pieces = prefill_pieces(0, 300, 100)
     assert pieces[-1] == 300 and all(b - a >= FA_TILE_ROWS for a, b in zip([0] + pieces, pieces))
     assert exact_reuse(100, 120) == 120 - FA_TILE_ROWS   # the rest keeps the tiled kernel's row count
-    assert exact_reuse(40, 50) == 40 and exact_reuse(49, 50) == 48 and exact_reuse(10, 11) == 9
+    # and it keeps the row class (64, 8, 2 or 1 rows) of the lone micro-batch: 50 rows -> at least 8 left
+    assert exact_reuse(40, 50) == 40 and exact_reuse(49, 50) == 42 and exact_reuse(6, 7) == 5
+    assert prefill_pieces(0, 50, 4) == [8, 16, 25, 33, 41, 50] and prefill_pieces(0, 5, 1) == [2, 5]
 
 
 def test_greedy_output_equals_generate_alone_with_more_requests_than_slots(engine, smollm2):
     assert len(smollm2.tokenize(PROMPTS[4])) > PREFILL_UNIT and len(PROMPTS) > engine.slots
+    assert engine.batched  # the probe found a batch of rows equal to one row: steps decode all sequences at once
     handles = [engine.submit(p, max_tokens=16, temperature=0) for p in PROMPTS]
     for prompt, handle in zip(PROMPTS, handles):
         same(handle.result(timeout=120), alone(smollm2, prompt, max_tokens=16, temperature=0))
     steps = list(handles[0])  # every iteration sees every step, also after the end
     assert [s.generated_tokens for s in steps] == list(range(1, 17)) and steps[-1].finish_reason == "length"
+
+
+def test_a_mixture_of_experts_decodes_each_sequence_alone_and_stays_equal(tiny_qwen3moe_path):
+    with llmplace.load(tiny_qwen3moe_path, progress=False) as moe:
+        prompts = ["def fib(n):", "The three primary colors are", STORY * 3, "Q: What is 2+2?\nA:"]
+        with llmplace.Engine(moe, slots=3, n_ctx=512, n_batch=40, n_threads=THREADS) as engine:
+            assert not engine.batched  # a batch routes several sequences' rows to the experts together
+            handles = [engine.submit(p, max_tokens=24, temperature=0) for p in prompts]
+            for prompt, handle in zip(prompts, handles):
+                same(handle.result(timeout=120), alone(moe, prompt, max_tokens=24, temperature=0))
 
 
 def test_generate_batch_equals_generate(smollm2):
