@@ -611,6 +611,9 @@ class Server(ThreadingHTTPServer):
     """The HTTP server; server_close() also stops the engine (its requests end with ClosedError)."""
 
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a burst of clients connecting at once (32 in the tests)
+    # overflows it while the accepting thread waits for the GIL, and the kernel then refuses connections
+    request_queue_size = 1024
     engine = None
 
     def server_close(self) -> None:
