@@ -114,7 +114,7 @@ _initialized = False
 def plugin_mismatch(folder: Path) -> str | None:
     """Why a plugin folder must not be loaded (None if it matches this build). A backend module from another
     llama.cpp commit or llmplace version links against a different ggml-base: loading it could crash."""
-    from . import __version__
+    from ._version import __version__
 
     info_path = folder / "_build_info.py"
     info: dict = {}

@@ -421,7 +421,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     try:
         from ._build_info import LLAMA_CPP_COMMIT

@@ -26,6 +26,10 @@ ALLOWED_CYCLES = [
 ]
 
 
+# Extension modules the build compiles into the package (no .py source): leaves of the graph.
+COMPILED_MODULES = {"_llmplace_cffi"}
+
+
 def module_name(path: Path) -> str:
     parts = ["llmplace", *path.relative_to(PACKAGE).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -52,9 +56,10 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 base = ".".join(base + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
-            # `from .x import y` imports module x.y when there is one, else module x (y is a name in it)
+            # `from .x import y` imports module x.y when there is one, else module x (y is a name in it); the
+            # compiled cffi extension is a module of its own, below everything
             candidates = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                          for alias in node.names]
+                          for alias in node.names if alias.name not in COMPILED_MODULES]
         else:
             continue
         found.update(candidate for candidate in candidates if candidate in known and candidate != name)

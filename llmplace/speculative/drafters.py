@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
+from ..backends import cpu_threadpool_pause
 from ..context import Context
 from ..errors import InvalidParameterError
 from ..model import Model
 from ..sampling import SamplingParams
 from ..sampling_mirror import Distribution, draw
 from .checks import check_compatible
+
+if TYPE_CHECKING:
+    import numpy as np
 
 LOOKUP_NGRAMS = (4, 3, 2)      # n-gram sizes prompt lookup matches, longest first
 
@@ -23,8 +28,9 @@ class ModelDrafter:
 
     def __init__(self, target: Context, draft, params: SamplingParams, rng) -> None:
         self._owned: list = []
+        context: Context | None = None  # a context of the draft's own is made once the pair is checked
         if isinstance(draft, Context):
-            self.context = draft
+            context = draft
             model = draft.model
         else:
             if isinstance(draft, Model):
@@ -33,18 +39,18 @@ class ModelDrafter:
                 from ..planning import load
                 model = load(draft, progress=False)
                 self._owned.append(model)
-            self.context = None
         try:
             check_compatible(target.model, model)
-            if self.context is None:
-                self.context = Context(model, n_ctx=target.n_ctx, n_threads=target.n_threads)
-                self._owned.insert(0, self.context)
+            if context is None:
+                context = Context(model, n_ctx=target.n_ctx, n_threads=target.n_threads)
+                self._owned.insert(0, context)
+            self.context = context
             # Draft and target take turns on the same cores. After computing, a ggml pool's threads spin for
             # a while waiting for more work: against the other pool's working threads that made decoding up
             # to 20x slower on 2 cores. So each pool is paused (its threads sleep; the next decode wakes
             # them) before the other computes. (Sharing one pool instead leaves a pointer to the target's
             # pool cached in the draft context's CPU backend, which deadlocks once that pool is freed.)
-            self._pause = _pool_pause_function()
+            self._pause = cpu_threadpool_pause()
             self._target_pools = target._pools
             self._draft_pools = self.context._pools
         except BaseException:
@@ -130,11 +136,12 @@ class ModelDrafter:
             self.catchup = (0, 0.0)
         ctx.decode_one(todo[-1])
         self.synced = len(ctx.tokens)
-        drafted, qs = [], None if self.greedy else []
+        drafted: list[int] = []
+        qs: list[tuple[np.ndarray, np.ndarray]] | None = None if self.greedy else []
         n_common, is_eog = self.n_common, self.vocab.is_eog
         for i in range(k):
             logits = ctx.logits()[:n_common]
-            if self.greedy:
+            if qs is None:  # greedy
                 token = int(self.dist.biased(logits).argmax())
             else:
                 q = self.dist(logits)
@@ -190,32 +197,6 @@ class LookupDrafter:
         return 0
 
     catchup = (0, 0.0)
-
-
-_pause_function = False
-
-
-def _pool_pause_function():
-    """ggml_threadpool_pause of the loaded CPU backend module, or None. The CPU backend does not offer it
-    through ggml_backend_reg_get_proc_address, so it is looked up in the module llmplace already loaded
-    (RTLD_NOLOAD: never a second copy)."""
-    global _pause_function
-    if _pause_function is False:
-        _pause_function = None
-        try:
-            import ctypes
-
-            from .._ffi import ffi
-            from ..backends import backend_modules
-
-            for module in backend_modules():
-                if module.name == "cpu" and module.loaded:
-                    lib = ctypes.CDLL(str(module.path), mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
-                    address = ctypes.cast(lib.ggml_threadpool_pause, ctypes.c_void_p).value
-                    _pause_function = ffi.cast("void (*)(struct ggml_threadpool *)", address)
-        except (OSError, AttributeError):
-            pass  # no pausing: correct, only slower with several threads
-    return _pause_function
 
 
 def make_drafter(target: Context, draft, lookup: bool, params: SamplingParams, rng):
