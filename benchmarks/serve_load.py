@@ -1,0 +1,220 @@
+"""A load generator for `llmplace serve`: N concurrent streaming clients, aggregate tokens/s, time to first token
+and inter-token latency (p50 / p99), as JSON.
+
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 [--clients 1,4,8,32] [--max-tokens 32]
+    python benchmarks/serve_load.py --model MODEL.gguf --slots 1,4 [--threads 1] [--clients 1,4,8] --out F.json
+
+With --model, each --slots value gets a server of its own (`python -m llmplace.server MODEL --slots S`, on a
+free port of 127.0.0.1, stopped afterwards). Bounded: only 127.0.0.1 / localhost is spoken to; each level
+(clients count) sends at most --requests requests (default: 2 per client, at least 8) and starts none after
+--duration seconds; every request has a --timeout. Each client sends streaming /v1/completions requests one
+after the other (temperature 0, varied prompts; --ban-tokens makes every reply run to --max-tokens) and
+reads the SSE events as they come. Measured per level: generated tokens (events with text) over the level's
+wall time; TTFT = request sent → first text event; ITL = gaps between text events of one reply; errors by
+kind. The machine's load average is recorded (other processes share the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+PROMPTS = ["Once upon a time", "The three primary colors are", "def fib(n):", "List five fruits:\n1.",
+           "The history of the old harbour town is", "Q: What is the capital of France?\nA:",
+           "Write a short poem about the sea.", "In 1969, the first"]
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def one_request(host: str, port: int, body: dict, timeout: float, api_key: str | None) -> dict:
+    """Send one streaming completion; the times of its text events (perf_counter) and how it ended."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    sent = time.perf_counter()
+    events: list[float] = []
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), headers)
+        response = connection.getresponse()
+        if response.status != 200:
+            return {"sent": sent, "events": events, "error": f"HTTP {response.status}"}
+        done = False
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                return {"sent": sent, "events": events, "error": "error event"}
+            if chunk["choices"][0].get("text"):
+                events.append(time.perf_counter())
+        return {"sent": sent, "events": events, "error": None if done else "stream ended without [DONE]"}
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return {"sent": sent, "events": events, "error": type(exc).__name__}
+    finally:
+        connection.close()
+
+
+def run_level(host: str, port: int, clients: int, *, requests: int, duration: float, max_tokens: int,
+              timeout: float, ban: dict, api_key: str | None) -> dict:
+    """`clients` threads sending requests one after another until `requests` were sent or `duration` passed."""
+    lock = threading.Lock()
+    counter = {"next": 0}
+    results: list[dict] = []
+    start = time.perf_counter()
+
+    def client() -> None:
+        while True:
+            with lock:
+                index = counter["next"]
+                if index >= requests or time.perf_counter() - start > duration:
+                    return
+                counter["next"] += 1
+            body = {"prompt": PROMPTS[index % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
+                    "stream": True}
+            if ban:
+                body["logit_bias"] = ban
+            result = one_request(host, port, body, timeout, api_key)
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    load_before = os.getloadavg()[0]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    tokens = sum(len(r["events"]) for r in results)
+    ttft = [r["events"][0] - r["sent"] for r in results if r["events"]]
+    itl = [b - a for r in results for a, b in zip(r["events"], r["events"][1:])]
+    errors: dict[str, int] = {}
+    for r in results:
+        if r["error"]:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+    ms = 1000.0
+    return {"clients": clients, "requests": len(results), "generated_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2),
+            "ttft_ms": {"p50": round(percentile(ttft, 50) * ms, 1) if ttft else None,
+                        "p99": round(percentile(ttft, 99) * ms, 1) if ttft else None},
+            "itl_ms": {"p50": round(percentile(itl, 50) * ms, 2) if itl else None,
+                       "p99": round(percentile(itl, 99) * ms, 2) if itl else None,
+                       "mean": round(statistics.fmean(itl) * ms, 2) if itl else None},
+            "errors": errors, "load_average_before": round(load_before, 2),
+            "load_average_after": round(os.getloadavg()[0], 2)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, slots: int, threads: int, n_ctx: int) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llmplace.server", model, "--host", "127.0.0.1", "--port",
+                                str(port), "--slots", str(slots), "--threads", str(threads), "--n-ctx", str(n_ctx)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process, port
+        except OSError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("the server did not answer /health within 120 s")
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server, http://127.0.0.1:PORT")
+    target.add_argument("--model", help="start `llmplace serve MODEL` for each --slots value")
+    parser.add_argument("--slots", default="1,4", help="with --model: the servers' --slots values")
+    parser.add_argument("--threads", type=int, default=1, help="with --model: the servers' --threads")
+    parser.add_argument("--n-ctx", type=int, default=1024, help="with --model: the servers' --n-ctx")
+    parser.add_argument("--clients", default="1,4,8", help="concurrent clients per level, e.g. 1,4,8,32")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=None, help="requests per level (default: max(8, 2 × clients))")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds after which a level sends no more")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    parser.add_argument("--ban-tokens", default="", help="token ids to ban (end tokens: replies run to max-tokens); "
+                                                         "SmolLM2: 0,2")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--note", default="", help="a note kept in the JSON (what else ran on the machine)")
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",")]
+    ban = {t.strip(): -100 for t in args.ban_tokens.split(",") if t.strip()}
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+              "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "note": args.note, "servers": []}
+
+    def levels(port: int) -> list[dict]:
+        out = []
+        for n in clients:
+            requests = args.requests or max(8, 2 * n)
+            level = run_level("127.0.0.1", port, n, requests=requests, duration=args.duration,
+                              max_tokens=args.max_tokens, timeout=args.timeout, ban=ban, api_key=args.api_key)
+            print(json.dumps(level), file=sys.stderr, flush=True)
+            out.append(level)
+        return out
+
+    if args.url:
+        url = urlparse(args.url)
+        if url.hostname not in LOCAL_HOSTS:
+            parser.error(f"only a server on this machine is loaded (127.0.0.1 or localhost), not {url.hostname}")
+        report["servers"].append({"url": args.url, "levels": levels(url.port or 80)})
+    else:
+        report["model"] = os.path.basename(args.model)
+        for slots in [int(s) for s in args.slots.split(",")]:
+            process, port = start_server(args.model, slots, args.threads, args.n_ctx)
+            try:
+                report["servers"].append({"slots": slots, "threads": args.threads, "levels": levels(port)})
+            finally:
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
