@@ -42,7 +42,7 @@ def integer(name: str, value, low: int, high: int, hint: str = "") -> int:
 
 def token_id(name: str, value, n_vocab: int) -> int:
     """A token id of a vocabulary of n_vocab tokens (llama.cpp indexes its tables with it unchecked)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < n_vocab:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < n_vocab:
         raise InvalidParameterError(f"{name} {value!r} is outside the vocabulary (token ids 0 .. {n_vocab - 1})")
     return int(value)
 

@@ -197,7 +197,7 @@ class Chat:
             speculative.check_compatible(self.model, draft)
             # The draft's own context, sized like the target's and kept for the Chat's life, so that its
             # cache too is reused from turn to turn (stream_generate takes a draft Context for this).
-            draft_context = Context(draft, n_ctx=self._context.n_ctx, n_threads=n_threads)
+            draft_context = Context(draft, n_ctx=self._check_usable().n_ctx, n_threads=n_threads)
             self._owned.insert(1, draft_context)
             options["draft"] = draft_context
         if lookup:
@@ -224,16 +224,17 @@ class Chat:
         self.close()
 
     def _check_usable(self) -> Context:
-        if self.closed:
+        context = self._context
+        if context is None or context.closed:  # self.closed
             raise ClosedError("this Chat is closed (or its Model was closed); create a new Chat")
-        claim = self._context._claim
+        claim = context._claim
         if claim.holder is not None:  # a turn holds the Chat's context, from stream() to the end of its reply
             if claim.holder_thread != threading.get_ident():
                 raise BusyError("this Chat is generating a reply in another thread: a Chat serves one thread at "
                                 "a time; wait for the reply to end, or give each thread its own Chat")
             raise InvalidParameterError("a reply is still streaming from this Chat; finish iterating it (or close "
                                         "the generator) before the next turn")
-        return self._context
+        return context
 
     # ---- history ----
     @property
@@ -305,7 +306,8 @@ class Chat:
     @property
     def n_cached(self) -> int:
         """Tokens held in the KV cache now."""
-        return 0 if self.closed else len(self._context.tokens)
+        context = self._context
+        return 0 if context is None or context.closed else len(context.tokens)
 
     @property
     def last_prompt_evaluated(self) -> int:
@@ -314,8 +316,9 @@ class Chat:
 
     def stats(self) -> dict:
         """The last reply's figures and the context's fill, for display."""
+        context = self._context
         out = {"messages": len(self._messages), "cached_tokens": self.n_cached,
-               "n_ctx": 0 if self.closed else self._context.n_ctx}
+               "n_ctx": 0 if context is None or context.closed else context.n_ctx}
         if self.last is not None:
             out.update({f.name: getattr(self.last, f.name) for f in fields(Reply) if f.name != "text"})
         return out
@@ -346,6 +349,7 @@ class Chat:
         steps = self.stream(text, **options)
         for _ in steps:
             pass
+        assert self.last is not None  # the turn's end wrote it
         return self.last
 
     def stream(self, text: str, **options) -> Iterator[str]:
@@ -389,6 +393,7 @@ class Chat:
         """The turn's reply, generated under `hold` (the Chat's context), released once the history and the
         cache are put in order: no other turn can start in between."""
         context = self._context
+        assert context is not None  # stream checked it (_prepare)
         self._active = True
         self._abort_requested.clear()
         start = time.perf_counter()

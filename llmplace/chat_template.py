@@ -227,7 +227,9 @@ class ChatTemplate:
     def render(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` (already validated)."""
         if self.engine == "llama.cpp":
-            return _apply_builtin(self.name or self.source, messages, add_generation_prompt)
+            builtin = self.name or self.source
+            assert builtin is not None  # resolve gives llama.cpp's engine a name or a source
+            return _apply_builtin(builtin, messages, add_generation_prompt)
         return render_limited(_compile(self.source), messages=list(messages),
                               add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                               eos_token=self.eos_token)

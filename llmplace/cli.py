@@ -92,13 +92,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     tensor_split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
     plan = explain(args.model, placement, n_gpu_layers=args.n_gpu_layers, split_mode=args.split,
                    tensor_split=tensor_split)
+    split = plan.split
+    assert split is not None  # a loaded model always has its split plan
     if args.json:
         print(json.dumps({"tensors": [t.__dict__ for t in plan.tensors], "totals": plan.totals(),
                           "unmatched_rules": plan.unmatched_rules, "overrides": plan.overrides,
-                          "split": plan.split.__dict__}, indent=2))
+                          "split": split.__dict__}, indent=2))
         return 0
-    print(f"split: {plan.split.mode} over {', '.join(plan.split.devices) or 'no offload device (CPU only)'}"
-          f" ({plan.split.reason})")
+    print(f"split: {split.mode} over {', '.join(split.devices) or 'no offload device (CPU only)'}"
+          f" ({split.reason})")
     totals = plan.memory_totals()
     whole = sum(totals.values()) or 1
     print(f"{'memory':<28} {'weights':>11}  {'share':>6}")
@@ -216,9 +218,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             with _ctrl_c_aborts(chat):
                 for piece in chat.stream(text):
                     print(piece, end="", flush=True)
-            print(" [stopped]" if chat.last.finish_reason == "abort" else "", flush=True)
-            if chat.last.dropped:
-                print(f"[the {chat.last.dropped} oldest messages were dropped to fit the context]", file=sys.stderr)
+            last = chat.last
+            assert last is not None  # the turn has ended
+            print(" [stopped]" if last.finish_reason == "abort" else "", flush=True)
+            if last.dropped:
+                print(f"[the {last.dropped} oldest messages were dropped to fit the context]", file=sys.stderr)
 
         if args.prompt is not None:
             reply(args.prompt)

@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence, TypeVar
 
 from . import speculative
 from .context import Context
@@ -130,7 +130,7 @@ def request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: in
         speculative.check_depth(depth)
         speculative.check_params(params)
     own_context = context is None
-    if own_context:
+    if context is None:
         # Room for a draft in flight too when speculating (the target verifies up to `depth` extra tokens).
         extra = depth if speculate else 0
         n_ctx = min(max(512, len(tokens) + max_tokens + 1 + extra), max(model.n_ctx_train, len(tokens) + 1))
@@ -241,6 +241,7 @@ class GenerationRequest:
         perf = time.perf_counter
         n_prompt, cached, prompt_tps = len(self.tokens), self.prompt_cached, self.prompt_tps
         start, prompt_done, state = self.start, self.prompt_done, self.state
+        assert state is not None  # _loop made it
         for token, text, finish in loop:
             now = perf()
             generated = state.generated
@@ -251,8 +252,11 @@ class GenerationRequest:
             yield step
 
 
-def _owning(steps: Iterator[GenerationStep], sampler: Sampler, context: Context | None,
-            drafter=None) -> Iterator[GenerationStep]:
+_Step = TypeVar("_Step")
+
+
+def _owning(steps: Generator[_Step, None, None], sampler: Sampler, context: Context | None,
+            drafter=None) -> Iterator[_Step]:
     """Yield the steps (run under the context's GenerationHold, see GenerationRequest._own), then free the
     sampler, a drafter (and a context made for this call), however iteration ends, in whichever thread."""
     try:
@@ -292,5 +296,6 @@ def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs) -> Gen
     if tokens[-1] < 0:  # max_tokens=0 (or a stopping criterion): the last step carries no token
         tokens.pop()
     tps = len(tokens) / max(now - run.prompt_done, 1e-9)
+    assert finish is not None  # the last step says why generation ended
     return Generation(text="".join(pieces), tokens=tokens, finish_reason=finish, prompt_tokens=len(run.tokens),
                       prompt_tps=run.prompt_tps, generation_tps=tps, speculative=run.speculative_stats(tps))

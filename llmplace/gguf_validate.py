@@ -26,8 +26,10 @@ import sys
 import mmap
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError
 
@@ -244,7 +246,12 @@ def _key_text(key: bytes) -> str:
     return key.decode("utf-8", errors="replace")
 
 
-def _read_value(r: _Reader, vtype: int, key: str) -> object:
+# A key's value as the checks hold it: a number, a string's bytes, or an array's summary ("array", element type,
+# count, offset[, values]).
+_Value = int | float | bytes | tuple[Any, ...]
+
+
+def _read_value(r: _Reader, vtype: int, key: str) -> _Value:
     """Read (or skip) one value: scalars and strings are returned, arrays as ("array", element type, length,
     offset), their contents skipped."""
     if vtype in _SCALARS:
@@ -289,10 +296,10 @@ def _read_value(r: _Reader, vtype: int, key: str) -> object:
     return ("array", etype, count, start)
 
 
-def _check_kv(r: _Reader, n_kv: int) -> tuple[dict[str, object], dict[str, int], dict[str, tuple[int, int]]]:
+def _check_kv(r: _Reader, n_kv: int) -> tuple[dict[str, _Value], dict[str, int], dict[str, tuple[int, int]]]:
     """Walk the key/values; returns the values (arrays summarized), where each key starts, and each key's
     GGUF type with where its value ends."""
-    values: dict[str, object] = {}
+    values: dict[str, _Value] = {}
     offsets: dict[str, int] = {}
     types: dict[str, tuple[int, int]] = {}
     for i in range(n_kv):
@@ -321,7 +328,7 @@ def _check_kv(r: _Reader, n_kv: int) -> tuple[dict[str, object], dict[str, int],
     return values, offsets, types
 
 
-def _check_vocab_arrays(values: dict[str, object]) -> None:
+def _check_vocab_arrays(values: dict[str, _Value]) -> None:
     """Per-token arrays shorter than the vocabulary would be indexed past their end (llama.cpp checks this
     too, with a less specific message)."""
     tokens = values.get("tokenizer.ggml.tokens")
@@ -341,7 +348,7 @@ _BYTE_TOKENS_AS_HEX = {b"llama", b"t5", b"gpt2", b"hybriddna", b"whitespace", b"
 _NO_BYTE_TOKENS = {b"bert"}
 
 
-def _check_vocab(values: dict[str, object], offsets: dict[str, int]) -> None:
+def _check_vocab(values: dict[str, _Value], offsets: dict[str, int]) -> None:
     """Vocabularies llama.cpp loads but then aborts on, when text is tokenized or tokens are turned back into
     text (its C++ exceptions there cross the C API, which ends the process)."""
     model = values.get("tokenizer.ggml.model")
@@ -404,7 +411,7 @@ class _LayerRule:
     message: str                 # with {layer}
 
 
-def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> list[_LayerRule]:
+def _check_hparams(values: dict[str, _Value], offsets: dict[str, int]) -> list[_LayerRule]:
     """The hyperparameters llama.cpp checks with GGML_ASSERT (aborting the process) instead of failing the
     load (llama-model.cpp, load_hparams), or that fail an assertion at the first decode. Found by
     tests/test_gguf_fuzz.py and tests/test_gguf_structure_fuzz.py. A per-layer array is checked element by
@@ -414,7 +421,7 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> list[_
         return []
     prefix = arch.decode("utf-8", errors="replace") + "."
 
-    def get(name: str, default: int = 0) -> int | float:
+    def get(name: str, default: int | float = 0) -> int | float:
         value = values.get(prefix + name, default)
         return default if isinstance(value, (tuple, bytes)) else value
 
@@ -462,8 +469,9 @@ def _check_hparams(values: dict[str, object], offsets: dict[str, int]) -> list[_
     # Heads per layer: a layer with attention weights and 0 heads (or 0 key/value heads) builds a graph whose
     # shapes disagree, and ggml asserts. 0 is meaningful only in layers without attention (recurrent layers of
     # hybrid models), so it is checked against the tensor table.
-    n_head_layers = per_layer("attention.head_count", n_layer) or [get("attention.head_count", 1)] * n_layer
-    n_head_kv_layers = per_layer("attention.head_count_kv", n_layer) or (
+    n_head_layers: Sequence[int | float] = (per_layer("attention.head_count", n_layer)
+                                            or [get("attention.head_count", 1)] * n_layer)
+    n_head_kv_layers: Sequence[int | float] = per_layer("attention.head_count_kv", n_layer) or (
         n_head_layers if prefix + "attention.head_count_kv" not in values
         else [get("attention.head_count_kv", 1)] * n_layer)
     for name, counts in (("attention.head_count", n_head_layers), ("attention.head_count_kv", n_head_kv_layers)):
@@ -515,7 +523,7 @@ def _check_tensors(r: _Reader, n_tensors: int, alignment: int) -> list[tuple[str
         n_dims = r.u32(f"the dimension count of tensor '{name}'")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Bad(dims_at, f"tensor '{name}' has {n_dims} dimensions (1 to {MAX_DIMS} are allowed)")
-        shape = []
+        shape: list[int] = []
         n_elements = 1
         for d in range(n_dims):
             dim_at = r.pos
@@ -610,9 +618,9 @@ def _parse(buf, size: int) -> GGUFFile:
     _check_vocab_arrays(values)
     _check_vocab(values, offsets)
     layer_rules = _check_hparams(values, offsets)
-    alignment = values.get("general.alignment", DEFAULT_ALIGNMENT)
-    if alignment == 0 or alignment & (alignment - 1):
-        raise _Bad(24, f"general.alignment is {alignment}, not a power of two")
+    alignment = values.get("general.alignment", DEFAULT_ALIGNMENT)  # a uint32 (_TYPED_KEYS)
+    if not isinstance(alignment, int) or alignment == 0 or alignment & (alignment - 1):
+        raise _Bad(24, f"general.alignment is {alignment!r}, not a power of two")
     tensors = _check_tensors(r, n_tensors, alignment)
     for rule in layer_rules:
         for name, *_ in tensors:
@@ -632,23 +640,24 @@ def _parse(buf, size: int) -> GGUFFile:
 
 
 
-def _metadata(buf, values: dict[str, object], types: dict[str, tuple[int, int]]) -> dict[str, object]:
+def _metadata(buf, values: dict[str, _Value], types: dict[str, tuple[int, int]]) -> dict[str, object]:
     """The key/values as Python values: str for a string, bool for a bool, a list for an array (its contents
     read here, from the ranges the checks walked), int or float otherwise. A string that is not UTF-8 makes
     its value "<unreadable>"."""
     result: dict[str, object] = {}
     for key, value in values.items():
         vtype, end = types[key]
+        readable: object = value
         try:
-            if vtype == STRING:
-                value = value.decode("utf-8")
+            if vtype == STRING and isinstance(value, bytes):
+                readable = value.decode("utf-8")
             elif vtype == 7:
-                value = bool(value)
-            elif vtype == ARRAY:
-                value = _array_contents(buf, value, end)
+                readable = bool(value)
+            elif vtype == ARRAY and isinstance(value, tuple):
+                readable = _array_contents(buf, value, end)
         except UnicodeDecodeError:
-            value = "<unreadable>"
-        result[key] = value
+            readable = "<unreadable>"
+        result[key] = readable
     return result
 
 

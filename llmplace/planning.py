@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import logs
 from ._ffi import C, c_string, ffi, null_terminated
@@ -315,7 +315,7 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
     if HOST in budgets:  # llama.cpp's fit takes host memory as unlimited: only checked on the measured plan
         usable[HOST] = budgets[HOST]
     runtime_given = {name: cost.total for name, cost in costs.items()}  # measured once, not again per attempt
-    split_kwargs = {} if devices is None else {"devices": list(devices)}
+    split_kwargs: dict[str, Any] = {} if devices is None else {"devices": list(devices)}
 
     extra_margin = [0] * len(devs)
     n_ctx_try = n_ctx  # a context the fit shrinks itself sets a fixed size here (see below)
@@ -436,7 +436,7 @@ def _experts_from_the_front(fitted: Placement, info, n_layer: int) -> list[Place
         return []
     if any(not is_host_buffer(a.target) for a in moved):
         return []
-    layers = sorted({a.tensor.layer for a, r in zip(moved, roles) if r == "experts"})
+    layers = sorted({a.tensor.layer for a, r in zip(moved, roles) if r == "experts" and a.tensor.layer is not None})
     if not layers or layers != list(range(layers[0], n_layer)):
         return []
     k = len(layers)

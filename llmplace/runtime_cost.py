@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import IO, Mapping, Sequence
 
 from . import logs
 from ._ffi import C, c_string
@@ -132,7 +132,7 @@ def _write_cache(key: str, value: dict) -> None:
         logs.logger.warning("could not cache the runtime measurement in %s: %s", path, exc)
 
 
-def runtime_costs(path: Path, devs: list, settings: ProbeSettings, given=None) -> dict[str, RuntimeCost]:
+def runtime_costs(path: Path, devs: Sequence, settings: ProbeSettings, given=None) -> dict[str, RuntimeCost]:
     """RuntimeCost per device name for `devs` (ggml device handles).
 
     given: None to measure (cached); a number of bytes / size string for every measured device (0 turns the
@@ -200,9 +200,16 @@ def _probe(path: Path, dev, name: str, settings: ProbeSettings, timeout: float) 
     errors = tempfile.TemporaryFile("w+")
     child = subprocess.Popen([sys.executable, "-m", "llmplace.runtime_cost", json.dumps(spec)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in child.stdout] + [lines.put(None)],
-                     daemon=True).start()
+    stdin, stdout = child.stdin, child.stdout
+    assert stdin is not None and stdout is not None  # both are pipes
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read_lines(out: IO[str]) -> None:
+        for line in out:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read_lines, args=(stdout,), daemon=True).start()
     deadline = time.monotonic() + timeout
 
     def expect(stage: str) -> dict:
@@ -226,12 +233,12 @@ def _probe(path: Path, dev, name: str, settings: ProbeSettings, timeout: float) 
     try:
         expect("context")
         free_context, _ = device_free(dev)
-        child.stdin.write("\n")
-        child.stdin.flush()
+        stdin.write("\n")
+        stdin.flush()
         ready = expect("ready")
         free_ready, _ = device_free(dev)
-        child.stdin.write("\n")
-        child.stdin.flush()
+        stdin.write("\n")
+        stdin.flush()
         child.wait(timeout=60)
     finally:
         if child.poll() is None:
@@ -279,7 +286,7 @@ def _child(spec: dict) -> None:
             if model is not None:
                 model.close()
             model = ctx = None
-    if ctx is None:
+    if ctx is None or model is None:  # both are set together
         raise SystemExit(f"could not load {spec['path']} with any layer on {spec['device']}: {error}")
     rng = random.Random(0)
     n_vocab = model.n_vocab

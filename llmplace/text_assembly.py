@@ -97,7 +97,8 @@ class TextAssembler:
             text = self._decode(data)
             self._partial = bool(self._decoder.getstate()[0])
         feed = self._feed
-        if feed is not None and (self._matcher.pending or self._first_char(text) is not None):
+        # _first_char is None only without stop strings, when _feed is None too
+        if feed is not None and (self._matcher.pending or self._first_char(text) is not None):  # type: ignore[misc]
             text, hit = feed(text)
             if hit:
                 return text, "stop"

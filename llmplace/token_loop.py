@@ -104,12 +104,13 @@ class DrawnTokens:
         self._is_eog = context.model.vocab.is_eog
 
     def draw(self) -> tuple[int] | None:
-        if self.hooks is None:
+        hooks = self.hooks
+        if hooks is None:
             return (self._sample(self.context),)
-        return self._draw_hooked()
+        return self._draw_hooked(hooks)
 
-    def _draw_hooked(self) -> tuple[int] | None:
-        ctx, hooks = self.context, self.hooks
+    def _draw_hooked(self, hooks: LogitsHooks) -> tuple[int] | None:
+        ctx = self.context
         # A copy (as llama-cpp-python's scores): a processor may keep what it is given. What the processors
         # and the grammar make of it is written back for the sampler to draw from.
         logits = ctx.logits()

@@ -103,7 +103,7 @@ class DepthController:
 
     # ---- the learned costs ----
 
-    def _fit(self) -> None:
+    def _fit(self) -> dict[int, float]:
         est = {n: min(s) for n, s in self.samples.items()}
         running = math.inf
         for n in sorted(est, reverse=True):   # non-decreasing in n
@@ -116,12 +116,11 @@ class DepthController:
             my = sum(est[n] for n in big) / len(big)
             slope = max(sum((n - mx) * (est[n] - my) for n in big) / sum((n - mx) ** 2 for n in big), 0.0)
         self._curve, self._slope = est, slope
+        return est
 
     def verify_cost(self, size: int) -> float:
         """Seconds for a target batch of `size` tokens, from the measurements (see the class)."""
-        if self._curve is None:
-            self._fit()
-        est = self._curve
+        est = self._curve if self._curve is not None else self._fit()
         if size in est:
             return est[size]
         if not est:
@@ -189,7 +188,7 @@ class DepthController:
         grow = self.max if self.cost_free and self._warms_up() else 2 * max(self.samples, default=1) - 1
         for k in range(1, min(self.max, limit, grow) + 1):
             rates[k] = self._depth_rate(k, pending, 0.0 if self._warm(k + 1) else warmup)
-        best_k = max(rates, key=rates.get)
+        best_k = max(rates, key=rates.__getitem__)
         kept = self.last_depth
         if kept in rates and rates[kept] * self.STICKY >= rates[best_k]:
             best_k = kept
@@ -223,7 +222,9 @@ class DepthController:
         the model of single rounds predicts."""
         drafted = self._rate("draft")
         if drafted is not None:
-            return drafted > margin * self._rate("plain")
+            plain = self._rate("plain")
+            assert plain is not None  # plain falls back to its least cost measured
+            return drafted > margin * plain
         _, rate = self.best_depth(max(limit, 1), 2)
         return rate * self.verify_cost(1) > margin
 
@@ -247,9 +248,9 @@ class DepthController:
             # acceptance rate is learned within a few rounds; what the meters see takes the whole episode).
             # One depth through the episode where new batch shapes cost (see _start_episode); elsewhere the
             # depth follows the model round by round.
-            hold = self.depth is not None and self._warms_up()
-            depth = min(self.depth, limit) if hold else k
-            if hold and depth < self.depth and not self._warm(depth + 1):
+            held = self.depth if self._warms_up() else None
+            depth = min(held, limit) if held is not None else k
+            if held is not None and depth < held and not self._warm(depth + 1):
                 return 0   # the end of the call cuts the depth: not worth warming up a size for a round
             measured = len(self.samples.get(depth + 1, ())) >= 2   # the least of two: past a hiccup
             if affordable and not (measured and self._depth_rate(depth, pending) * t1 < 1.0):
