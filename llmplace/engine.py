@@ -379,19 +379,23 @@ class Engine:
         self._thread.start()
 
     def _batch_equals_one_row(self) -> bool:
-        """Decode the same token at the same place in every sequence, once alone and once as a batch of `slots`
-        rows: True when every row of the batch has the logits of the lone row, bit for bit."""
-        context, n_vocab = self._context, self.model.n_vocab
-        history = [1 % n_vocab, 2 % n_vocab]
-        token, other = 3 % n_vocab, 4 % n_vocab
+        """Give every sequence a short history of its own, decode a token in each sequence alone, then the same
+        tokens as one batch of `slots` rows: True when every row of the batch has the logits of its lone
+        decode, bit for bit. (Rows must differ: with equal rows a Q4_K model passed this test and still
+        differed from lone runs with 8 sequences.)"""
+        context, n_vocab, slots = self._context, self.model.n_vocab, self.slots
+        history = 2
+        tokens = [[(7 + 3 * s + i) % n_vocab for i in range(history + 1)] for s in range(slots)]
         try:
-            context.decode_batch([(s, t, i, False) for s in range(self.slots) for i, t in enumerate(history)])
-            alone = context.logits(context.decode_batch([(0, token, len(history), True)])[0])
-            rows = context.decode_batch([(s, token, len(history), True) for s in range(1, self.slots)]
-                                        + [(0, other, len(history) + 1, False)])
-            return all(np.array_equal(context.logits(i), alone) for i in rows)
+            context.decode_batch([(s, t[i], i, False) for s, t in enumerate(tokens) for i in range(history)])
+            alone = []
+            for s, t in enumerate(tokens):
+                alone.append(context.logits(context.decode_batch([(s, t[history], history, True)])[0]))
+                context.truncate_sequence(s, history)
+            rows = context.decode_batch([(s, t[history], history, True) for s, t in enumerate(tokens)])
+            return all(np.array_equal(context.logits(i), alone[s]) for s, i in enumerate(rows))
         finally:
-            for s in range(self.slots):
+            for s in range(slots):
                 context.remove_sequence(s)
 
     # ---- the caller's side ----
