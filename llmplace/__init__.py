@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._version import __version__
+from ._version import __version__ as __version__  # (as: re-exported)
 
 # public name → module that defines it
 _EXPORTS = {

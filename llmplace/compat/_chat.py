@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..chat import format_chat
 from ..chat_template import check_message_list
@@ -71,8 +71,8 @@ def render(llama: Llama, messages) -> list[int]:
                                       "supported by llmplace.Llama yet; use the model's own template "
                                       "(chat_format=None)")
     template = None if fmt in (None, "chat_template.default") else CHAT_FORMAT_NAMES.get(fmt, fmt)
-    text = format_chat(model, [{"role": m.get("role"), "content": m["content"]} for m in _plain_messages(messages)],
-                       add_generation_prompt=True, template=template)
+    plain: list[dict[str, Any]] = [{"role": m.get("role"), "content": m["content"]} for m in _plain_messages(messages)]
+    text = format_chat(model, plain, add_generation_prompt=True, template=template)  # roles are checked there
     vocab = model.vocab
     tokens = vocab.tokenize(text, add_special=False, parse_special=True)
     # Templates written for Hugging Face write BOS into the text themselves; llama.cpp's engine never does.

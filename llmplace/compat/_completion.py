@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -131,9 +131,9 @@ class _HookedRun:
         """The logits each generated token was drawn from (keep_rows)."""
         return self.hooks.rows
 
-    def __iter__(self) -> Iterator[tuple[int, str, str | None]]:
+    def __iter__(self) -> Generator[tuple[int, str, str | None], None, None]:
         llama, tokens = self.llama, self.tokens
-        ctx = llama._ctx
+        ctx = llama._context()
         sampler = None
         try:
             if self.want_prompt_rows:
@@ -192,7 +192,10 @@ def _logprobs(llama: Llama, entries: list[tuple[int, np.ndarray | None]], base_o
         return llama.detokenize([t])
 
     bos = llama.token_bos()
-    tokens, offsets, token_logprobs, top_logprobs = [], [], [], []
+    tokens: list[str] = []
+    offsets: list[int] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     consumed = b""
     for token, row in entries:
         data = piece(token)
@@ -277,7 +280,7 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
         run = _HookedRun(llama, tokens, max_tokens, stops, params, logits_processor or None, stopping_criteria or None,
                          keep_rows=logprobs is not None, prompt_rows=logprobs is not None and echo and not stream,
                          grammar=constraint)
-        steps = hold.steps(iter(run), release=False)
+        steps: Iterator[tuple[int, str, str | None]] = hold.steps(iter(run), release=False)
     else:
         run = None
         # mirostat's feedback does not fit speculative acceptance: a mirostat request decodes plainly
@@ -297,8 +300,10 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
 
 def _restore_from_cache(llama: Llama, ctx, tokens: list[int]) -> None:
     """Load the cached state sharing the longest prefix with the prompt, when it shares more than the context."""
+    cache = llama.cache
+    assert cache is not None  # the caller checked
     try:
-        item = llama.cache[tokens]
+        item = cache[tokens]
     except KeyError:
         return
     cached = longest_token_prefix(item.input_ids[:item.n_tokens].tolist(), tokens)
@@ -309,7 +314,7 @@ def _restore_from_cache(llama: Llama, ctx, tokens: list[int]) -> None:
             from .llama_cache import forget_unusable_state
 
             # a cache is an optimization: warn, drop the entry, compute the prompt (the load cleared the context)
-            forget_unusable_state(llama.cache, item, exc)
+            forget_unusable_state(cache, item, exc)
 
 
 def _save_to_cache(llama: Llama, prompt_tokens: list[int], tokens: list[int]) -> None:
@@ -367,7 +372,7 @@ def _chunk_steps(llama, steps, run, info, logprobs, prompt, prompt_tokens) -> It
                 "choices": [{"text": text, "index": 0, "logprobs": chunk_logprobs, "finish_reason": finish}]}
 
     finish = "length"
-    tokens = []
+    tokens: list[int] = []
     append = tokens.append
     if logprobs is None:
         for token, text, finish in steps:  # noqa: B007 - (token, text, finish_reason); the last finish is read below

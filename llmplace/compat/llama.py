@@ -152,7 +152,9 @@ class Llama:
         fit=True: choose n_gpu_layers / tensor_split / overrides (and n_ctx when it is 0) that fit each device's
         `budget` ({"CUDA0": "12GiB", "host": "32GiB"}; default: free memory), keeping the placement rules.
         """
-        self._model: Model | None = None
+        # None only until the model has loaded (close() and __del__ see that when loading fails); typed as what
+        # every other method finds there
+        self._model: Model = None  # type: ignore[assignment]
         self._ctx: Context | None = None
         self.verbose = verbose
         self.model_path = model_path
@@ -166,7 +168,7 @@ class Llama:
             # llama-cpp-python accepts unknown keywords silently (another version's options); say they do nothing
             warnings.warn(f"llmplace.Llama ignores {', '.join(sorted(kwargs))}: not a keyword of Llama (unknown "
                           "keywords are accepted, as llama-cpp-python does)", CompatibilityWarning, stacklevel=2)
-        ignored = {}
+        ignored: dict[str, object] = {}
         if lora_base is not None:
             # llama-cpp-python passes it to llama.cpp's old API, which this llama.cpp no longer has
             ignored["lora_base"] = lora_base
@@ -195,7 +197,7 @@ class Llama:
         self._logits_all = logits_all
         self._embedding = embedding
         self._seed = seed or LLAMA_DEFAULT_SEED
-        self.cache = None
+        self.cache: BaseLlamaCache | None = None
 
         # ---- the model ----
         rules = Placement.parse(override_tensor) + Placement.parse(placement)
@@ -217,7 +219,9 @@ class Llama:
                                    main_gpu=main_gpu, use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock,
                                    progress=False, placement=rules if len(rules) else None, rpc_servers=rpc_servers,
                                    kv_overrides=kv_overrides)
-                n_ctx = self._model.fit_result.n_ctx
+                fitted = self._model.fit_result
+                assert fitted is not None  # load(fit=True) sets it
+                n_ctx = fitted.n_ctx
             else:
                 self._model = Model(model_path, n_gpu_layers=n_gpu_layers, split_mode=split, main_gpu=main_gpu,
                                     use_mmap=use_mmap and lora_path is None, use_mlock=use_mlock,
@@ -295,7 +299,7 @@ class Llama:
         return self._model
 
     @property
-    def llmplace_context(self) -> Context:
+    def llmplace_context(self) -> Context | None:
         """The llmplace Context this object generates with (None for vocab_only models)."""
         return self._ctx
 
@@ -489,9 +493,11 @@ class Llama:
         except ImportError:
             raise ImportError("To use create_chat_completion_openai_v1, you must install the openai package. "
                               "You can install it with `pip install openai`.") from None
+        # Any: the dicts are validated into openai's models by pydantic, not matched to their field types here
+        response: Any = self.create_chat_completion(*args, **kwargs)
         if kwargs.get("stream", False):
-            return (ChatCompletionChunk(**chunk) for chunk in self.create_chat_completion(*args, **kwargs))
-        return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
+            return (ChatCompletionChunk(**chunk) for chunk in response)
+        return ChatCompletion(**response)
 
     # ---- embeddings ----
     def create_embedding(self, input: str | list[str], model: str | None = None) -> CreateEmbeddingResponse:
@@ -548,8 +554,9 @@ class Llama:
         local_dir_use_symlinks is accepted and ignored (huggingface_hub no longer uses it)."""
         from ._hub import download
 
-        model_path = download(repo_id, filename, additional_files=additional_files, local_dir=local_dir,
-                              cache_dir=cache_dir)
+        # filename=None fails in the glob match, as upstream's does (its signature says Optional all the same)
+        model_path = download(repo_id, filename, additional_files=additional_files,  # type: ignore[arg-type]
+                              local_dir=local_dir, cache_dir=cache_dir)
         return cls(model_path=model_path, **kwargs)
 
     # ---- llama-cpp-python helpers people call ----
@@ -597,7 +604,8 @@ class MinTokensLogitsProcessor:
     """Forbids the end-of-sequence token until `min_tokens` tokens have been generated."""
 
     def __init__(self, min_tokens: int, token_eos: int) -> None:
-        self.min_tokens, self.token_eos, self.prompt_tokens = min_tokens, token_eos, None
+        self.min_tokens, self.token_eos = min_tokens, token_eos
+        self.prompt_tokens: int | None = None
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         if self.prompt_tokens is None:

@@ -20,6 +20,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -199,7 +200,7 @@ class _StateFile:
             version = header.get('version') if isinstance(header, dict) else header
             raise CorruptStateFile(f"unknown format version {version!r}")
         key, shape = header.get("key"), header.get("scores_shape")
-        sizes = [header.get(k) for k in ("n_tokens", "input_ids", "state_size")]
+        sizes: list[Any] = [header.get(k) for k in ("n_tokens", "input_ids", "state_size")]  # ints: checked below
         if (not isinstance(key, list) or not all(is_int(t) and -2**31 <= t < 2**31 for t in key)
                 or not all(is_int(v) and v >= 0 for v in sizes)
                 or not isinstance(shape, list) or len(shape) > 2 or not all(is_int(d) and d >= 0 for d in shape)

@@ -6,11 +6,12 @@ The same names, so `from llama_cpp.llama_types import ChatCompletionRequestMessa
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal, TypedDict, Union
 
-try:  # Python >= 3.11
+if sys.version_info >= (3, 11):
     from typing import NotRequired
-except ImportError:  # pragma: no cover - Python 3.10
+else:  # pragma: no cover - Python 3.10
     try:
         from typing_extensions import NotRequired
     except ImportError:
@@ -20,7 +21,7 @@ except ImportError:  # pragma: no cover - Python 3.10
             def __class_getitem__(cls, item):
                 return item
 
-        NotRequired = _NotRequired  # type: ignore[misc,assignment]
+        NotRequired = _NotRequired  # type: ignore[assignment]
 
 JsonType = Union[None, int, str, bool, list[Any], dict[str, Any]]
 
