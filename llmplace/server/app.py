@@ -529,15 +529,12 @@ class Handler(BaseHTTPRequestHandler):
         batched = self.service.batched
         if client_gone(self.connection):
             raise ClientGone()
-        request, tokens = batched.submit(route, payload, options)
-        try:
-            with ClientWatch(self.connection, request.cancel):
-                result = batched.reply(route, request, tokens, payload, self.service.model_name, stream, ClientGone)
-                if stream:
-                    self._stream(result)
-                    return
-        finally:
-            request.cancel()  # nothing once it has ended; a stream whose client stopped reading ends here
+        with batched.submitted(route, payload, options) as (request, tokens), \
+                ClientWatch(self.connection, request.cancel):
+            result = batched.reply(route, request, tokens, payload, self.service.model_name, stream, ClientGone)
+            if stream:
+                self._stream(result)
+                return
         self._send_json(200, result)
 
     def _takes_engine(self, route: str, options: dict) -> bool:
@@ -645,9 +642,10 @@ def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, mode
     if slots > 1 and not llama._embedding:  # an embedding context computes embeddings, not replies
         options = {"n_threads": llama.n_threads, "n_threads_batch": llama.n_threads_batch, "flash_attn": False,
                    **(engine_options or {})}
-        engine = Engine(llama._model, slots=slots, n_ctx=llama.n_ctx(), n_batch=llama.n_batch, max_queue=max_queue,
-                        **options)
-        batched = BatchedGeneration(llama, engine, metrics)
+        # the bound is BatchedGeneration's (requests in flight); the engine's own never refuses before it
+        engine = Engine(llama._model, slots=slots, n_ctx=llama.n_ctx(), n_batch=llama.n_batch,
+                        max_queue=max_queue + slots, **options)
+        batched = BatchedGeneration(llama, engine, metrics, max_queue)
     service = ModelService(llama, model_name or os.path.basename(str(llama.model_path)), api_key,
                            max_body_bytes=max_body_bytes, read_timeout=read_timeout, write_timeout=write_timeout,
                            max_tokens_limit=max_tokens_limit, max_queue=max_queue, batched=batched, metrics=metrics)

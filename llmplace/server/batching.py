@@ -16,6 +16,7 @@ penalizes the generated tokens only, the engine the prompt's as well, so the rep
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import time
@@ -26,7 +27,7 @@ from ..compat import _chat, _completion
 from ..compat.llama import Llama
 from ..compat.llama_chat_format import registered_handler
 from ..engine import Engine, EngineRequest
-from ..errors import ContextOverflowError
+from ..errors import BusyError, ContextOverflowError
 from .metrics import Metrics
 
 # Fields only the serial Llama path serves (the engine has no per-token logits hooks, no grammar, no echo).
@@ -58,10 +59,14 @@ def engine_occupancy(engine: Engine) -> tuple[int, int]:
 class BatchedGeneration:
     """The engine path of one server: which requests it takes, and the request → EngineRequest → dict steps."""
 
-    def __init__(self, llama: Llama, engine: Engine, metrics: Metrics) -> None:
-        self.llama, self.engine, self.metrics = llama, engine, metrics
+    def __init__(self, llama: Llama, engine: Engine, metrics: Metrics, max_queue: int) -> None:
+        self.llama, self.engine, self.metrics, self.max_queue = llama, engine, metrics, max_queue
         # sampling_params advances the Llama's seed sequence (llama._seed): one request at a time, as serially
         self._seed_lock = threading.Lock()
+        # Requests submitted and not yet answered. The bound is on these, not on the engine's wait list: that
+        # list also holds requests the scheduler admits at its next step, so a burst arriving at idle slots
+        # would fill it (and be refused) although every one of them is about to run.
+        self.in_flight = 0
 
     # ---- which path ----
     def serial_reason(self, route: str, options: dict) -> str | None:
@@ -81,9 +86,29 @@ class BatchedGeneration:
         return None
 
     # ---- submission ----
+    @contextlib.contextmanager
+    def submitted(self, route: str, payload, options: dict) -> Iterator[tuple[EngineRequest, list[int]]]:
+        """submit(), counted in flight until the block ends (then the request is cancelled if still running).
+        Raises BusyError when every slot is busy and max_queue requests wait."""
+        with self._seed_lock:
+            if self.in_flight >= self.engine.slots + self.max_queue:
+                raise BusyError(f"all {self.engine.slots} slots are busy and {self.max_queue} requests wait for "
+                                "one: retry later")
+            self.in_flight += 1
+        try:
+            request, tokens = self.submit(route, payload, options)
+            try:
+                yield request, tokens
+            finally:
+                request.cancel()  # nothing once it has ended; a stream whose client left ends here
+        finally:
+            with self._seed_lock:
+                self.in_flight -= 1
+
     def submit(self, route: str, payload, options: dict) -> tuple[EngineRequest, list[int]]:
         """Build the prompt tokens as the Llama does and submit them; (request, prompt tokens).
-        Raises ContextOverflowError (as the Llama, with its message), BusyError (the queue is full), ClosedError."""
+        Raises ContextOverflowError (as the Llama, with its message), BusyError (the engine's queue is full),
+        ClosedError."""
         llama = self.llama
         defaults = CHAT_DEFAULTS if route == "chat" else COMPLETION_DEFAULTS
         if route == "chat":
