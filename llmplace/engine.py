@@ -321,9 +321,12 @@ class Engine:
     slots: sequences decoded together (each has its own KV cache of n_ctx tokens; default n_ctx: the model's
     load(n_ctx=...), else min(4096, trained length)). n_batch: the most prompt tokens prefilled per step (in
     pieces; generating sequences get their token at every step). max_queue: requests waiting for a slot
-    before submit raises BusyError. Other keywords go to the Context (n_threads, flash_attn, type_k, ...).
-    Requests are submitted from any thread (`submit`); close() (or the with-block's end) stops the engine:
-    requests not finished then raise ClosedError."""
+    before submit raises BusyError. exact: keep every request's output equal to a lone `generate` (see the
+    module docstring); `batched` then says whether a step decodes all sequences' tokens at once (a probe at
+    start found that bit-equal) or one decode each. exact=False always batches them (faster where the
+    kernels differ, as on a GPU; output may then differ from a lone run at near-ties). Other keywords go to
+    the Context (n_threads, flash_attn, type_k, ...). Requests are submitted from any thread (`submit`);
+    close() (or the with-block's end) stops the engine: requests not finished then raise ClosedError."""
 
     def __init__(self, model: Model, slots: int = 4, n_ctx: int | None = None, n_batch: int = 512, *,
                  max_queue: int = DEFAULT_MAX_QUEUE, exact: bool = True, **context_options) -> None:
@@ -331,6 +334,8 @@ class Engine:
                                    ("max_queue", max_queue, 1 << 30)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
                 raise InvalidParameterError(f"{name} must be an int between 1 and {upper}, not {value!r}")
+        if not isinstance(exact, bool):
+            raise InvalidParameterError(f"exact must be True or False, not {exact!r}")
         if n_ctx is None:
             n_ctx = model.default_n_ctx or (min(4096, model.n_ctx_train) if model.n_ctx_train > 0 else 4096)
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
@@ -361,8 +366,6 @@ class Engine:
                                 extra_params=extra, **context_options)
         self.n_ctx = self._context.n_ctx_seq  # llama.cpp rounds each sequence's cache up to a multiple of 256
         self._slots = [_Slot(i) for i in range(slots)]
-        if not isinstance(exact, bool):
-            raise InvalidParameterError(f"exact must be True or False, not {exact!r}")
         self.exact = exact
         try:
             # whether the generating sequences' tokens are decoded in one batch (see the module docstring)

@@ -7,6 +7,7 @@ more takes a kernel that splits the cells across threads, so a lone run's last b
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from isolation import outcome
@@ -126,6 +127,25 @@ def test_cancel_frees_the_slot(smollm2):
         long.cancel()  # once ended, nothing happens
 
 
+def test_threads_each_see_every_step_and_exact_false_batches_always(engine, smollm2):
+    handle = engine.submit(PROMPTS[2], max_tokens=12, temperature=0)
+    seen = [None, None]
+
+    def read(i):
+        seen[i] = [step.token for step in handle]
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(60)
+    assert seen[0] == seen[1] == handle.result().tokens and len(seen[0]) == 12
+    with llmplace.Engine(smollm2, slots=2, n_ctx=256, exact=False, n_threads=THREADS) as fast:
+        assert fast.batched
+        results = [h.result(timeout=60) for h in [fast.submit(p, max_tokens=6, temperature=0) for p in PROMPTS[:3]]]
+        assert [len(r.tokens) for r in results] == [6, 6, 6]
+
+
 def test_asyncio_streams_and_awaits(engine, smollm2):
     async def main():
         streamed = engine.submit(PROMPTS[0], max_tokens=10, temperature=0)
@@ -150,7 +170,7 @@ def test_bad_arguments_raise_typed_errors(engine, smollm2):
     with pytest.raises(ContextOverflowError):
         engine.submit(list(range(100, 100 + engine.n_ctx)))
     for kwargs in (dict(slots=0), dict(n_ctx="big"), dict(n_batch=0), dict(extra_params={"kv_unified": True}),
-                   dict(temperature=0), dict(n_seq_max=2)):
+                   dict(temperature=0), dict(n_seq_max=2), dict(exact="yes"), dict(n_ubatch_typo=1)):
         with pytest.raises(InvalidParameterError):
             llmplace.Engine(smollm2, **kwargs)
     with llmplace.Engine(smollm2, slots=1, n_ctx=256, max_queue=1, n_threads=THREADS) as small:
