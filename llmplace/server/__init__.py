@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the most tokens one request may generate (default: the context size)")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
-    parser.add_argument("--slots", "--n_parallel", "-np", dest="slots", type=int, default=4,
+    parser.add_argument("--slots", "--parallel", "-np", dest="slots", type=int, default=4,  # llama-server's names
                         help="requests decoded together on the batching engine, each slot holding --n-ctx tokens "
                              "(default 4; 1 = one request at a time on one context, the least memory)")
     parser.add_argument("--max-queue", type=int, default=128,

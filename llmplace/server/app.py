@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..compat import Llama, UnsupportedFeatureError
-from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError
+from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError, OutOfMemoryError
 from .batching import BatchedGeneration, engine_occupancy
 from .metrics import Metrics
 
@@ -643,8 +643,13 @@ def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, mode
         options = {"n_threads": llama.n_threads, "n_threads_batch": llama.n_threads_batch, "flash_attn": False,
                    **(engine_options or {})}
         # the bound is BatchedGeneration's (requests in flight); the engine's own never refuses before it
-        engine = Engine(llama._model, slots=slots, n_ctx=llama.n_ctx(), n_batch=llama.n_batch,
-                        max_queue=max_queue + slots, **options)
+        try:
+            engine = Engine(llama._model, slots=slots, n_ctx=llama.n_ctx(), n_batch=llama.n_batch,
+                            max_queue=max_queue + slots, **options)
+        except OutOfMemoryError as exc:
+            raise OutOfMemoryError(f"{exc} The server's engine holds {slots} slots of {llama.n_ctx()} tokens "
+                                   "(--slots × --n-ctx) besides the Llama's own context: pass a smaller --slots "
+                                   "or --n-ctx (--slots 1: no engine, one request at a time)") from None
         batched = BatchedGeneration(llama, engine, metrics, max_queue)
     service = ModelService(llama, model_name or os.path.basename(str(llama.model_path)), api_key,
                            max_body_bytes=max_body_bytes, read_timeout=read_timeout, write_timeout=write_timeout,
