@@ -532,7 +532,7 @@ class Context(NativeObject):
                 return 0
         else:
             C.llama_memory_seq_cp(memory, src, dst, 0, n)
-        if dst == 0:
+        if dst == 0 and tokens is not None:  # checked above: given when dst is 0
             self.tokens.extend(int(t) for t in tokens[:n])
         return n
 
@@ -554,6 +554,10 @@ class Context(NativeObject):
         starts: dict[int, int] = {}   # seq_id -> the position its first entry must have (what it held)
         following: dict[int, int] = {}  # seq_id -> the position its next entry must have
         outputs: list[int] = []
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = C.llama_batch_init(len(self._token_buf), 0, 1)
+            self._batch_finalizer = weakref.finalize(self, C.llama_batch_free, batch)
         for i, entry in enumerate(entries):
             try:
                 seq_id, token, position, wants_logits = entry
@@ -576,18 +580,13 @@ class Context(NativeObject):
                 raise ContextOverflowError(f"entries[{i}]: position {position} is beyond what one sequence of this "
                                            f"context holds ({n_ctx_seq} tokens); create it with a larger n_ctx")
             following[seq_id] = expected + 1
-            batch_slot = self._batch
-            if batch_slot is None:
-                batch_slot = self._batch = C.llama_batch_init(len(self._token_buf), 0, 1)
-                self._batch_finalizer = weakref.finalize(self, C.llama_batch_free, batch_slot)
-            batch_slot.token[i] = token
-            batch_slot.pos[i] = position
-            batch_slot.n_seq_id[i] = 1
-            batch_slot.seq_id[i][0] = seq_id
-            batch_slot.logits[i] = 1 if wants_logits else 0
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq_id
+            batch.logits[i] = 1 if wants_logits else 0
             if wants_logits:
                 outputs.append(i)
-        batch = self._batch
         batch.n_tokens = n
         self._start_decode()
         self._n_outputs = 0

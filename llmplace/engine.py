@@ -157,7 +157,7 @@ class EngineRequest:
         self._cancelled = False
         self._waiters: list = []   # (event loop, future) of async iterations waiting for a step
         # Set by the scheduler thread only:
-        self.slot: _Slot | None = None
+        self.slot: _Slot = _NO_SLOT  # the slot it runs in, once admitted
         self.state: SequenceState | None = None
         self.position = 0          # prompt positions in the cache (while prefilling)
         self.pieces: list[int] = []  # ends of the prompt pieces still to prefill
@@ -236,7 +236,7 @@ class EngineRequest:
             steps = list(self._steps)
         tokens = [s.token for s in steps if s.token >= 0]
         last = steps[-1]
-        return Generation(text="".join(s.text for s in steps), tokens=tokens, finish_reason=last.finish_reason,
+        return Generation(text="".join(s.text for s in steps), tokens=tokens, finish_reason=last.finish_reason or "",
                           prompt_tokens=len(self.tokens), prompt_tps=self.prompt_tps,
                           generation_tps=last.generation_tps)
 
@@ -313,6 +313,9 @@ class _Slot:
                 n = row
                 break
         return exact_reuse(n, n_prompt)
+
+
+_NO_SLOT = _Slot(-1)  # the slot of a request not admitted (yet)
 
 
 class Engine:
@@ -500,7 +503,7 @@ class Engine:
                         self._wake.wait()
                     if self._closing:
                         break
-                    admitted = []
+                    admitted: list[EngineRequest] = []
                     free = sum(slot.request is None for slot in self._slots)
                     while self._waiting and len(admitted) < free:
                         admitted.append(self._waiting.popleft())
@@ -621,7 +624,9 @@ class Engine:
         for index in outputs:
             request = seq_index[entries[index][0]]
             token = request._sampler.sample(sampler_context, index)
-            text, finish = request.state.emit(token)
+            state = request.state
+            assert state is not None  # set at admission
+            text, finish = state.emit(token)
             if finish is None:
                 request.pending = token
                 request._push(token, text, None)
@@ -640,7 +645,7 @@ class Engine:
     def _end(self, request: EngineRequest) -> None:
         """Free the request's slot; its cache stays, for a later prompt with the same prefix."""
         slot = request.slot
-        if slot is not None and slot.request is request:
+        if slot.request is request:
             slot.request = None
             slot.last_used = time.perf_counter()
         request.pending = -1
