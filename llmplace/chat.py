@@ -32,13 +32,13 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Generator, Iterator, Mapping, Sequence
 
 from .chat_template import ChatTemplate, format_chat, validate_messages
 from .context import Context
 from .context_lock import GenerationHold
 from .errors import AbortedError, BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError
-from .generation import request, stream_generate
+from .generation import GenerationStep, request, stream_generate
 from .model import Model
 from .planning import load
 from .sampling import SamplingParams
@@ -80,13 +80,13 @@ class Reply:
 class _Turn:
     """A prepared turn: the conversation it will leave behind and the tokens to generate from."""
 
-    messages: list            # history to keep, including the new user message
-    tokens: list
-    options: dict             # keywords for stream_generate
+    messages: list[dict[str, str]]  # history to keep, including the new user message
+    tokens: list[int]
+    options: dict[str, Any]         # keywords for stream_generate
     dropped: int
 
 
-def _speculation_keywords() -> frozenset:
+def _speculation_keywords() -> frozenset[str]:
     """The speculative-decoding keywords stream_generate accepts in this build (none before it has them)."""
     return frozenset(inspect.signature(stream_generate).parameters) & {"draft", "depth", "lookup"}
 
@@ -109,11 +109,12 @@ class Chat:
     makes the reply in flight raise ClosedError.
     """
 
-    def __init__(self, model: Model | str | os.PathLike, system_prompt: str | None = None, *,
+    def __init__(self, model: Model | str | os.PathLike[str], system_prompt: str | None = None, *,
                  template: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
                  max_tokens: int = 512, stop: str | Sequence[str] = (), truncate: bool = False,
-                 draft: Model | str | os.PathLike | None = None, depth: int = 5, lookup=False, **sampling) -> None:
-        self._owned: list = []          # what close() frees: the context, and models loaded from paths
+                 draft: Model | str | os.PathLike[str] | None = None, depth: int = 5, lookup: bool = False,
+                 **sampling: Any) -> None:
+        self._owned: list[Model | Context] = []  # what close() frees: the context, and models loaded from paths
         self._context: Context | None = None
         try:
             model = self._load_or_check(model, "model")
@@ -136,7 +137,7 @@ class Chat:
         self.last: Reply | None = None
 
     # ---- set-up helpers ----
-    def _options(self, options: Mapping, base: Mapping | None = None) -> dict:
+    def _options(self, options: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Merge per-turn keywords over `base` and check them now, so a bad value raises at the call."""
         unknown = set(options) - _SAMPLING_NAMES - {"max_tokens", "stop"}
         if unknown:
@@ -155,14 +156,14 @@ class Chat:
         return merged
 
     @staticmethod
-    def _check_sampling(options: Mapping, speculating: bool) -> None:
+    def _check_sampling(options: Mapping[str, Any], speculating: bool) -> None:
         params = SamplingParams(**{k: v for k, v in options.items() if k in _SAMPLING_NAMES})  # validates
         if speculating:
             from . import speculative
 
             speculative.check_params(params)
 
-    def _load_or_check(self, value, what: str) -> Model:
+    def _load_or_check(self, value: object, what: str) -> Model:
         """`value` (the `what` argument) as a Model: loaded when a path, and then owned by the Chat."""
         if isinstance(value, (str, os.PathLike)):
             model = load(value)
@@ -173,7 +174,8 @@ class Chat:
                                         f"{type(value).__name__}")
         return value
 
-    def _speculation_options(self, draft, depth, lookup, n_threads) -> dict:
+    def _speculation_options(self, draft: Model | str | os.PathLike[str] | None, depth: int, lookup: bool,
+                             n_threads: int | None) -> dict[str, Any]:
         """stream_generate's speculative keywords, checked now (an incompatible draft, a bad depth or sampling
         options speculation refuses raise here rather than at the first turn)."""
         if draft is None and not lookup:
@@ -191,7 +193,7 @@ class Chat:
 
         speculative.check_depth(depth)
         self._check_sampling(self._defaults, speculating=True)
-        options = {}
+        options: dict[str, Any] = {}
         if draft is not None:
             draft = self._load_or_check(draft, "draft")
             speculative.check_compatible(self.model, draft)
@@ -220,7 +222,7 @@ class Chat:
     def __enter__(self) -> "Chat":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def _check_usable(self) -> Context:
@@ -257,7 +259,8 @@ class Chat:
         self._messages = checked
 
     @classmethod
-    def from_history(cls, model: Model | str | os.PathLike, messages: Sequence[Mapping[str, str]], **kwargs) -> "Chat":
+    def from_history(cls, model: Model | str | os.PathLike[str], messages: Sequence[Mapping[str, str]],
+                     **kwargs: Any) -> Chat:
         """A Chat continuing `messages` (a system message first, if any, becomes the system prompt)."""
         chat = cls(model, **kwargs)
         try:
@@ -267,12 +270,12 @@ class Chat:
             raise
         return chat
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the history as JSON ({"format": ..., "messages": [...]}); `load` reads it back."""
         data = {"format": _HISTORY_FORMAT, "messages": self.history}
         Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
-    def load(self, path: str | os.PathLike) -> None:
+    def load(self, path: str | os.PathLike[str]) -> None:
         """Replace the history with one written by `save` (or a plain JSON list of messages)."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -314,7 +317,7 @@ class Chat:
         """Prompt tokens the last turn computed (0 before the first turn)."""
         return self.last.prompt_evaluated if self.last else 0
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """The last reply's figures and the context's fill, for display."""
         context = self._context
         out = {"messages": len(self._messages), "cached_tokens": self.n_cached,
@@ -343,7 +346,7 @@ class Chat:
         contexts = [self._context, getattr(self, "_speculation", {}).get("draft")]
         return [c for c in contexts if isinstance(c, Context) and not c.closed]
 
-    def submit(self, text: str, **options) -> Reply:
+    def submit(self, text: str, **options: Any) -> Reply:
         """Send a user message and return the whole reply. Keywords (max_tokens, stop, temperature, ...)
         override the Chat's defaults for this turn."""
         steps = self.stream(text, **options)
@@ -352,14 +355,14 @@ class Chat:
         assert self.last is not None  # the turn's end wrote it
         return self.last
 
-    def stream(self, text: str, **options) -> Iterator[str]:
+    def stream(self, text: str, **options: Any) -> Iterator[str]:
         """Send a user message; yield the reply's text as it is generated (pieces, never empty). The Reply
         with its figures is `chat.last` once the iteration ends. Arguments are checked at the call, and the
         Chat is taken for this turn at the call: another turn (any thread) raises BusyError until it ends."""
         turn = self._prepare(text, options)
         return self._run(turn, GenerationHold(self._context))
 
-    def _prepare(self, text: str, options: Mapping) -> _Turn:
+    def _prepare(self, text: str, options: Mapping[str, Any]) -> _Turn:
         context = self._check_usable()
         if not isinstance(text, str):
             raise InvalidParameterError(f"the message must be a str, not {type(text).__name__}")
@@ -402,7 +405,7 @@ class Chat:
         finish = "abort"           # unless generation runs to its own end
         keep = True                # record the turn in the history (False after an error)
         consistent = True          # the cache and context.tokens are known to agree
-        steps = None
+        steps: Generator[GenerationStep, None, None] | None = None
         try:
             steps = request(self.model, turn.tokens, context=context, add_special=False, hold=hold,
                             **turn.options, **self._speculation).steps()
@@ -443,7 +446,8 @@ class Chat:
             finally:
                 hold.release()  # only now may another turn start: the history and the cache are in order
 
-    def _end_turn(self, context: Context, steps, consistent: bool) -> None:
+    def _end_turn(self, context: Context, steps: Generator[GenerationStep, None, None] | None,
+                  consistent: bool) -> None:
         """Stop the generation and leave the cache consistent (the history is recorded by the caller)."""
         if steps is not None:
             steps.close()

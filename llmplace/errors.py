@@ -7,6 +7,11 @@ llama-cpp-python's builtins keeps working. Messages say what was wrong and what 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 
 class LlmplaceError(Exception):
     """Base class of every error raised by llmplace."""
@@ -32,7 +37,7 @@ class UnknownKeywordError(InvalidParameterError, TypeError):
     """A keyword the call does not take: also a TypeError, which Python itself raises for one."""
 
 
-def unknown_keyword_error(call: str, unknown, known) -> UnknownKeywordError:
+def unknown_keyword_error(call: str, unknown: Iterable[str], known: Iterable[str]) -> UnknownKeywordError:
     """The error for keywords `call` does not take, naming the close known name for each typo (`max_token` ->
     `max_tokens`), so the message points at the fix rather than at an internal class."""
     import difflib

@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Generator, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Generator, Iterator, Sequence, TypeVar
 
 from . import speculative
 from .context import Context
@@ -24,6 +24,15 @@ from .sampling import Sampler, SamplingParams
 from .speculative import SpeculativeStats
 from .text_assembly import TextAssembler
 from .token_loop import DrawnTokens, SequenceState, run
+
+if TYPE_CHECKING:
+    import os
+
+    import numpy as np
+
+    # draft=: a draft Model, a GGUF path, a Context of the draft model, or "lookup"
+    DraftArgument = Model | Context | str | os.PathLike[str] | None
+    Drafter = speculative.ModelDrafter | speculative.LookupDrafter
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,8 @@ def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int], add_specia
 
 def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
                     stop: str | Sequence[str] = (), sampling: SamplingParams | None = None,
-                    context: Context | None = None, add_special: bool = True, draft=None, depth: int = 5,
-                    lookup: bool = False, adaptive_depth: bool = True, **sampling_kwargs
+                    context: Context | None = None, add_special: bool = True, draft: DraftArgument = None,
+                    depth: int = 5, lookup: bool = False, adaptive_depth: bool = True, **sampling_kwargs: Any
                     ) -> Iterator[GenerationStep]:
     """Generate from `prompt` (text or token ids), yielding one GenerationStep per token.
 
@@ -102,13 +111,15 @@ def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_to
                    **sampling_kwargs).steps()
 
 
+_Step = TypeVar("_Step")  # what a run yields: GenerationStep, or (token, text, finish_reason)
 _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
 def request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
            stop: str | Sequence[str] = (), sampling: SamplingParams | None = None, context: Context | None = None,
-           add_special: bool = True, draft=None, depth: int = 5, lookup: bool = False, adaptive_depth: bool = True,
-           hold: GenerationHold | None = None, **sampling_kwargs) -> GenerationRequest:
+           add_special: bool = True, draft: DraftArgument = None, depth: int = 5, lookup: bool = False,
+           adaptive_depth: bool = True, hold: GenerationHold | None = None, **sampling_kwargs: Any
+           ) -> GenerationRequest:
     """stream_generate's checks and resources (sampler, drafter, a context when none is given, the hold on the
     context), as a GenerationRequest. hold: a GenerationHold the caller took on `context` (Chat, Llama: they hold the
     context across their own clean-up and release it themselves)."""
@@ -179,8 +190,9 @@ class GenerationRequest:
     and `prompt_tps`."""
 
     def __init__(self, model: Model, context: Context, own_context: bool, sampler: Sampler, params: SamplingParams,
-                 tokens: list[int], max_tokens: int, stops: list[str], *, drafter=None, depth: int = 0,
-                 adaptive: bool = True, rng=None, hold: GenerationHold, release: bool = True) -> None:
+                 tokens: list[int], max_tokens: int, stops: list[str], *, drafter: Drafter | None = None,
+                 depth: int = 0, adaptive: bool = True, rng: np.random.Generator | None = None,
+                 hold: GenerationHold, release: bool = True) -> None:
         self.model, self.context, self.own_context = model, context, own_context
         self.sampler, self.params = sampler, params
         self.tokens, self.max_tokens, self.stops = tokens, max_tokens, stops
@@ -218,25 +230,25 @@ class GenerationRequest:
                 prompt_seconds=done - start, n_computed=len(todo))
         return run(state, self.source)
 
-    def _own(self, steps):
+    def _own(self, steps: Generator[_Step, None, None]) -> Generator[_Step, None, None]:
         return _owning(self.hold.steps(steps, self.release), self.sampler,
                        self.context if self.own_context else None, self.drafter)
 
-    def steps(self) -> Iterator[GenerationStep]:
+    def steps(self) -> Generator[GenerationStep, None, None]:
         return self._own(self._steps())
 
-    def token_steps(self) -> Iterator[tuple[int, str, str | None]]:
+    def token_steps(self) -> Generator[tuple[int, str, str | None], None, None]:
         """(token, text, finish_reason) per token."""
         return self._own(self._token_tuples())
 
-    def _token_tuples(self) -> Iterator[tuple[int, str, str | None]]:
+    def _token_tuples(self) -> Generator[tuple[int, str, str | None], None, None]:
         yield from self._loop()
 
     def speculative_stats(self, tokens_per_s: float) -> SpeculativeStats | None:
         source = self.source
         return source.stats(tokens_per_s) if isinstance(source, speculative.SpeculativeTokens) else None
 
-    def _steps(self) -> Iterator[GenerationStep]:
+    def _steps(self) -> Generator[GenerationStep, None, None]:
         loop = self._loop()
         perf = time.perf_counter
         n_prompt, cached, prompt_tps = len(self.tokens), self.prompt_cached, self.prompt_tps
@@ -252,11 +264,8 @@ class GenerationRequest:
             yield step
 
 
-_Step = TypeVar("_Step")
-
-
 def _owning(steps: Generator[_Step, None, None], sampler: Sampler, context: Context | None,
-            drafter=None) -> Iterator[_Step]:
+            drafter: Drafter | None = None) -> Generator[_Step, None, None]:
     """Yield the steps (run under the context's GenerationHold, see GenerationRequest._own), then free the
     sampler, a drafter (and a context made for this call), however iteration ends, in whichever thread."""
     try:
@@ -284,7 +293,7 @@ def _new_step(token: int, text: str, finish_reason: str | None, prompt_tokens: i
     return step
 
 
-def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs) -> Generation:
+def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs: Any) -> Generation:
     """Generate and return the whole reply; takes the same keywords as `stream_generate`."""
     run = request(model, prompt, **kwargs)
     pieces, tokens = [], []

@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from . import logs
 from ._ffi import C, c_string, ffi, null_terminated
@@ -42,13 +42,26 @@ from .placement import (Explanation, Placement, Rule, describe, is_host_buffer, 
 from .progress import ProgressCallback
 from .runtime_cost import ProbeSettings, RuntimeCost, device_by_name, runtime_costs
 
+if TYPE_CHECKING:
+    from .gguf_info import GGUFInfo
+
+    ModelPath = str | os.PathLike[str]
+    # what Placement.parse reads: a Placement, a Rule, a list of Rules and/or (pattern, target) pairs, or `-ot` text
+    PlacementSpec = str | Placement | Rule | Sequence[Rule | tuple[str, str]] | None
+    # runtime=: bytes or a size string for every device, or per device name; None: measured
+    RuntimeSpec = int | float | str | Mapping[str, int | float | str] | None
+    # measure(rules) -> (estimate, {memory: bytes over its budget})
+    Measure = Callable[[Placement], tuple[Estimate, dict[str, int]]]
+
 
 # ---- load ----------------------------------------------------------------------------------------------
-def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
+def load(path: ModelPath, *, n_gpu_layers: int = -1, split_mode: str = "layer", main_gpu: int = 0,
          use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False, check_tensors: bool = False,
-         progress: bool | ProgressCallback | None = None, placement=None, tensor_split=None,
-         split_by: str = "bytes", devices=None, rpc_servers=None, kv_overrides=None, fit: bool = False,
-         budget=None, margin="1GiB", n_ctx: int = 0,
+         progress: bool | ProgressCallback | None = None, placement: PlacementSpec = None,
+         tensor_split: Sequence[float] | None = None, split_by: str = "bytes", devices: Sequence[str] | None = None,
+         rpc_servers: str | Sequence[str] | None = None,
+         kv_overrides: Mapping[str, bool | int | float | str] | None = None, fit: bool = False,
+         budget: Mapping[str, int | str] | None = None, margin: int | str = "1GiB", n_ctx: int = 0,
          n_ctx_min: int = 4096) -> Model:
     """Load a GGUF model.
 
@@ -93,7 +106,9 @@ def load(path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "
     return model
 
 
-def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, rpc_servers, progress, **kwargs
+def _load_fitted(path: ModelPath, *, budget: Mapping[str, int | str] | None, margin: int | str, n_ctx: int,
+                 n_ctx_min: int, placement: PlacementSpec, devices: Sequence[str] | None,
+                 rpc_servers: str | Sequence[str] | None, progress: bool | ProgressCallback | None, **kwargs: Any
                  ) -> Model:
     for endpoint in rpc_endpoints(rpc_servers):
         add_rpc_server(endpoint)
@@ -116,7 +131,7 @@ def _load_fitted(path, *, budget, margin, n_ctx, n_ctx_min, placement, devices, 
 
 
 # ---- explain -------------------------------------------------------------------------------------------
-def explain(path, placement=None, *, n_gpu_layers: int = -1, **split) -> Explanation:
+def explain(path: ModelPath, placement: PlacementSpec = None, *, n_gpu_layers: int = -1, **split: Any) -> Explanation:
     """Where every weight tensor of the model at `path` would go under `placement`, decided by llama.cpp
     itself in a dry-run load (no weights read or allocated), with the rule that placed each one.
     `split` takes load()'s split keywords: split_mode, tensor_split, main_gpu, devices."""
@@ -128,14 +143,15 @@ def explain(path, placement=None, *, n_gpu_layers: int = -1, **split) -> Explana
 
 
 # ---- estimate ------------------------------------------------------------------------------------------
-def _model_path(model) -> Path:
-    path = getattr(model, "path", model)
+def _model_path(model: Model | ModelPath) -> Path:
+    path = model if isinstance(model, (str, os.PathLike)) else model.path  # the path given, or a Model's
     return Path(os.fspath(path)).expanduser()
 
 
-def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
-             flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, draft=None, draft_placement=None,
-             n_gpu_layers: int = -1, use_mmap: bool = True, runtime=None, **split) -> Estimate:
+def estimate(model: Model | ModelPath, placement: PlacementSpec = None, *, n_ctx: int = 4096, n_seq: int = 1,
+             type_k: str = "f16", type_v: str = "f16", flash_attn: bool | str = "auto", n_batch: int = 2048,
+             n_ubatch: int = 512, draft: Model | ModelPath | None = None, draft_placement: PlacementSpec = None,
+             n_gpu_layers: int = -1, use_mmap: bool = True, runtime: RuntimeSpec = None, **split: Any) -> Estimate:
     """Bytes of weights, KV cache and compute buffers per device (and host) for `model` (a path or a Model)
     under `placement` with a context of n_ctx tokens, from a dry run: nothing is read or allocated; plus each
     device's runtime row (what the process holds there beyond those buffers, runtime_cost.py).
@@ -167,7 +183,8 @@ def estimate(model, placement=None, *, n_ctx: int = 4096, n_seq: int = 1, type_k
     return Estimate(memories, chosen_ctx)
 
 
-def runtime_of(model, devs: Sequence, settings: ProbeSettings, given=None, draft=None) -> dict[str, RuntimeCost]:
+def runtime_of(model: Model | ModelPath, devs: Sequence[Any], settings: ProbeSettings, given: RuntimeSpec = None,
+               draft: Model | ModelPath | None = None) -> dict[str, RuntimeCost]:
     """The runtime row per device name of `devs` (ggml device handles; runtime_cost.py). A draft model runs in a
     context of its own, with its own pools and library workspaces on each device (the backend's context is
     shared): its cost less that part is added."""
@@ -193,7 +210,7 @@ class FitResult:
     message: str                         # what was given up, or why it does not fit
     budgets: dict[str, int] = field(default_factory=dict)   # usable bytes per device (budget or free, minus margin)
 
-    def load_kwargs(self) -> dict:
+    def load_kwargs(self) -> dict[str, Any]:
         """Keywords for llmplace.load (n_gpu_layers, placement, tensor_split)."""
         kwargs = dict(n_gpu_layers=self.n_gpu_layers, placement=self.placement)
         if self.tensor_split is not None:
@@ -217,7 +234,7 @@ class FitResult:
         return f"{head}: {self.message}\n{self.estimate}"
 
 
-def _resolve_budget(budget: Mapping[str, int | str] | None, devs: list) -> dict[int | str, int]:
+def _resolve_budget(budget: Mapping[str, int | str] | None, devs: list[Any]) -> dict[int | str, int]:
     """{index into the offload devices (or "host"): bytes}. Keys: device names ("CUDA0", case-insensitive),
     "gpu", "gpuN" / "gpu:N" (the N-th offload device), "host" / "cpu" (RAM)."""
     names = [c_string(C.ggml_backend_dev_name(d)) for d in devs]
@@ -260,10 +277,11 @@ def _describe_changes(path: Path, fitted: Placement, n_gpu_layers: int, n_layer:
     return "; ".join(parts) or "everything on the devices as asked"
 
 
-def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | str = "1GiB", n_ctx: int = 0,
-        n_ctx_min: int = 4096, draft=None, placement=None, n_seq: int = 1, type_k: str = "f16", type_v: str = "f16",
-        flash_attn="auto", n_batch: int = 2048, n_ubatch: int = 512, devices: Sequence[str] | None = None,
-        attempts: int = 3, use_mmap: bool = True, runtime=None, dense: str = "auto") -> FitResult:
+def fit(model: Model | ModelPath, *, budget: Mapping[str, int | str] | None = None, margin: int | str = "1GiB",
+        n_ctx: int = 0, n_ctx_min: int = 4096, draft: Model | ModelPath | None = None, placement: PlacementSpec = None,
+        n_seq: int = 1, type_k: str = "f16", type_v: str = "f16", flash_attn: bool | str = "auto",
+        n_batch: int = 2048, n_ubatch: int = 512, devices: Sequence[str] | None = None, attempts: int = 3,
+        use_mmap: bool = True, runtime: RuntimeSpec = None, dense: str = "auto") -> FitResult:
     """Find n_gpu_layers, tensor_split, overrides and (if n_ctx=0) the context size that fit each device.
 
     budget: {"CUDA0": "12GiB", "host": "32GiB", ...}: the most this process may use of each memory, as
@@ -422,7 +440,7 @@ def fit(model, *, budget: Mapping[str, int | str] | None = None, margin: int | s
             extra_margin[i] += over.get(name, 0) + (16 << 20 if name in over else 0)
 
 
-def _experts_from_the_front(fitted: Placement, info, n_layer: int) -> list[Placement]:
+def _experts_from_the_front(fitted: Placement, info: GGUFInfo, n_layer: int) -> list[Placement]:
     """llama.cpp's fit moves MoE experts to host memory from the last layer backwards. The same number of layers
     taken from the front (llama.cpp's --n-cpu-moe) decoded faster under the same cap on the H200 (Qwen3-30B-A3B
     shape at 12 GiB, 4 paired runs: 79-89 against 47-84 tok/s, README). When the fit moved only experts (and
@@ -450,7 +468,8 @@ def _experts_from_the_front(fitted: Placement, info, n_layer: int) -> list[Place
 SWITCH_BYTES = 3 << 20
 
 
-def _hot_tensors_first(info, n_layer: int, dev, layers_plan: Estimate, measure, *, force: bool = False):
+def _hot_tensors_first(info: GGUFInfo, n_layer: int, dev: Any, layers_plan: Estimate, measure: Measure, *,
+                       force: bool = False) -> tuple[Placement, Estimate, str] | None:
     """For a dense model that does not fit whole on `dev`: keep attention, norms and the KV cache of every layer
     on the device and move the FFN weights (the bulk of a layer) of the first m layers to host memory, m as
     small as fits. Returns (placement, estimate, note) when that is modelled faster than whole layers on the
@@ -478,7 +497,7 @@ def _hot_tensors_first(info, n_layer: int, dev, layers_plan: Estimate, measure, 
     while m < n_layer and moved < over[name]:
         moved, m = moved + ffn.get(m, 0), m + 1
 
-    def plan(count: int):
+    def plan(count: int) -> tuple[Placement, Estimate] | None:
         rules = Placement([Rule(target, role="ffn", layers=range(0, count))])
         planned, planned_over = measure(rules)
         return (rules, planned) if not planned_over else None

@@ -45,7 +45,7 @@ def _umask() -> int:
     return mask
 
 
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, type: str = "q4_0", *,
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type: str = "q4_0", *,
              n_threads: int | None = None, allow_requantize: bool = True, quantize_output_tensor: bool = True,
              pure: bool = False) -> Path:
     """Write `dst`, the GGUF model `src` with its weights quantized to `type` (see QUANTIZE_TYPES), and return it.

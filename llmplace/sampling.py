@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ._ffi import C, ffi
 from ._handle import NativeObject
 from .c_values import INT32, integer, token_id
 from .errors import ClosedError, InvalidParameterError
+
+if TYPE_CHECKING:
+    from .context import Context
 
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "pick a random seed"
 # llama.cpp allocates the penalty window up front (4 bytes a token): 2^31 is a std::bad_alloc that aborts the
@@ -52,7 +55,7 @@ class SamplingParams:
     mirostat_eta: float = 0.1
 
     def __post_init__(self) -> None:
-        def number(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+        def number(name: str, value: object, low: float, high: float, low_open: bool = False) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidParameterError(f"{name} must be a finite number, not {value!r}")
             if value < low or value > high or (low_open and value == low):
@@ -118,7 +121,9 @@ class Sampler(NativeObject):
         chain = C.llama_sampler_chain_init(chain_params)
         self._own(chain, C.llama_sampler_free)
         # llama_sampler_chain_add takes ownership of each sampler.
-        add = lambda sampler: C.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        def add(sampler: Any) -> None:  # a llama_sampler pointer
+            C.llama_sampler_chain_add(chain, sampler)
+
         if params.logit_bias:
             biases = ffi.new("llama_logit_bias[]", len(params.logit_bias))
             for i, (token, bias) in enumerate(params.logit_bias.items()):
@@ -152,7 +157,7 @@ class Sampler(NativeObject):
         add(C.llama_sampler_init_temp(params.temperature))
         add(C.llama_sampler_init_dist(seed))
 
-    def _ensure_built(self, context) -> None:
+    def _ensure_built(self, context: Context) -> None:
         if self._released:
             raise ClosedError(self._closed_message)
         self._build(context.n_ctx)
@@ -161,14 +166,15 @@ class Sampler(NativeObject):
                 C.llama_sampler_accept(self._ptr, token)
         self._early_accepts.clear()
 
-    def sample(self, context, index: int = -1) -> int:
+    def sample(self, context: Context, index: int = -1) -> int:
         """Draw the next token from the logits of output `index` of `context` (and record it for penalties)."""
         if not self._built:
             self._ensure_built(context)
         # Inside uses of both: close() of either, in another thread, waits for the draw instead of freeing
         # memory under it (and a closed one raises ClosedError here).
         with self._lifetime, context._lifetime:
-            return C.llama_sampler_sample(self._ptr, context._ptr, index)
+            token: int = C.llama_sampler_sample(self._ptr, context._ptr, index)
+            return token
 
     def accept(self, token: int) -> None:
         """Record a token the sampler did not draw (e.g. the prompt), for repetition penalties."""

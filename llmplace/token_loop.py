@@ -59,6 +59,20 @@ class TokenSource(Protocol):
     def close(self) -> None: ...
 
 
+if TYPE_CHECKING:  # annotations only (numpy.typing is not imported at run time)
+    import numpy.typing as npt
+
+    # processors(input_ids, logits) -> logits; criteria(input_ids, raw_logits) -> bool
+    LogitsProcessors = Callable[[np.ndarray, np.ndarray], npt.ArrayLike]
+    StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
+
+
+class Grammar(Protocol):
+    def apply(self, logits: np.ndarray) -> None: ...
+    def accept(self, token: int) -> None: ...
+    def close(self) -> None: ...
+
+
 class LogitsHooks:
     """What a call does to each token's logits around the draw (the drop-in's logits_processor, grammar,
     stopping_criteria and logprobs):
@@ -68,8 +82,8 @@ class LogitsHooks:
       stopping criteria: the token that met them is dropped);
     - keep_rows: keep the raw logits each generated token was drawn from in `rows` (logprobs)."""
 
-    def __init__(self, processors: Callable | None = None, grammar=None, criteria: Callable | None = None,
-                 keep_rows: bool = False) -> None:
+    def __init__(self, processors: LogitsProcessors | None = None, grammar: Grammar | None = None,
+                 criteria: StoppingCriteria | None = None, keep_rows: bool = False) -> None:
         self.processors, self.grammar, self.criteria, self.keep_rows = processors, grammar, criteria, keep_rows
         self.rows: list[np.ndarray] = []
 
@@ -78,7 +92,7 @@ class LogitsHooks:
             self.grammar.close()
 
 
-def processed_logits(processors: Callable, input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
+def processed_logits(processors: LogitsProcessors, input_ids: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """The logits processors' result as float32[n_vocab] (they may edit `logits` in place and return it)."""
     result = processors(input_ids, logits)
     try:
