@@ -471,6 +471,11 @@ class Engine:
     def closed(self) -> bool:
         return self._closing
 
+    def occupancy(self) -> tuple[int, int]:
+        """(slots running a request, requests waiting for a slot), read together."""
+        with self._wake:
+            return sum(slot.request is not None for slot in self._slots), len(self._waiting)
+
     def close(self) -> None:
         """Stop the scheduler (a decode in flight is aborted), end every unfinished request with ClosedError,
         free the context. Safe to call more than once, from any thread."""

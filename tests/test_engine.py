@@ -118,6 +118,7 @@ def test_cancel_frees_the_slot(smollm2):
         later = one.submit(PROMPTS[2], max_tokens=8, temperature=0)
         stream = iter(long)
         next(stream), next(stream)
+        assert one.occupancy() == (1, 2)
         waiting.cancel()                                   # leaves the queue at once
         assert waiting.result(timeout=5).finish_reason == "cancelled" and waiting.result().tokens == []
         long.cancel()                                      # ends at the next step
