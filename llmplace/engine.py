@@ -397,7 +397,8 @@ class Engine:
             alone = []
             for s, t in enumerate(tokens):
                 alone.append(context.logits(context.decode_batch([(s, t[history], history, True)])[0]))
-                context.truncate_sequence(s, history)
+                if context.truncate_sequence(s, history) != history:
+                    return False  # a memory that cannot drop a token (recurrent): no probe, one decode each
             rows = context.decode_batch([(s, t[history], history, True) for s, t in enumerate(tokens)])
             return all(np.array_equal(context.logits(i), alone[s]) for s, i in enumerate(rows))
         finally:
