@@ -244,7 +244,7 @@ class EngineRequest:
     def _push(self, token: int, text: str, finish: str | None) -> None:
         now = time.perf_counter()
         state = self.state
-        generated = state.generated if state is not None and token >= 0 else 0
+        generated = state.generated if state is not None else 0
         tps = generated / max(now - self.prompt_done, 1e-9) if generated else 0.0
         step = _new_step(token, text, finish, len(self.tokens), self.prompt_cached, generated, self.prompt_tps,
                          tps, now - self.submitted)
