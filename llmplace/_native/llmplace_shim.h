@@ -86,6 +86,51 @@ LLMPLACE_API bool llmplace_abort_if_flag_set(void * user_data);
  * never escape. */
 LLMPLACE_API int llmplace_json_schema_to_grammar(const char * schema_json, char * out, size_t out_size);
 
+/* ---- llama.cpp's chat layer (common/chat.h): templates with tools, tool-call grammars, reply parsing ----
+ * Inputs and outputs cross as JSON text, so the C surface stays small. Strings returned through `out` are
+ * allocated by the shim: free them with llmplace_string_free. Every function returns 0 on success or a negative
+ * code with the reason copied into err: -1 the input JSON is malformed or names an unknown option, -2 llama.cpp
+ * refused it (a template it cannot render or analyse, a tool schema the grammar builder refuses, model output
+ * that does not match the format), -3 any other error. C++ exceptions never escape. */
+struct llmplace_chat_templates;
+struct llmplace_chat_parser;
+
+/* The model's chat templates (default and "tool_use"), or template_source when it is not NULL/empty (model may
+ * then be NULL, with bos_token/eos_token given as text). Returns NULL on failure, with the reason in err. */
+LLMPLACE_API struct llmplace_chat_templates * llmplace_chat_templates_new(const struct llama_model * model,
+                                                                        const char * template_source,
+                                                                        const char * bos_token,
+                                                                        const char * eos_token,
+                                                                        char * err, size_t err_size);
+LLMPLACE_API void llmplace_chat_templates_free(struct llmplace_chat_templates * templates);
+
+/* common_chat_templates_apply. inputs_json: {"messages": [...OpenAI messages], "tools": [...] or null,
+ * "tool_choice": "auto"|"required"|"none", "parallel_tool_calls": bool, "reasoning_format": "none"|"auto"|
+ * "deepseek"|"deepseek-legacy", "enable_thinking": bool, "chat_template_kwargs": {name: value},
+ * "add_generation_prompt": bool, "json_schema": schema or null}. *out: {"prompt", "format", "format_name",
+ * "grammar", "grammar_lazy", "grammar_triggers": [{"type": "token"|"word"|"pattern"|"pattern_full", "value",
+ * "token"}], "preserved_tokens", "additional_stops", "generation_prompt", "parser", "supports_thinking",
+ * "thinking_start_tag", "thinking_end_tags", "caps": {name: bool}, "supports_enable_thinking"}. */
+LLMPLACE_API int llmplace_chat_templates_apply(const struct llmplace_chat_templates * templates,
+                                               const char * inputs_json, char ** out, char * err, size_t err_size);
+
+/* A reply parser. params_json: {"format": int, "parser": text, "generation_prompt": text, "reasoning_format":
+ * name, "reasoning_in_content": bool, "parse_tool_calls": bool} (format, parser, generation_prompt as the
+ * apply output gave them). Returns NULL on failure, with the reason in err. */
+LLMPLACE_API struct llmplace_chat_parser * llmplace_chat_parser_new(const char * params_json, char * err,
+                                                                  size_t err_size);
+LLMPLACE_API void llmplace_chat_parser_free(struct llmplace_chat_parser * parser);
+
+/* common_chat_parse of text[0:text_len] (is_partial: the reply is still being generated). *out: the message as
+ * OpenAI JSON {"role", "content", "reasoning_content"?, "tool_calls"?: [{"type", "id", "function": {"name",
+ * "arguments"}}]}. */
+LLMPLACE_API int llmplace_chat_parser_parse(const struct llmplace_chat_parser * parser, const char * text,
+                                            size_t text_len, int is_partial, char ** out, char * err,
+                                            size_t err_size);
+
+/* Frees a string the shim returned through an `out` parameter. NULL is allowed. */
+LLMPLACE_API void llmplace_string_free(char * text);
+
 #ifdef __cplusplus
 }
 #endif

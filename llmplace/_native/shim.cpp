@@ -8,9 +8,11 @@
 
 #include "fit.h"          // llama.cpp common: common_fit_params
 #include "json-schema-to-grammar.h"  // llama.cpp common: json_schema_to_grammar, common_json
+#include "chat.h"         // llama.cpp common: chat templates with tools, tool-call grammars, reply parsing
 
 #include "ggml-backend.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <regex>
 #include <string>
@@ -170,4 +172,255 @@ extern "C" int llmplace_json_schema_to_grammar(const char * schema_json, char * 
         copy_message("unknown C++ exception in json_schema_to_grammar", out, out_size);
         return -3;
     }
+}
+
+// ---- llama.cpp's chat layer (common/chat.h) ----------------------------------------------------------------
+
+struct llmplace_chat_templates {
+    common_chat_templates_ptr templates;
+};
+
+struct llmplace_chat_parser {
+    common_chat_parser_params params;
+};
+
+namespace {
+
+// Error codes of the chat functions (llmplace_shim.h).
+constexpr int CHAT_BAD_INPUT = -1;
+constexpr int CHAT_REFUSED   = -2;
+constexpr int CHAT_OTHER     = -3;
+
+// The input JSON is malformed or names an unknown option: told apart from llama.cpp refusing valid input.
+struct bad_input : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+char * malloc_copy(const std::string & text) {
+    char * out = static_cast<char *>(std::malloc(text.size() + 1));
+    if (out == nullptr) {
+        throw std::bad_alloc();
+    }
+    std::memcpy(out, text.data(), text.size());
+    out[text.size()] = '\0';
+    return out;
+}
+
+common_json parse_input(const char * text, const char * what) {
+    if (text == nullptr) {
+        throw bad_input(std::string("no ") + what + " given");
+    }
+    try {
+        return common_json::parse(text);
+    } catch (const std::exception & e) {
+        throw bad_input(std::string(what) + " is not valid JSON: " + e.what());
+    }
+}
+
+template <typename T> T field(const common_json & object, const char * key, T fallback) {
+    if (!object.contains(key) || object.at(key).is_null()) {
+        return fallback;
+    }
+    try {
+        return object.at(key).get<T>();
+    } catch (const std::exception & e) {
+        throw bad_input(std::string("'") + key + "' has the wrong type: " + e.what());
+    }
+}
+
+common_reasoning_format reasoning_format_named(const std::string & name) {
+    try {
+        return common_reasoning_format_from_name(name);
+    } catch (const std::exception & e) {
+        throw bad_input(std::string(e.what()) + " (use none, auto, deepseek or deepseek-legacy)");
+    }
+}
+
+const char * trigger_type_name(common_grammar_trigger_type type) {
+    switch (type) {
+        case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:        return "token";
+        case COMMON_GRAMMAR_TRIGGER_TYPE_WORD:         return "word";
+        case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:      return "pattern";
+        case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: return "pattern_full";
+    }
+    return "unknown";
+}
+
+// Runs body, turning every exception into the documented code with its message in err.
+template <typename F> int guarded(F && body, char * err, size_t err_size) {
+    try {
+        copy_message("", err, err_size);
+        return body();
+    } catch (const bad_input & e) {
+        copy_message(e.what(), err, err_size);
+        return CHAT_BAD_INPUT;
+    } catch (const std::bad_alloc &) {
+        copy_message("out of memory", err, err_size);
+        return CHAT_OTHER;
+    } catch (const std::exception & e) {
+        // Everything else comes from llama.cpp's chat layer refusing the request: a template it cannot render
+        // or analyse, a tool schema the grammar builder refuses, messages or tools it cannot read, output
+        // that does not match the format.
+        copy_message(e.what(), err, err_size);
+        return CHAT_REFUSED;
+    } catch (...) {
+        copy_message("unknown C++ exception in llama.cpp's chat layer", err, err_size);
+        return CHAT_OTHER;
+    }
+}
+
+}  // namespace
+
+extern "C" struct llmplace_chat_templates * llmplace_chat_templates_new(const struct llama_model * model,
+                                                                      const char * template_source,
+                                                                      const char * bos_token,
+                                                                      const char * eos_token,
+                                                                      char * err, size_t err_size) {
+    llmplace_chat_templates * result = nullptr;
+    guarded([&] {
+        const std::string source = template_source == nullptr ? "" : template_source;
+        if (model == nullptr && source.empty()) {
+            throw bad_input("give a model or a template's source");
+        }
+        auto templates = common_chat_templates_init(model, source, bos_token == nullptr ? "" : bos_token,
+                                                    eos_token == nullptr ? "" : eos_token);
+        result = new llmplace_chat_templates{std::move(templates)};
+        return 0;
+    }, err, err_size);
+    return result;
+}
+
+extern "C" void llmplace_chat_templates_free(struct llmplace_chat_templates * templates) {
+    delete templates;
+}
+
+extern "C" int llmplace_chat_templates_apply(const struct llmplace_chat_templates * templates,
+                                             const char * inputs_json, char ** out, char * err, size_t err_size) {
+    if (out != nullptr) {
+        *out = nullptr;
+    }
+    return guarded([&] {
+        if (templates == nullptr || out == nullptr) {
+            throw bad_input("no templates or no output pointer given");
+        }
+        const common_json request = parse_input(inputs_json, "the chat inputs");
+        if (!request.is_object()) {
+            throw bad_input("the chat inputs must be a JSON object");
+        }
+        common_chat_templates_inputs inputs;
+        inputs.messages = common_chat_msgs_parse_oaicompat(request.value("messages", common_json::array()));
+        inputs.tools = common_chat_tools_parse_oaicompat(request.value("tools", common_json()));
+        try {
+            inputs.tool_choice = common_chat_tool_choice_parse_oaicompat(field<std::string>(request, "tool_choice", "auto"));
+        } catch (const std::invalid_argument & e) {
+            throw bad_input(std::string(e.what()) + " (use auto, required or none)");
+        }
+        inputs.parallel_tool_calls = field<bool>(request, "parallel_tool_calls", false);
+        inputs.reasoning_format = reasoning_format_named(field<std::string>(request, "reasoning_format", "none"));
+        inputs.enable_thinking = field<bool>(request, "enable_thinking", true);
+        inputs.add_generation_prompt = field<bool>(request, "add_generation_prompt", true);
+        if (request.contains("json_schema") && !request.at("json_schema").is_null()) {
+            inputs.json_schema = request.at("json_schema").dump();
+        }
+        if (request.contains("chat_template_kwargs") && !request.at("chat_template_kwargs").is_null()) {
+            const common_json & kwargs = request.at("chat_template_kwargs");
+            if (!kwargs.is_object()) {
+                throw bad_input("chat_template_kwargs must be a JSON object");
+            }
+            for (const auto & entry : kwargs.items()) {
+                inputs.chat_template_kwargs[entry.key()] = entry.value().dump();  // common/chat parses each value
+            }
+        }
+
+        const common_chat_params params = common_chat_templates_apply(templates->templates.get(), inputs);
+
+        common_json triggers = common_json::array();
+        for (const auto & trigger : params.grammar_triggers) {
+            triggers.push_back({{"type", trigger_type_name(trigger.type)}, {"value", trigger.value},
+                                {"token", (int64_t) trigger.token}});
+        }
+        common_json caps = common_json::object();
+        for (const auto & [name, value] : common_chat_templates_get_caps(templates->templates.get())) {
+            caps[name] = value;
+        }
+        common_json result = common_json::object();
+        result["prompt"] = params.prompt;
+        result["format"] = (int64_t) params.format;
+        result["format_name"] = common_chat_format_name(params.format);
+        result["grammar"] = params.grammar;
+        result["grammar_lazy"] = params.grammar_lazy;
+        result["grammar_triggers"] = triggers;
+        result["preserved_tokens"] = params.preserved_tokens;
+        result["additional_stops"] = params.additional_stops;
+        result["generation_prompt"] = params.generation_prompt;
+        result["parser"] = params.parser;
+        result["supports_thinking"] = params.supports_thinking;
+        result["thinking_start_tag"] = params.thinking_start_tag;
+        result["thinking_end_tags"] = params.thinking_end_tags;
+        result["caps"] = caps;
+        result["supports_enable_thinking"] = common_chat_templates_support_enable_thinking(templates->templates.get());
+        *out = malloc_copy(result.dump());
+        return 0;
+    }, err, err_size);
+}
+
+extern "C" struct llmplace_chat_parser * llmplace_chat_parser_new(const char * params_json, char * err,
+                                                                size_t err_size) {
+    llmplace_chat_parser * result = nullptr;
+    guarded([&] {
+        const common_json request = parse_input(params_json, "the parser parameters");
+        if (!request.is_object()) {
+            throw bad_input("the parser parameters must be a JSON object");
+        }
+        common_chat_parser_params params;
+        const int64_t format = field<long long>(request, "format", 0);
+        if (format < 0 || format >= COMMON_CHAT_FORMAT_COUNT) {
+            throw bad_input("unknown chat format number " + std::to_string(format));
+        }
+        params.format = (common_chat_format) format;
+        params.reasoning_format = reasoning_format_named(field<std::string>(request, "reasoning_format", "none"));
+        params.reasoning_in_content = field<bool>(request, "reasoning_in_content", false);
+        params.generation_prompt = field<std::string>(request, "generation_prompt", "");
+        params.parse_tool_calls = field<bool>(request, "parse_tool_calls", true);
+        const std::string parser = field<std::string>(request, "parser", "");
+        if (!parser.empty()) {
+            params.parser.load(parser);  // the serialized PEG parser that common_chat_templates_apply built
+        }
+        result = new llmplace_chat_parser{std::move(params)};
+        return 0;
+    }, err, err_size);
+    return result;
+}
+
+extern "C" void llmplace_chat_parser_free(struct llmplace_chat_parser * parser) {
+    delete parser;
+}
+
+extern "C" int llmplace_chat_parser_parse(const struct llmplace_chat_parser * parser, const char * text,
+                                          size_t text_len, int is_partial, char ** out, char * err,
+                                          size_t err_size) {
+    if (out != nullptr) {
+        *out = nullptr;
+    }
+    return guarded([&] {
+        if (parser == nullptr || out == nullptr || (text == nullptr && text_len > 0)) {
+            throw bad_input("no parser, text or output pointer given");
+        }
+        const std::string input = text == nullptr ? std::string() : std::string(text, text_len);
+        const common_chat_msg msg = common_chat_parse(input, is_partial != 0, parser->params);
+        common_json calls = common_json::array();
+        for (const auto & call : msg.tool_calls) {
+            calls.push_back({{"name", call.name}, {"arguments", call.arguments}, {"id", call.id}});
+        }
+        common_json result = common_json::object();
+        result["content"] = msg.content;
+        result["reasoning_content"] = msg.reasoning_content;
+        result["tool_calls"] = calls;
+        *out = malloc_copy(result.dump());
+        return 0;
+    }, err, err_size);
+}
+
+extern "C" void llmplace_string_free(char * text) {
+    std::free(text);
 }
