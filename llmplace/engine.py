@@ -302,11 +302,13 @@ class _Slot:
         self.kinds = bytearray()      # how each of them was computed (piece_kind)
         self.last_used = 0.0
 
-    def reusable(self, tokens: list[int]) -> int:
+    def reusable(self, tokens: list[int], exact: bool = True) -> int:
         """How many leading tokens of a prompt this cache holds computed as a lone run computes them, cut by
-        exact_reuse."""
+        exact_reuse (exact=False: every token of the common prefix but the prompt's last)."""
         n_prompt = len(tokens)
         n = common_prefix_length(self.cached, tokens, 0, min(n_prompt - 1, len(self.cached)))
+        if not exact:
+            return n
         kinds = self.kinds
         for row in range(n):
             if kinds[row] != lone_kind(row, n_prompt):
@@ -326,8 +328,9 @@ class Engine:
     pieces; generating sequences get their token at every step). max_queue: requests waiting for a slot
     before submit raises BusyError. exact: keep every request's output equal to a lone `generate` (see the
     module docstring); `batched` then says whether a step decodes all sequences' tokens at once (a probe at
-    start found that bit-equal) or one decode each. exact=False always batches them (faster where the
-    kernels differ, as on a GPU; output may then differ from a lone run at near-ties). Other keywords go to
+    start found that bit-equal) or one decode each. exact=False always batches them and reuses every cached
+    prefix token, whatever kernel computed it (faster where the kernels differ, as on a GPU, and for chats
+    whose next turn extends the last; output may then differ from a lone run at near-ties). Other keywords go to
     the Context (n_threads, flash_attn, type_k, ...). Requests are submitted from any thread (`submit`);
     close() (or the with-block's end) stops the engine: requests not finished then raise ClosedError."""
 
@@ -543,7 +546,7 @@ class Engine:
             request._push(-1, "", "length")
             return
         context = self._context
-        reusable = {slot.seq_id: slot.reusable(tokens) if slot.cached else 0 for slot in self._slots}
+        reusable = {slot.seq_id: slot.reusable(tokens, self.exact) if slot.cached else 0 for slot in self._slots}
         free = [slot for slot in self._slots if slot.request is None]
         # the free slot whose cache shares most with the prompt; among equals, the one holding least
         own = max(free, key=lambda s: (reusable[s.seq_id], -len(s.cached), -s.last_used))

@@ -145,6 +145,8 @@ def test_threads_each_see_every_step_and_exact_false_batches_always(engine, smol
         assert fast.batched
         results = [h.result(timeout=60) for h in [fast.submit(p, max_tokens=6, temperature=0) for p in PROMPTS[:3]]]
         assert [len(r.tokens) for r in results] == [6, 6, 6]
+        again = fast.submit(PROMPTS[2], max_tokens=2, temperature=0)  # the last one run: still cached
+        assert next(iter(again)).prompt_cached == len(smollm2.tokenize(PROMPTS[2])) - 1  # all but the last token
 
 
 def test_asyncio_streams_and_awaits(engine, smollm2):
