@@ -12,6 +12,10 @@ after the other (temperature 0, varied prompts; --ban-tokens makes every reply r
 reads the SSE events as they come. Measured per level: generated tokens (events with text) over the level's
 wall time; TTFT = request sent → first text event; ITL = gaps between text events of one reply; errors by
 kind. The machine's load average is recorded (other processes share the CPU).
+
+--baseline (with --model): also the same requests submitted straight to an in-process llmplace.Engine of the
+same slots (no HTTP, no server threads), for the cost of the HTTP layer: the standard library's threading
+server is kept only while it stays close to this figure.
 """
 
 from __future__ import annotations
@@ -79,9 +83,23 @@ def one_request(host: str, port: int, body: dict, timeout: float, api_key: str |
         connection.close()
 
 
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system, all threads) of a process so far; None when unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def run_level(host: str, port: int, clients: int, *, requests: int, duration: float, max_tokens: int,
-              timeout: float, ban: dict, api_key: str | None) -> dict:
-    """`clients` threads sending requests one after another until `requests` were sent or `duration` passed."""
+              timeout: float, ban: dict, api_key: str | None, server_pid: int | None = None) -> dict:
+    """`clients` threads sending requests one after another until `requests` were sent or `duration` passed.
+    server_pid (a server on this machine): its CPU seconds per generated token are measured too (CPU time
+    does not depend on what else runs, as wall time does)."""
     lock = threading.Lock()
     counter = {"next": 0}
     results: list[dict] = []
@@ -104,11 +122,13 @@ def run_level(host: str, port: int, clients: int, *, requests: int, duration: fl
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     load_before = os.getloadavg()[0]
+    cpu_before = _cpu_seconds(server_pid)
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    cpu_after = _cpu_seconds(server_pid)
     tokens = sum(len(r["events"]) for r in results)
     ttft = [r["events"][0] - r["sent"] for r in results if r["events"]]
     itl = [b - a for r in results for a, b in zip(r["events"], r["events"][1:])]
@@ -124,8 +144,30 @@ def run_level(host: str, port: int, clients: int, *, requests: int, duration: fl
             "itl_ms": {"p50": round(percentile(itl, 50) * ms, 2) if itl else None,
                        "p99": round(percentile(itl, 99) * ms, 2) if itl else None,
                        "mean": round(statistics.fmean(itl) * ms, 2) if itl else None},
+            "server_cpu_ms_per_token": round((cpu_after - cpu_before) * ms / max(tokens, 1), 2)
+            if cpu_before is not None and cpu_after is not None else None,
             "errors": errors, "load_average_before": round(load_before, 2),
             "load_average_after": round(os.getloadavg()[0], 2)}
+
+
+def engine_baseline(model_path: str, slots: int, threads: int, n_ctx: int, clients: int, requests: int,
+                    max_tokens: int, ban: dict) -> dict:
+    """The requests of one level submitted to an Engine in this process, `clients` at a time: tokens/s."""
+    import llmplace
+
+    with llmplace.load(model_path, progress=False) as model, \
+            llmplace.Engine(model, slots=slots, n_ctx=n_ctx, n_threads=threads, flash_attn=False) as engine:
+        bias = {int(t): float(v) for t, v in ban.items()}
+        engine.generate("Hello", max_tokens=2, temperature=0)  # warm
+        start, cpu_start = time.perf_counter(), time.process_time()
+        tokens = 0
+        for first in range(0, requests, clients):
+            handles = [engine.submit(PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens, temperature=0, logit_bias=bias)
+                       for i in range(first, min(first + clients, requests))]
+            tokens += sum(len(h.result().tokens) for h in handles)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"clients": clients, "requests": requests, "generated_tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 2), "cpu_ms_per_token": round(cpu * 1000 / max(tokens, 1), 2)}
 
 
 def _free_port() -> int:
@@ -171,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
     parser.add_argument("--ban-tokens", default="", help="token ids to ban (end tokens: replies run to max-tokens); "
                                                          "SmolLM2: 0,2")
+    parser.add_argument("--baseline", action="store_true",
+                        help="with --model: also the same requests on an in-process Engine (no HTTP)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--note", default="", help="a note kept in the JSON (what else ran on the machine)")
     parser.add_argument("--out", help="write the JSON here too")
@@ -180,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
               "cpus": os.cpu_count(), "max_tokens": args.max_tokens, "note": args.note, "servers": []}
 
-    def levels(port: int) -> list[dict]:
+    def levels(port: int, pid: int | None = None) -> list[dict]:
         out = []
         for n in clients:
             requests = args.requests or max(8, 2 * n)
             level = run_level("127.0.0.1", port, n, requests=requests, duration=args.duration,
-                              max_tokens=args.max_tokens, timeout=args.timeout, ban=ban, api_key=args.api_key)
+                              max_tokens=args.max_tokens, timeout=args.timeout, ban=ban, api_key=args.api_key,
+                              server_pid=pid)
             print(json.dumps(level), file=sys.stderr, flush=True)
             out.append(level)
         return out
@@ -200,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         for slots in [int(s) for s in args.slots.split(",")]:
             process, port = start_server(args.model, slots, args.threads, args.n_ctx)
             try:
-                report["servers"].append({"slots": slots, "threads": args.threads, "levels": levels(port)})
+                report["servers"].append({"slots": slots, "threads": args.threads,
+                                          "levels": levels(port, process.pid)})
             finally:
                 process.terminate()
                 try:
@@ -208,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            if args.baseline and slots > 1:  # the server is stopped: the baseline has the CPU to itself
+                report["servers"][-1]["engine_baseline"] = [
+                    engine_baseline(args.model, slots, args.threads, args.n_ctx, n, args.requests or max(8, 2 * n),
+                                    args.max_tokens, ban) for n in clients]
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
