@@ -24,6 +24,9 @@ import sys
 
 __all__ = ["main", "make_server", "serve"]
 
+SLOTS = 4         # sequences decoded together by default (llama-server's default too); 1: the serial Llama path
+MAX_QUEUE = 128   # requests that may wait for a slot (or for the Llama) before the next one gets 429
+
 
 def make_server(*args, **kwargs):
     """See app.make_server (imported on use: `llmplace --help` should not load the native library)."""
@@ -113,11 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the most tokens one request may generate (default: the context size)")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
-    parser.add_argument("--slots", "--parallel", "-np", dest="slots", type=int, default=4,  # llama-server's names
+    parser.add_argument("--slots", "--parallel", "-np", dest="slots", type=int, default=SLOTS,  # llama-server's
                         help="requests decoded together on the batching engine, each slot holding --n-ctx tokens "
-                             "(default 4; 1 = one request at a time on one context, the least memory)")
-    parser.add_argument("--max-queue", type=int, default=128,
-                        help="requests that may wait for a slot; more get 429 with Retry-After (default 128)")
+                             f"(default {SLOTS}; 1 = one request at a time on one context, the least memory)")
+    parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                        help=f"requests that may wait for a slot; more get 429 with Retry-After (default {MAX_QUEUE})")
     parser.add_argument("--read-timeout", type=float, default=30.0,
                         help="seconds a client may take to send a request")
     parser.add_argument("--write-timeout", type=float, default=10.0,

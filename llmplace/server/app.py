@@ -1,11 +1,13 @@
 """The OpenAI-compatible HTTP API over one llmplace.Llama, on the standard library's threading HTTP server.
 
-Requests are served one at a time (a FIFO queue in front of the model): a small model on one context computes
-one sequence at a time anyway, and queued requests wait instead of failing. Since one request holds everyone
-behind it, no client may hold the model longer than its own work:
+With slots (make_server(slots=N), `llmplace serve --slots N`, N >= 2) completions and chats run on an
+llmplace.Engine over the Llama's model, decoded together (batching.py); the rest, and everything with
+slots=1, is served by the Llama one request at a time (a FIFO queue in front of it), queued requests waiting
+instead of failing. Both queues are bounded (max_queue; beyond it 429 with Retry-After). Since a request holds
+a slot, or everyone behind it, no client may hold the model longer than its own work:
 - a client that disconnects, before its turn or during its generation, is noticed (its socket is watched while
-  it holds the model) and its generation aborted; a streaming client that stops reading is dropped after
-  `write_timeout` seconds of a blocked write;
+  it is served) and its generation aborted (the engine's request cancelled: its slot frees at the next
+  step); a streaming client that stops reading is dropped after `write_timeout` seconds of a blocked write;
 - bodies are bounded (`max_body_bytes`, 413 above it; a missing, negative or garbage Content-Length is a 400)
   and read under `read_timeout`, so a client that announces more than it sends holds only its own thread;
 - every field's type is checked (400, naming the field) and max_tokens is bounded by `max_tokens_limit`
@@ -27,6 +29,7 @@ from typing import Any
 
 from ..compat import Llama, UnsupportedFeatureError
 from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError, OutOfMemoryError
+from . import MAX_QUEUE
 from .batching import BatchedGeneration, engine_occupancy
 from .metrics import Metrics
 
@@ -34,8 +37,6 @@ MAX_BODY_BYTES = 16 << 20  # a prompt filling a 1M-token context is ~4 MB of tex
 MAX_JSON_DEPTH = 64        # tool schemas nest a dozen levels; deeper only costs recursion in the converters
 READ_TIMEOUT = 30.0        # seconds a client may take to send its headers and body
 WRITE_TIMEOUT = 10.0       # seconds one write may block on a client that does not read
-SLOTS = 4                  # sequences decoded together (llama-server's default too); 1 = the serial Llama path
-MAX_QUEUE = 128            # requests waiting for the model before the next one gets 429
 RETRY_AFTER = 1            # seconds a client told "queue full" (429) should wait before retrying
 
 # Request fields passed through to create_completion / create_chat_completion (OpenAI's, plus llama.cpp's).
