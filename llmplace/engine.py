@@ -55,6 +55,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .compat.llama_grammar import GrammarConstraint
 from .context import Context, common_prefix_length
 from .errors import (BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError,
                      unknown_keyword_error)
@@ -147,9 +148,9 @@ class EngineRequest:
     failure) raises that typed error from iteration, result() and await, after the steps it did produce."""
 
     def __init__(self, engine: Engine, tokens: list[int], max_tokens: int, stops: list[str],
-                 params: SamplingParams, sampler: Sampler) -> None:
+                 params: SamplingParams, sampler: Sampler, grammar: GrammarConstraint | None = None) -> None:
         self.tokens, self.max_tokens, self.stops, self.params = tokens, max_tokens, stops, params
-        self._engine, self._sampler = engine, sampler
+        self._engine, self._sampler, self._grammar = engine, sampler, grammar
         self._cond = threading.Condition()
         self._steps: list[GenerationStep] = []
         self._finished = False
@@ -252,7 +253,7 @@ class EngineRequest:
             self._steps.append(step)
             if finish is not None:
                 self._finished = True
-                self._sampler.close()
+                self._release()
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         _wake(waiters)
@@ -263,10 +264,16 @@ class EngineRequest:
                 return
             self._error = error
             self._finished = True
-            self._sampler.close()
+            self._release()
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         _wake(waiters)
+
+
+    def _release(self) -> None:
+        self._sampler.close()
+        if self._grammar is not None:
+            self._grammar.close()
 
 
 def _fresh(error: BaseException) -> BaseException:
@@ -365,6 +372,7 @@ class Engine:
         extra["kv_unified"] = False
         context_options.setdefault("n_ubatch", PREFILL_UNIT)
         self.model = model
+        self._is_eog = model.vocab.is_eog
         self.slots = slots
         self.n_batch = n_batch
         self.max_queue = max_queue
@@ -410,9 +418,12 @@ class Engine:
 
     # ---- the caller's side ----
     def submit(self, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256, stop: str | Sequence[str] = (),
-               sampling: SamplingParams | None = None, add_special: bool = True, **sampling_kwargs) -> EngineRequest:
+               sampling: SamplingParams | None = None, add_special: bool = True, grammar=None,
+               **sampling_kwargs) -> EngineRequest:
         """Queue a request (text or token ids, as `generate`); it starts when a slot is free. Sampling options
         as `generate`'s (temperature, top_k, top_p, min_p, seed, penalties, logit_bias ...), per request.
+        grammar: GBNF text or a LlamaGrammar (llmplace.compat.llama_grammar): only tokens it allows are drawn,
+        as the drop-in Llama's create_completion(grammar=...) draws them.
         Raises BusyError when max_queue requests are waiting, ClosedError after close(), and the typed errors
         of bad arguments (here, not later)."""
         unknown = set(sampling_kwargs) - _SAMPLING_NAMES
@@ -421,7 +432,7 @@ class Engine:
                                         "llmplace.generate(..., draft=...) for it; the Engine does not draft")
         if unknown:
             raise unknown_keyword_error("Engine.submit", unknown,
-                                        {"max_tokens", "stop", "sampling", "add_special"} | _SAMPLING_NAMES)
+                                        {"max_tokens", "stop", "sampling", "add_special", "grammar"} | _SAMPLING_NAMES)
         if sampling is not None and sampling_kwargs:
             raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as "
                                         "keywords, not both")
@@ -438,17 +449,18 @@ class Engine:
             raise ContextOverflowError(
                 f"the prompt has {len(tokens)} tokens but a slot holds {self.n_ctx} (and generation needs at least "
                 "one more); shorten the prompt, or create the Engine with a larger n_ctx")
+        constraint = GrammarConstraint(self.model, grammar) if grammar is not None else None
         sampler = Sampler(self.model.n_vocab, params, n_ctx=self.n_ctx)
         if params.uses_penalties:
             for token in tokens:
                 sampler.accept(token)
-        request = EngineRequest(self, tokens, max_tokens, stops, params, sampler)
+        request = EngineRequest(self, tokens, max_tokens, stops, params, sampler, constraint)
         with self._wake:
             if self._closing:
-                sampler.close()
+                request._release()
                 raise ClosedError("this Engine is closed; create a new one")
             if len(self._waiting) >= self.max_queue:
-                sampler.close()
+                request._release()
                 raise BusyError(f"the Engine's wait queue is full ({self.max_queue} requests wait for a slot): "
                                 "retry later, or create the Engine with a larger max_queue or more slots")
             self._waiting.append(request)
@@ -629,10 +641,17 @@ class Engine:
             else:
                 slot.kinds.append(piece_kind(len(slot.cached), 1))
                 slot.cached.append(gained)
-        sampler_context = self._context
+        context = self._context
         for index in outputs:
             request = seq_index[entries[index][0]]
-            token = request._sampler.sample(sampler_context, index)
+            grammar = request._grammar
+            if grammar is not None:  # as token_loop.DrawnTokens draws with a grammar: masked logits, then the chain
+                logits = context.logits(index)
+                grammar.apply(logits)
+                context.set_logits(logits, index)
+            token = request._sampler.sample(context, index)
+            if grammar is not None and not self._is_eog(token):
+                grammar.accept(token)
             state = request.state
             assert state is not None  # set at admission
             text, finish = state.emit(token)

@@ -69,6 +69,27 @@ def test_greedy_output_equals_generate_alone_with_more_requests_than_slots(engin
     assert [s.generated_tokens for s in steps] == list(range(1, 17)) and steps[-1].finish_reason == "length"
 
 
+def test_a_grammar_per_request_gives_the_drop_in_llamas_reply(smollm2, smollm2_path):
+    from llmplace.compat.llama_grammar import LlamaGrammar
+
+    grammar = 'root ::= item (", " item)*\nitem ::= [a-z]+'
+    prompt = "Three fruits, comma separated:"
+    llama = llmplace.Llama(str(smollm2_path), n_ctx=512, n_threads=THREADS, verbose=False)
+    try:
+        reference = llama.create_completion(prompt, grammar=LlamaGrammar.from_string(grammar), max_tokens=16,
+                                            temperature=0)["choices"][0]["text"]
+        unconstrained = llama.create_completion(prompt, max_tokens=16, temperature=0)["choices"][0]["text"]
+    finally:
+        llama.close()
+    with llmplace.Engine(smollm2, slots=2, n_ctx=256, flash_attn=False, n_threads=THREADS) as engine:
+        constrained = engine.submit(prompt, grammar=grammar, max_tokens=16, temperature=0)
+        free = engine.submit(prompt, max_tokens=16, temperature=0)   # its neighbour is not constrained
+        assert constrained.result(timeout=60).text == reference
+        assert free.result(timeout=60).text == unconstrained != reference
+        with pytest.raises(InvalidParameterError, match="grammar"):
+            engine.submit(prompt, grammar="root ::= undefined_rule")
+
+
 def test_a_mixture_of_experts_decodes_each_sequence_alone_and_stays_equal(tiny_qwen3moe_path):
     with llmplace.load(tiny_qwen3moe_path, progress=False) as moe:
         prompts = ["def fib(n):", "The three primary colors are", STORY * 3, "Q: What is 2+2?\nA:"]
