@@ -1,0 +1,281 @@
+"""llama.cpp's chat layer (common/chat) through the shim: templates rendered with tools, the tool-call grammar and
+its triggers, and replies parsed back into content, reasoning_content and tool calls, for the families whose
+format common/chat recognises. The family templates below are minimal ones written here from each format's
+published description (how tools, calls and thinking are laid out); common/chat analyses a template by rendering
+it, so these exercise the same detection as the real ones. The real templates come from the test GGUFs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import llmplace
+from llmplace.chat_tools import (
+    ChatTemplates,
+    ReplyStream,
+    ToolCallGrammar,
+    ToolCallParseError,
+    ToolSchemaError,
+    resolve_tool_choice,
+)
+from llmplace.errors import InvalidParameterError, TemplateError
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                                       "required": ["zone"]}}}
+TOOLS = [WEATHER, TIME]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+# Hermes 2 Pro: tools in <tools>, each call a JSON object {"name", "arguments"} inside <tool_call>...</tool_call>.
+HERMES = """{%- if tools %}<|im_start|>system
+You may call functions. <tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>
+Answer a call as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>
+{% endif %}{%- for m in messages -%}<|im_start|>{{ m.role }}
+{% if m.tool_calls %}{{ m.content or '' }}{% for tc in m.tool_calls %}<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>
+{% endfor -%}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+# Mistral Nemo: tools in [AVAILABLE_TOOLS], calls as a JSON list after [TOOL_CALLS], each with a 9-character id.
+MISTRAL_NEMO = """{{ bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}{%- if loop.last and tools %}\
+[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}[INST]{{ m.content }}[/INST]\
+{%- elif m.role == 'assistant' %}{%- if m.tool_calls %}[TOOL_CALLS][{%- for tc in m.tool_calls %}\
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}, "id": "{{ tc.id }}"}\
+{%- if not loop.last %}, {% endif %}{%- endfor %}]{%- else %}{{ m.content }}{%- endif %}{{ eos_token }}\
+{%- elif m.role == 'tool' %}[TOOL_RESULTS]{"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}\
+[/TOOL_RESULTS]{%- endif %}{%- endfor %}"""
+
+# Llama 3.x: header blocks; a call is <|python_tag|>{"name", "parameters"} ended by <|eom_id|>.
+LLAMA3 = """{{ bos_token }}{%- for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>
+
+{% if m.tool_calls %}{%- for tc in m.tool_calls %}<|python_tag|>{"name": "{{ tc.function.name }}", \
+"parameters": {{ tc.function.arguments | tojson }}}{%- endfor %}<|eom_id|>{% else %}{{ m.content }}<|eot_id|>\
+{% endif %}{%- endfor %}{%- if tools %}<|start_header_id|>system<|end_header_id|>
+
+Tools: {{ tools | tojson }}<|eot_id|>{%- endif %}{%- if add_generation_prompt %}<|start_header_id|>assistant\
+<|end_header_id|>
+
+{% endif %}"""
+
+# Qwen3 (and DeepSeek R1's <think> convention): thinking in <think>...</think> before the answer, Hermes-style
+# calls, and enable_thinking=false writing an empty thinking block.
+QWEN3 = """{%- if tools %}<|im_start|>system
+# Tools
+<tools>{%- for t in tools %}
+{{ t | tojson }}{%- endfor %}
+</tools><|im_end|>
+{% endif %}{%- for m in messages %}<|im_start|>{{ m.role }}
+{% if m.role == 'assistant' %}{% if m.reasoning_content %}<think>
+{{ m.reasoning_content }}
+</think>
+
+{% endif %}{{ m.content }}{%- if m.tool_calls %}{%- for tc in m.tool_calls %}
+<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>{%- endfor %}{%- endif %}{% else %}{{ m.content }}{% endif %}<|im_end|>
+{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif %}{% endif %}"""
+
+FAMILIES = {
+    "hermes": (HERMES, {"eos_token": "<|im_end|>"}, "<tool_call>"),
+    "mistral-nemo": (MISTRAL_NEMO, {"bos_token": "<s>", "eos_token": "</s>"}, "[TOOL_CALLS]"),
+    "llama3": (LLAMA3, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, "<|python_tag|>"),
+    "qwen3": (QWEN3, {"eos_token": "<|im_end|>"}, "<tool_call>"),
+}
+
+
+def call_text(family: str, calls: list[tuple[str, dict]]) -> str:
+    """A reply with these calls, written as the family writes them."""
+    if family == "mistral-nemo":
+        return "[TOOL_CALLS][" + ", ".join(json.dumps({"name": n, "arguments": a, "id": f"call{i:05d}"})
+                                           for i, (n, a) in enumerate(calls)) + "]"
+    if family == "llama3":
+        [(name, arguments)] = calls
+        return "<|python_tag|>" + json.dumps({"name": name, "parameters": arguments})
+    return "".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a})}\n</tool_call>\n" for n, a in calls)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    source, tokens, trigger = FAMILIES[request.param]
+    with ChatTemplates(template=source, **tokens) as templates:
+        yield request.param, templates, trigger
+
+
+def test_each_family_renders_its_tools_and_a_lazy_grammar_starting_at_its_trigger(family):
+    name, templates, trigger = family
+    rendered = templates.render(ASK, tools=TOOLS)
+    assert "get_weather" in rendered.prompt and "get_time" in rendered.prompt
+    assert rendered.caps["supports_tool_calls"]
+    assert rendered.grammar and rendered.grammar_lazy
+    assert [t.value.strip() for t in rendered.grammar_triggers][0] == trigger
+    assert trigger in rendered.preserved_tokens or name == "llama3" and "<|python_tag|>" in rendered.preserved_tokens
+
+
+def test_each_family_parses_a_call_with_its_arguments(family):
+    name, templates, _ = family
+    parser = templates.render(ASK, tools=TOOLS).reply_parser()
+    reply = parser.parse(call_text(name, [("get_weather", {"city": "Paris"})]))
+    [call] = reply.tool_calls
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert reply.content.strip() == ""
+    if name == "mistral-nemo":
+        assert call.id == "call00000"  # the id the model wrote is kept
+
+
+def test_each_family_parses_plain_text_as_content(family):
+    _, templates, _ = family
+    reply = templates.render(ASK, tools=TOOLS).reply_parser().parse("It is sunny in Paris.")
+    assert reply.content == "It is sunny in Paris." and reply.tool_calls == ()
+
+
+@pytest.mark.parametrize("name", ["hermes", "mistral-nemo", "qwen3"])
+def test_several_calls_in_one_reply(name):
+    source, tokens, _ = FAMILIES[name]
+    with ChatTemplates(template=source, **tokens) as templates:
+        parser = templates.render(ASK, tools=TOOLS, parallel_tool_calls=True).reply_parser()
+        reply = parser.parse(call_text(name, [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]))
+    assert [(c.name, json.loads(c.arguments)) for c in reply.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {"zone": "CET"})]
+
+
+def test_content_before_a_call_stays_content():
+    with ChatTemplates(template=HERMES, eos_token="<|im_end|>") as templates:
+        reply = templates.render(ASK, tools=TOOLS).reply_parser().parse(
+            'Let me look that up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    assert reply.content.strip() == "Let me look that up."
+    assert [c.name for c in reply.tool_calls] == ["get_weather"]
+
+
+def test_reasoning_is_split_from_content_or_kept_inline():
+    reply_text = ('<think>\nThe user wants the weather.\n</think>\n\nChecking.\n<tool_call>\n'
+                  '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+    with ChatTemplates(template=QWEN3, eos_token="<|im_end|>") as templates:
+        rendered = templates.render(ASK, tools=TOOLS, reasoning_format="auto")
+        assert rendered.supports_thinking and rendered.thinking_start_tag == "<think>"
+        assert rendered.thinking_end_tags == ("</think>",)
+        reply = rendered.reply_parser().parse(reply_text)
+        assert reply.reasoning_content.strip() == "The user wants the weather."
+        assert reply.content.strip() == "Checking." and reply.tool_calls[0].name == "get_weather"
+        # reasoning_format="none": the thinking stays in the content, as the model wrote it.
+        inline = templates.render(ASK, reasoning_format="none").reply_parser().parse(
+            "<think>\nhm\n</think>\n\nSunny.")
+        assert inline.reasoning_content == "" and inline.content.startswith("<think>")
+        # No thinking where the template supports switching it off: the prompt closes an empty block.
+        assert templates.render(ASK, enable_thinking=False).prompt.endswith("<think>\n\n</think>\n\n")
+        assert rendered.supports_enable_thinking
+
+
+def test_partial_output_while_streaming_gives_growing_deltas():
+    with ChatTemplates(template=QWEN3, eos_token="<|im_end|>") as templates:
+        rendered = templates.render(ASK, tools=TOOLS)
+        with rendered.reply_parser() as parser:
+            assert parser.parse("<think>\nLet me", partial=True).reasoning_content == "Let me"
+            partial = parser.parse('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa', partial=True)
+            assert partial.tool_calls[0].name == "get_weather"
+            assert partial.tool_calls[0].arguments.startswith('{"city": "Pa')
+            full = ('<think>\nWeather.\n</think>\n\nSure.\n<tool_call>\n'
+                    '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
+            stream = ReplyStream(parser)
+            deltas = [d for i in range(0, len(full), 3) for d in stream.feed(full[i:i + 3])]
+            final, last = stream.finish()
+            deltas += last
+    reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+    content = "".join(d.get("content", "") for d in deltas)
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert reasoning.strip() == "Weather." and content.strip() == "Sure."
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert all(c["index"] == 0 for c in calls)
+    arguments = "".join(c["function"]["arguments"] for c in calls)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert final.tool_calls[0].id == calls[0]["id"]  # the same id whole and streamed
+
+
+def test_required_and_named_choices_give_a_grammar_that_is_not_lazy():
+    with ChatTemplates(template=HERMES, eos_token="<|im_end|>") as templates:
+        required = templates.render(ASK, tools=TOOLS, tool_choice="required")
+        assert required.grammar and not required.grammar_lazy and required.grammar_triggers == ()
+        named = templates.render(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
+        assert not named.grammar_lazy and "get_time" in named.grammar and "get_weather" not in named.grammar
+        none = templates.render(ASK, tools=TOOLS, tool_choice="none")
+        assert not none.grammar
+
+
+def test_templates_without_tool_support_render_plain_chat(smollm2):
+    """SmolLM2's template describes no tools: common/chat gives no grammar and parses everything as content."""
+    with ChatTemplates(smollm2) as templates:
+        rendered = templates.render(ASK, tools=TOOLS, tool_choice="auto")
+        assert rendered.prompt.endswith("<|im_start|>assistant\n") and not rendered.grammar
+        assert not rendered.caps["supports_tool_calls"]
+        assert rendered.reply_parser().parse("Sunny.").content == "Sunny."
+
+
+def test_gemma3_without_a_template_falls_back_to_chatml(gemma3_path):
+    with llmplace.load(gemma3_path, progress=False) as model, ChatTemplates(model) as templates:
+        rendered = templates.render(ASK, tools=TOOLS)
+    assert "What is the weather in Paris?" in rendered.prompt and not rendered.grammar
+
+
+def test_a_lazy_grammar_builds_on_a_real_vocabulary(smollm2):
+    with ChatTemplates(template=HERMES, eos_token="<|im_end|>") as templates:
+        for choice in ("auto", "required"):
+            with ToolCallGrammar(smollm2, templates.render(ASK, tools=TOOLS, tool_choice=choice)) as grammar:
+                import numpy as np
+                logits = np.zeros(smollm2.n_vocab, dtype=np.float32)
+                grammar.apply(logits)
+                allowed = np.isfinite(logits).sum()
+                # Lazy: everything is allowed before the trigger; forced: only what starts a call.
+                assert allowed == smollm2.n_vocab if choice == "auto" else 0 < allowed < smollm2.n_vocab
+
+
+# ---- bad input ----
+def test_a_schema_the_grammar_builder_refuses_is_a_typed_error():
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    dangling = {"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}
+    with ChatTemplates(template=HERMES, eos_token="<|im_end|>") as templates:
+        with pytest.raises(ToolSchemaError, match="unrecognized type nonsense"):
+            templates.render(ASK, tools=[bad], tool_choice="required")
+        with pytest.raises(ToolSchemaError, match="cannot resolve \\$ref"):
+            templates.render(ASK, tools=[dangling])
+        with pytest.raises(ToolSchemaError, match="nests deeper"):
+            deep: dict = {"type": "object"}
+            for _ in range(200):
+                deep = {"type": "object", "properties": {"x": deep}}
+            templates.render(ASK, tools=[{"type": "function", "function": {"name": "d", "parameters": deep}}])
+        assert isinstance(ToolSchemaError("x"), ValueError)
+
+
+def test_an_unparsable_call_is_a_typed_error_with_the_reason():
+    with ChatTemplates(template=HERMES, eos_token="<|im_end|>") as templates:
+        parser = templates.render(ASK, tools=TOOLS).reply_parser()
+        with pytest.raises(ToolCallParseError, match="does not match the expected peg-native format"):
+            parser.parse('<tool_call>\n{"name": "no_such_tool", "arguments": {}}\n</tool_call>')
+        assert isinstance(ToolCallParseError("x"), ValueError)
+
+
+def test_bad_requests_are_invalid_parameters():
+    with ChatTemplates(template=HERMES, eos_token="<|im_end|>") as templates:
+        with pytest.raises(InvalidParameterError, match="tools\\[0\\]"):
+            templates.render(ASK, tools=[{"type": "function"}])
+        with pytest.raises(InvalidParameterError, match="tool_choice must be"):
+            templates.render(ASK, tools=TOOLS, tool_choice="sometimes")
+        with pytest.raises(InvalidParameterError, match="Tool choice 'nope' not found"):
+            templates.render(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+        with pytest.raises(InvalidParameterError, match="reasoning_format"):
+            templates.render(ASK, reasoning_format="sideways")
+        with pytest.raises(InvalidParameterError, match="Missing 'role'"):
+            templates.render([{"content": "hi"}])
+    with pytest.raises(TemplateError):
+        ChatTemplates(template="{% for %}")
+    assert resolve_tool_choice(TOOLS, None) == (TOOLS, "auto")
