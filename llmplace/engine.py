@@ -8,10 +8,12 @@
 
 A scheduler thread owns the context. At every step it admits waiting requests into free slots, decodes one
 token for each generating sequence, prefills a piece of each waiting prompt, and draws each sequence's next
-token with that sequence's own sampler chain (temperature, seed, penalties ...), stop strings and limits
-(`token_loop.SequenceState`). A request joins at the next step and leaves as soon as it ends or is cancelled.
+token with that sequence's own sampler chain (temperature, seed, penalties ...), grammar, stop strings and
+limits (`token_loop.SequenceState`). Not per request yet: logprobs and logits processors (the drop-in Llama
+serves those one request at a time). A request joins at the next step and leaves as soon as it ends or is
+cancelled.
 
-Equal to one request run alone. The judge of an engine is that batching does not change what a request
+Equal to one request run alone. What the engine must keep is that batching does not change what a request
 produces: on the CPU a sequence's greedy tokens equal `generate` of the same prompt token for token. ggml's
 CPU kernels compute each row of a micro-batch on its own, but some choose their algorithm by the shape of the
 micro-batch, and the attention kernels' rounding depends on where a sequence's tokens lie in the KV cache. So:
