@@ -198,7 +198,7 @@ def test_bad_arguments_raise_typed_errors(engine, smollm2):
         with pytest.raises(InvalidParameterError):
             llmplace.Engine(smollm2, **kwargs)
     with llmplace.Engine(smollm2, slots=1, n_ctx=256, max_queue=1, n_threads=THREADS) as small:
-        running = small.submit("Hi", max_tokens=200, temperature=0)
+        running = small.submit(PROMPTS[0], max_tokens=200, temperature=0)  # 16+ tokens, no stop
         next(iter(running))                                 # admitted: the queue is empty again
         small.submit("Hello", max_tokens=1)
         with pytest.raises(BusyError, match="max_queue"):
