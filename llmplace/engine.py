@@ -9,9 +9,9 @@
 A scheduler thread owns the context. At every step it admits waiting requests into free slots, decodes one
 token for each generating sequence, prefills a piece of each waiting prompt, and draws each sequence's next
 token with that sequence's own sampler chain (temperature, seed, penalties ...), grammar, stop strings and
-limits (`token_loop.SequenceState`). Not per request yet: logprobs and logits processors (the drop-in Llama
-serves those one request at a time). A request joins at the next step and leaves as soon as it ends or is
-cancelled.
+limits (`token_loop.SequenceState`), and keeps the logits it drew from when asked (keep_logits, what
+logprobs are computed from). Not per request yet: logits processors (the drop-in Llama serves those). A
+request joins at the next step and leaves as soon as it ends or is cancelled.
 
 Equal to one request run alone. What the engine must keep is that batching does not change what a request
 produces: on the CPU a sequence's greedy tokens equal `generate` of the same prompt token for token. ggml's
@@ -153,6 +153,8 @@ class EngineRequest:
                  params: SamplingParams, sampler: Sampler, grammar: GrammarConstraint | None = None) -> None:
         self.tokens, self.max_tokens, self.stops, self.params = tokens, max_tokens, stops, params
         self._engine, self._sampler, self._grammar = engine, sampler, grammar
+        # keep_logits: the logits each generated token was drawn from (before a grammar), float32[n_vocab] each
+        self.logits_rows: list[np.ndarray] | None = None
         self._cond = threading.Condition()
         self._steps: list[GenerationStep] = []
         self._finished = False
@@ -421,11 +423,13 @@ class Engine:
     # ---- the caller's side ----
     def submit(self, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                sampling: SamplingParams | None = None, add_special: bool = True, grammar=None,
-               **sampling_kwargs) -> EngineRequest:
+               keep_logits: bool = False, **sampling_kwargs) -> EngineRequest:
         """Queue a request (text or token ids, as `generate`); it starts when a slot is free. Sampling options
         as `generate`'s (temperature, top_k, top_p, min_p, seed, penalties, logit_bias ...), per request.
         grammar: GBNF text or a LlamaGrammar (llmplace.compat.llama_grammar): only tokens it allows are drawn,
-        as the drop-in Llama's create_completion(grammar=...) draws them.
+        as the drop-in Llama's create_completion(grammar=...) draws them. keep_logits: keep the logits each
+        generated token was drawn from in `request.logits_rows` (what logprobs are computed from; n_vocab
+        floats a token).
         Raises BusyError when max_queue requests are waiting, ClosedError after close(), and the typed errors
         of bad arguments (here, not later)."""
         unknown = set(sampling_kwargs) - _SAMPLING_NAMES
@@ -434,7 +438,8 @@ class Engine:
                                         "llmplace.generate(..., draft=...) for it; the Engine does not draft")
         if unknown:
             raise unknown_keyword_error("Engine.submit", unknown,
-                                        {"max_tokens", "stop", "sampling", "add_special", "grammar"} | _SAMPLING_NAMES)
+                                        {"max_tokens", "stop", "sampling", "add_special", "grammar", "keep_logits"}
+                                        | _SAMPLING_NAMES)
         if sampling is not None and sampling_kwargs:
             raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as "
                                         "keywords, not both")
@@ -442,6 +447,8 @@ class Engine:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop)
+        if not isinstance(keep_logits, bool):
+            raise InvalidParameterError(f"keep_logits must be True or False, not {keep_logits!r}")
         if not all(isinstance(s, str) for s in stops):
             raise InvalidParameterError(f"stop must be a string or a list of strings, not {stop!r}")
         if self._closing:
@@ -457,6 +464,8 @@ class Engine:
             for token in tokens:
                 sampler.accept(token)
         request = EngineRequest(self, tokens, max_tokens, stops, params, sampler, constraint)
+        if keep_logits:
+            request.logits_rows = []
         with self._wake:
             if self._closing:
                 request._release()
@@ -646,7 +655,9 @@ class Engine:
         context = self._context
         for index in outputs:
             request = seq_index[entries[index][0]]
-            grammar = request._grammar
+            grammar, rows = request._grammar, request.logits_rows
+            if rows is not None:
+                rows.append(context.logits(index))
             if grammar is not None:  # as token_loop.DrawnTokens draws with a grammar: masked logits, then the chain
                 logits = context.logits(index)
                 grammar.apply(logits)

@@ -82,10 +82,14 @@ def test_a_grammar_per_request_gives_the_drop_in_llamas_reply(smollm2, smollm2_p
     finally:
         llama.close()
     with llmplace.Engine(smollm2, slots=2, n_ctx=256, flash_attn=False, n_threads=THREADS) as engine:
-        constrained = engine.submit(prompt, grammar=grammar, max_tokens=16, temperature=0)
+        constrained = engine.submit(prompt, grammar=grammar, max_tokens=16, temperature=0, keep_logits=True)
         free = engine.submit(prompt, max_tokens=16, temperature=0)   # its neighbour is not constrained
-        assert constrained.result(timeout=60).text == reference
+        result = constrained.result(timeout=60)
+        assert result.text == reference
         assert free.result(timeout=60).text == unconstrained != reference
+        rows = constrained.logits_rows  # what each token was drawn from: before the grammar masked it
+        assert len(rows) == len(result.tokens) and free.logits_rows is None
+        assert [int(row.argmax()) for row in rows[:1]] == free.result().tokens[:1]
         with pytest.raises(InvalidParameterError, match="grammar"):
             engine.submit(prompt, grammar="root ::= undefined_rule")
 
