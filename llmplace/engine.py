@@ -10,8 +10,8 @@ A scheduler thread owns the context. At every step it admits waiting requests in
 token for each generating sequence, prefills a piece of each waiting prompt, and draws each sequence's next
 token with that sequence's own sampler chain (temperature, seed, penalties ...), grammar, stop strings and
 limits (`token_loop.SequenceState`), and keeps the logits it drew from when asked (keep_logits, what
-logprobs are computed from). Not per request yet: logits processors (the drop-in Llama serves those). A
-request joins at the next step and leaves as soon as it ends or is cancelled.
+logprobs are computed from) and its logits processor. Not per request yet: stopping criteria and echo (the
+drop-in Llama serves those). A request joins at the next step and leaves as soon as it ends or is cancelled.
 
 Equal to one request run alone. What the engine must keep is that batching does not change what a request
 produces: on the CPU a sequence's greedy tokens equal `generate` of the same prompt token for token. ggml's
@@ -65,7 +65,7 @@ from .generation import Generation, GenerationStep, _new_step, _prompt_tokens
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .text_assembly import TextAssembler
-from .token_loop import SequenceState
+from .token_loop import SequenceState, processed_logits
 
 # The micro-batch size of a Context made by `generate` (Context's default n_ubatch): a lone run prefills its
 # prompt in micro-batches [0, 512), [512, 1024) ...; the engine cuts prompts at the same boundaries.
@@ -155,6 +155,7 @@ class EngineRequest:
         self._engine, self._sampler, self._grammar = engine, sampler, grammar
         # keep_logits: the logits each generated token was drawn from (before a grammar), float32[n_vocab] each
         self.logits_rows: list[np.ndarray] | None = None
+        self._processor = None  # logits_processor(input_ids, scores) -> scores, run on the scheduler thread
         self._cond = threading.Condition()
         self._steps: list[GenerationStep] = []
         self._finished = False
@@ -423,13 +424,15 @@ class Engine:
     # ---- the caller's side ----
     def submit(self, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                sampling: SamplingParams | None = None, add_special: bool = True, grammar=None,
-               keep_logits: bool = False, **sampling_kwargs) -> EngineRequest:
+               keep_logits: bool = False, logits_processor=None, **sampling_kwargs) -> EngineRequest:
         """Queue a request (text or token ids, as `generate`); it starts when a slot is free. Sampling options
         as `generate`'s (temperature, top_k, top_p, min_p, seed, penalties, logit_bias ...), per request.
         grammar: GBNF text or a LlamaGrammar (llmplace.compat.llama_grammar): only tokens it allows are drawn,
         as the drop-in Llama's create_completion(grammar=...) draws them. keep_logits: keep the logits each
         generated token was drawn from in `request.logits_rows` (what logprobs are computed from; n_vocab
-        floats a token).
+        floats a token). logits_processor: a callable (input_ids, scores) -> scores, as the drop-in's, applied
+        before the grammar; it runs on the engine's thread, between the steps of every request, so it should
+        be quick; an exception from it ends its own request (raised from result() and iteration).
         Raises BusyError when max_queue requests are waiting, ClosedError after close(), and the typed errors
         of bad arguments (here, not later)."""
         unknown = set(sampling_kwargs) - _SAMPLING_NAMES
@@ -438,8 +441,8 @@ class Engine:
                                         "llmplace.generate(..., draft=...) for it; the Engine does not draft")
         if unknown:
             raise unknown_keyword_error("Engine.submit", unknown,
-                                        {"max_tokens", "stop", "sampling", "add_special", "grammar", "keep_logits"}
-                                        | _SAMPLING_NAMES)
+                                        {"max_tokens", "stop", "sampling", "add_special", "grammar", "keep_logits",
+                                         "logits_processor"} | _SAMPLING_NAMES)
         if sampling is not None and sampling_kwargs:
             raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as "
                                         "keywords, not both")
@@ -447,6 +450,9 @@ class Engine:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
         stops = [stop] if isinstance(stop, str) else list(stop)
+        if logits_processor is not None and not callable(logits_processor):
+            raise InvalidParameterError(f"logits_processor must be a callable (input_ids, scores) -> scores, not "
+                                        f"{type(logits_processor).__name__}")
         if not isinstance(keep_logits, bool):
             raise InvalidParameterError(f"keep_logits must be True or False, not {keep_logits!r}")
         if not all(isinstance(s, str) for s in stops):
@@ -466,6 +472,7 @@ class Engine:
         request = EngineRequest(self, tokens, max_tokens, stops, params, sampler, constraint)
         if keep_logits:
             request.logits_rows = []
+        request._processor = logits_processor
         with self._wake:
             if self._closing:
                 request._release()
@@ -655,12 +662,21 @@ class Engine:
         context = self._context
         for index in outputs:
             request = seq_index[entries[index][0]]
-            grammar, rows = request._grammar, request.logits_rows
+            grammar, rows, processor = request._grammar, request.logits_rows, request._processor
             if rows is not None:
                 rows.append(context.logits(index))
-            if grammar is not None:  # as token_loop.DrawnTokens draws with a grammar: masked logits, then the chain
+            if grammar is not None or processor is not None:
+                # as token_loop.DrawnTokens draws with hooks: processors, then the grammar's mask, then the chain
                 logits = context.logits(index)
-                grammar.apply(logits)
+                if processor is not None:
+                    try:
+                        logits = processed_logits(processor, np.asarray(request.slot.cached, dtype=np.intc), logits)
+                    except Exception as exc:  # the caller's code: it ends its own request, not the engine
+                        self._end(request)
+                        request._fail(exc)
+                        continue
+                if grammar is not None:
+                    grammar.apply(logits)
                 context.set_logits(logits, index)
             token = request._sampler.sample(context, index)
             if grammar is not None and not self._is_eog(token):

@@ -69,7 +69,7 @@ def test_greedy_output_equals_generate_alone_with_more_requests_than_slots(engin
     assert [s.generated_tokens for s in steps] == list(range(1, 17)) and steps[-1].finish_reason == "length"
 
 
-def test_a_grammar_per_request_gives_the_drop_in_llamas_reply(smollm2, smollm2_path):
+def test_a_grammar_and_a_logits_processor_per_request_give_the_drop_in_llamas_reply(smollm2, smollm2_path):
     from llmplace.compat.llama_grammar import LlamaGrammar
 
     grammar = 'root ::= item (", " item)*\nitem ::= [a-z]+'
@@ -79,6 +79,14 @@ def test_a_grammar_per_request_gives_the_drop_in_llamas_reply(smollm2, smollm2_p
         reference = llama.create_completion(prompt, grammar=LlamaGrammar.from_string(grammar), max_tokens=16,
                                             temperature=0)["choices"][0]["text"]
         unconstrained = llama.create_completion(prompt, max_tokens=16, temperature=0)["choices"][0]["text"]
+        banned = smollm2.tokenize(unconstrained, add_special=False)[0]
+
+        def ban(input_ids, scores):
+            scores[banned] = -float("inf")
+            return scores
+
+        processed = llama.create_completion(prompt, logits_processor=ban, max_tokens=16,
+                                            temperature=0)["choices"][0]["text"]
     finally:
         llama.close()
     with llmplace.Engine(smollm2, slots=2, n_ctx=256, flash_attn=False, n_threads=THREADS) as engine:
@@ -90,6 +98,15 @@ def test_a_grammar_per_request_gives_the_drop_in_llamas_reply(smollm2, smollm2_p
         rows = constrained.logits_rows  # what each token was drawn from: before the grammar masked it
         assert len(rows) == len(result.tokens) and free.logits_rows is None
         assert [int(row.argmax()) for row in rows[:1]] == free.result().tokens[:1]
+
+        def broken(input_ids, scores):
+            raise KeyError("a processor bug")
+
+        with_ban = engine.submit(prompt, logits_processor=ban, max_tokens=16, temperature=0)
+        failing = engine.submit(prompt, logits_processor=broken, max_tokens=16, temperature=0)
+        assert with_ban.result(timeout=60).text == processed != unconstrained
+        with pytest.raises(KeyError, match="processor bug"):
+            failing.result(timeout=60)
         with pytest.raises(InvalidParameterError, match="grammar"):
             engine.submit(prompt, grammar="root ::= undefined_rule")
 
