@@ -279,3 +279,160 @@ def test_bad_requests_are_invalid_parameters():
     with pytest.raises(TemplateError):
         ChatTemplates(template="{% for %}")
     assert resolve_tool_choice(TOOLS, None) == (TOOLS, "auto")
+
+
+# ---- Llama.create_chat_completion (the drop-in) ----
+COMMON = {"verbose": False, "n_threads": 1, "n_threads_batch": 1, "n_ctx": 1024}
+# Two earlier turns in which the assistant called the tool: a 135M model then writes the call itself (and the
+# history renders assistant tool_calls and tool results through the template).
+FEW_SHOT = [
+    {"role": "user", "content": "What is the weather in London?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "London"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "Rain, 12 C"},
+    {"role": "assistant", "content": "It rains in London (12 C)."},
+    {"role": "user", "content": "What is the weather in Berlin?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_2", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Berlin"}'}}]},
+    {"role": "tool", "tool_call_id": "call_2", "content": "Sun, 20 C"},
+    {"role": "assistant", "content": "It is sunny in Berlin (20 C)."},
+] + ASK
+
+
+def check_weather_call(call: dict) -> None:
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    arguments = json.loads(call["function"]["arguments"])
+    assert set(arguments) == {"city"} and isinstance(arguments["city"], str)
+
+
+def joined_stream(chunks: list[dict]) -> dict:
+    """The streamed deltas joined: {"content", "reasoning_content", "calls": [{id, name, arguments}]}."""
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    out: dict = {"content": "", "reasoning_content": "", "calls": []}
+    for chunk in chunks[1:]:
+        delta = chunk["choices"][0]["delta"]
+        out["content"] += delta.get("content", "")
+        out["reasoning_content"] += delta.get("reasoning_content", "")
+        for call in delta.get("tool_calls", []):
+            if call["index"] == len(out["calls"]):
+                out["calls"].append({"id": call["id"], "name": call["function"]["name"], "arguments": ""})
+            out["calls"][call["index"]]["arguments"] += call["function"]["arguments"]
+    out["finish_reason"] = chunks[-1]["choices"][0]["finish_reason"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    with llmplace.Llama(str(smollm2_path), **COMMON) as llm:
+        yield llm
+
+
+@pytest.fixture
+def with_template(llm):
+    """Give the Llama another template in llama.cpp's chat layer (as a GGUF whose template describes tools)."""
+    from llmplace.compat._chat_tools import template_traits
+
+    own = template_traits(llm)
+
+    def use(source: str, **tokens):
+        templates = ChatTemplates(template=source, **tokens)
+        probe = templates.render(ASK, reasoning_format="auto")
+        traits = type(own)(templates, probe.caps["supports_tool_calls"], probe.supports_thinking)
+        llm.__dict__["_llmplace_template_traits"] = traits
+    yield use
+    llm.__dict__["_llmplace_template_traits"] = own
+
+
+def test_required_on_a_template_without_tools_still_forces_a_call(llm):
+    """SmolLM2's own template cannot describe tools: "required" describes them in a system message and
+    constrains the reply to {"name", "arguments"} matching a tool's schema."""
+    reply = llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=60)
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    check_weather_call(call)
+    streamed = joined_stream(list(llm.create_chat_completion(ASK, tools=TOOLS, tool_choice="required",
+                                                              temperature=0, max_tokens=60, stream=True)))
+    assert streamed["finish_reason"] == "tool_calls"
+    [call] = streamed["calls"]
+    assert (call["name"], call["arguments"]) == ("get_weather", choice["message"]["tool_calls"][0]["function"][
+        "arguments"])
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_template_with_tools_gets_the_call_parsed_whole_and_streamed(llm, with_template, tool_choice):
+    with_template(HERMES, eos_token="<|im_end|>")
+    reply = llm.create_chat_completion(FEW_SHOT, tools=TOOLS, tool_choice=tool_choice, temperature=0,
+                                       max_tokens=60)
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    [call] = choice["message"]["tool_calls"]
+    check_weather_call(call)
+    assert "function_call" not in choice["message"]
+    streamed = joined_stream(list(llm.create_chat_completion(FEW_SHOT, tools=TOOLS, tool_choice=tool_choice,
+                                                              temperature=0, max_tokens=60, stream=True)))
+    assert streamed["finish_reason"] == "tool_calls" and streamed["content"].strip() == ""
+    [streamed_call] = streamed["calls"]
+    assert streamed_call["name"] == "get_weather"
+    assert json.loads(streamed_call["arguments"]) == json.loads(call["function"]["arguments"])
+
+
+def test_tool_choice_none_and_legacy_functions(llm, with_template):
+    with_template(HERMES, eos_token="<|im_end|>")
+    reply = llm.create_chat_completion(FEW_SHOT, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=12)
+    assert "tool_calls" not in reply["choices"][0]["message"]
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    reply = llm.create_chat_completion(FEW_SHOT, functions=[WEATHER["function"]],
+                                       function_call={"name": "get_weather"}, temperature=0, max_tokens=60)
+    message = reply["choices"][0]["message"]
+    assert message["function_call"] == message["tool_calls"][0]["function"]
+
+
+class ForceText:
+    """A logits processor that makes the model write `text` (then end): a reply chosen by the test."""
+
+    def __init__(self, llm, text: str) -> None:
+        self.tokens = llm.tokenize(text.encode(), add_bos=False, special=True) + [llm.token_eos()]
+        self.start: int | None = None
+
+    def __call__(self, input_ids, scores):
+        import numpy as np
+
+        if self.start is None:
+            self.start = len(input_ids)
+        i = min(len(input_ids) - self.start, len(self.tokens) - 1)
+        forced = np.full_like(scores, -np.inf)
+        forced[self.tokens[i]] = 0.0
+        return forced
+
+
+THOUGHT = "<think>\nThe user wants Paris.\n</think>\n\nIt is sunny in Paris."
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_is_split_out_of_content_or_kept_inline(llm, with_template, stream):
+    with_template(QWEN3, eos_token="<|im_end|>")
+
+    def ask(**options):
+        from llmplace.compat import LogitsProcessorList
+
+        reply = llm.create_chat_completion(ASK, temperature=0, max_tokens=40, stream=stream,
+                                           logits_processor=LogitsProcessorList([ForceText(llm, THOUGHT)]), **options)
+        if stream:
+            joined = joined_stream(list(reply))
+            return joined["content"], joined["reasoning_content"] or None
+        message = reply["choices"][0]["message"]
+        return message["content"], message.get("reasoning_content")
+
+    content, reasoning = ask()
+    assert reasoning.strip() == "The user wants Paris." and content.strip() == "It is sunny in Paris."
+    content, reasoning = ask(reasoning_format="none")
+    assert reasoning is None and content.startswith("<think>")
+
+
+def test_drop_in_bad_options(llm):
+    with pytest.raises(ValueError, match="reasoning_format"):
+        llm.create_chat_completion(ASK, reasoning_format="sideways", max_tokens=2)
+    with pytest.raises(ValueError, match="reasoning_format"):
+        llmplace.Llama("nowhere.gguf", reasoning_format="sideways")

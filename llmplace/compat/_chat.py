@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..chat import format_chat
 from ..chat_template import check_message_list
 from ..errors import InvalidParameterError
+from ._chat_tools import tools_request
 from .errors import UnsupportedFeatureError
 from .llama_grammar import JSON_GBNF, LlamaGrammar
 
@@ -62,6 +63,17 @@ def _plain_messages(messages) -> list[dict]:
     return out
 
 
+def prompt_tokens(model, text: str) -> list[int]:
+    """A rendered chat prompt as tokens: special tokens parsed, BOS added when the model wants one and the
+    template did not write it (templates written for Hugging Face write BOS themselves; llama.cpp never does)."""
+    vocab = model.vocab
+    tokens = vocab.tokenize(text, add_special=False, parse_special=True)
+    bos = vocab.bos
+    if vocab.add_bos and bos is not None and not text.startswith(vocab.token_text(bos)):
+        tokens.insert(0, bos)
+    return tokens
+
+
 def render(llama: Llama, messages) -> list[int]:
     """The prompt tokens for `messages` with the Llama's chat format (the model's own template by default)."""
     model = llama._model
@@ -73,25 +85,32 @@ def render(llama: Llama, messages) -> list[int]:
     template = None if fmt in (None, "chat_template.default") else CHAT_FORMAT_NAMES.get(fmt, fmt)
     plain: list[dict[str, Any]] = [{"role": m.get("role"), "content": m["content"]} for m in _plain_messages(messages)]
     text = format_chat(model, plain, add_generation_prompt=True, template=template)  # roles are checked there
-    vocab = model.vocab
-    tokens = vocab.tokenize(text, add_special=False, parse_special=True)
-    # Templates written for Hugging Face write BOS into the text themselves; llama.cpp's engine never does.
-    bos = vocab.bos
-    if vocab.add_bos and bos is not None and not text.startswith(vocab.token_text(bos)):
-        tokens.insert(0, bos)
-    return tokens
+    return prompt_tokens(model, text)
 
 
 def create(llama: Llama, *, messages, functions, function_call, tools, tool_choice, temperature, top_p, top_k,
            min_p, typical_p, stream, stop, seed, response_format, max_tokens, presence_penalty, frequency_penalty,
            repeat_penalty, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, model, logits_processor, grammar,
-           logit_bias, logprobs, top_logprobs):
+           logit_bias, logprobs, top_logprobs, reasoning_format=None, chat_template_kwargs=None,
+           parallel_tool_calls=None):
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+                    logprobs=top_logprobs if logprobs else None, stream=stream, seed=seed, max_tokens=max_tokens,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                    repeat_penalty=repeat_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                    mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
+                    logits_processor=logits_processor, logit_bias=logit_bias)
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    native = tools_request(llama, messages, functions=functions, function_call=function_call, tools=tools,
+                           tool_choice=tool_choice, grammar=grammar, response_format=response_format,
+                           reasoning_format=reasoning_format, chat_template_kwargs=chat_template_kwargs,
+                           parallel_tool_calls=parallel_tool_calls)
+    if native is not None:
+        return native.complete(llama, stops, stream, sampling)
     grammar = json_grammar(response_format, grammar)
     tool = forced_tool(functions, function_call, tools, tool_choice)
     if tool is not None:
         grammar = tool_grammar(tool)
     tokens = render(llama, messages)
-    stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
     eos = llama._model.vocab.eos
     if eos is not None:
         stops.append(llama._model.vocab.token_text(eos))  # as llama-cpp-python's Jinja2 chat formatter

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._ffi import C
+from ..chat_tools import ToolCallGrammar
 from ..context_lock import GenerationHold
 from ..errors import ContextOverflowError, InvalidParameterError
 from ..generation import request
@@ -276,7 +277,10 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
               or params.uses_penalties)
     if hooked:
         # Built now, so that a grammar llama.cpp rejects raises at the call, streaming or not.
-        constraint = GrammarConstraint(llama._model, grammar) if grammar is not None else None
+        # A ready constraint (chat_tools.ToolCallGrammar: the lazy tool-call grammar of a chat request) is used
+        # as it is.
+        constraint = (grammar if isinstance(grammar, ToolCallGrammar) else
+                      GrammarConstraint(llama._model, grammar) if grammar is not None else None)
         run = _HookedRun(llama, tokens, max_tokens, stops, params, logits_processor or None, stopping_criteria or None,
                          keep_rows=logprobs is not None, prompt_rows=logprobs is not None and echo and not stream,
                          grammar=constraint)

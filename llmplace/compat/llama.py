@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .._ffi import C
+from ..chat_tools import REASONING_FORMATS
 from ..context import KV_TYPES, Context
 from ..context_lock import GenerationHold
 from ..errors import InvalidParameterError, ModelLoadError, unknown_keyword_error
@@ -142,6 +143,7 @@ class Llama:
         rpc_servers: Sequence[str] | None = None,
         fit: bool = False,
         budget: Any = None,
+        reasoning_format: str = "auto",
         **kwargs: Any,
     ) -> None:
         """Load `model_path` and create its context. Keywords as llama_cpp.Llama, plus llmplace's placement:
@@ -151,6 +153,9 @@ class Llama:
         the first N layers in RAM; rpc_servers: "host:port" strings (or one comma-separated string);
         fit=True: choose n_gpu_layers / tensor_split / overrides (and n_ctx when it is 0) that fit each device's
         `budget` ({"CUDA0": "12GiB", "host": "32GiB"}; default: free memory), keeping the placement rules.
+        reasoning_format: llama-server's --reasoning-format for models that think (<think>...</think> and the
+        other formats llama.cpp knows): "auto" (default) puts the thinking in the message's reasoning_content,
+        "none" leaves it inline in content, "deepseek-legacy" splits it in whole replies but streams it inline.
         """
         # None only until the model has loaded (close() and __del__ see that when loading fails); typed as what
         # every other method finds there
@@ -182,6 +187,10 @@ class Llama:
             warnings.warn(f"llmplace.Llama ignores {', '.join(sorted(ignored))}: not supported by llmplace yet "
                           "(unknown keywords are accepted, as llama-cpp-python does)", CompatibilityWarning,
                           stacklevel=2)
+        if reasoning_format not in REASONING_FORMATS:
+            raise InvalidParameterError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, not "
+                                        f"{reasoning_format!r}")
+        self.reasoning_format = reasoning_format
         if not os.path.exists(model_path):
             raise ValueError(f"Model path does not exist: {model_path}")
 
@@ -469,9 +478,22 @@ class Llama:
                                mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
                                logits_processor=None, grammar=None, logit_bias: dict[int, float] | None = None,
                                logprobs: bool | None = None, top_logprobs: int | None = None,
+                               *, reasoning_format: str | None = None,
+                               chat_template_kwargs: dict[str, Any] | None = None,
+                               parallel_tool_calls: bool | None = None,
                                ) -> CreateChatCompletionResponse | Iterator[CreateChatCompletionStreamResponse]:
         """Reply to `messages` rendered with the model's chat template: a `chat.completion` dict, or with
-        stream=True an iterator of `chat.completion.chunk` dicts."""
+        stream=True an iterator of `chat.completion.chunk` dicts.
+
+        With `tools`, when the model's own template describes tools, llama.cpp's chat layer renders them and
+        parses the reply into message.tool_calls (finish_reason "tool_calls"): tool_choice "auto" lets the model
+        choose (the call's grammar starts at the family's trigger), "required" or a named function constrain
+        the reply to end in a call (text may come first, as llama-server allows), "none" forbids one. A template
+        that cannot describe tools keeps llama-cpp-python's behaviour, except that "required" then describes
+        the tools in a system message and constrains the reply to {"name": ..., "arguments": ...}. Models that think get message.reasoning_content (and reasoning_content stream
+        deltas); reasoning_format overrides the Llama's for this call ("none": inline), and
+        chat_template_kwargs={"enable_thinking": False} asks templates that support it for no thinking, as
+        llama-server takes them."""
         options = dict(messages=messages, functions=functions, function_call=function_call, tools=tools,
                        tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                        typical_p=typical_p, stream=stream, stop=stop, seed=seed, response_format=response_format,
@@ -484,7 +506,8 @@ class Llama:
         if handler is not None:
             # A llama-cpp-python style chat handler: it renders the prompt and calls back create_completion.
             return handler(llama=self, **options)
-        return _chat.create(self, **options)
+        return _chat.create(self, **options, reasoning_format=reasoning_format,
+                            chat_template_kwargs=chat_template_kwargs, parallel_tool_calls=parallel_tool_calls)
 
     def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):
         """create_chat_completion, returning the openai package's ChatCompletion / ChatCompletionChunk objects."""
