@@ -436,3 +436,86 @@ def test_drop_in_bad_options(llm):
         llm.create_chat_completion(ASK, reasoning_format="sideways", max_tokens=2)
     with pytest.raises(ValueError, match="reasoning_format"):
         llmplace.Llama("nowhere.gguf", reasoning_format="sideways")
+
+
+# ---- llmplace serve, with the openai client ----
+@pytest.fixture(scope="module")
+def hermes_gguf(smollm2_path, tmp_path_factory):
+    """SmolLM2 with a template that describes tools (gguf's own metadata copier): a model that chooses tools."""
+    import sys
+
+    from gguf.scripts import gguf_new_metadata
+
+    path = tmp_path_factory.mktemp("tools") / "smollm2-hermes.gguf"
+    argv = sys.argv
+    sys.argv = ["gguf_new_metadata", str(smollm2_path), str(path), "--chat-template", HERMES, "--force"]
+    try:
+        gguf_new_metadata.main()
+    finally:
+        sys.argv = argv
+    return path
+
+
+@pytest.fixture(scope="module")
+def tools_client(hermes_gguf):
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    from processes import free_port, stop
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "serve", str(hermes_gguf), "--port", str(port),
+                                "--api-key", "k", "--threads", "1", "--n-ctx", "1024"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')}") from None
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.2)
+    yield openai, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
+    stop(process)
+
+
+def test_a_gguf_whose_template_describes_tools_gets_calls_from_the_drop_in(hermes_gguf):
+    with llmplace.Llama(str(hermes_gguf), **COMMON) as llm:
+        reply = llm.create_chat_completion(FEW_SHOT, tools=TOOLS, temperature=0, max_tokens=60)
+    assert reply["choices"][0]["finish_reason"] == "tool_calls"
+    check_weather_call(reply["choices"][0]["message"]["tool_calls"][0])
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required"])
+def test_the_server_answers_tool_calls_to_the_openai_client(tools_client, tool_choice):
+    _, client = tools_client
+    reply = client.chat.completions.create(model="m", messages=FEW_SHOT, tools=TOOLS, tool_choice=tool_choice,
+                                           temperature=0, max_tokens=60)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    check_weather_call(call.model_dump())
+    stream = client.chat.completions.create(model="m", messages=FEW_SHOT, tools=TOOLS, tool_choice=tool_choice,
+                                            temperature=0, max_tokens=60, stream=True)
+    joined = joined_stream([chunk.model_dump(exclude_none=True) for chunk in stream])
+    assert joined["finish_reason"] == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in joined["calls"]] == [
+        (call.function.name, json.loads(call.function.arguments))]
+
+
+def test_the_server_answers_400_to_a_tool_schema_the_grammar_builder_refuses(tools_client):
+    openai, client = tools_client
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    with pytest.raises(openai.BadRequestError, match="unrecognized type nonsense"):
+        client.chat.completions.create(model="m", messages=ASK, tools=[bad], tool_choice="required", max_tokens=8)
+    with pytest.raises(openai.BadRequestError, match="reasoning_format"):
+        client.chat.completions.create(model="m", messages=ASK, max_tokens=8,
+                                       extra_body={"reasoning_format": "sideways"})

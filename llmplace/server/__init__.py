@@ -113,6 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve /v1/embeddings (the model runs in embedding mode)")
     parser.add_argument("--chat-format", "--chat_format", dest="chat_format", default=None,
                         help="chat template name (default: the model's own)")
+    parser.add_argument("--reasoning-format", "--reasoning_format", dest="reasoning_format", default="auto",
+                        choices=("none", "auto", "deepseek", "deepseek-legacy"),
+                        help="for models that think: 'auto' puts the thinking in reasoning_content, 'none' leaves "
+                             "it in content (llama-server's option; a request's reasoning_format overrides it)")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the most tokens one request may generate (default: the context size)")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
@@ -179,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
               main_gpu=args.main_gpu, n_threads=args.threads, n_threads_batch=args.n_threads_batch,
               use_mmap=args.use_mmap, use_mlock=args.use_mlock, override_tensor=args.override_tensor,
               n_cpu_moe=args.n_cpu_moe, embedding=args.embedding, chat_format=args.chat_format,
+              reasoning_format=args.reasoning_format,
               server_options=dict(max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                                   read_timeout=args.read_timeout, write_timeout=args.write_timeout,
                                   slots=args.slots, max_queue=args.max_queue),

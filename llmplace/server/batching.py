@@ -33,7 +33,7 @@ from .metrics import Metrics
 # Fields only the serial Llama path serves (the engine has no per-token logits hooks, no grammar, no echo).
 SERIAL_COMPLETION_FIELDS = ("suffix", "echo", "logprobs")
 SERIAL_CHAT_FIELDS = ("response_format", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
-                      "function_call")
+                      "function_call", "parallel_tool_calls", "reasoning_format", "chat_template_kwargs")
 _SAMPLING_ARGUMENTS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
                        "frequency_penalty", "presence_penalty", "seed", "logit_bias")
 
@@ -46,6 +46,16 @@ def _defaults(method) -> dict:
 
 COMPLETION_DEFAULTS = _defaults(Llama.create_completion)
 CHAT_DEFAULTS = _defaults(Llama.create_chat_completion)
+
+
+def _thinks(llama: Llama) -> bool:
+    """Does the model's own template think (<think>...</think> ...)? Then llama.cpp's chat layer answers."""
+    from ..compat._chat_tools import template_traits
+
+    if llama.chat_format not in (None, "chat_template.default"):
+        return False
+    traits = template_traits(llama)
+    return traits is not None and traits.supports_thinking
 
 
 def engine_occupancy(engine: Engine) -> tuple[int, int]:
@@ -83,6 +93,8 @@ class BatchedGeneration:
         if route == "chat" and (self.llama.chat_handler is not None
                                 or registered_handler(self.llama.chat_format) is not None):
             return "a chat handler renders this model's prompts: served by the Llama"
+        if route == "chat" and self.llama.reasoning_format != "none" and _thinks(self.llama):
+            return "the model thinks: its reasoning_content is split out by the Llama"
         return None
 
     # ---- submission ----
