@@ -41,6 +41,17 @@ micro-batch, and the attention kernels' rounding depends on where a sequence's t
 On a GPU the kernels differ between batch shapes anyway (see README, speculative decoding), so batched greedy
 output may differ from a lone run at near-ties there, as it does for speculative decoding.
 
+Sessions: more conversations than slots. `submit(..., session=id)` makes a request a turn of a conversation.
+When it ends, the slot's cache (its prompt and reply) stays the session's while no other request needs that
+slot; when one does, the least recently used session's KV state is saved to host memory
+(llama_state_seq_get_data, `save_sequence`) and the slot given away. The session's next request restores the
+state into a free slot (llama_state_seq_set_data, `restore_sequence`) when it holds more of the new prompt
+than any slot does, and computes only the rest, with the same reuse rules (and so the same output) as a
+cached prefix. The saved states together take at most max_session_bytes; beyond that the least recently used
+are dropped, and state llama.cpp refuses to restore is dropped with a RuntimeWarning: such a turn is computed
+from its prompt, which gives the same output. A restore puts the cells at 0, 1, 2 ... of the slot's own
+cache, where a lone run has them. `sessions()` lists them, `drop_session(id)` forgets one.
+
 Speculative decoding stays a single-sequence feature (`generate(..., draft=...)`): the engine refuses draft=
 and lookup=, since verifying drafts of several sequences in one batch is not built.
 """
@@ -53,16 +64,19 @@ import dataclasses
 import inspect
 import threading
 import time
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from .compat.llama_grammar import GrammarConstraint
-from .context import Context, common_prefix_length
+from ._ffi import C, ffi
+from .context import Context, common_prefix_length, exclusive
 from .errors import (BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError,
                      unknown_keyword_error)
 from .generation import Generation, GenerationStep, _new_step, _prompt_tokens
 from .model import Model
+from .native_errors import native_call
 from .sampling import Sampler, SamplingParams
 from .text_assembly import TextAssembler
 from .token_loop import SequenceState, processed_logits
@@ -83,6 +97,8 @@ ROW_CLASSES = (FA_TILE_ROWS, 8, 2, 1)
 KV_PAD = 256
 SPLIT_KV_CELLS = 512
 DEFAULT_MAX_QUEUE = 1024
+# Host memory the KV states of idle sessions may take together before the least recently used are dropped.
+DEFAULT_MAX_SESSION_BYTES = 1 << 30
 # The kernels a row of a KV cache was computed with: its piece's row class, or SPLIT for one row over 512
 # cells or more. A cached row is reused for a new prompt only if a lone run computes it the same way.
 SPLIT = 0
@@ -162,6 +178,7 @@ class EngineRequest:
         self._error: BaseException | None = None
         self._cancelled = False
         self._waiters: list = []   # (event loop, future) of async iterations waiting for a step
+        self.session: str | None = None  # the id of the session it continues (submit(session=...))
         # Set by the scheduler thread only:
         self.slot: _Slot = _NO_SLOT  # the slot it runs in, once admitted
         self.state: SequenceState | None = None
@@ -302,10 +319,26 @@ def _wake(waiters) -> None:
             pass
 
 
-class _Slot:
-    """One sequence of the context: which request runs in it and which tokens its cache holds."""
+def reusable_prefix(cached: Sequence[int], kinds: bytes | bytearray, tokens: list[int], exact: bool = True) -> int:
+    """How many leading tokens of a prompt a cache holding `cached` (computed as `kinds` say) holds computed as a
+    lone run computes them, cut by exact_reuse (exact=False: every token of the common prefix but the prompt's
+    last)."""
+    n_prompt = len(tokens)
+    n = common_prefix_length(cached, tokens, 0, min(n_prompt - 1, len(cached)))
+    if not exact:
+        return n
+    for row in range(n):
+        if kinds[row] != lone_kind(row, n_prompt):
+            n = row
+            break
+    return exact_reuse(n, n_prompt)
 
-    __slots__ = ("cached", "kinds", "last_used", "request", "seq_id")
+
+class _Slot:
+    """One sequence of the context: which request runs in it, which tokens its cache holds, and which session
+    (if any) that cache belongs to."""
+
+    __slots__ = ("cached", "kinds", "last_used", "request", "seq_id", "session")
 
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
@@ -313,20 +346,75 @@ class _Slot:
         self.cached: list[int] = []   # the tokens the KV cache holds for this sequence, position by position
         self.kinds = bytearray()      # how each of them was computed (piece_kind)
         self.last_used = 0.0
+        # the session whose conversation this cache holds: saved to host memory before the slot is reused
+        self.session: _Session | None = None
 
     def reusable(self, tokens: list[int], exact: bool = True) -> int:
-        """How many leading tokens of a prompt this cache holds computed as a lone run computes them, cut by
-        exact_reuse (exact=False: every token of the common prefix but the prompt's last)."""
-        n_prompt = len(tokens)
-        n = common_prefix_length(self.cached, tokens, 0, min(n_prompt - 1, len(self.cached)))
-        if not exact:
-            return n
-        kinds = self.kinds
-        for row in range(n):
-            if kinds[row] != lone_kind(row, n_prompt):
-                n = row
-                break
-        return exact_reuse(n, n_prompt)
+        """reusable_prefix of this slot's cache."""
+        return reusable_prefix(self.cached, self.kinds, tokens, exact)
+
+
+class _Session:
+    """A conversation kept across requests (`submit(..., session=id)`): its KV state lies in a slot (`slot`;
+    the slot's cached / kinds say what it holds) or, once another request needed that slot, in host memory
+    (`state`, bytes of llama_state_seq_get_data, holding `cached` computed as `kinds` say)."""
+
+    __slots__ = ("cached", "kinds", "last_used", "name", "slot", "state")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.slot: _Slot | None = None
+        self.state: bytes | bytearray | None = None
+        self.cached: list[int] = []
+        self.kinds = b""
+        self.last_used = time.perf_counter()
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionInfo:
+    """One session of `Engine.sessions()`. tokens: the token ids whose KV state it keeps (its prompts and
+    replies so far, less the last reply's last token, which no decode has computed yet). where: "slot N" (in
+    slot N's cache, or running there) or "host" (saved to host memory). bytes: the host memory its saved
+    state takes (0 in a slot)."""
+
+    id: str
+    tokens: tuple[int, ...]
+    where: str
+    bytes: int
+
+
+@exclusive
+def save_sequence(context: Context, seq_id: int) -> bytearray:
+    """The KV state of one sequence of `context` as bytes (llama_state_seq_get_data), for restore_sequence."""
+    ptr = context._ptr
+    size = C.llama_state_seq_get_size(ptr, seq_id)
+    data = bytearray(size)
+    written = native_call(C.llama_state_seq_get_data, ptr, ffi.from_buffer("uint8_t[]", data), size, seq_id,
+                          error=lambda reason: LlmplaceError(f"llama.cpp could not save sequence {seq_id}'s state: "
+                                                             f"{reason}"),
+                          failed=lambda n: n == 0 or n > size)
+    del data[written:]
+    return data
+
+
+@exclusive
+def restore_sequence(context: Context, seq_id: int, data: bytes | bytearray, tokens: Sequence[int]) -> None:
+    """Make sequence `seq_id` hold the state `data` (from save_sequence, of a context of the same model and
+    slot size), which holds `tokens`. Raises InvalidParameterError, with llama.cpp's reason, when llama.cpp
+    refuses the bytes; the sequence is then empty."""
+    size = len(data)
+    try:
+        native_call(C.llama_state_seq_set_data, context._ptr, ffi.from_buffer("uint8_t[]", data), size, seq_id,
+                    error=lambda reason: InvalidParameterError(f"llama.cpp refused the saved state ({size} bytes): "
+                                                               f"{reason}"),
+                    failed=lambda n: n != size)
+    except InvalidParameterError:
+        C.llama_memory_seq_rm(C.llama_get_memory(context._ptr), seq_id, -1, -1)  # a partial restore: forget it
+        if seq_id == 0:
+            context.tokens.clear()
+        raise
+    if seq_id == 0:  # Context.tokens lists what sequence 0 holds
+        context.tokens = [int(t) for t in tokens]
 
 
 _NO_SLOT = _Slot(-1)  # the slot of a request not admitted (yet)
@@ -342,16 +430,22 @@ class Engine:
     module docstring); `batched` then says whether a step decodes all sequences' tokens at once (a probe at
     start found that bit-equal) or one decode each. exact=False always batches them and reuses every cached
     prefix token, whatever kernel computed it (faster where the kernels differ, as on a GPU, and for chats
-    whose next turn extends the last; output may then differ from a lone run at near-ties). Other keywords go to
+    whose next turn extends the last; output may then differ from a lone run at near-ties). max_session_bytes:
+    host memory the saved KV states of idle sessions (`submit(..., session=id)`) may take together; beyond it
+    the least recently used sessions are dropped (their next turn is computed again). Other keywords go to
     the Context (n_threads, flash_attn, type_k, ...). Requests are submitted from any thread (`submit`);
     close() (or the with-block's end) stops the engine: requests not finished then raise ClosedError."""
 
     def __init__(self, model: Model, slots: int = 4, n_ctx: int | None = None, n_batch: int = 512, *,
-                 max_queue: int = DEFAULT_MAX_QUEUE, exact: bool = True, **context_options) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, exact: bool = True,
+                 max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES, **context_options) -> None:
         for name, value, upper in (("slots", slots, 256), ("n_batch", n_batch, 1 << 24),
                                    ("max_queue", max_queue, 1 << 30)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
                 raise InvalidParameterError(f"{name} must be an int between 1 and {upper}, not {value!r}")
+        if isinstance(max_session_bytes, bool) or not isinstance(max_session_bytes, int) or max_session_bytes < 0:
+            raise InvalidParameterError(f"max_session_bytes must be an int >= 0 (0: no session state is kept in host "
+                                        f"memory), not {max_session_bytes!r}")
         if not isinstance(exact, bool):
             raise InvalidParameterError(f"exact must be True or False, not {exact!r}")
         if n_ctx is None:
@@ -365,7 +459,8 @@ class Engine:
                                         "per request: pass them to submit()")
         if unknown - {"n_seq_max", "n_batch"}:
             raise unknown_keyword_error("Engine", unknown - {"n_seq_max", "n_batch"},
-                                        context_names | {"slots", "n_ctx", "n_batch", "max_queue"})
+                                        context_names | {"slots", "n_ctx", "n_batch", "max_queue",
+                                                         "max_session_bytes"})
         taken = {"n_seq_max", "n_batch"} & set(context_options)
         if taken:
             raise InvalidParameterError(f"{', '.join(sorted(taken))}: the Engine sets these (slots=, n_batch=)")
@@ -395,6 +490,11 @@ class Engine:
             raise
         self._waiting: collections.deque[EngineRequest] = collections.deque()
         self._active: list[EngineRequest] = []   # admitted, in admission order
+        # sessions by id; what they and the slots' `session` say is changed under _wake (sessions() and
+        # drop_session read and change it from the caller's thread)
+        self.max_session_bytes = max_session_bytes
+        self._sessions: dict[str, _Session] = {}
+        self._session_bytes = 0   # host memory the saved states take together
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llmplace-engine", daemon=True)
@@ -424,7 +524,8 @@ class Engine:
     # ---- the caller's side ----
     def submit(self, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256, stop: str | Sequence[str] = (),
                sampling: SamplingParams | None = None, add_special: bool = True, grammar=None,
-               keep_logits: bool = False, logits_processor=None, **sampling_kwargs) -> EngineRequest:
+               keep_logits: bool = False, logits_processor=None, session: str | None = None,
+               **sampling_kwargs) -> EngineRequest:
         """Queue a request (text or token ids, as `generate`); it starts when a slot is free. Sampling options
         as `generate`'s (temperature, top_k, top_p, min_p, seed, penalties, logit_bias ...), per request.
         grammar: GBNF text or a LlamaGrammar (llmplace.compat.llama_grammar): only tokens it allows are drawn,
@@ -433,6 +534,12 @@ class Engine:
         floats a token). logits_processor: a callable (input_ids, scores) -> scores, as the drop-in's, applied
         before the grammar; it runs on the engine's thread, between the steps of every request, so it should
         be quick; an exception from it ends its own request (raised from result() and iteration).
+        session: an id (a str) of the conversation this request continues. The session keeps the KV state of
+        its prompt and reply when the request ends: in its slot while no other request needs that slot, then
+        saved to host memory (llama_state_seq_get_data) and restored into a free slot when the session's next
+        request comes, instead of computing that prefix again (a chat's next turn, whose prompt extends the
+        last prompt and reply). The output is the same as without a session. A session runs one request at a
+        time (a second one waits for the first to end). See sessions() and drop_session().
         Raises BusyError when max_queue requests are waiting, ClosedError after close(), and the typed errors
         of bad arguments (here, not later)."""
         unknown = set(sampling_kwargs) - _SAMPLING_NAMES
@@ -442,7 +549,7 @@ class Engine:
         if unknown:
             raise unknown_keyword_error("Engine.submit", unknown,
                                         {"max_tokens", "stop", "sampling", "add_special", "grammar", "keep_logits",
-                                         "logits_processor"} | _SAMPLING_NAMES)
+                                         "logits_processor", "session"} | _SAMPLING_NAMES)
         if sampling is not None and sampling_kwargs:
             raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as "
                                         "keywords, not both")
@@ -455,6 +562,9 @@ class Engine:
                                         f"{type(logits_processor).__name__}")
         if not isinstance(keep_logits, bool):
             raise InvalidParameterError(f"keep_logits must be True or False, not {keep_logits!r}")
+        if session is not None and (not isinstance(session, str) or not session):
+            raise InvalidParameterError(f"session must be a non-empty str (the conversation's id) or None, not "
+                                        f"{session!r}")
         if not all(isinstance(s, str) for s in stops):
             raise InvalidParameterError(f"stop must be a string or a list of strings, not {stop!r}")
         if self._closing:
@@ -473,6 +583,7 @@ class Engine:
         if keep_logits:
             request.logits_rows = []
         request._processor = logits_processor
+        request.session = session
         with self._wake:
             if self._closing:
                 request._release()
@@ -510,6 +621,39 @@ class Engine:
         with self._wake:
             return sum(slot.request is not None for slot in self._slots), len(self._waiting)
 
+    def sessions(self) -> list[SessionInfo]:
+        """The sessions this Engine keeps (submit(..., session=id)), least recently used first: where each
+        one's KV state lies ("slot N" or "host"), its tokens and the host bytes it takes."""
+        with self._wake:
+            records = sorted(self._sessions.values(), key=lambda r: r.last_used)
+            return [SessionInfo(r.name, tuple(r.slot.cached), f"slot {r.slot.seq_id}", 0) if r.slot is not None
+                    else SessionInfo(r.name, tuple(r.cached), "host", len(r.state or b"")) for r in records]
+
+    def drop_session(self, session: str) -> None:
+        """Forget a session: its saved state's host memory is freed (a slot holding it keeps the tokens as a
+        plain cached prefix); its next request starts a new session computed from its prompt. A request of it
+        that is running finishes as it would. Raises InvalidParameterError for an id this Engine does not
+        keep (never submitted, already dropped, or dropped for max_session_bytes)."""
+        if not isinstance(session, str):
+            raise InvalidParameterError(f"a session id is a str, not {type(session).__name__} ({session!r})")
+        with self._wake:
+            record = self._sessions.pop(session, None)
+            if record is None:
+                raise InvalidParameterError(f"this Engine keeps no session {session!r} (never submitted, already "
+                                            "dropped, or dropped as the least recently used beyond "
+                                            f"max_session_bytes={self.max_session_bytes}); sessions() lists those "
+                                            "it keeps")
+            self._forget_session(record)
+
+    def _forget_session(self, record: _Session) -> None:
+        """Detach a session taken out of _sessions from its slot and its host memory (under _wake)."""
+        if record.slot is not None and record.slot.session is record:
+            record.slot.session = None
+        record.slot = None
+        if record.state is not None:
+            self._session_bytes -= len(record.state)
+            record.state = None
+
     def close(self) -> None:
         """Stop the scheduler (a decode in flight is aborted), end every unfinished request with ClosedError,
         free the context. Safe to call more than once, from any thread."""
@@ -544,8 +688,15 @@ class Engine:
                         break
                     admitted: list[EngineRequest] = []
                     free = sum(slot.request is None for slot in self._slots)
-                    while self._waiting and len(admitted) < free:
-                        admitted.append(self._waiting.popleft())
+                    # a session runs one request at a time: its next one waits while one runs
+                    busy = {r.session for r in self._active if r.session is not None}
+                    for request in list(self._waiting):
+                        if len(admitted) >= free:
+                            break
+                        if request.session is None or request.session not in busy:
+                            self._waiting.remove(request)
+                            admitted.append(request)
+                            busy.add(request.session)
                 for request in admitted:
                     self._admit(request)
                 self._step()
@@ -576,20 +727,62 @@ class Engine:
             request._push(-1, "", "length")
             return
         context = self._context
+        with self._wake:
+            record = None
+            if request.session is not None:
+                record = self._sessions.get(request.session)
+                if record is None:
+                    record = self._sessions[request.session] = _Session(request.session)
+            free = [slot for slot in self._slots if slot.request is None]
+            if record is not None and record.slot is not None and record.slot.request is None:
+                candidates = [record.slot]  # the session's own cache, kept in its slot
+            else:
+                # the free slots no session holds; else the one whose session spoke least recently (its state
+                # is saved to host memory first)
+                candidates = [s for s in free if s.session is None] or [
+                    min(free, key=lambda s: s.session.last_used if s.session is not None else 0.0)]
+            saved = record.state if record is not None else None
+            saved_tokens, saved_kinds = (record.cached, record.kinds) if saved is not None else ([], b"")
         reusable = {slot.seq_id: slot.reusable(tokens, self.exact) if slot.cached else 0 for slot in self._slots}
-        free = [slot for slot in self._slots if slot.request is None]
-        # the free slot whose cache shares most with the prompt; among equals, the one holding least
-        own = max(free, key=lambda s: (reusable[s.seq_id], -len(s.cached), -s.last_used))
-        source = max(self._slots, key=lambda s: reusable[s.seq_id])
-        if reusable[source.seq_id] > reusable[own.seq_id]:
-            # a copy of another slot's prefix replaces what the chosen slot held: take the free one holding least
-            target = min(free, key=lambda s: (len(s.cached), s.last_used))
-            reused = context.copy_sequence(source.seq_id, target.seq_id, reusable[source.seq_id], tokens=tokens)
-            kinds = source.kinds[:reused]
-        else:
-            target = own
-            reused = context.truncate_sequence(target.seq_id, reusable[own.seq_id])
-            kinds = target.kinds[:reused]
+        restorable = reusable_prefix(saved_tokens, saved_kinds, tokens, self.exact) if saved_tokens else 0
+        reused = -1
+        if saved is not None and restorable > max(reusable.values()):
+            # the session's saved state holds more of the prompt than any slot: restore it, not recompute
+            target = min(candidates, key=lambda s: (len(s.cached), s.last_used))
+            self._evict(target, keep=record)
+            try:
+                restore_sequence(context, target.seq_id, saved, saved_tokens)
+            except InvalidParameterError as exc:
+                warnings.warn(f"session {request.session!r}: its saved KV state ({len(saved)} bytes, "
+                              f"{len(saved_tokens)} tokens) could not be restored ({exc}); its prompt is computed "
+                              "again", RuntimeWarning, stacklevel=1)
+                target.cached, target.kinds, reusable[target.seq_id] = [], bytearray(), 0
+            else:
+                reused = context.truncate_sequence(target.seq_id, restorable)
+                kinds = bytearray(saved_kinds[:reused])
+        if reused < 0:
+            # the free slot whose cache shares most with the prompt; among equals, the one holding least
+            own = max(candidates, key=lambda s: (reusable[s.seq_id], -len(s.cached), -s.last_used))
+            source = max(self._slots, key=lambda s: reusable[s.seq_id])
+            if reusable[source.seq_id] > reusable[own.seq_id]:
+                # a copy of another slot's prefix replaces what the chosen slot held: take the one holding least
+                target = min(candidates, key=lambda s: (len(s.cached), s.last_used))
+                self._evict(target, keep=record)
+                reused = context.copy_sequence(source.seq_id, target.seq_id, reusable[source.seq_id], tokens=tokens)
+                kinds = source.kinds[:reused]
+            else:
+                target = own
+                self._evict(target, keep=record)
+                reused = context.truncate_sequence(target.seq_id, reusable[own.seq_id])
+                kinds = target.kinds[:reused]
+        if record is not None:
+            with self._wake:
+                if record.state is not None:  # restored, or no longer what the session holds: free it
+                    self._session_bytes -= len(record.state)
+                    record.state, record.cached, record.kinds = None, [], b""
+                if self._sessions.get(record.name) is record:  # (not dropped meanwhile)
+                    record.slot, target.session = target, record
+                    record.last_used = time.perf_counter()
         target.cached = list(tokens[:reused])
         target.kinds = kinds
         target.request = request
@@ -601,6 +794,38 @@ class Engine:
         request.state = SequenceState(TextAssembler(self.model.vocab, request.stops), len(tokens),
                                       request.max_tokens, self.n_ctx)
         self._active.append(request)
+
+    def _evict(self, slot: _Slot, keep: _Session | None) -> None:
+        """Before `slot`'s cache is given to another request: save the KV state of the session it holds (unless
+        that is `keep`, the request's own) to host memory, then drop the least recently used saved states
+        beyond max_session_bytes. A session whose state cannot be kept is dropped (its next turn is computed)."""
+        with self._wake:
+            record = slot.session
+            if record is None or record is keep:
+                return
+            slot.session = None
+        data = None
+        if self.max_session_bytes > 0 and slot.cached:
+            try:
+                data = save_sequence(self._context, slot.seq_id)
+            except LlmplaceError as exc:
+                if self._closing or self._context._lifetime.closing:
+                    raise
+                warnings.warn(f"session {record.name!r}: its KV state could not be saved ({exc}); its next request "
+                              "computes its prompt again", RuntimeWarning, stacklevel=1)
+        with self._wake:
+            if self._sessions.get(record.name) is not record:  # dropped meanwhile
+                return
+            record.slot = None
+            if data is None or len(data) > self.max_session_bytes:
+                del self._sessions[record.name]
+                return
+            record.state, record.cached, record.kinds = data, list(slot.cached), bytes(slot.kinds)
+            self._session_bytes += len(data)
+            while self._session_bytes > self.max_session_bytes:
+                oldest = min((r for r in self._sessions.values() if r.state is not None), key=lambda r: r.last_used)
+                del self._sessions[oldest.name]
+                self._forget_session(oldest)
 
     def _step(self) -> None:
         """One step: end cancelled requests, decode each generating sequence's last token, prefill prompt
@@ -705,6 +930,10 @@ class Engine:
         if slot.request is request:
             slot.request = None
             slot.last_used = time.perf_counter()
+            if slot.session is not None:
+                with self._wake:
+                    if slot.session is not None:
+                        slot.session.last_used = slot.last_used  # least recently used: by when it last spoke
         request.pending = -1
         request.pieces = []
         if request in self._active:
