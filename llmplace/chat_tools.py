@@ -333,7 +333,8 @@ class ReplyStream:
         return self._ids[index]
 
     def _deltas(self, parsed: ParsedReply) -> list[dict[str, Any]]:
-        last, deltas = self._last, []
+        last = self._last
+        deltas: list[dict[str, Any]] = []
         if parsed.reasoning_content != last.reasoning_content and \
                 parsed.reasoning_content.startswith(last.reasoning_content):
             deltas.append({"reasoning_content": parsed.reasoning_content[len(last.reasoning_content):]})

@@ -86,16 +86,19 @@ def tools_request(llama: Llama, messages, *, functions, function_call, tools, to
         return None
     forcing = isinstance(tool_choice, dict) or tool_choice == "required"
     wants_call = bool(tools) and tool_choice != "none"
-    options = dict(reasoning_format=reasoning, chat_template_kwargs=chat_template_kwargs,
-                   parallel_tool_calls=bool(parallel_tool_calls), legacy_function_call=legacy)
+    def native(described, choice) -> _NativeChat:
+        return _NativeChat(traits.templates, messages, described, choice, reasoning_format=reasoning,
+                           chat_template_kwargs=chat_template_kwargs, parallel_tool_calls=bool(parallel_tool_calls),
+                           legacy_function_call=legacy)
+
     if wants_call and traits.supports_tool_calls:
-        return _NativeChat(traits.templates, messages, tools, tool_choice, **options)
+        return native(tools, tool_choice)
     if wants_call and tool_choice == "required":
         return _GenericToolChat(messages, check_tools(tools), bool(parallel_tool_calls), legacy)
-    thinking_asked = bool(chat_template_kwargs) and "enable_thinking" in chat_template_kwargs
+    thinking_asked = "enable_thinking" in (chat_template_kwargs or {})
     if traits.supports_thinking and not (wants_call and forcing) and (reasoning != "none" or thinking_asked):
         described = tools if traits.supports_tool_calls else None
-        return _NativeChat(traits.templates, messages, described, "none" if described else "auto", **options)
+        return native(described, "none" if described else "auto")
     return None
 
 
@@ -164,7 +167,7 @@ class _NativeChat:
         grammar = ToolCallGrammar(model, rendered) if rendered.grammar else None
         # deepseek-legacy: thinking split out of whole replies, but left inline in stream deltas
         parser = rendered.reply_parser(reasoning_in_content=stream and self.reasoning_format == "deepseek-legacy")
-        completion = llama.create_completion(prompt=prompt_tokens(model, rendered.prompt), grammar=grammar,
+        completion: Any = llama.create_completion(prompt=prompt_tokens(model, rendered.prompt), grammar=grammar,
                                              stop=_stops(llama, stops, rendered.additional_stops), **sampling)
         if stream:
             return self._chunks(parser, completion)
@@ -238,7 +241,7 @@ class _GenericToolChat:
             grammar = LlamaGrammar.from_json_schema(json.dumps(self.schema))
         except (TypeError, ValueError) as exc:
             raise JsonSchemaError(f"the tools {names}: their parameters are not a usable JSON schema: {exc}") from None
-        completion = llama.create_completion(prompt=render(llama, self.messages), grammar=grammar,
+        completion: Any = llama.create_completion(prompt=render(llama, self.messages), grammar=grammar,
                                              stop=_stops(llama, stops), **sampling)
         if stream:
             return self._chunks(completion)

@@ -490,8 +490,9 @@ class Llama:
         choose (the call's grammar starts at the family's trigger), "required" or a named function constrain
         the reply to end in a call (text may come first, as llama-server allows), "none" forbids one. A template
         that cannot describe tools keeps llama-cpp-python's behaviour, except that "required" then describes
-        the tools in a system message and constrains the reply to {"name": ..., "arguments": ...}. Models that think get message.reasoning_content (and reasoning_content stream
-        deltas); reasoning_format overrides the Llama's for this call ("none": inline), and
+        the tools in a system message and constrains the reply to {"name": ..., "arguments": ...}.
+        Models that think get message.reasoning_content (and reasoning_content stream deltas);
+        reasoning_format overrides the Llama's for this call ("none": inline), and
         chat_template_kwargs={"enable_thinking": False} asks templates that support it for no thinking, as
         llama-server takes them."""
         options = dict(messages=messages, functions=functions, function_call=function_call, tools=tools,
