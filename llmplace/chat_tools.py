@@ -433,6 +433,60 @@ class ToolCallGrammar(NativeObject):
             C.llama_sampler_accept(self._ptr, token)
 
 
+class ThinkingBudget:
+    """A logits processor (llama-cpp-python's (input_ids, scores) -> scores) that ends the model's thinking after
+    `budget` tokens, as llama-server's --reasoning-budget: once that many tokens were generated inside the
+    thinking block, the template's end tag is forced, token by token; budget 0 closes the block at once. A
+    template that does not think leaves it idle. Put it after other processors: what it forces wins."""
+
+    def __init__(self, model: Any, rendered: RenderedChat, budget: int) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise InvalidParameterError(f"the reasoning budget must be a number of tokens >= 0, not {budget!r}")
+        self._vocab = model.vocab
+        self._budget = budget
+        self._start = rendered.thinking_start_tag
+        self._ends = rendered.thinking_end_tags
+        self._active = rendered.supports_thinking and bool(self._start) and bool(self._ends)
+        end = self._ends[0] if self._ends else ""
+        self._end_tokens = self._vocab.tokenize(end, add_special=False, parse_special=True) if end else []
+        # Templates that open the block themselves (DeepSeek R1's "<think>\n") start the reply inside it.
+        self._state = "thinking" if self._active and rendered.generation_prompt.rstrip().endswith(self._start) \
+            else "before"
+        self._seen: int | None = None
+        self._text = b""
+        self._count = 0
+        self._forcing: list[int] = []
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if not self._active:
+            return scores
+        if self._seen is None:
+            self._seen = len(input_ids)
+        for token in input_ids[self._seen:]:
+            self._follow(int(token))
+        self._seen = len(input_ids)
+        if not self._forcing and self._state == "thinking" and self._count >= self._budget:
+            self._forcing = list(self._end_tokens)
+            self._state = "closing"
+        if self._forcing:
+            forced = np.full_like(scores, -np.inf)
+            forced[self._forcing.pop(0)] = 0.0
+            return forced
+        return scores
+
+    def _follow(self, token: int) -> None:
+        if self._state == "thinking":
+            self._count += 1
+        self._text += self._vocab.piece(token, special=True)
+        text = self._text.decode("utf-8", errors="ignore")
+        if self._state == "before" and self._start in text:
+            self._state, self._text, self._count = "thinking", b"", 0
+        elif self._state in ("thinking", "closing") and any(end in text for end in self._ends):
+            self._state = "done"
+            self._forcing = []
+        self._text = self._text[-256:]  # a tag is short: the tail is enough to find one that spans tokens
+
+
 def _regex_escape(text: str) -> str:
     """Escape for std::regex ECMAScript, as common's regex_escape does."""
     return "".join("\\" + ch if ch in ".^$|()*+?[]{}\\" else ch for ch in text)

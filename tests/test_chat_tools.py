@@ -431,6 +431,33 @@ def test_reasoning_is_split_out_of_content_or_kept_inline(llm, with_template, st
     assert reasoning is None and content.startswith("<think>")
 
 
+LONG_THOUGHT = ("<think>\nParis is in France and the weather there changes often, so I should look it up carefully "
+                "before answering the question.\n</think>\n\nIt is sunny in Paris.")
+
+
+@pytest.mark.parametrize("budget", [0, 4])
+def test_a_reasoning_budget_ends_the_thinking(llm, with_template, budget):
+    from llmplace.compat import LogitsProcessorList
+
+    with_template(QWEN3, eos_token="<|im_end|>")
+    force = ForceText(llm, LONG_THOUGHT)
+    reply = llm.create_chat_completion(ASK, temperature=0, max_tokens=80, reasoning_budget_tokens=budget,
+                                       logits_processor=LogitsProcessorList([force]))
+    message = reply["choices"][0]["message"]
+    # At most `budget` tokens of the thought (counted from the start tag), then the forced </think>: the rest of
+    # the forced text is content.
+    reasoning = message.get("reasoning_content", "")
+    assert "Paris is in France and the weather".startswith(reasoning.strip())
+    assert len(llm.tokenize(reasoning.encode(), add_bos=False)) <= budget
+    assert (reasoning.strip() != "") == (budget > 1)
+    assert "before answering" in message["content"]  # (the test's forcing processor writes its own </think> too)
+    unlimited = llm.create_chat_completion(ASK, temperature=0, max_tokens=80, reasoning_budget_tokens=-1,
+                                           logits_processor=LogitsProcessorList([ForceText(llm, LONG_THOUGHT)]))
+    assert unlimited["choices"][0]["message"]["reasoning_content"].startswith("Paris is in France")
+    with pytest.raises(ValueError, match="reasoning_budget_tokens"):
+        llm.create_chat_completion(ASK, max_tokens=2, reasoning_budget_tokens=-5)
+
+
 def test_drop_in_bad_options(llm):
     with pytest.raises(ValueError, match="reasoning_format"):
         llm.create_chat_completion(ASK, reasoning_format="sideways", max_tokens=2)
@@ -519,3 +546,6 @@ def test_the_server_answers_400_to_a_tool_schema_the_grammar_builder_refuses(too
     with pytest.raises(openai.BadRequestError, match="reasoning_format"):
         client.chat.completions.create(model="m", messages=ASK, max_tokens=8,
                                        extra_body={"reasoning_format": "sideways"})
+    with pytest.raises(openai.BadRequestError, match="reasoning_budget_tokens"):
+        client.chat.completions.create(model="m", messages=ASK, max_tokens=8,
+                                       extra_body={"reasoning_budget_tokens": -5})

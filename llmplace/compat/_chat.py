@@ -92,7 +92,7 @@ def create(llama: Llama, *, messages, functions, function_call, tools, tool_choi
            min_p, typical_p, stream, stop, seed, response_format, max_tokens, presence_penalty, frequency_penalty,
            repeat_penalty, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, model, logits_processor, grammar,
            logit_bias, logprobs, top_logprobs, reasoning_format=None, chat_template_kwargs=None,
-           parallel_tool_calls=None):
+           parallel_tool_calls=None, reasoning_budget_tokens=None):
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
                     logprobs=top_logprobs if logprobs else None, stream=stream, seed=seed, max_tokens=max_tokens,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -103,7 +103,7 @@ def create(llama: Llama, *, messages, functions, function_call, tools, tool_choi
     native = tools_request(llama, messages, functions=functions, function_call=function_call, tools=tools,
                            tool_choice=tool_choice, grammar=grammar, response_format=response_format,
                            reasoning_format=reasoning_format, chat_template_kwargs=chat_template_kwargs,
-                           parallel_tool_calls=parallel_tool_calls)
+                           parallel_tool_calls=parallel_tool_calls, reasoning_budget_tokens=reasoning_budget_tokens)
     if native is not None:
         return native.complete(llama, stops, stream, sampling)
     grammar = json_grammar(response_format, grammar)

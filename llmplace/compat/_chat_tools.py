@@ -26,6 +26,7 @@ from ..chat_tools import (
     ToolCall,
     ToolCallGrammar,
     ToolCallParseError,
+    ThinkingBudget,
     check_tools,
     new_call_id,
 )
@@ -63,13 +64,19 @@ def template_traits(llama: Llama) -> _TemplateTraits | None:
 
 
 def tools_request(llama: Llama, messages, *, functions, function_call, tools, tool_choice, grammar,
-                  response_format, reasoning_format, chat_template_kwargs, parallel_tool_calls):
+                  response_format, reasoning_format, chat_template_kwargs, parallel_tool_calls,
+                  reasoning_budget_tokens=None):
     """The chat request when it is llama.cpp's chat layer's to answer (a _NativeChat or a _GenericToolChat),
     else None: the caller renders and answers it as llama-cpp-python does."""
     reasoning = llama.reasoning_format if reasoning_format is None else reasoning_format
     if reasoning not in REASONING_FORMATS:
         raise InvalidParameterError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, not "
                                     f"{reasoning!r}")
+    if reasoning_budget_tokens is not None and (isinstance(reasoning_budget_tokens, bool) or not isinstance(
+            reasoning_budget_tokens, int) or reasoning_budget_tokens < -1):
+        raise InvalidParameterError(f"reasoning_budget_tokens must be a number of tokens >= 0, or -1 for no limit, "
+                                    f"not {reasoning_budget_tokens!r}")
+    budget = None if reasoning_budget_tokens in (None, -1) else reasoning_budget_tokens
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise InvalidParameterError("chat_template_kwargs must be a dict such as {'enable_thinking': False}")
     if llama.chat_format not in _OWN_TEMPLATE or grammar is not None or response_format is not None:
@@ -89,13 +96,13 @@ def tools_request(llama: Llama, messages, *, functions, function_call, tools, to
     def native(described, choice) -> _NativeChat:
         return _NativeChat(traits.templates, messages, described, choice, reasoning_format=reasoning,
                            chat_template_kwargs=chat_template_kwargs, parallel_tool_calls=bool(parallel_tool_calls),
-                           legacy_function_call=legacy)
+                           legacy_function_call=legacy, reasoning_budget=budget)
 
     if wants_call and traits.supports_tool_calls:
         return native(tools, tool_choice)
     if wants_call and tool_choice == "required":
         return _GenericToolChat(messages, check_tools(tools), bool(parallel_tool_calls), legacy)
-    thinking_asked = "enable_thinking" in (chat_template_kwargs or {})
+    thinking_asked = "enable_thinking" in (chat_template_kwargs or {}) or budget is not None
     if traits.supports_thinking and not (wants_call and forcing) and (reasoning != "none" or thinking_asked):
         described = tools if traits.supports_tool_calls else None
         return native(described, "none" if described else "auto")
@@ -146,7 +153,8 @@ class _NativeChat:
     """A request llama.cpp's chat layer renders and parses (the template describes tools, or the model thinks)."""
 
     def __init__(self, templates: ChatTemplates, messages, tools, tool_choice, *, reasoning_format: str,
-                 chat_template_kwargs: dict | None, parallel_tool_calls: bool, legacy_function_call: bool) -> None:
+                 chat_template_kwargs: dict | None, parallel_tool_calls: bool, legacy_function_call: bool,
+                 reasoning_budget: int | None = None) -> None:
         check_message_list(messages)
         kwargs = dict(chat_template_kwargs or {})
         enable_thinking = kwargs.get("enable_thinking", True)
@@ -154,6 +162,7 @@ class _NativeChat:
             raise InvalidParameterError("chat_template_kwargs['enable_thinking'] must be True or False")
         self.reasoning_format = reasoning_format
         self.legacy_function_call = legacy_function_call
+        self.reasoning_budget = reasoning_budget
         self.rendered: RenderedChat = templates.render(
             [dict(m) for m in messages], tools=tools, tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls, reasoning_format=reasoning_format,
@@ -165,6 +174,12 @@ class _NativeChat:
         rendered = self.rendered
         model = llama._model
         grammar = ToolCallGrammar(model, rendered) if rendered.grammar else None
+        if self.reasoning_budget is not None and rendered.supports_thinking:
+            from .llama import LogitsProcessorList
+
+            # after the caller's processors: the forced end tag wins
+            sampling = {**sampling, "logits_processor": LogitsProcessorList(
+                [*(sampling.get("logits_processor") or []), ThinkingBudget(model, rendered, self.reasoning_budget)])}
         # deepseek-legacy: thinking split out of whole replies, but left inline in stream deltas
         parser = rendered.reply_parser(reasoning_in_content=stream and self.reasoning_format == "deepseek-legacy")
         completion: Any = llama.create_completion(prompt=prompt_tokens(model, rendered.prompt), grammar=grammar,

@@ -481,6 +481,7 @@ class Llama:
                                *, reasoning_format: str | None = None,
                                chat_template_kwargs: dict[str, Any] | None = None,
                                parallel_tool_calls: bool | None = None,
+                               reasoning_budget_tokens: int | None = None,
                                ) -> CreateChatCompletionResponse | Iterator[CreateChatCompletionStreamResponse]:
         """Reply to `messages` rendered with the model's chat template: a `chat.completion` dict, or with
         stream=True an iterator of `chat.completion.chunk` dicts.
@@ -493,8 +494,9 @@ class Llama:
         the tools in a system message and constrains the reply to {"name": ..., "arguments": ...}.
         Models that think get message.reasoning_content (and reasoning_content stream deltas);
         reasoning_format overrides the Llama's for this call ("none": inline), and
-        chat_template_kwargs={"enable_thinking": False} asks templates that support it for no thinking, as
-        llama-server takes them."""
+        chat_template_kwargs={"enable_thinking": False} asks templates that support it for no thinking, and
+        reasoning_budget_tokens=N ends the thinking after N tokens (0: at once; -1: no limit), as llama-server
+        takes them."""
         options = dict(messages=messages, functions=functions, function_call=function_call, tools=tools,
                        tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                        typical_p=typical_p, stream=stream, stop=stop, seed=seed, response_format=response_format,
@@ -508,7 +510,8 @@ class Llama:
             # A llama-cpp-python style chat handler: it renders the prompt and calls back create_completion.
             return handler(llama=self, **options)
         return _chat.create(self, **options, reasoning_format=reasoning_format,
-                            chat_template_kwargs=chat_template_kwargs, parallel_tool_calls=parallel_tool_calls)
+                            chat_template_kwargs=chat_template_kwargs, parallel_tool_calls=parallel_tool_calls,
+                            reasoning_budget_tokens=reasoning_budget_tokens)
 
     def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):
         """create_chat_completion, returning the openai package's ChatCompletion / ChatCompletionChunk objects."""

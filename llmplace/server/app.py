@@ -44,7 +44,8 @@ _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p"
              "presence_penalty", "frequency_penalty", "repeat_penalty", "logit_bias")
 _COMPLETION = _SAMPLING + ("suffix", "echo", "logprobs")
 _CHAT = _SAMPLING + ("response_format", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
-                     "function_call", "parallel_tool_calls", "reasoning_format", "chat_template_kwargs")
+                     "function_call", "parallel_tool_calls", "reasoning_format", "chat_template_kwargs",
+                     "reasoning_budget_tokens")
 
 
 class APIError(Exception):
@@ -167,7 +168,8 @@ _FIELDS = {
              "logprobs": _boolean, "top_logprobs": _int_in(0, 20, "how many most likely tokens to report"),
              "tools": _objects, "functions": _objects, "tool_choice": _text_or_object,
              "function_call": _text_or_object, "parallel_tool_calls": _boolean, "reasoning_format": _text,
-             "chat_template_kwargs": _object},
+             "chat_template_kwargs": _object,
+             "reasoning_budget_tokens": _int_in(-1, 2**31 - 1, "tokens of thinking, -1 = no limit")},
     "embeddings": {**_COMMON_FIELDS, "input": _embedding_input, "encoding_format": _text},
     "tokenize": {"input": _text},
     "detokenize": {"tokens": _token_ids},

@@ -33,7 +33,8 @@ from .metrics import Metrics
 # Fields only the serial Llama path serves (the engine has no per-token logits hooks, no grammar, no echo).
 SERIAL_COMPLETION_FIELDS = ("suffix", "echo", "logprobs")
 SERIAL_CHAT_FIELDS = ("response_format", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
-                      "function_call", "parallel_tool_calls", "reasoning_format", "chat_template_kwargs")
+                      "function_call", "parallel_tool_calls", "reasoning_format", "chat_template_kwargs",
+                      "reasoning_budget_tokens")
 _SAMPLING_ARGUMENTS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
                        "frequency_penalty", "presence_penalty", "seed", "logit_bias")
 
