@@ -95,6 +95,18 @@ def _cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
+def _rss_mib(pid: int | None) -> float | None:
+    """Resident memory of a process (MiB); None when unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return round(kib / 1024, 1)
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
 def run_level(host: str, port: int, clients: int, *, requests: int, duration: float, max_tokens: int,
               timeout: float, ban: dict, api_key: str | None, server_pid: int | None = None) -> dict:
     """`clients` threads sending requests one after another until `requests` were sent or `duration` passed.
@@ -122,7 +134,7 @@ def run_level(host: str, port: int, clients: int, *, requests: int, duration: fl
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     load_before = os.getloadavg()[0]
-    cpu_before = _cpu_seconds(server_pid)
+    cpu_before, rss_before = _cpu_seconds(server_pid), _rss_mib(server_pid)
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -146,6 +158,7 @@ def run_level(host: str, port: int, clients: int, *, requests: int, duration: fl
                        "mean": round(statistics.fmean(itl) * ms, 2) if itl else None},
             "server_cpu_ms_per_token": round((cpu_after - cpu_before) * ms / max(tokens, 1), 2)
             if cpu_before is not None and cpu_after is not None else None,
+            "server_rss_mib": {"before": rss_before, "after": _rss_mib(server_pid)},
             "errors": errors, "load_average_before": round(load_before, 2),
             "load_average_after": round(os.getloadavg()[0], 2)}
 
