@@ -6,7 +6,10 @@ response_format {"type": "json_object"} (optionally with "schema") and {"type": 
 {"schema": ...}} constrain the reply with a grammar (llama.cpp's schema converter, llama_grammar). A forced
 tool call (tool_choice={"type": "function", "function": {"name": N}}, or the legacy functions +
 function_call={"name": N}) constrains the reply to N's `parameters` schema and returns it as the message's
-tool_calls / function_call, as llama-cpp-python's default chat handler does."""
+tool_calls / function_call, as llama-cpp-python's default chat handler does.
+
+Tools the model chooses itself (tool_choice "auto" / "required" on a template that describes tools) and the
+reasoning_content of models that think are answered by llama.cpp's chat layer instead: _chat_tools.py."""
 
 from __future__ import annotations
 
