@@ -696,7 +696,8 @@ class Engine:
                         if request.session is None or request.session not in busy:
                             self._waiting.remove(request)
                             admitted.append(request)
-                            busy.add(request.session)
+                            if request.session is not None:
+                                busy.add(request.session)
                 for request in admitted:
                     self._admit(request)
                 self._step()
@@ -741,8 +742,9 @@ class Engine:
                 # is saved to host memory first)
                 candidates = [s for s in free if s.session is None] or [
                     min(free, key=lambda s: s.session.last_used if s.session is not None else 0.0)]
-            saved = record.state if record is not None else None
-            saved_tokens, saved_kinds = (record.cached, record.kinds) if saved is not None else ([], b"")
+            saved, saved_tokens, saved_kinds = None, [], b""
+            if record is not None and record.state is not None:
+                saved, saved_tokens, saved_kinds = record.state, record.cached, record.kinds
         reusable = {slot.seq_id: slot.reusable(tokens, self.exact) if slot.cached else 0 for slot in self._slots}
         restorable = reusable_prefix(saved_tokens, saved_kinds, tokens, self.exact) if saved_tokens else 0
         reused = -1
