@@ -25,10 +25,9 @@ import errno
 import os
 import sys
 
-__all__ = ["main", "make_server", "serve"]
+from .defaults import MAX_QUEUE, SLOTS
 
-SLOTS = 4         # sequences decoded together by default (llama-server's default too); 1: the serial Llama path
-MAX_QUEUE = 128   # requests that may wait for a slot (or for the Llama) before the next one gets 429
+__all__ = ["main", "make_server", "serve"]
 
 
 def make_server(*args, **kwargs):

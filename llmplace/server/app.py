@@ -28,8 +28,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..compat import Llama, UnsupportedFeatureError
+from ..engine import Engine
 from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError, OutOfMemoryError
-from . import MAX_QUEUE
+from .defaults import MAX_QUEUE
 from .batching import BatchedGeneration, engine_occupancy
 from .metrics import Metrics
 
@@ -531,6 +532,7 @@ class Handler(BaseHTTPRequestHandler):
         """The engine path: submit, watch the client (leaving cancels the request: its slot frees at the next
         step), answer (stream or JSON) as the serial path would."""
         batched = self.service.batched
+        assert batched is not None  # _takes_engine chose this path
         if client_gone(self.connection):
             raise ClientGone()
         with batched.submitted(route, payload, options) as (request, tokens), \
@@ -615,7 +617,8 @@ class Server(ThreadingHTTPServer):
     # socketserver's default listen backlog is 5: a burst of clients connecting at once (32 in the tests)
     # overflows it while the accepting thread waits for the GIL, and the kernel then refuses connections
     request_queue_size = 1024
-    engine = None
+    engine: Engine | None = None
+    started = 0.0  # time.time() when made
 
     def server_close(self) -> None:
         super().server_close()
@@ -638,8 +641,6 @@ def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, mode
     Llama) before the next gets 429. engine_options: the Engine's Context options; by default the Llama's
     thread counts and flash_attn=False (the Llama's default), so that replies equal the serial ones."""
     import os
-
-    from ..engine import Engine
 
     metrics = Metrics()
     batched = None

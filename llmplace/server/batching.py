@@ -167,6 +167,7 @@ class BatchedGeneration:
         info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()), "model": model_name}
         prompt = tokens if route == "chat" else payload  # what the Llama's shaping sees as the prompt
         steps = self.steps(request, gone)
+        completion: dict | Iterator[dict]
         if stream:
             completion = _completion._chunk_steps(llama, steps, None, info, None, prompt, tokens)
         else:
