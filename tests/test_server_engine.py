@@ -203,6 +203,23 @@ def test_requests_the_engine_does_not_take_are_served_by_the_llama(server, alone
                                                                            repeat_penalty=1.3)
 
 
+def test_only_requests_whose_options_the_engine_serves_take_it():
+    from types import SimpleNamespace
+
+    from llmplace.server.batching import BatchedGeneration
+
+    batched = BatchedGeneration.__new__(BatchedGeneration)  # serial_reason reads only the Llama's chat settings
+    batched.llama = SimpleNamespace(chat_handler=None, chat_format="chat_template.default", reasoning_format="none")
+    plain = {"max_tokens": 4, "temperature": 0.5, "top_k": 3, "stop": ["x"], "seed": 1, "logit_bias": {"1": -1}}
+    assert batched.serial_reason("completions", plain) is None and batched.serial_reason("chat", plain) is None
+    assert batched.serial_reason("completions", {"echo": False, "logprobs": None}) is None
+    assert "echo" in batched.serial_reason("completions", {"echo": True})
+    assert "tools" in batched.serial_reason("chat", {"tools": [{"type": "function"}]})
+    assert "a_field_added_later" in batched.serial_reason("chat", {"a_field_added_later": 1})  # never dropped
+    assert "penalties" in batched.serial_reason("chat", {"repeat_penalty": 1.1})
+    assert "penalties" in batched.serial_reason("completions", {"presence_penalty": 0.5})
+
+
 def test_health_and_metrics(server):
     state = health(server)
     assert state["status"] == "ok" and state["slots_total"] == 4 and state["slots_busy"] >= 0

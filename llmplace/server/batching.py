@@ -30,13 +30,12 @@ from ..engine import Engine, EngineRequest
 from ..errors import BusyError, ContextOverflowError
 from .metrics import Metrics
 
-# Fields only the serial Llama path serves (the engine has no per-token logits hooks, no grammar, no echo).
-SERIAL_COMPLETION_FIELDS = ("suffix", "echo", "logprobs")
-SERIAL_CHAT_FIELDS = ("response_format", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
-                      "function_call", "parallel_tool_calls", "reasoning_format", "chat_template_kwargs",
-                      "reasoning_budget_tokens")
 _SAMPLING_ARGUMENTS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty",
                        "frequency_penalty", "presence_penalty", "seed", "logit_bias")
+# The request options the engine path serves; a request with any other (logprobs, echo, suffix, grammar,
+# tools, reasoning ...) set goes to the Llama. A list of what the engine does, not of what it does not: a
+# field added to the server later is served by the Llama until it is added here, never silently dropped.
+ENGINE_OPTIONS = frozenset(("max_tokens", "stop") + _SAMPLING_ARGUMENTS)
 
 
 def _defaults(method) -> dict:
@@ -82,8 +81,8 @@ class BatchedGeneration:
     # ---- which path ----
     def serial_reason(self, route: str, options: dict) -> str | None:
         """Why this request must take the serial Llama path (None: the engine serves it)."""
-        fields = SERIAL_CHAT_FIELDS if route == "chat" else SERIAL_COMPLETION_FIELDS
-        present = [name for name in fields if options.get(name) not in (None, False)]
+        present = sorted(name for name, value in options.items()
+                         if name not in ENGINE_OPTIONS and value is not None and value is not False)
         if present:
             return f"{', '.join(present)}: served by the Llama one request at a time"
         defaults = CHAT_DEFAULTS if route == "chat" else COMPLETION_DEFAULTS
