@@ -7,10 +7,11 @@ KV state to host memory, the time to restore it, its bytes, and the prompt compu
 For each context length N: a Context made as the Engine makes its own (two sequences, a KV cache per sequence)
 computes an N-token prompt in sequence 0, in decodes of n_batch tokens as the Engine's prefill does
 ("recompute_s": what a session's next turn would cost without its state). Then `engine.save_sequence` copies
-sequence 0's state to host memory ("save_s", "bytes") and `engine.restore_sequence` puts it into sequence 1
-("restore_s"), REPS times each (medians kept, every run in the JSON). A check: the next token decoded after
-the restored state has bit for bit the logits of the same token decoded after the computed one
-("restored_logits_equal").
+sequence 0's state to host memory ("save_s" into a new buffer, "save_reused_s" into the buffer of a state
+saved before, as the Engine reuses the buffer of the state it freed last; "bytes") and
+`engine.restore_sequence` puts it into sequence 1 ("restore_s"), REPS times each (medians kept, every run in
+the JSON). A check: the next token decoded after the restored state has bit for bit the logits of the same
+token decoded after the computed one ("restored_logits_equal").
 """
 
 from __future__ import annotations
@@ -57,11 +58,14 @@ def _measure(model, n_tokens: int, reps: int, n_gpu_layers: int) -> dict:
             state = save_sequence(context, 0)
             save = time.perf_counter() - started
             started = time.perf_counter()
+            state = save_sequence(context, 0, state.obj)  # into the buffer of a state freed before, as the Engine
+            save_reused = time.perf_counter() - started
+            started = time.perf_counter()
             restore_sequence(context, 1, state, tokens)
             context.synchronize()
             restore = time.perf_counter() - started
-            runs.append({"recompute_s": round(recompute, 5), "save_s": round(save, 5), "restore_s": round(restore, 5),
-                         "bytes": len(state)})
+            runs.append({"recompute_s": round(recompute, 5), "save_s": round(save, 5),
+                         "save_reused_s": round(save_reused, 5), "restore_s": round(restore, 5), "bytes": len(state)})
         # the token after the prompt, decoded after the computed state and after the restored one
         computed = context.logits(context.decode_batch([(0, probe, n_tokens, True)])[0])
         restored = context.logits(context.decode_batch([(1, probe, n_tokens, True)])[0])
@@ -71,7 +75,8 @@ def _measure(model, n_tokens: int, reps: int, n_gpu_layers: int) -> dict:
         return round(statistics.median(r[key] for r in runs), 5)
 
     row = {"tokens": n_tokens, "bytes": runs[-1]["bytes"], "bytes_per_token": runs[-1]["bytes"] // n_tokens,
-           "recompute_s": median("recompute_s"), "save_s": median("save_s"), "restore_s": median("restore_s"),
+           "recompute_s": median("recompute_s"), "save_s": median("save_s"), "save_reused_s": median("save_reused_s"),
+           "restore_s": median("restore_s"),
            "restored_logits_equal": equal, "runs": runs}
     row["restore_speedup"] = round(row["recompute_s"] / max(row["restore_s"], 1e-9), 1)
     return row
@@ -96,7 +101,8 @@ def main() -> None:
         for n in (int(c) for c in args.contexts.split(",")):
             row = _measure(model, n, args.reps, args.gpu_layers)
             rows.append(row)
-            print(f"{n:5} tokens: {row['bytes'] / 2**20:7.1f} MiB  save {row['save_s'] * 1e3:8.2f} ms  restore "
+            print(f"{n:5} tokens: {row['bytes'] / 2**20:7.1f} MiB  save {row['save_s'] * 1e3:8.2f} ms (into a "
+                  f"reused buffer {row['save_reused_s'] * 1e3:8.2f} ms)  restore "
                   f"{row['restore_s'] * 1e3:8.2f} ms  recompute {row['recompute_s'] * 1e3:9.2f} ms  "
                   f"(restore {row['restore_speedup']}x faster; logits equal: {row['restored_logits_equal']})",
                   flush=True)

@@ -364,7 +364,7 @@ class _Session:
     def __init__(self, name: str) -> None:
         self.name = name
         self.slot: _Slot | None = None
-        self.state: bytes | bytearray | None = None
+        self.state: bytes | bytearray | memoryview | None = None
         self.cached: list[int] = []
         self.kinds = b""
         self.last_used = time.perf_counter()
@@ -384,21 +384,25 @@ class SessionInfo:
 
 
 @exclusive
-def save_sequence(context: Context, seq_id: int) -> bytearray:
-    """The KV state of one sequence of `context` as bytes (llama_state_seq_get_data), for restore_sequence."""
+def save_sequence(context: Context, seq_id: int, buffer: bytearray | None = None) -> memoryview:
+    """The KV state of one sequence of `context` (llama_state_seq_get_data), for restore_sequence: a view of
+    the bytes written into `buffer` when it is large enough, else into a new bytearray (the view's `obj`).
+    Reusing the buffer of a state no longer needed matters: the first touch of fresh memory (zeroing, page
+    faults) cost several times the copy itself (benchmarks/engine_sessions.py, save_s against save_reused_s)."""
     ptr = context._ptr
     size = C.llama_state_seq_get_size(ptr, seq_id)
-    data = bytearray(size)
-    written = native_call(C.llama_state_seq_get_data, ptr, ffi.from_buffer("uint8_t[]", data), size, seq_id,
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+    written = native_call(C.llama_state_seq_get_data, ptr, ffi.from_buffer("uint8_t[]", buffer), size, seq_id,
                           error=lambda reason: LlmplaceError(f"llama.cpp could not save sequence {seq_id}'s state: "
                                                              f"{reason}"),
                           failed=lambda n: n == 0 or n > size)
-    del data[written:]
-    return data
+    return memoryview(buffer)[:written]
 
 
 @exclusive
-def restore_sequence(context: Context, seq_id: int, data: bytes | bytearray, tokens: Sequence[int]) -> None:
+def restore_sequence(context: Context, seq_id: int, data: bytes | bytearray | memoryview,
+                     tokens: Sequence[int]) -> None:
     """Make sequence `seq_id` hold the state `data` (from save_sequence, of a context of the same model and
     slot size), which holds `tokens`. Raises InvalidParameterError, with llama.cpp's reason, when llama.cpp
     refuses the bytes; the sequence is then empty."""
@@ -495,6 +499,9 @@ class Engine:
         self.max_session_bytes = max_session_bytes
         self._sessions: dict[str, _Session] = {}
         self._session_bytes = 0   # host memory the saved states take together
+        # the buffer of the state freed last, for the next save to write into (see save_sequence); host memory
+        # beyond max_session_bytes by at most one state
+        self._spare_buffer: bytearray | None = None
         self._wake = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="llmplace-engine", daemon=True)
@@ -651,8 +658,18 @@ class Engine:
             record.slot.session = None
         record.slot = None
         if record.state is not None:
-            self._session_bytes -= len(record.state)
-            record.state = None
+            self._free_state(record)
+
+    def _free_state(self, record: _Session) -> None:
+        """Take a session's saved state out of host memory (under _wake); its buffer becomes the spare one."""
+        state = record.state
+        if state is None:
+            return
+        self._session_bytes -= len(state)
+        record.state, record.cached, record.kinds = None, [], b""
+        buffer = state.obj if isinstance(state, memoryview) else None
+        if isinstance(buffer, bytearray) and (self._spare_buffer is None or len(buffer) > len(self._spare_buffer)):
+            self._spare_buffer = buffer
 
     def close(self) -> None:
         """Stop the scheduler (a decode in flight is aborted), end every unfinished request with ClosedError,
@@ -780,8 +797,7 @@ class Engine:
         if record is not None:
             with self._wake:
                 if record.state is not None:  # restored, or no longer what the session holds: free it
-                    self._session_bytes -= len(record.state)
-                    record.state, record.cached, record.kinds = None, [], b""
+                    self._free_state(record)
                 if self._sessions.get(record.name) is record:  # (not dropped meanwhile)
                     record.slot, target.session = target, record
                     record.last_used = time.perf_counter()
@@ -808,8 +824,10 @@ class Engine:
             slot.session = None
         data = None
         if self.max_session_bytes > 0 and slot.cached:
+            with self._wake:
+                buffer, self._spare_buffer = self._spare_buffer, None
             try:
-                data = save_sequence(self._context, slot.seq_id)
+                data = save_sequence(self._context, slot.seq_id, buffer)
             except LlmplaceError as exc:
                 if self._closing or self._context._lifetime.closing:
                     raise
