@@ -30,7 +30,9 @@ import numpy as np
 
 from ._ffi import C, ffi
 from ._handle import NativeObject
+from .grammar_mask import GrammarMask
 from .errors import InvalidParameterError, LlmplaceError, TemplateError
+from .native_errors import native_call
 
 TOOL_CHOICES = ("auto", "required", "none")
 # llama-server's --reasoning-format names: "none" leaves thinking inline in content; "auto" / "deepseek" put it in
@@ -355,7 +357,11 @@ class ReplyStream:
         return deltas
 
 
-class ToolCallGrammar(NativeObject):
+def _grammar_refused(reason: str) -> ToolSchemaError:
+    return ToolSchemaError(f"llama.cpp could not build the tool-call grammar: {reason}")
+
+
+class ToolCallGrammar(GrammarMask):
     """The grammar common/chat built for a request, as a constraint on generation (apply(logits) masks what it
     forbids, accept(token) advances it). Lazy for tool_choice "auto": free text until a trigger word, pattern or
     token appears, then only a well-formed call. Not lazy ("required", a named function): the grammar's first
@@ -386,14 +392,13 @@ class ToolCallGrammar(NativeObject):
             c_patterns = ffi.new("char *[]", keep) if keep else ffi.NULL
             c_tokens = ffi.new("llama_token[]", tokens) if tokens else ffi.NULL
             with model._lifetime:
-                sampler = C.llama_sampler_init_grammar_lazy_patterns(vocab._ptr, grammar, b"root", c_patterns,
-                                                                     len(keep), c_tokens, len(tokens))
+                sampler = native_call(C.llama_sampler_init_grammar_lazy_patterns, vocab._ptr, grammar, b"root",
+                                      c_patterns, len(keep), c_tokens, len(tokens), error=_grammar_refused)
         else:
             with model._lifetime:
-                sampler = C.llama_sampler_init_grammar(vocab._ptr, grammar, b"root")
-        if sampler == ffi.NULL:
-            raise ToolSchemaError("llama.cpp could not build the tool-call grammar (its log says why)")
-        self._own(sampler, C.llama_sampler_free)
+                sampler = native_call(C.llama_sampler_init_grammar, vocab._ptr, grammar, b"root",
+                                      error=_grammar_refused)
+        self._bind(sampler, model.n_vocab)
         if not rendered.grammar_lazy and rendered.generation_prompt:
             prefill = vocab.tokenize(rendered.generation_prompt, add_special=False, parse_special=True)
             for i, token in enumerate(prefill):
@@ -402,35 +407,6 @@ class ToolCallGrammar(NativeObject):
                 if i == 0 and piece[:1].isspace() and not rendered.generation_prompt[:1].isspace():
                     continue
                 self.accept(token)
-        n = model.n_vocab
-        self._data = ffi.new("llama_token_data[]", n)
-        self._array = ffi.new("llama_token_data_array *")
-        self._n = n
-        self._view = np.frombuffer(ffi.buffer(self._data), dtype=np.dtype(
-            [("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True))
-        self._ids = np.arange(n, dtype=np.int32)
-
-    def apply(self, logits: np.ndarray) -> None:
-        """Set the logits of tokens the grammar forbids next to -inf, in place."""
-        view = self._view
-        view["id"] = self._ids
-        view["logit"] = logits
-        view["p"] = 0.0
-        array = self._array
-        array.data, array.size, array.selected, array.sorted = self._data, self._n, -1, False
-        with self._lifetime:
-            C.llama_sampler_apply(self._ptr, array)
-        if array.size != self._n:  # the grammar sampler masks rather than drops; kept for safety
-            masked = np.full(self._n, -np.inf, dtype=np.float32)
-            kept = view[:array.size]
-            masked[kept["id"]] = kept["logit"]
-            logits[:] = masked
-        else:
-            logits[view["id"]] = view["logit"]
-
-    def accept(self, token: int) -> None:
-        with self._lifetime:
-            C.llama_sampler_accept(self._ptr, token)
 
 
 class ThinkingBudget:

@@ -21,7 +21,8 @@ ALLOWED_CYCLES = [
     # _completion, built by LlamaTokenizer.from_ggml_file) or use llama.py's StoppingCriteriaList, as upstream's
     # do. Each of them is upstream's public module (or one split off llama.py to keep it under ~600 lines), so
     # the circle is the shape code written against llama-cpp-python imports, kept so that it runs unchanged.
-    {"llmplace.compat._chat", "llmplace.compat._completion", "llmplace.compat.llama",
+    # _chat_tools (tools and reasoning, split off _chat) takes a Llama and _chat's helpers like _chat does.
+    {"llmplace.compat._chat", "llmplace.compat._chat_tools", "llmplace.compat._completion", "llmplace.compat.llama",
      "llmplace.compat.llama_chat_format", "llmplace.compat.llama_tokenizer"},
 ]
 

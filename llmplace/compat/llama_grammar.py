@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 from .._ffi import C, ffi
-from .._handle import NativeObject
 from ..errors import InvalidParameterError
+from ..grammar_mask import GrammarMask
 from ..native_errors import native_call
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
@@ -229,9 +228,9 @@ def grammar_text(grammar) -> tuple[str, str]:
     return text, getattr(grammar, "_root", LLAMA_GRAMMAR_DEFAULT_ROOT)
 
 
-class GrammarConstraint(NativeObject):
-    """llama.cpp's grammar sampler for one model, applied to a logits buffer before the sampler chain draws:
-    tokens the grammar does not allow next get -inf. `accept(token)` advances the grammar."""
+class GrammarConstraint(GrammarMask):
+    """llama.cpp's grammar sampler for one model (GBNF text, a LlamaGrammar, llama-cpp-python's LlamaGrammar),
+    as a mask on a logits buffer before the sampler chain draws (grammar_mask.GrammarMask)."""
 
     _closed_message = "this grammar constraint is closed"
 
@@ -245,34 +244,4 @@ class GrammarConstraint(NativeObject):
                                   root.encode("utf-8"), error=lambda reason: InvalidParameterError(
                                       f"llama.cpp rejected the grammar: {reason}. Check its GBNF syntax (rule "
                                       f"'{root}' must exist)"))
-        self._own(sampler, C.llama_sampler_free)
-        n = model.n_vocab
-        self._data = ffi.new("llama_token_data[]", n)
-        self._array = ffi.new("llama_token_data_array *")
-        self._n = n
-        # A numpy view of the C array: filling and reading 150k+ numbers stays out of Python loops.
-        self._view = np.frombuffer(ffi.buffer(self._data), dtype=np.dtype(
-            [("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True))
-        self._ids = np.arange(n, dtype=np.int32)
-
-    def apply(self, logits: np.ndarray) -> None:
-        """Set the logits of tokens the grammar forbids next to -inf, in place."""
-        view = self._view
-        view["id"] = self._ids
-        view["logit"] = logits
-        view["p"] = 0.0
-        array = self._array
-        array.data, array.size, array.selected, array.sorted = self._data, self._n, -1, False
-        with self._lifetime:  # close() in another thread waits for it
-            C.llama_sampler_apply(self._ptr, array)
-        if array.size != self._n:  # never seen: the grammar sampler masks, it does not drop candidates
-            masked = np.full(self._n, -np.inf, dtype=np.float32)
-            kept = view[:array.size]
-            masked[kept["id"]] = kept["logit"]
-            logits[:] = masked
-        else:
-            logits[view["id"]] = view["logit"]
-
-    def accept(self, token: int) -> None:
-        with self._lifetime:
-            C.llama_sampler_accept(self._ptr, token)
+        self._bind(sampler, model.n_vocab)

@@ -1,0 +1,53 @@
+"""A llama.cpp grammar sampler used as a mask on a logits buffer: tokens the grammar does not allow next get
+-inf (`apply`), and `accept(token)` advances it. The drop-in's grammars (compat.llama_grammar.GrammarConstraint)
+and the tool-call grammars of llama.cpp's chat layer (chat_tools.ToolCallGrammar) differ only in how their
+sampler is made: both are this class once it is.
+
+The mask runs on the logits a caller holds (after its logits processors), before the sampler chain draws from
+them, as llama-cpp-python applies its grammars: so the chain itself stays the one `sampling.Sampler` builds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._ffi import C, ffi
+from ._handle import NativeObject
+
+
+class GrammarMask(NativeObject):
+    """Subclasses create the grammar sampler (under the model's lifetime) and hand it to `_bind`."""
+
+    def _bind(self, sampler: Any, n_vocab: int) -> None:
+        self._own(sampler, C.llama_sampler_free)
+        self._data = ffi.new("llama_token_data[]", n_vocab)
+        self._array = ffi.new("llama_token_data_array *")
+        self._n = n_vocab
+        # A numpy view of the C array: filling and reading 150k+ numbers stays out of Python loops.
+        self._view = np.frombuffer(ffi.buffer(self._data), dtype=np.dtype(
+            [("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True))
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Set the logits of tokens the grammar forbids next to -inf, in place."""
+        view = self._view
+        view["id"] = self._ids
+        view["logit"] = logits
+        view["p"] = 0.0
+        array = self._array
+        array.data, array.size, array.selected, array.sorted = self._data, self._n, -1, False
+        with self._lifetime:  # close() in another thread waits for it
+            C.llama_sampler_apply(self._ptr, array)
+        if array.size != self._n:  # never seen: the grammar sampler masks, it does not drop candidates
+            masked = np.full(self._n, -np.inf, dtype=np.float32)
+            kept = view[:array.size]
+            masked[kept["id"]] = kept["logit"]
+            logits[:] = masked
+        else:
+            logits[view["id"]] = view["logit"]
+
+    def accept(self, token: int) -> None:
+        with self._lifetime:
+            C.llama_sampler_accept(self._ptr, token)
