@@ -31,7 +31,7 @@ from ..compat import Llama, UnsupportedFeatureError
 from ..engine import Engine
 from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError, OutOfMemoryError
 from .defaults import MAX_QUEUE
-from .batching import BatchedGeneration, engine_occupancy
+from .batching import BatchedGeneration
 from .metrics import Metrics
 
 MAX_BODY_BYTES = 16 << 20  # a prompt filling a 1M-token context is ~4 MB of text
@@ -326,7 +326,7 @@ class ModelService:
         if self.batched is None:
             return {"slots_busy": self.busy, "slots_total": 1, "queue_depth": self.waiting,
                     "serial_busy": self.busy > 0}
-        engine_busy, engine_waiting = engine_occupancy(self.batched.engine)
+        engine_busy, engine_waiting = self.batched.engine.occupancy()
         return {"slots_busy": engine_busy, "slots_total": self.batched.engine.slots,
                 "queue_depth": engine_waiting + self.waiting, "serial_busy": self.busy > 0}
 

@@ -58,14 +58,6 @@ def _thinks(llama: Llama) -> bool:
     return traits is not None and traits.supports_thinking
 
 
-def engine_occupancy(engine: Engine) -> tuple[int, int]:
-    """(slots busy, requests waiting for a slot) of a running Engine.
-
-    Read under the engine's own lock from its scheduler state: Engine has no public accessor for these yet."""
-    with engine._wake:
-        return sum(slot.request is not None for slot in engine._slots), len(engine._waiting)
-
-
 class BatchedGeneration:
     """The engine path of one server: which requests it takes, and the request → EngineRequest → dict steps."""
 
