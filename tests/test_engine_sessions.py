@@ -10,6 +10,7 @@ import pytest
 
 import llmplace
 from llmplace.context import Context
+from llmplace.engine import FA_TILE_ROWS
 from llmplace.errors import InvalidParameterError, UnknownKeywordError
 
 THREADS = 1  # as tests/test_engine.py: a lone run with the engine's thread count
@@ -21,7 +22,7 @@ def opening(topic: str) -> str:
     # > FA_TILE_ROWS tokens: the first turn's rows are computed by the tiled kernel, as a lone run of a later
     # (longer) prompt computes them, so a kept or restored state is reusable under exact=True
     return (f"A short history of {topic}. " + f"The story of {topic} is long and full of storms, trade and "
-            "quarrels, and every family in town has a part in it. " * 5 + f"Question: who built {topic}?\nAnswer:")
+            "quarrels, and every family in town has a part in it. " * 2 + f"Question: who built {topic}?\nAnswer:")
 
 
 def alone(model, tokens: list[int]) -> llmplace.Generation:
@@ -60,6 +61,7 @@ def test_six_sessions_over_two_slots_equal_lone_runs_kept_restored_or_dropped(sm
     names = [f"chat-{i}" for i in range(6)]
     with llmplace.Engine(smollm2, slots=2, n_ctx=1024, n_threads=THREADS) as engine:
         prompts = {name: smollm2.tokenize(opening(topic)) for name, topic in zip(names, TOPICS)}
+        assert min(len(p) for p in prompts.values()) > FA_TILE_ROWS
         cached = run_turns(engine, smollm2, names, prompts, turns=3)
         sessions = engine.sessions()
         assert sorted(s.id for s in sessions) == names
