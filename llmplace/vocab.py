@@ -87,8 +87,33 @@ class Vocab:
         return self._special(self._call(C.llama_vocab_pad))
 
     @property
+    def cls(self) -> int | None:
+        return self._special(self._call(C.llama_vocab_cls))
+
+    @property
+    def sep(self) -> int | None:
+        return self._special(self._call(C.llama_vocab_sep))
+
+    @property
+    def fim_tokens(self) -> tuple[int | None, int | None, int | None]:
+        """The fill-in-the-middle markers: (prefix, suffix, middle)."""
+        return (self._special(self._call(C.llama_vocab_fim_pre)), self._special(self._call(C.llama_vocab_fim_suf)),
+                self._special(self._call(C.llama_vocab_fim_mid)))
+
+    @property
     def add_bos(self) -> bool:
         return bool(self._call(C.llama_vocab_get_add_bos))
+
+    @property
+    def add_eos(self) -> bool:
+        return bool(self._call(C.llama_vocab_get_add_eos))
+
+    @property
+    def kind(self) -> str:
+        """The tokenizer type: "SPM", "BPE", "WPM", "UGM", "RWKV" (or "none"/"?" for others)."""
+        kinds = {C.LLAMA_VOCAB_TYPE_NONE: "none", C.LLAMA_VOCAB_TYPE_SPM: "SPM", C.LLAMA_VOCAB_TYPE_BPE: "BPE",
+                 C.LLAMA_VOCAB_TYPE_WPM: "WPM", C.LLAMA_VOCAB_TYPE_UGM: "UGM", C.LLAMA_VOCAB_TYPE_RWKV: "RWKV"}
+        return kinds.get(self._call(C.llama_vocab_type), "?")
 
     def is_eog(self, token: int) -> bool:
         """Does this token end generation (EOS, EOT, or another end-of-generation token)?"""
@@ -118,9 +143,25 @@ class Vocab:
 
     def token_text(self, token: int) -> str:
         """The token's entry in the vocabulary, as stored (e.g. 'Ġhello' for byte-level BPE)."""
+        return self.token_bytes(token).decode("utf-8", errors="replace")
+
+    def first_text_difference(self, other: Vocab, start: int = 0) -> tuple[int, bytes, bytes] | None:
+        """(id, this text, other text) of the first token id >= start whose stored text differs between the two
+        vocabularies, over the ids both have; None when they agree (what a draft model's check compares)."""
+        get = C.llama_vocab_get_text
+        with self._model._lifetime, other._model._lifetime:
+            mine, theirs = self._ptr, other._ptr
+            for i in range(start, min(self.n_tokens, other.n_tokens)):
+                a, b = ffi.string(get(mine, i)), ffi.string(get(theirs, i))
+                if a != b:
+                    return i, a, b
+        return None
+
+    def token_bytes(self, token: int) -> bytes:
+        """token_text's bytes, undecoded (what comparing two vocabularies compares)."""
         self._check_token(token)
         with self._model._lifetime:
-            return ffi.string(C.llama_vocab_get_text(self._ptr, token)).decode("utf-8", errors="replace")
+            return ffi.string(C.llama_vocab_get_text(self._ptr, token))
 
     # ---- conversion ----
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._ffi import C
 from ..chat_tools import ToolCallGrammar
 from ..context_lock import GenerationHold
 from ..errors import ContextOverflowError, InvalidParameterError
@@ -37,9 +36,9 @@ _NO_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: "pick a random seed"
 
 
 # ---- prompt ----
-def _special_token(vocab, getter) -> int:
-    token = getter(vocab._ptr)
-    return -1 if token == C.LLAMA_TOKEN_NULL else int(token)
+def _or_minus_one(token: int | None) -> int:
+    """llama-cpp-python's -1 for a special token the model does not have."""
+    return -1 if token is None else token
 
 
 def build_prompt(llama: Llama, prompt, suffix: str | None) -> tuple[list[int], str | None]:
@@ -50,15 +49,15 @@ def build_prompt(llama: Llama, prompt, suffix: str | None) -> tuple[list[int], s
     if not is_text and (isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__")):
         raise InvalidParameterError(f"prompt must be a str or a list of token ids, not {type(prompt).__name__}")
     bos, eos = llama.token_bos(), llama.token_eos()
-    cls, sep = _special_token(vocab, C.llama_vocab_cls), _special_token(vocab, C.llama_vocab_sep)
-    fim = [_special_token(vocab, f) for f in (C.llama_vocab_fim_pre, C.llama_vocab_fim_suf, C.llama_vocab_fim_mid)]
+    cls, sep = _or_minus_one(vocab.cls), _or_minus_one(vocab.sep)
+    fim = [_or_minus_one(token) for token in vocab.fim_tokens]
     # llama-cpp-python 0.3.36 uses token 0 for all three FIM markers (a placeholder, "TODO: Fix" upstream);
     # llmplace uses the model's real ones, and appends the suffix to the text when the model has none.
     use_fim = suffix is not None and min(fim) >= 0
     plain_tokens = not is_text and suffix is None
     bos_tokens = ([] if plain_tokens or not vocab.add_bos or (cls if cls != -1 else bos) == -1
                   else [cls if cls != -1 else bos])
-    eos_tokens = ([] if plain_tokens or (not C.llama_vocab_get_add_eos(vocab._ptr) and sep == -1)
+    eos_tokens = ([] if plain_tokens or (not vocab.add_eos and sep == -1)
                   else [sep if sep != -1 else eos])
     if is_text:
         body = llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=not use_fim) if prompt else []

@@ -8,7 +8,6 @@ import weakref
 
 import numpy as np
 
-from .._ffi import C, ffi
 from ..errors import IncompatibleDraftError, InvalidParameterError
 from ..model import Model
 from ..sampling import MAX_SEED, SamplingParams
@@ -22,13 +21,11 @@ _known_compatible: weakref.WeakKeyDictionary[Model, weakref.WeakSet[Model]] = we
 
 def first_differing_token(target: Model, draft: Model) -> tuple[int, str, str] | None:
     """(id, target text, draft text) of the first token id >= 5 whose text differs, over the ids both have."""
-    pt, pd = target.vocab._ptr, draft.vocab._ptr
-    get = C.llama_vocab_get_text
-    for i in range(VOCAB_CHECK_START, min(target.n_vocab, draft.n_vocab)):
-        a, b = get(pt, i), get(pd, i)
-        if a != b and ffi.string(a) != ffi.string(b):
-            return i, ffi.string(a).decode(errors="replace"), ffi.string(b).decode(errors="replace")
-    return None
+    differing = target.vocab.first_text_difference(draft.vocab, VOCAB_CHECK_START)
+    if differing is None:
+        return None
+    i, a, b = differing
+    return i, a.decode(errors="replace"), b.decode(errors="replace")
 
 
 def check_compatible(target: Model, draft: Model) -> None:
@@ -40,17 +37,14 @@ def check_compatible(target: Model, draft: Model) -> None:
     if known is not None and draft in known:
         return
     vt, vd = target.vocab, draft.vocab
-    pt, pd = vt._ptr, vd._ptr
     problems = []
-    if C.llama_vocab_type(pt) != C.llama_vocab_type(pd):
-        kinds = {C.LLAMA_VOCAB_TYPE_SPM: "SPM", C.LLAMA_VOCAB_TYPE_BPE: "BPE", C.LLAMA_VOCAB_TYPE_WPM: "WPM",
-                 C.LLAMA_VOCAB_TYPE_UGM: "UGM", C.LLAMA_VOCAB_TYPE_RWKV: "RWKV"}
-        problems.append(f"tokenizer types differ (target {kinds.get(C.llama_vocab_type(pt), '?')}, draft "
-                        f"{kinds.get(C.llama_vocab_type(pd), '?')})")
-    for what, add, tok in (("BOS", C.llama_vocab_get_add_bos, "bos"), ("EOS", C.llama_vocab_get_add_eos, "eos")):
-        if add(pt) != add(pd) or (add(pt) and getattr(vt, tok) != getattr(vd, tok)):
-            problems.append(f"{what} handling differs (target adds {what}: {bool(add(pt))}, id {getattr(vt, tok)}; "
-                            f"draft adds: {bool(add(pd))}, id {getattr(vd, tok)})")
+    if vt.kind != vd.kind:
+        problems.append(f"tokenizer types differ (target {vt.kind}, draft {vd.kind})")
+    for what, adds, tok in (("BOS", "add_bos", "bos"), ("EOS", "add_eos", "eos")):
+        at, ad = getattr(vt, adds), getattr(vd, adds)
+        if at != ad or (at and getattr(vt, tok) != getattr(vd, tok)):
+            problems.append(f"{what} handling differs (target adds {what}: {at}, id {getattr(vt, tok)}; "
+                            f"draft adds: {ad}, id {getattr(vd, tok)})")
     nt, nd = vt.n_tokens, vd.n_tokens
     if abs(nt - nd) > VOCAB_MAX_SIZE_DIFFERENCE:
         problems.append(f"vocabulary sizes differ by more than {VOCAB_MAX_SIZE_DIFFERENCE} (target {nt}, draft {nd})")
