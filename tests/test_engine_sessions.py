@@ -125,6 +125,27 @@ def test_a_state_llama_cpp_refuses_is_computed_again_with_a_warning(smollm2, dam
         assert [(s.id, s.where) for s in engine.sessions()] == [("b", "host"), ("a", "slot 0")]
 
 
+def test_save_and_restore_sequence_give_the_computed_logits_and_reuse_a_buffer(smollm2):
+    import numpy as np
+
+    from llmplace.engine import restore_sequence, save_sequence
+
+    tokens = smollm2.tokenize(opening("the market"))
+    with Context(smollm2, n_ctx=1024, n_seq_max=2, n_threads=THREADS, extra_params={"kv_unified": False}) as ctx:
+        ctx.decode_batch([(1, t, i, False) for i, t in enumerate(tokens)])
+        state = save_sequence(ctx, 1)
+        bigger = bytearray(len(state) + 100)
+        again = save_sequence(ctx, 1, bigger)   # into a buffer freed before: no new memory
+        assert again.obj is bigger and bytes(again) == bytes(state)
+        restore_sequence(ctx, 0, again, tokens)
+        assert ctx.tokens == tokens and ctx.sequence_length(0) == len(tokens)
+        rows = ctx.decode_batch([(s, tokens[0], len(tokens), True) for s in (0, 1)])
+        assert np.array_equal(ctx.logits(rows[0]), ctx.logits(rows[1]))
+        with pytest.raises(InvalidParameterError, match="refused the saved state"):
+            restore_sequence(ctx, 0, bytes(state)[:len(state) // 2], tokens)
+        assert ctx.tokens == [] and ctx.sequence_length(0) == 0
+
+
 def test_bad_session_arguments_raise_typed_errors(smollm2):
     with pytest.raises(InvalidParameterError, match="max_session_bytes"):
         llmplace.Engine(smollm2, slots=1, n_ctx=256, max_session_bytes=-1)
