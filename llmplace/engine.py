@@ -660,15 +660,18 @@ class Engine:
         if record.state is not None:
             self._free_state(record)
 
-    def _free_state(self, record: _Session) -> None:
-        """Take a session's saved state out of host memory (under _wake); its buffer becomes the spare one."""
+    def _free_state(self, record: _Session, *, spare: bool = False) -> None:
+        """Take a session's saved state out of host memory (under _wake). spare: its buffer becomes the one the
+        next save writes into; only where nothing may still read it (after its restore, on the scheduler
+        thread: a state dropped meanwhile may be the one _admit is about to restore)."""
         state = record.state
         if state is None:
             return
         self._session_bytes -= len(state)
         record.state, record.cached, record.kinds = None, [], b""
         buffer = state.obj if isinstance(state, memoryview) else None
-        if isinstance(buffer, bytearray) and (self._spare_buffer is None or len(buffer) > len(self._spare_buffer)):
+        if spare and isinstance(buffer, bytearray) and (self._spare_buffer is None
+                                                        or len(buffer) > len(self._spare_buffer)):
             self._spare_buffer = buffer
 
     def close(self) -> None:
@@ -751,6 +754,7 @@ class Engine:
                 record = self._sessions.get(request.session)
                 if record is None:
                     record = self._sessions[request.session] = _Session(request.session)
+                record.last_used = time.perf_counter()  # speaking now: not the least recently used to drop
             free = [slot for slot in self._slots if slot.request is None]
             if record is not None and record.slot is not None and record.slot.request is None:
                 candidates = [record.slot]  # the session's own cache, kept in its slot
@@ -797,7 +801,7 @@ class Engine:
         if record is not None:
             with self._wake:
                 if record.state is not None:  # restored, or no longer what the session holds: free it
-                    self._free_state(record)
+                    self._free_state(record, spare=True)
                 if self._sessions.get(record.name) is record:  # (not dropped meanwhile)
                     record.slot, target.session = target, record
                     record.last_used = time.perf_counter()
