@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from .errors import BuildError
 
@@ -35,15 +36,20 @@ LIB_DIR = PACKAGE_NATIVE_DIR / "lib"
 # directory): run them with cwd=LIB_DIR.
 BIN_DIR = PACKAGE_NATIVE_DIR / "bin"
 
+# A cffi pointer, array or struct (what `ffi.new`, `ffi.cast` and `C`'s functions return). cffi checks these at
+# run time and mypy cannot see their C types: they are Any here, and annotations name them CData.
+CData = Any
 
-def c_string(value: "ffi.CData") -> str:
+
+def c_string(value: CData) -> str:
     """Decode a NUL-terminated C string (NULL → empty string); invalid UTF-8 is replaced, not raised."""
     if value == ffi.NULL:
         return ""
-    return ffi.string(value).decode("utf-8", errors="replace")
+    text: str = ffi.string(value).decode("utf-8", errors="replace")
+    return text
 
 
-def read_c_string_into_buffer(fill, initial_size: int = 256) -> str:
+def read_c_string_into_buffer(fill: Callable[[CData, int], int], initial_size: int = 256) -> str:
     """Call `fill(buf, size)`, a llama.cpp-style function that returns the length it needs, growing the
     buffer once when the first one was too small."""
     size = initial_size
@@ -53,12 +59,12 @@ def read_c_string_into_buffer(fill, initial_size: int = 256) -> str:
         if n < 0:
             return ""
         if n < size:
-            return ffi.unpack(buf, n).decode("utf-8", errors="replace")
+            return str(ffi.unpack(buf, n).decode("utf-8", errors="replace"))
         size = n + 1
-    return ffi.unpack(buf, size - 1).decode("utf-8", errors="replace")
+    return str(ffi.unpack(buf, size - 1).decode("utf-8", errors="replace"))
 
 
-def null_terminated(ctype: str, items: Sequence) -> "ffi.CData":
+def null_terminated(ctype: str, items: Sequence[Any]) -> CData:
     """A C array of `ctype` holding `items` and then one zeroed element: llama.cpp's NULL-terminated lists (devices,
     tensor buffer type overrides). An item is a value of `ctype` (a pointer) or, for a struct, a dict of its fields.
     The caller keeps the array (and what its items point to) alive while llama.cpp reads it."""
@@ -73,12 +79,12 @@ def null_terminated(ctype: str, items: Sequence) -> "ffi.CData":
 # ggml_backend_score, the CPU backend's ggml_threadpool_pause). They are found as ggml finds them, with dlopen and
 # dlsym, called through a second, tiny cffi FFI in ABI mode; the address is then cast to the real signature on
 # `ffi`, so calls are typed by the compiled module's own declarations.
-_dl = None
-_dl_ffi = None
+_dl: SimpleNamespace | None = None
+_dl_ffi: Any = None  # a cffi.FFI, made at the first use
 _dl_lock = threading.Lock()
 
 
-def _dynamic_loader():
+def _dynamic_loader() -> SimpleNamespace:
     global _dl, _dl_ffi
     with _dl_lock:
         if _dl is None:
@@ -102,7 +108,7 @@ class SharedLibrary:
     releases this handle; a function taken from it must not be called after that unless the library is loaded
     elsewhere too (as ggml keeps the backend modules it loaded)."""
 
-    def __init__(self, path: str | os.PathLike, *, already_loaded: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, already_loaded: bool = False) -> None:
         dl = _dynamic_loader()
         self.path = Path(path)
         flags = os.RTLD_NOW | os.RTLD_LOCAL | (os.RTLD_NOLOAD if already_loaded else 0)
@@ -112,7 +118,7 @@ class SharedLibrary:
             raise OSError(_dl_ffi.string(reason).decode("utf-8", "replace") if reason != _dl_ffi.NULL
                           else f"{self.path}: not loaded")
 
-    def function(self, name: str, signature: str):
+    def function(self, name: str, signature: str) -> CData | None:
         """The library's function `name` as a function pointer of `signature` (a type of `ffi`, e.g.
         "int (*)(void)"), or None when the library does not export it."""
         if self._handle is None:
@@ -127,8 +133,8 @@ class SharedLibrary:
             _dynamic_loader().dlclose(self._handle)
             self._handle = None
 
-    def __enter__(self) -> "SharedLibrary":
+    def __enter__(self) -> SharedLibrary:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

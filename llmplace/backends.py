@@ -12,9 +12,10 @@ import importlib.util
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import logs, rpc
-from ._ffi import LIB_DIR, C, SharedLibrary, c_string, ffi
+from ._ffi import LIB_DIR, C, CData, SharedLibrary, c_string, ffi
 from .errors import BuildError, DeviceNotFoundError
 
 # Plugin distributions (one GPU backend each) install a package of this name holding libggml-<name>.so.
@@ -72,11 +73,11 @@ class NativeDevice:
         """(free, total) bytes as the backend reports them now (see `device_memory`)."""
         return device_memory(self.ptr)
 
-    def buffer_type(self):
+    def buffer_type(self) -> CData:
         """The device's default buffer type (ggml_backend_buffer_type_t)."""
         return C.ggml_backend_dev_buffer_type(self.ptr)
 
-    def host_buffer_type(self):
+    def host_buffer_type(self) -> CData:
         """The device's pinned host memory buffer type, or NULL when it has none (the CPU, RPC)."""
         return C.ggml_backend_dev_host_buffer_type(self.ptr)
 
@@ -97,7 +98,7 @@ def native_devices() -> list[NativeDevice]:
     return found
 
 
-def device_memory(dev) -> tuple[int, int]:
+def device_memory(dev: CData) -> tuple[int, int]:
     """(free, total) bytes of a ggml device (ggml_backend_dev_t), as its backend reports them now. For the CPU
     that is all of the host's RAM; `Device.memory_free` gives the honest figure (see `_host_available`)."""
     free, total = ffi.new("size_t *"), ffi.new("size_t *")
@@ -117,7 +118,7 @@ def plugin_mismatch(folder: Path) -> str | None:
     from ._version import __version__
 
     info_path = folder / "_build_info.py"
-    info: dict = {}
+    info: dict[str, object] = {}
     try:
         exec(compile(info_path.read_text(), str(info_path), "exec"), info)  # noqa: S102 - our own build's file
     except OSError:
@@ -225,7 +226,7 @@ def ensure_initialized() -> None:
         _initialized = True
 
 
-def cpu_backend_function(name: str, signature: str):
+def cpu_backend_function(name: str, signature: str) -> CData:
     """A function of the CPU backend module, e.g. ggml_threadpool_new. With dynamically loaded backends
     these are not link-time symbols; they are reached through the backend registry's proc-address table."""
     ensure_initialized()
@@ -237,10 +238,10 @@ def cpu_backend_function(name: str, signature: str):
 
 
 _cpu_pause_lock = threading.Lock()
-_cpu_pause: list = []  # once looked up: [the function or None, the module handle that keeps it valid]
+_cpu_pause: list[Any] = []  # once looked up: [the function or None, the module handle that keeps it valid]
 
 
-def cpu_threadpool_pause():
+def cpu_threadpool_pause() -> CData | None:
     """ggml_threadpool_pause of the loaded CPU backend module, as a cffi function pointer
     (void (*)(struct ggml_threadpool *)), or None where it cannot be found (then threads are not paused: correct,
     only slower). At the pinned commit the CPU backend's ggml_backend_reg_get_proc_address offers
@@ -261,7 +262,7 @@ def cpu_threadpool_pause():
         return _cpu_pause[0]
 
 
-def buffer_type(target: str):
+def buffer_type(target: str) -> tuple[CData, str]:
     """Resolve a placement target to (buffer type handle, its name).
 
     Accepted: "cpu"; "gpu" / "gpu:N" (the N-th GPU, in ggml's device order); "cuda_host" / "gpu_host:N"

@@ -6,18 +6,23 @@ import functools
 import numbers
 import os
 import weakref
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Mapping, ParamSpec, Sequence, TypeVar
 
 import numpy as np
 
 from ._handle import NativeObject
 from .backends import cpu_backend_function
-from ._ffi import C, ffi
+from ._ffi import C, CData, ffi
 from .c_values import FLASH_ATTN_TYPES, INT32, integer, set_fields
 from .context_lock import BUSY_MESSAGE, ContextLock  # noqa: F401 - BUSY_MESSAGE: where callers found it
 from .errors import ContextOverflowError, InvalidParameterError, OutOfMemoryError, check
 from .model import Model
 from .native_errors import NO_REASON, native_call
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from .lora import LoRA
 
 # KV-cache element types accepted for type_k / type_v.
 KV_TYPES = {
@@ -67,17 +72,17 @@ def default_threads() -> int:
     return max(1, min(len(cores), int(len(cpus) - busy + 0.5)))
 
 
-def _positive_int(name: str, value, upper: int) -> int:
+def _positive_int(name: str, value: object, upper: int) -> int:
     return integer(name, value, 1, upper)
 
 
-def _thread_pool_functions():
+def _thread_pool_functions() -> tuple[CData, CData]:
     new = cpu_backend_function("ggml_threadpool_new", "struct ggml_threadpool *(*)(struct ggml_threadpool_params *)")
     free = cpu_backend_function("ggml_threadpool_free", "void (*)(struct ggml_threadpool *)")
     return new, free
 
 
-def _attach_thread_pools(handle, n_threads: int, n_threads_batch: int) -> list:
+def _attach_thread_pools(handle: CData, n_threads: int, n_threads_batch: int) -> list[CData]:
     new, _ = _thread_pool_functions()
     pools = []
     for n in dict.fromkeys((n_threads, n_threads_batch)):  # one pool per distinct thread count
@@ -90,14 +95,14 @@ def _attach_thread_pools(handle, n_threads: int, n_threads_batch: int) -> list:
     return pools
 
 
-def _free_context(handle, pools) -> None:
+def _free_context(handle: CData, pools: list[CData]) -> None:
     C.llama_free(handle)  # first: the context's backend still points at the pools
     _, free = _thread_pool_functions()
     for pool in pools:
         free(pool)
 
 
-def _raise_flag(flag) -> None:
+def _raise_flag(flag: CData) -> None:
     flag[0] = 1
 
 
@@ -110,12 +115,15 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int], start: int = 0, lim
     return n
 
 
-def exclusive(method):
+_Args = ParamSpec("_Args")
+_Result = TypeVar("_Result")
+
+
+def exclusive(method: Callable[Concatenate[Context, _Args], _Result]) -> Callable[Concatenate[Context, _Args], _Result]:
     """Run a Context method only when no other thread is using the context (else BusyError, never a corrupted
     cache) and inside a use of it (close() from another thread waits for the call to return). Calls nest, and
     the thread running a generation held on the context may make them (see context_lock)."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
+    def run(self: Context, /, *args: _Args.args, **kwargs: _Args.kwargs) -> _Result:
         claim = self._claim
         claim.enter_call()
         try:
@@ -123,6 +131,7 @@ def exclusive(method):
                 return method(self, *args, **kwargs)
         finally:
             claim.exit_call()
+    functools.update_wrapper(run, method)  # what @functools.wraps does; its result would type as _Wrapped
     return run
 
 
@@ -139,9 +148,9 @@ class Context(NativeObject):
     _closed_message = "this Context is closed (or its Model was closed); create a new one"
 
     def __init__(self, model: Model, *, n_ctx: int | None = None, n_batch: int = 2048, n_ubatch: int = 512,
-                 n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn="auto",
+                 n_threads: int | None = None, n_threads_batch: int | None = None, flash_attn: bool | str = "auto",
                  type_k: str = "f16", type_v: str = "f16", n_seq_max: int = 1,
-                 extra_params: Mapping[str, object] | None = None, lora: Mapping | None = None) -> None:
+                 extra_params: Mapping[str, object] | None = None, lora: Mapping[LoRA, float] | None = None) -> None:
         # Who may use the context (context_lock); set first: set_lora below is such a use.
         self._claim = ContextLock()
         if model.dry_run:
@@ -222,7 +231,8 @@ class Context(NativeObject):
             self._own(handle, _free_context, pools, interrupt=functools.partial(_raise_flag, self._abort_flag))
             self._pools = pools  # [generation pool, batch pool (if another thread count)]
             # Sizes read now: once model._contexts lists it, a Model.close() may free it at any time.
-            n_batch, self._n_ctx = C.llama_n_batch(handle), C.llama_n_ctx(handle)  # fixed for its life
+            n_batch = C.llama_n_batch(handle)
+            self._n_ctx: int = C.llama_n_ctx(handle)  # fixed for its life, as n_batch
             causal, n_ubatch = bool(C.llama_get_causal_attn(handle)), C.llama_n_ubatch(handle)
             model._contexts.add(self)
         # (above) A persistent CPU thread pool: without one, ggml creates and joins a throw-away pool at every
@@ -233,7 +243,7 @@ class Context(NativeObject):
         # What speculative decoding learned about this context that outlives one call: the batch sizes it
         # has run (a GPU backend compiles, captures and caches per shape and context) and whether its
         # backend pays for a shape's first runs (speculative.DepthController).
-        self.speculation_memory: dict = {}
+        self.speculation_memory: dict[str, Any] = {}
         # llama.cpp may lower n_batch (never above n_ctx); decode() must split by the value in force, since
         # a larger batch fails an assertion that aborts the process.
         self._token_buf = ffi.new("llama_token[]", n_batch)
@@ -249,12 +259,12 @@ class Context(NativeObject):
         # mode llama.cpp outputs every token of a decode, otherwise those the batch asks for.
         self._outputs_all = bool(params.embeddings)
         self._n_outputs = 0
-        self.lora: dict = {}
+        self.lora: dict[LoRA, float] = {}
         if lora:
             self.set_lora(lora)
 
     @exclusive
-    def set_lora(self, adapters: Mapping) -> None:
+    def set_lora(self, adapters: Mapping[LoRA, float]) -> None:
         """Apply these LoRA adapters ({adapter: scale}, from model.load_lora) from the next decode on; {} for none.
         The KV cache is cleared: what it holds was computed with the previous weights."""
         from . import lora as lora_module
@@ -272,17 +282,20 @@ class Context(NativeObject):
     @property
     def n_batch(self) -> int:
         with self._lifetime:
-            return C.llama_n_batch(self._ptr)
+            value: int = C.llama_n_batch(self._ptr)
+            return value
 
     @property
     def n_ubatch(self) -> int:
         with self._lifetime:
-            return C.llama_n_ubatch(self._ptr)
+            value: int = C.llama_n_ubatch(self._ptr)
+            return value
 
     @property
     def n_threads(self) -> int:
         with self._lifetime:
-            return C.llama_n_threads(self._ptr)
+            value: int = C.llama_n_threads(self._ptr)
+            return value
 
     # ---- the KV cache ----
     @exclusive
@@ -442,8 +455,9 @@ class Context(NativeObject):
         self.tokens.extend(tokens)
         n_vocab = self.model.n_vocab
         # Rows come back in batch order (llama_get_logits undoes any reordering of the outputs).
-        return np.frombuffer(ffi.buffer(C.llama_get_logits(ptr), n * n_vocab * 4), dtype=np.float32
-                             ).reshape(n, n_vocab).copy()
+        rows: np.ndarray = np.frombuffer(ffi.buffer(C.llama_get_logits(ptr), n * n_vocab * 4), dtype=np.float32
+                                         ).reshape(n, n_vocab).copy()
+        return rows
 
     # ---- several sequences (llmplace.engine) ----
     # The methods above work on sequence 0 (`tokens`). These address any sequence of a context made with
@@ -452,27 +466,30 @@ class Context(NativeObject):
     # a partial copy between the per-sequence caches of a non-unified context, a batch over n_batch) is
     # checked here first and raises a typed error.
 
-    def _seq_id(self, name: str, seq_id) -> int:
+    def _seq_id(self, name: str, seq_id: object) -> int:
         return integer(name, seq_id, 0, C.llama_n_seq_max(self._ptr) - 1,
                        " (a sequence id below the context's n_seq_max)")
 
     @property
     def n_seq_max(self) -> int:
         with self._lifetime:
-            return C.llama_n_seq_max(self._ptr)
+            value: int = C.llama_n_seq_max(self._ptr)
+            return value
 
     @property
     def n_ctx_seq(self) -> int:
         """Tokens one sequence may hold: n_ctx when the KV cache is unified (shared by all sequences),
         n_ctx / n_seq_max (rounded up by llama.cpp) when each sequence has a cache of its own."""
         with self._lifetime:
-            return C.llama_n_ctx_seq(self._ptr)
+            value: int = C.llama_n_ctx_seq(self._ptr)
+            return value
 
     @exclusive
     def sequence_length(self, seq_id: int) -> int:
         """How many positions sequence `seq_id` holds in the KV cache (0 when empty)."""
         seq_id = self._seq_id("seq_id", seq_id)
-        return C.llama_memory_seq_pos_max(C.llama_get_memory(self._ptr), seq_id) + 1
+        length: int = C.llama_memory_seq_pos_max(C.llama_get_memory(self._ptr), seq_id) + 1
+        return length
 
     @exclusive
     def remove_sequence(self, seq_id: int) -> None:
@@ -489,7 +506,7 @@ class Context(NativeObject):
         seq_id = self._seq_id("seq_id", seq_id)
         n_keep = integer("n_keep", n_keep, 0, INT32[1])
         memory = C.llama_get_memory(self._ptr)
-        length = C.llama_memory_seq_pos_max(memory, seq_id) + 1
+        length: int = C.llama_memory_seq_pos_max(memory, seq_id) + 1
         if n_keep >= length:
             return length
         if not C.llama_memory_seq_rm(memory, seq_id, n_keep, -1):
@@ -625,10 +642,12 @@ class Context(NativeObject):
             raise InvalidParameterError("logits(copy=False) is gone: a view of llama.cpp's buffer outlived it (the "
                                         "next decode may reallocate it, close() frees it); use logits(), and "
                                         "set_logits(values) to change what the sampler draws from")
-        return np.frombuffer(ffi.buffer(self._logits_row(index), self.model.n_vocab * 4), dtype=np.float32).copy()
+        row: np.ndarray = np.frombuffer(ffi.buffer(self._logits_row(index), self.model.n_vocab * 4),
+                                        dtype=np.float32).copy()
+        return row
 
     @exclusive
-    def set_logits(self, values, index: int = -1) -> None:
+    def set_logits(self, values: npt.ArrayLike, index: int = -1) -> None:
         """Replace the logits of output `index` of the last decode (what the next `Sampler.sample` draws from)
         with `values` (n_vocab numbers, or one number for all)."""
         n_vocab = self.model.n_vocab
@@ -639,7 +658,7 @@ class Context(NativeObject):
                                         f"not {type(values).__name__} of shape {np.shape(values)}: {exc}") from None
         ffi.memmove(self._logits_row(index), ffi.from_buffer(array), n_vocab * 4)
 
-    def _logits_row(self, index: int):
+    def _logits_row(self, index: int) -> CData:
         ptr = C.llama_get_logits_ith(self._ptr, integer("index", index, *INT32))
         if ptr == ffi.NULL:
             raise InvalidParameterError(f"no logits for output {index}: decode tokens first")
@@ -669,7 +688,7 @@ class Context(NativeObject):
                                         "and decode tokens first")
         # llama.cpp keeps the rows in batch order: the last n_tokens rows are the decode's last tokens.
         first_row = 0 if pooled else self._n_outputs - rows
-        values = np.frombuffer(ffi.buffer(data + first_row * n_embd, rows * n_embd * 4), dtype=np.float32)
+        values: np.ndarray = np.frombuffer(ffi.buffer(data + first_row * n_embd, rows * n_embd * 4), dtype=np.float32)
         values = values.reshape(rows, n_embd).copy()
         return values[0] if pooled else values
 
@@ -698,7 +717,8 @@ class Context(NativeObject):
         size = C.llama_state_get_size(ptr)
         buf = ffi.new("uint8_t[]", size)
         n = C.llama_state_get_data(ptr, buf, size)
-        return ffi.buffer(buf, n)[:]
+        state: bytes = ffi.buffer(buf, n)[:]
+        return state
 
     @exclusive
     def load_state(self, data: bytes, tokens: Sequence[int]) -> None:

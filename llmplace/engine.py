@@ -65,7 +65,7 @@ import inspect
 import threading
 import time
 import warnings
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -81,9 +81,13 @@ from .sampling import Sampler, SamplingParams
 from .text_assembly import TextAssembler
 from .token_loop import SequenceState, processed_logits
 
+if TYPE_CHECKING:
+    from .compat.llama_grammar import LlamaGrammar
+    from .token_loop import LogitsProcessors
+
 # The micro-batch size of a Context made by `generate` (Context's default n_ubatch): a lone run prefills its
 # prompt in micro-batches [0, 512), [512, 1024) ...; the engine cuts prompts at the same boundaries.
-PREFILL_UNIT = inspect.signature(Context).parameters["n_ubatch"].default
+PREFILL_UNIT: int = inspect.signature(Context).parameters["n_ubatch"].default
 # ggml's CPU kernels choose their algorithm by how many rows of one sequence a micro-batch holds, and the
 # algorithms round differently: flash attention takes its tiled kernel (float32 queries) from 64 query rows on,
 # its one-row kernel (float16 queries) below (ops.cpp, GGML_FA_TILE_Q); the tiled K-quant matrix product runs
@@ -171,13 +175,14 @@ class EngineRequest:
         self._engine, self._sampler, self._grammar = engine, sampler, grammar
         # keep_logits: the logits each generated token was drawn from (before a grammar), float32[n_vocab] each
         self.logits_rows: list[np.ndarray] | None = None
-        self._processor = None  # logits_processor(input_ids, scores) -> scores, run on the scheduler thread
+        # logits_processor(input_ids, scores) -> scores, run on the scheduler thread
+        self._processor: LogitsProcessors | None = None
         self._cond = threading.Condition()
         self._steps: list[GenerationStep] = []
         self._finished = False
         self._error: BaseException | None = None
         self._cancelled = False
-        self._waiters: list = []   # (event loop, future) of async iterations waiting for a step
+        self._waiters: list[_Waiter] = []   # (event loop, future) of async iterations waiting for a step
         self.session: str | None = None  # the id of the session it continues (submit(session=...))
         # Set by the scheduler thread only:
         self.slot: _Slot = _NO_SLOT  # the slot it runs in, once admitted
@@ -216,10 +221,10 @@ class EngineRequest:
                     return
             yield step
 
-    def __aiter__(self):
+    def __aiter__(self) -> AsyncIterator[GenerationStep]:
         return self._async_steps()
 
-    async def _async_steps(self):
+    async def _async_steps(self) -> AsyncIterator[GenerationStep]:
         loop = asyncio.get_running_loop()
         index = 0
         while True:
@@ -238,9 +243,10 @@ class EngineRequest:
             if future is not None:
                 await future
             else:
+                assert step is not None  # no future: a step was there
                 yield step
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, Generation]:
         return self._async_result().__await__()
 
     async def _async_result(self) -> Generation:
@@ -306,12 +312,15 @@ def _fresh(error: BaseException) -> BaseException:
         return error
 
 
-def _set_result(future) -> None:
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]  # an async iteration waiting for a step
+
+
+def _set_result(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
 
-def _wake(waiters) -> None:
+def _wake(waiters: list[_Waiter]) -> None:
     for loop, future in waiters:
         try:
             loop.call_soon_threadsafe(_set_result, future)
@@ -442,7 +451,7 @@ class Engine:
 
     def __init__(self, model: Model, slots: int = 4, n_ctx: int | None = None, n_batch: int = 512, *,
                  max_queue: int = DEFAULT_MAX_QUEUE, exact: bool = True,
-                 max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES, **context_options) -> None:
+                 max_session_bytes: int = DEFAULT_MAX_SESSION_BYTES, **context_options: Any) -> None:
         for name, value, upper in (("slots", slots, 256), ("n_batch", n_batch, 1 << 24),
                                    ("max_queue", max_queue, 1 << 30)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
@@ -530,9 +539,10 @@ class Engine:
 
     # ---- the caller's side ----
     def submit(self, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256, stop: str | Sequence[str] = (),
-               sampling: SamplingParams | None = None, add_special: bool = True, grammar=None,
-               keep_logits: bool = False, logits_processor=None, session: str | None = None,
-               **sampling_kwargs) -> EngineRequest:
+               sampling: SamplingParams | None = None, add_special: bool = True,
+               grammar: str | LlamaGrammar | None = None, keep_logits: bool = False,
+               logits_processor: LogitsProcessors | None = None, session: str | None = None,
+               **sampling_kwargs: Any) -> EngineRequest:
         """Queue a request (text or token ids, as `generate`); it starts when a slot is free. Sampling options
         as `generate`'s (temperature, top_k, top_p, min_p, seed, penalties, logit_bias ...), per request.
         grammar: GBNF text or a LlamaGrammar (llmplace.compat.llama_grammar): only tokens it allows are drawn,
@@ -603,7 +613,7 @@ class Engine:
             self._wake.notify_all()
         return request
 
-    def generate(self, prompt: str | bytes | Sequence[int], **kwargs) -> Generation:
+    def generate(self, prompt: str | bytes | Sequence[int], **kwargs: Any) -> Generation:
         """submit(prompt, **kwargs).result(): one request, waited for."""
         return self.submit(prompt, **kwargs).result()
 
@@ -693,7 +703,7 @@ class Engine:
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # ---- the scheduler thread ----
@@ -881,7 +891,8 @@ class Engine:
             if budget <= 0:
                 break
 
-    def _decode(self, group: list[EngineRequest], entries, added: list) -> bool:
+    def _decode(self, group: list[EngineRequest], entries: list[tuple[int, int, int, bool]],
+                added: list[int | list[int]]) -> bool:
         """One decode_batch for `group` (one entry list), then the draws. `added`: per request, what its cache
         gains (a token, or a list of prompt tokens). False when the decode failed (those requests end)."""
         try:
@@ -966,7 +977,7 @@ class Engine:
 
 def generate_batch(model: Model, prompts: Sequence[str | bytes | Sequence[int]], *, slots: int | None = None,
                    n_ctx: int | None = None, max_tokens: int = 256, add_special: bool = True,
-                   **kwargs) -> list[Generation]:
+                   **kwargs: Any) -> list[Generation]:
     """Generate a reply to each prompt, batched on one Engine, and return the Generations in prompt order.
     Each equals `generate(model, prompt, ...)` with the same keywords (greedy output token for token on the
     CPU; a seed gives each request the same draws as alone). slots: sequences at once (default: the number

@@ -15,19 +15,35 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
-from ._ffi import C, ffi
+from ._ffi import C, CData, ffi
 from .errors import ClosedError, InvalidParameterError, ModelLoadError
 from .gguf_info import check_header
 from .gguf_info import read as read_gguf
 from .native_errors import native_call
 
+if TYPE_CHECKING:
+    from ._handle import Lifetime
+
+
+class AdapterModel(Protocol):
+    """What a LoRA uses of the Model it is loaded for (model.py imports this module, so Model is not named)."""
+
+    _lifetime: Lifetime
+    _adapters: list[LoRA]
+
+    @property
+    def arch(self) -> str: ...
+
+    @property
+    def _ptr(self) -> CData: ...
+
 
 class LoRA:
     """A LoRA adapter loaded for one model (see `Model.load_lora`)."""
 
-    # model: the Model it is loaded for (model.py imports this module, so the type is not named here)
-    def __init__(self, model, path: str | os.PathLike) -> None:
+    def __init__(self, model: AdapterModel, path: str | os.PathLike[str]) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         check_header(self.path)
         info = read_gguf(self.path)
@@ -49,7 +65,7 @@ class LoRA:
             model._adapters.append(self)
 
     @property
-    def _ptr(self):
+    def _ptr(self) -> CData:
         if self._handle == ffi.NULL:
             raise ClosedError("this LoRA adapter's model is closed")
         return self._handle
@@ -66,7 +82,7 @@ class LoRA:
         return f"<llmplace.LoRA {self.path.name}{' (closed)' if self._handle == ffi.NULL else ''}>"
 
 
-def apply(ctx_ptr, model, adapters: Mapping[LoRA, float]) -> list:
+def apply(ctx_ptr: CData, model: AdapterModel, adapters: Mapping[LoRA, float]) -> list[CData]:
     """Set the adapters a context applies (an empty mapping: none); returns the C arrays llama.cpp reads."""
     if not isinstance(adapters, Mapping):
         raise InvalidParameterError("lora must be a dict of LoRA adapter -> scale, e.g. {adapter: 1.0}")

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Collection
 
-from ._ffi import C, c_string, ffi
-from .backends import device_memory as device_free  # noqa: F401 - planning, runtime_cost read it here
+from ._ffi import C, CData, c_string, ffi
+from .backends import device_memory
 from .backends import native_devices
 from .c_values import FLASH_ATTN_TYPES
 from .context import KV_TYPES
 from .errors import InvalidParameterError, OutOfMemoryError
 from .native_errors import native_call
 from .placement import is_host_buffer
+
+if TYPE_CHECKING:
+    from .model import Model
+
+# planning and runtime_cost read a device's (free, total) bytes here
+device_free = device_memory
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -112,7 +118,7 @@ class Estimate:
 
 
 def context_params(n_ctx: int, *, n_seq: int = 1, n_batch: int = 2048, n_ubatch: int = 512, type_k: str = "f16",
-                   type_v: str = "f16", flash_attn="auto"):
+                   type_v: str = "f16", flash_attn: bool | str = "auto") -> CData:
     """llama_context_params as `Context` would make them (the fields that change memory use)."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
         raise InvalidParameterError(f"n_ctx must be an int >= 0 (0 = as large as fits / the trained length), "
@@ -155,7 +161,7 @@ def _mmap_buffer_types() -> frozenset[str]:
     return frozenset(names)
 
 
-def _tensor_bytes(model_ptr) -> dict[str, int]:
+def _tensor_bytes(model_ptr: CData) -> dict[str, int]:
     """Bytes of the model's weight tensors per buffer type name."""
     totals: dict[str, int] = {}
     name, buft, n_bytes = ffi.new("const char **"), ffi.new("const char **"), ffi.new("uint64_t *")
@@ -166,7 +172,7 @@ def _tensor_bytes(model_ptr) -> dict[str, int]:
     return totals
 
 
-def measure(model, cparams, *, use_mmap: bool = True) -> dict[str, MemoryUse]:
+def measure(model: Model, cparams: CData, *, use_mmap: bool = True) -> dict[str, MemoryUse]:
     """Create a context for `model` (a dry-run or loaded Model) and read llama.cpp's memory breakdown of both.
     On a dry-run model nothing is allocated, and the numbers are what a real load would allocate (a load
     with `use_mmap` maps the host weights it can: they are reported as mapped)."""
@@ -178,7 +184,7 @@ def measure(model, cparams, *, use_mmap: bool = True) -> dict[str, MemoryUse]:
         C.llama_free(ctx)
 
 
-def breakdown(ctx, *, would_map: Sequence[str] = ()) -> dict[str, MemoryUse]:
+def breakdown(ctx: CData, *, would_map: Collection[str] = ()) -> dict[str, MemoryUse]:
     """Bytes per memory of a llama_context (and its model), host buffers of every kind counted as host
     (llama.cpp's own fit drops some of them, e.g. CPU_REPACK).
 

@@ -5,14 +5,16 @@ Models: planning sits above this module, which imports nothing of it."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from . import logs
-from ._ffi import C, c_string, ffi, read_c_string_into_buffer
+from ._ffi import C, CData, c_string, ffi, read_c_string_into_buffer
 from ._handle import NativeObject
 from .backends import add_rpc_server, buffer_type, ensure_initialized
 from .c_values import INT32, integer
@@ -21,20 +23,22 @@ from .gguf_info import check_header
 from .gguf_info import read as read_gguf
 from .lora import LoRA
 from .native_errors import native_call
-from .placement import Placement, configure, describe, is_host_buffer, read_back
+from .placement import Placement, PlacementSpec, TensorPlacement, configure, describe, is_host_buffer, read_back
 from .progress import ProgressCallback, ProgressRelay, resolve
 from .vocab import Vocab
 
 # llama.cpp's loader is not safe to enter from two threads at once for the same process-wide state (the
 # backend registry; the log capture is per thread, see logs.py); loads are rare and long, so they are serialized.
 _load_lock = threading.Lock()
+_Result = TypeVar("_Result")
 
 
 _KEY_BYTES = 128  # llama_model_kv_override: char key[128] and char val_str[128], NUL included
 _INT64 = range(-(1 << 63), 1 << 63)
 
 
-def kv_override_array(overrides: Mapping[str, bool | int | float | str], metadata: Mapping | None = None):
+def kv_override_array(overrides: Mapping[str, bool | int | float | str], metadata: Mapping[str, object] | None = None
+                      ) -> CData:
     """GGUF metadata overrides as llama.cpp's NULL-key-terminated llama_model_kv_override array.
 
     The value's Python type picks the override's type (bool, int, float, str), as llama-cpp-python does. For a key
@@ -84,7 +88,7 @@ _SHAPE_KEYS = ("embedding_length", "feed_forward_length", "expert_feed_forward_l
                "rope.dimension_count_swa", "attention.key_length_swa", "attention.value_length_swa", "vocab_size")
 
 
-def check_override_values(overrides: Mapping, metadata: Mapping) -> None:
+def check_override_values(overrides: Mapping[str, bool | int | float | str], metadata: Mapping[str, object]) -> None:
     """Refuse overrides whose values llama.cpp would assert or divide by zero on: the file validator's own
     rules (gguf_validate) applied to the file's values with the overrides in place, since llama.cpp reads an
     override instead of the file's value, past the validator."""
@@ -108,13 +112,15 @@ def check_override_values(overrides: Mapping, metadata: Mapping) -> None:
             raise InvalidParameterError(f"kv_overrides[{key!r}] = {value}: GGUF sizes and counts are unsigned; "
                                         "give a value >= 0")
     # The validator's view of the key/values: strings as bytes, arrays as ("array", element type, length, offset).
-    values = {}
-    for key, value in {**metadata, **overrides}.items():
-        if isinstance(value, str):
-            value = value.encode()
-        elif isinstance(value, (list, tuple)):
-            value = ("array", None, len(value), 0)
-        values[key] = value
+    values: dict[str, Any] = {}
+    merged: dict[str, object] = {**metadata, **overrides}
+    for key, item in merged.items():
+        if isinstance(item, str):
+            values[key] = item.encode()
+        elif isinstance(item, (list, tuple)):
+            values[key] = ("array", None, len(item), 0)
+        else:
+            values[key] = item
     try:
         gguf_validate._check_vocab_arrays(values)
         gguf_validate._check_hparams(values, {})
@@ -122,7 +128,7 @@ def check_override_values(overrides: Mapping, metadata: Mapping) -> None:
         raise InvalidParameterError(f"kv_overrides make the model invalid: {bad}") from None
 
 
-def rpc_endpoints(rpc_servers) -> list:
+def rpc_endpoints(rpc_servers: str | Sequence[str] | None) -> list[str]:
     """rpc_servers as a list: a list of "host:port", or one string of them separated by commas (llama.cpp's
     --rpc and llama-cpp-python take that form). Each is checked by add_rpc_server."""
     if rpc_servers is None:
@@ -139,10 +145,11 @@ class Model(NativeObject):
 
     _closed_message = "this Model is closed; load it again with llmplace.load(path)"
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, split_mode: str = "layer",
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1, split_mode: str = "layer",
                  main_gpu: int = 0, use_mmap: bool = True, use_mlock: bool = False, vocab_only: bool = False,
                  check_tensors: bool = False, progress: bool | ProgressCallback | None = None,
-                 placement=None, tensor_split=None, split_by: str = "bytes", devices=None, rpc_servers=None,
+                 placement: PlacementSpec = None, tensor_split: Sequence[float] | None = None, split_by: str = "bytes",
+                 devices: Sequence[str] | None = None, rpc_servers: str | Sequence[str] | None = None,
                  kv_overrides: Mapping[str, bool | int | float | str] | None = None, dry_run: bool = False) -> None:
         self.path = Path(os.fspath(path)).expanduser()
         n_gpu_layers = integer("n_gpu_layers", n_gpu_layers, -1, INT32[1], " (-1 = all layers)")
@@ -195,10 +202,12 @@ class Model(NativeObject):
         self._own(handle, C.llama_model_free)
         self.dry_run = dry_run  # weights were placed but not allocated: metadata and placement only
         self.vocab_only = bool(vocab_only)  # a tokenizer only: no Context can run on it
-        self.fit_result = None  # set by load(fit=True): the FitResult this model was loaded with
+        # set by load(fit=True): the planning.FitResult this model was loaded with (Any: planning imports this
+        # module, and the architecture test refuses the circle even for a type)
+        self.fit_result: Any = None
         self.default_n_ctx: int | None = None  # load(n_ctx=N): the size of contexts made without one
         # its open Contexts (context.py imports this module, so the type is not named here)
-        self._contexts: weakref.WeakSet = weakref.WeakSet()
+        self._contexts: weakref.WeakSet[NativeObject] = weakref.WeakSet()
         self._adapters: list[LoRA] = []  # freed by llama.cpp with the model
         self.vocab = Vocab(self)
 
@@ -218,12 +227,12 @@ class Model(NativeObject):
         for adapter in self._adapters:
             adapter._forget()
 
-    def _call(self, function, *args):
+    def _call(self, function: Callable[..., _Result], *args: Any) -> _Result:
         """function(model pointer, *args) inside a use of the model (close() in another thread waits for it)."""
         with self._lifetime:
             return function(self._ptr, *args)
 
-    def load_lora(self, path: str | os.PathLike) -> LoRA:
+    def load_lora(self, path: str | os.PathLike[str]) -> LoRA:
         """Load a LoRA adapter (GGUF) for this model; apply it with Context(model, lora={adapter: scale}) or
         context.set_lora(...). It lives as long as the model."""
         return LoRA(self, path)
@@ -254,23 +263,23 @@ class Model(NativeObject):
 
     @property
     def n_layer(self) -> int:
-        return self._call(C.llama_model_n_layer)
+        return int(self._call(C.llama_model_n_layer))
 
     @property
     def n_embd(self) -> int:
-        return self._call(C.llama_model_n_embd)
+        return int(self._call(C.llama_model_n_embd))
 
     @property
     def n_head(self) -> int:
-        return self._call(C.llama_model_n_head)
+        return int(self._call(C.llama_model_n_head))
 
     @property
     def n_head_kv(self) -> int:
-        return self._call(C.llama_model_n_head_kv)
+        return int(self._call(C.llama_model_n_head_kv))
 
     @property
     def n_ctx_train(self) -> int:
-        return self._call(C.llama_model_n_ctx_train)
+        return int(self._call(C.llama_model_n_ctx_train))
 
     @property
     def n_vocab(self) -> int:
@@ -290,13 +299,13 @@ class Model(NativeObject):
         with self._lifetime:
             ptr = self._ptr
             for i in range(C.llama_model_meta_count(ptr)):
-                key = read_c_string_into_buffer(lambda buf, n, i=i: C.llama_model_meta_key_by_index(ptr, i, buf, n))
+                key = read_c_string_into_buffer(functools.partial(C.llama_model_meta_key_by_index, ptr, i))
                 result[key] = read_c_string_into_buffer(
-                    lambda buf, n, i=i: C.llama_model_meta_val_str_by_index(ptr, i, buf, n), 1024)
+                    functools.partial(C.llama_model_meta_val_str_by_index, ptr, i), 1024)
         return result
 
     # ---- placement ----
-    def placement_report(self) -> list:
+    def placement_report(self) -> list[TensorPlacement]:
         """Where every weight tensor actually landed (read back from llama.cpp), with the rule that placed it.
         Logs a warning naming any tensor a rule sent elsewhere than where it landed."""
         tensors = read_gguf(self.path).tensors
@@ -321,6 +330,6 @@ class Model(NativeObject):
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self.vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def detokenize(self, tokens, *, special: bool = False) -> str:
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return self.vocab.detokenize(tokens, special=special)
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence, cast
 
-from ._ffi import C, c_string, ffi, null_terminated
+from ._ffi import C, CData, c_string, ffi, null_terminated
 from .backends import buffer_type, native_devices
 from .errors import DeviceNotFoundError, PlacementError
 from .gguf_info import TensorInfo
@@ -24,8 +24,11 @@ from .gguf_validate import block_size
 from .logs import logger
 from .pattern_limits import check_pattern
 
+if TYPE_CHECKING:
+    from ._handle import NativeObject
+
 # Roles, by tensor name (llama.cpp's naming, shared by its architectures).
-ROLES: dict[str, re.Pattern] = {
+ROLES: dict[str, re.Pattern[str]] = {
     "experts": re.compile(r"\.ffn_(up|down|gate|gate_up)_(ch)?exps\."),
     "shared_experts": re.compile(r"\.ffn_(up|down|gate|gate_up)_shexp\."),
     "router": re.compile(r"\.ffn_gate_inp(_shexp)?\."),
@@ -56,7 +59,7 @@ def check_regex(pattern: str) -> None:
 
 def regex_search(pattern: str, text: str) -> bool:
     """std::regex_search(text, std::regex(pattern)), exactly as llama.cpp's model loader matches overrides."""
-    result = C.llmplace_regex_search(pattern.encode(), text.encode())
+    result: int = C.llmplace_regex_search(pattern.encode(), text.encode())
     if result < 0:
         check_regex(pattern)
     return result == 1
@@ -94,7 +97,7 @@ class Rule:
 
     def matches(self, tensor: TensorInfo) -> bool:
         return ((self.pattern is None or regex_search(self.pattern, tensor.name))
-                and (self.layers is None or tensor.layer in self.layers)
+                and (self.layers is None or tensor.layer in cast(frozenset[int], self.layers))  # see __post_init__
                 and (self.role is None or role_of(tensor.name) == self.role)
                 and (self.dtype is None or tensor.dtype.upper() == self.dtype.upper())
                 and (self.min_bytes is None or tensor.n_bytes >= self.min_bytes)
@@ -114,7 +117,8 @@ def summarize_rule(rule: Rule, width: int = 60) -> str:
         return f"{short(rule.pattern)}={rule.to}"
     parts = [f"pattern={short(rule.pattern)}"] if rule.pattern is not None else []
     if rule.layers is not None:
-        spans, layers = [], sorted(rule.layers)
+        spans: list[list[int]] = []
+        layers = sorted(cast(frozenset[int], rule.layers))  # a frozenset since __post_init__
         for layer in layers:  # contiguous runs as first-last
             if spans and layer == spans[-1][1] + 1:
                 spans[-1][1] = layer
@@ -171,13 +175,13 @@ class Placement:
                 rules.append(Rule(target, pattern=pattern))
             return cls(rules)
         rules = []
-        for item in spec:
-            if isinstance(item, Rule):
-                rules.append(item)
-            elif isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-                rules.append(Rule(item[1], pattern=item[0]))
+        for entry in spec:
+            if isinstance(entry, Rule):
+                rules.append(entry)
+            elif isinstance(entry, (tuple, list)) and len(entry) == 2 and all(isinstance(x, str) for x in entry):
+                rules.append(Rule(entry[1], pattern=entry[0]))
             else:
-                raise PlacementError(f"cannot read placement item {item!r}: give a Rule or a (pattern, target) pair")
+                raise PlacementError(f"cannot read placement item {entry!r}: give a Rule or a (pattern, target) pair")
         return cls(rules)
 
     def __add__(self, other: "Placement") -> "Placement":
@@ -217,6 +221,10 @@ class Placement:
     def compile(self, tensors: Sequence[TensorInfo]) -> list[tuple[str, str]]:
         """(pattern, target) overrides for llama.cpp (see `compile_overrides`)."""
         return self.resolve(tensors).overrides
+
+
+# What Placement.parse reads: a Placement, a Rule, a list of Rules and/or (pattern, target) pairs, or `-ot` text
+PlacementSpec = str | Placement | Rule | Sequence[Rule | tuple[str, str]] | None
 
 
 @dataclass(frozen=True)
@@ -259,7 +267,7 @@ def compile_overrides(assignments: Sequence[Assignment]) -> list[tuple[str, str]
 SPLIT_MODES = {"none": 0, "layer": 1, "row": 2, "tensor": 3}
 
 
-def model_devices(names: Sequence[str] | None = None) -> list:
+def model_devices(names: Sequence[str] | None = None) -> list[CData]:
     """The devices a model is split across, in llama.cpp's order: `names` as given, or by default RPC
     devices, then GPUs, then integrated GPUs only if there is no discrete GPU (never the CPU)."""
     all_devs = native_devices()
@@ -295,7 +303,7 @@ class SplitPlan:
 _SPLIT_ALONG_ROWS = re.compile(r"\.(ffn_down(_exps|_shexp)?|attn_output)\.weight$")
 
 
-def tensor_split_blocker(path, placement: "Placement", n_devices: int) -> str | None:
+def tensor_split_blocker(path: Path, placement: Placement, n_devices: int) -> str | None:
     """Why llama.cpp's tensor split cannot run this model here (None if it can). Each reason is a case
     where llama.cpp would refuse late with a generic error or abort the process."""
     if n_devices < 2:
@@ -316,7 +324,7 @@ def tensor_split_blocker(path, placement: "Placement", n_devices: int) -> str | 
     return None
 
 
-def plan_split(path, placement: "Placement", devs: list, split_mode: str) -> SplitPlan:
+def plan_split(path: Path, placement: Placement, devs: list[CData], split_mode: str) -> SplitPlan:
     names = tuple(c_string(C.ggml_backend_dev_name(d)) for d in devs)
     if placement.use_every_gpu:
         blocker = tensor_split_blocker(path, placement, len(devs))
@@ -331,7 +339,7 @@ def plan_split(path, placement: "Placement", devs: list, split_mode: str) -> Spl
     return SplitPlan(split_mode, names, "as requested")
 
 
-def layer_shares_for_bytes(path, shares: Sequence[float], n_gpu_layers: int,
+def layer_shares_for_bytes(path: Path, shares: Sequence[float], n_gpu_layers: int,
                            overridden: frozenset[str] = frozenset()) -> list[float]:
     """llama.cpp tensor_split values under which, in layer split mode, each device's weight bytes follow
     `shares` as closely as whole layers allow.
@@ -373,13 +381,13 @@ def layer_shares_for_bytes(path, shares: Sequence[float], n_gpu_layers: int,
     return [cut - previous for previous, cut in zip([0.0] + cuts[:-1], cuts)]
 
 
-def configure(params, path, placement: Placement, *, split_mode: str = "layer", tensor_split=None,
-              main_gpu: int = 0, devices: Sequence[str] | None = None,
-              n_gpu_layers: int = -1, split_by: str = "bytes") -> tuple[Resolution, SplitPlan, list]:
+def configure(params: CData, path: Path, placement: Placement, *, split_mode: str = "layer",
+              tensor_split: Sequence[float] | None = None, main_gpu: int = 0, devices: Sequence[str] | None = None,
+              n_gpu_layers: int = -1, split_by: str = "bytes") -> tuple[Resolution, SplitPlan, list[CData]]:
     """Fill the placement fields of llama_model_params, validating everything llama.cpp would otherwise
     abort on or reject with a generic error. Returns (the resolved rules, the split plan, C objects to keep
     alive during the load)."""
-    keep_alive: list = []
+    keep_alive: list[CData] = []
     if split_mode not in SPLIT_MODES:
         raise PlacementError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, not {split_mode!r}")
     devs = model_devices(devices)
@@ -525,7 +533,7 @@ class Explanation:
         return result
 
 
-def read_back(model) -> dict[str, tuple[str, int]]:
+def read_back(model: NativeObject) -> dict[str, tuple[str, int]]:
     """{tensor name: (buffer type name, bytes)} of a loaded model, read from llama.cpp through the shim."""
     name, buft, n_bytes = ffi.new("char **"), ffi.new("char **"), ffi.new("uint64_t *")
     result = {}
