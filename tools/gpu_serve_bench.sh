@@ -9,7 +9,7 @@
 # tools), .whl (cffi, pycparser, gguf for cp312), .tok (tiny-llama.gguf: SmolLM2's tokenizer for the synthetic
 # models). Settings: MODELS (default "smollm2-135m llama-8b", shapes of llmplace.synthetic, Q4_0), SLOTS (32),
 # N_CTX (tokens per slot, 1024), CLIENTS (1,4,8,32), MAX_TOKENS (128), FLASH_ATTN (on: both servers and
-# batched-bench alike).
+# batched-bench alike), DURATION (seconds each client level sends requests, 40).
 #
 # The server tools are built without CUDA (a minute, not the stage's four): ggml's backends are modules loaded at
 # run time, so llama-server and llama-batched-bench are copied beside the stage's libraries and load the same
@@ -17,7 +17,7 @@
 set -euo pipefail
 repo=$PWD; out=$(realpath -m "${OUT:-gpu-out}"); mkdir -p "$out"
 MODELS=${MODELS:-"smollm2-135m llama-8b"}; SLOTS=${SLOTS:-32}; N_CTX=${N_CTX:-1024}; CLIENTS=${CLIENTS:-1,4,8,32}
-MAX_TOKENS=${MAX_TOKENS:-128}; FLASH_ATTN=${FLASH_ATTN:-on}
+MAX_TOKENS=${MAX_TOKENS:-128}; FLASH_ATTN=${FLASH_ATTN:-on}; DURATION=${DURATION:-40}
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -71,8 +71,8 @@ EOF
 load() {  # load PORT NAME MODEL: a warm-up level, then the measured levels, into /tmp/raw-MODEL-NAME.json
     python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$1" --clients 8 --requests 8 --max-tokens 16 \
         --ban-tokens 0,2 > /dev/null 2>&1 || true
-    # a level stops sending after 40 s (what was sent finishes): the whole run stays inside one 10-minute call
-    python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$1" --clients "$CLIENTS" --duration 40 \
+    # a level stops sending after DURATION s (what was sent finishes): the whole run stays inside one 10-minute call
+    python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$1" --clients "$CLIENTS" --duration "$DURATION" \
         --timeout 60 --max-tokens "$MAX_TOKENS" --ban-tokens 0,2 \
         --note "$2 $3, $SLOTS slots x $N_CTX tokens, flash_attn $FLASH_ATTN" --out "/tmp/raw-$3-$2.json" > /dev/null \
         || echo "serve_load against $2 failed"
