@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
+import urllib.request
 
 
 def free_port() -> int:
@@ -21,3 +23,20 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def wait_until_serving(process: subprocess.Popen, port: int, timeout: float = 60.0) -> None:
+    """Wait until the server `process` answers /health on 127.0.0.1:port; RuntimeError with its stderr if it
+    exits first, the last connection error (after killing it) if `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+            return
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')}") from None
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.2)

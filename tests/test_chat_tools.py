@@ -488,28 +488,15 @@ def tools_client(hermes_gguf):
     import subprocess
     import sys
     import tempfile
-    import time
-    import urllib.request
 
     openai = pytest.importorskip("openai")
-    from processes import free_port, stop
+    from processes import free_port, stop, wait_until_serving
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "serve", str(hermes_gguf), "--port", str(port),
                                 "--api-key", "k", "--threads", "1", "--n-ctx", "1024"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')}") from None
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.2)
+    wait_until_serving(process, port)
     yield openai, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=120)
     stop(process)
 

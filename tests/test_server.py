@@ -18,7 +18,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 import llmplace  # noqa: E402  (after the importorskip above)
-from processes import free_port, stop  # noqa: E402  (tests/processes.py)
+from processes import free_port, stop, wait_until_serving  # noqa: E402  (tests/processes.py)
 
 KEY = "test-key"
 
@@ -37,18 +37,8 @@ def _start(path, *extra):
                                 "--api-key", KEY, "--threads", "1", "--n-ctx", "1024", *extra],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                cwd=tempfile.gettempdir())  # outside the checkout: its llmplace/ has no compiled module
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            _health(port)
-            return process, port
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')}") from None
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.2)
+    wait_until_serving(process, port)
+    return process, port
 
 
 @pytest.fixture(scope="module")
