@@ -223,6 +223,8 @@ def test_only_requests_whose_options_the_engine_serves_take_it():
 def test_health_and_metrics(server):
     state = health(server)
     assert state["status"] == "ok" and state["slots_total"] == 4 and state["slots_busy"] >= 0
+    # --exact-batching auto on the CPU: exact, and batched (the CPU's batch rows equal lone ones, probed at start)
+    assert state["exact_batching"] is True and state["batched"] is True
     status, text, headers = get(server, "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     samples = {}
@@ -270,8 +272,9 @@ def test_a_client_that_leaves_frees_its_slot(server, alone):
 
 
 def test_a_full_queue_answers_429_with_retry_after(smollm2_path):
-    process, port = start(smollm2_path, "--slots", "2", "--max-queue", "1")
+    process, port = start(smollm2_path, "--slots", "2", "--max-queue", "1", "--exact-batching", "off")
     try:
+        assert health(port)["exact_batching"] is False
         body = {"prompt": "Once upon a time", "max_tokens": 900, "temperature": 0, "logit_bias": SMOLLM2_EOS}
         holders = [threading.Thread(target=_leave_before_the_answer, args=(port, "/v1/completions", body, 4.0))
                    for _ in range(3)]  # two run, one waits; all leave after 4 s

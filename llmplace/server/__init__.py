@@ -125,6 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", "--parallel", "-np", dest="slots", type=int, default=SLOTS,  # llama-server's
                         help="requests decoded together on the batching engine, each slot holding --n-ctx tokens "
                              f"(default {SLOTS}; 1 = one request at a time on one context, the least memory)")
+    parser.add_argument("--exact-batching", choices=("auto", "on", "off"), default="auto",
+                        help="on: every reply equals the same request run alone (slots are batched only where the "
+                             "batch kernels give bit-equal rows, as on the CPU); off: always batch (a GPU's batch "
+                             "differs from a lone run at near-ties); auto (default): on when every weight is in "
+                             "host memory, off when a GPU holds weights")
     parser.add_argument("--max-queue", type=int, default=MAX_QUEUE,
                         help=f"requests that may wait for a slot; more get 429 with Retry-After (default {MAX_QUEUE})")
     parser.add_argument("--read-timeout", type=float, default=30.0,
@@ -177,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"llmplace: {problem}", file=sys.stderr)
         return 1
+    # the engine computes as the Llama does (flash attention as --flash-attn says); exact as --exact-batching says
+    engine_options = {"flash_attn": bool(args.flash_attn),
+                      "exact": {"auto": None, "on": True, "off": False}[args.exact_batching]}
     optional = {name: getattr(args, name) for name in ("flash_attn", "seed", "tensor_split")
                 if getattr(args, name) is not None}
     try:
@@ -188,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
               reasoning_format=args.reasoning_format,
               server_options=dict(max_tokens_limit=args.max_tokens_limit, max_body_bytes=args.max_body_bytes,
                                   read_timeout=args.read_timeout, write_timeout=args.write_timeout,
-                                  slots=args.slots, max_queue=args.max_queue),
+                                  slots=args.slots, max_queue=args.max_queue,
+                                  engine_options=engine_options),
               **optional)
     except (LlmplaceError, ValueError, OSError) as exc:
         # the model did not load, an option was refused, or the port was taken after the check above

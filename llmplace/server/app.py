@@ -502,7 +502,12 @@ class Handler(BaseHTTPRequestHandler):
     # ---- routes ----
     def _health(self) -> None:
         load = self.service.occupancy()
-        self._send_json(200, {"status": "ok", "busy": load["slots_busy"] > 0 or load["serial_busy"], **load})
+        batching = {}
+        if self.service.batched is not None:  # exact: replies equal lone runs; batched: a step decodes slots together
+            engine = self.service.batched.engine
+            batching = {"exact_batching": engine.exact, "batched": engine.batched}
+        self._send_json(200, {"status": "ok", "busy": load["slots_busy"] > 0 or load["serial_busy"], **load,
+                              **batching})
 
     def _metrics(self) -> None:
         load = self.service.occupancy()
@@ -638,8 +643,10 @@ def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, mode
     slots: with 2 or more, completions and chats run on an llmplace.Engine of that many slots on the Llama's
     model, each slot holding the Llama's n_ctx tokens (see batching.py for what stays on the Llama); 1: every
     request on the Llama, one at a time. max_queue: requests waiting for a slot (and, separately, for the
-    Llama) before the next gets 429. engine_options: the Engine's Context options; by default the Llama's
-    thread counts and flash_attn=False (the Llama's default), so that replies equal the serial ones."""
+    Llama) before the next gets 429. engine_options: the Engine's options; by default the Llama's thread counts,
+    flash_attn=False (the Llama's default), and exact=True when every weight is in host memory (replies then equal
+    the serial ones, as the CPU's batch kernels allow) but False when a GPU holds weights (a GPU's batch is not
+    bit-equal to a lone run, and exact=True would then decode the slots one at a time)."""
     import os
 
     metrics = Metrics()
@@ -647,6 +654,8 @@ def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, mode
     if slots > 1 and not llama._embedding:  # an embedding context computes embeddings, not replies
         options = {"n_threads": llama.n_threads, "n_threads_batch": llama.n_threads_batch, "flash_attn": False,
                    **(engine_options or {})}
+        if options.get("exact") is None:
+            options["exact"] = all(t.memory == "host" for t in llama._model.placement_report())
         # the bound is BatchedGeneration's (requests in flight); the engine's own never refuses before it
         try:
             engine = Engine(llama._model, slots=slots, n_ctx=llama.n_ctx(), n_batch=llama.n_batch,
