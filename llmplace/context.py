@@ -400,6 +400,33 @@ class Context(NativeObject):
             self._resync([token], base)
             raise
 
+    @exclusive
+    def decode_media(self, placeholders: Sequence[int], evaluate: Callable[[CData, int], None]) -> None:
+        """Append positions whose embeddings `evaluate(context pointer, n_past)` decodes into sequence 0 from
+        position n_past on (an image, through libmtmd: llmplace.images), and record them in `tokens` as
+        `placeholders` (negative ids, which no vocabulary has: prefix reuse then matches them only against the
+        same image at the same place). `evaluate` raises on failure; the positions it decoded are then dropped
+        again, so `tokens` stays true to the cache. ContextOverflowError before anything is computed when they
+        do not fit."""
+        ptr = self._ptr
+        n = len(placeholders)
+        if len(self.tokens) + n > self._n_ctx:
+            raise ContextOverflowError(
+                f"{len(self.tokens)} cached tokens + an image of {n} tokens exceed the context of {self._n_ctx} "
+                "tokens; create the Context (or Llama) with a larger n_ctx, or send fewer or smaller images")
+        memory = C.llama_get_memory(ptr)
+        # The next position from the cache, not len(tokens): a model with M-RoPE places an image's tokens on
+        # fewer positions than it has tokens.
+        n_past = C.llama_memory_seq_pos_max(memory, 0) + 1
+        self._start_decode()
+        self._n_outputs = 0
+        try:
+            evaluate(ptr, n_past)
+        except BaseException:
+            C.llama_memory_seq_rm(memory, 0, n_past, -1)
+            raise
+        self.tokens.extend(placeholders)
+
     def _check_tokens(self, tokens: Sequence[int]) -> None:
         n_vocab = self.model.n_vocab
         bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, numbers.Integral)

@@ -90,6 +90,22 @@ class AbortedError(LlmplaceError, RuntimeError):
     """A callback asked llama.cpp to stop (a progress callback returned False, or an abort was requested)."""
 
 
+class ImageError(LlmplaceError, ValueError):
+    """An image could not be used (llmplace.images): the base of the three errors below."""
+
+
+class MalformedImageError(ImageError):
+    """The image's bytes are not a readable image of the format they claim (truncated, corrupt, empty, too large)."""
+
+
+class UnsupportedImageFormatError(ImageError):
+    """The image is in a format libmtmd cannot decode (it reads PNG, JPEG, GIF, BMP, TGA, PSD, HDR, PIC, PNM)."""
+
+
+class NoProjectorError(ImageError):
+    """An image was given to a model with no projector (mmproj) loaded to turn images into its embeddings."""
+
+
 # llama_decode's documented return codes (llama.h).
 _DECODE_ERRORS = {
     1: (OutOfMemoryError, "no KV-cache slot for the batch: the context is full or fragmented; "

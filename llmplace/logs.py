@@ -110,4 +110,7 @@ def install() -> None:
         return
     configure_from_environment()
     C.llama_log_set(C._llmplace_log_callback, ffi.NULL)
+    # libmtmd (images) keeps a logger of its own, which prints to stderr until told otherwise; this sets both its
+    # helper's and its core's
+    C.mtmd_helper_log_set(C._llmplace_log_callback, ffi.NULL)
     _installed = True

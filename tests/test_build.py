@@ -96,7 +96,9 @@ def _compile_and_import(cdef: str, tmp_path: Path, name: str):
 
     builder = cffi.FFI()
     builder.cdef(cdef)
-    builder.set_source(name, '#include "llama.h"\n#include "ggml-backend.h"\n')
+    # the public headers the shipped cdef's types come from (libmtmd's included)
+    builder.set_source(name, "".join(f'#include "{header}"\n'
+                                     for header in ("llama.h", "ggml-backend.h", "mtmd.h", "mtmd-helper.h")))
     c_file = tmp_path / f"{name}.c"
     builder.emit_c_code(str(c_file))
     so_file = tmp_path / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"

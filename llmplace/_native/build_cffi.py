@@ -1,6 +1,7 @@
 """Generate llmplace's cffi module source from the real llama.cpp headers (run by CMake at build time).
 
-1. Preprocess llama.h + ggml-backend.h + llmplace_shim.h with the C compiler, keeping line markers.
+1. Preprocess llama.h + ggml-backend.h + mtmd.h + mtmd-helper.h (libmtmd: images through a projector) +
+   llmplace_shim.h with the C compiler, keeping line markers.
 2. Keep only declarations that come from those headers (not libc's), with compiler extensions removed.
 3. Drop function declarations that no built library exports (a declared-but-missing function would fail
    at import with "undefined symbol"), and replace array sizes that are expressions with cffi's `...`.
@@ -24,9 +25,9 @@ import cffi
 import pycparser
 from pycparser import c_ast, c_generator
 
-HEADERS = ("llama.h", "ggml-backend.h", "llmplace_shim.h")
-# Headers whose declarations become cdefs: llama.cpp's and ggml's public headers, and the shim's.
-KEPT_HEADER = re.compile(r"(^|/)(llama[^/]*|ggml[^/]*|llmplace_shim)\.h$")
+HEADERS = ("llama.h", "ggml-backend.h", "mtmd.h", "mtmd-helper.h", "llmplace_shim.h")
+# Headers whose declarations become cdefs: llama.cpp's, ggml's and libmtmd's public headers, and the shim's.
+KEPT_HEADER = re.compile(r"(^|/)(llama[^/]*|ggml[^/]*|mtmd|mtmd-helper|llmplace_shim)\.h$")
 # GCC extensions pycparser cannot read; they carry no layout information.
 EXTENSION_DEFINES = [
     "-D__attribute__(x)=", "-D__extension__=", "-D__asm__(x)=", "-D__restrict=", "-D__inline=",

@@ -1,0 +1,248 @@
+"""Images through a projector (llmplace.images, libmtmd): loading and checking images, tokenizing prompts with image
+markers, generation that sees the image, equality with llama.cpp's own llama-mtmd-cli, and every bad input typed.
+
+The vision model is a tiny random-weight LLaVA-1.5 pair written by llmplace.synthetic_vision (a llama text model and
+a CLIP + MLP projector): it loads and encodes an image in milliseconds. PNGs are written here with zlib + struct."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import subprocess
+import zlib
+
+import models
+import pytest
+
+import llmplace
+from llmplace import images, synthetic_vision
+from llmplace.errors import (ContextOverflowError, ImageError, InvalidParameterError, MalformedImageError,
+                             ModelLoadError, NoProjectorError, UnsupportedImageFormatError)
+
+
+def png(width: int, height: int, pixel=lambda x, y: (x * 40 % 256, y * 60 % 256, (x + y) * 25 % 256)) -> bytes:
+    """An 8-bit RGB PNG whose pixel (x, y) is pixel(x, y)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(v for x in range(width) for v in pixel(x, y)) for y in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+RED = png(20, 12, lambda x, y: (255, 0, 0))
+PATTERN = png(16, 16)
+
+
+@pytest.fixture(scope="module")
+def vision_files(model_cache):
+    folder = model_cache / "vision"
+    text, projector = folder / "text.gguf", folder / "mmproj.gguf"
+    if not projector.exists():
+        synthetic_vision.write_vision_model(folder, tokenizer_from=models.tokenizer_source(), seed=3)
+    return text, projector
+
+
+@pytest.fixture(scope="module")
+def vision(vision_files):
+    text, mmproj = vision_files
+    with llmplace.load(text, progress=False) as model:
+        projector = images.Projector(model, mmproj, n_threads=2)
+        yield model, projector
+
+
+def chat_prompt(model, user_text: str) -> str:
+    """The user turn rendered with the model's chat template (SmolLM2's ChatML), as llama-mtmd-cli renders it."""
+    return llmplace.format_chat(model, [{"role": "user", "content": user_text}], add_generation_prompt=True)
+
+
+# ---- reading images ----
+def test_png_jpeg_gif_bmp_headers_give_format_and_size(tmp_path):
+    image = images.load_image(RED)
+    assert (image.format, image.width, image.height) == ("png", 20, 12)
+    jpeg = b"\xff\xd8\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00" + b"\x00" * 9 + b"\xff\xc0" + struct.pack(
+        ">HBHHB", 17, 8, 30, 40, 3) + b"\x00" * 9
+    assert (images.image_from_bytes(jpeg).width, images.image_from_bytes(jpeg).height) == (40, 30)
+    assert images.image_from_bytes(b"GIF89a" + struct.pack("<HH", 7, 5) + b"\x00" * 8).width == 7
+    bmp = b"BM" + b"\x00" * 12 + struct.pack("<Iii", 40, 9, -4) + b"\x00" * 30
+    assert (images.image_from_bytes(bmp).width, images.image_from_bytes(bmp).height) == (9, 4)
+
+
+def test_image_from_path_file_url_and_data_url(tmp_path):
+    path = tmp_path / "red.png"
+    path.write_bytes(RED)
+    data_url = "data:image/png;base64," + base64.b64encode(RED).decode()
+    for source in (path, str(path), path.as_uri(), data_url):
+        assert images.load_image(source).data == RED
+
+
+def test_web_address_is_refused_unless_fetching_is_allowed():
+    with pytest.raises(ImageError, match="fetching is off"):
+        images.load_image("https://example.invalid/cat.png")
+
+
+@pytest.mark.parametrize("data, kind", [
+    (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "WebP"),
+    (b"II*\x00" + b"\x00" * 20, "TIFF"),
+    (b"\x00\x00\x00\x1cftypavif" + b"\x00" * 20, "AVIF"),
+    (b"hello, world: not an image", "not an image"),
+])
+def test_unsupported_formats_are_named(data, kind):
+    with pytest.raises(UnsupportedImageFormatError, match=kind):
+        images.load_image(data)
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"", "empty"),
+    (RED[:20], "truncated"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 4 + b"IHDR" + struct.pack(">II", 0, 5) + b"\x00" * 9, "0x5"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 4 + b"IHDR" + struct.pack(">II", 100000, 100000) + b"\x00" * 9, "larger"),
+    ("data:image/png;base64,***", "base64"),
+    ("data:image/png,abc", "not base64"),
+])
+def test_malformed_images_are_refused_before_decoding(data, why):
+    with pytest.raises(MalformedImageError, match=why):
+        images.load_image(data)
+
+
+def test_missing_file_is_an_image_error(tmp_path):
+    with pytest.raises(ImageError, match="could not read"):
+        images.load_image(tmp_path / "missing.png")
+
+
+# ---- the projector ----
+def test_projector_loads_and_tokenizes_an_image_into_its_patches(vision):
+    model, projector = vision
+    assert projector.supports_vision and not projector.supports_audio
+    prompt = projector.tokenize(f"Look: {projector.marker}\nWhat is it?", [RED])
+    n_patches = synthetic_vision.TINY_CLIP.n_patches
+    placeholders = [t for t in prompt.tokens if t < 0]
+    assert len(placeholders) == n_patches and len(set(placeholders)) == 1
+    text = [t for t in prompt.tokens if t >= 0]
+    assert text == model.tokenize("Look: ", parse_special=True) + model.tokenize(
+        "\nWhat is it?", add_special=False, parse_special=True)
+    other = projector.tokenize(f"Look: {projector.marker}\nWhat is it?", [PATTERN])
+    assert [t for t in other.tokens if t < 0] != placeholders  # another image, another placeholder
+
+
+def test_generation_sees_the_image(vision):
+    model, projector = vision
+    text = chat_prompt(model, f"{projector.marker}Describe the picture.")
+    logits = []
+    for picture in (RED, PATTERN):
+        with llmplace.Context(model, n_ctx=256) as context:
+            images_prompt = projector.tokenize(text, [picture])
+            images_prompt.prefill(context)
+            logits.append(context.logits())
+    assert not (logits[0] == logits[1]).all()
+    first = llmplace.generate(model, projector.tokenize(text, [RED]), max_tokens=8, temperature=0)
+    again = llmplace.generate(model, projector.tokenize(text, [RED]), max_tokens=8, temperature=0)
+    assert first.tokens == again.tokens and len(first.tokens) >= 1
+
+
+def test_a_second_request_reuses_the_cached_image(vision):
+    model, projector = vision
+    text = chat_prompt(model, f"{projector.marker}Describe the picture.")
+    with llmplace.Context(model, n_ctx=256) as context:
+        one = list(llmplace.stream_generate(model, projector.tokenize(text, [RED]), max_tokens=4, temperature=0,
+                                            context=context))
+        two = list(llmplace.stream_generate(model, projector.tokenize(text, [RED]), max_tokens=4, temperature=0,
+                                            context=context))
+        three = list(llmplace.stream_generate(model, projector.tokenize(text, [PATTERN]), max_tokens=4,
+                                              temperature=0, context=context))
+    assert [s.token for s in one] == [s.token for s in two]
+    n_prompt = one[0].prompt_tokens
+    assert two[0].prompt_cached == n_prompt - 1  # all but the last token, whose logits are recomputed
+    assert three[0].prompt_cached < n_prompt - 1 - synthetic_vision.TINY_CLIP.n_patches  # the image differs
+
+
+def test_marker_count_must_match_the_images(vision):
+    model, projector = vision
+    with pytest.raises(InvalidParameterError, match="1 image marker"):
+        projector.tokenize(f"{projector.marker}?", [])
+    with pytest.raises(InvalidParameterError, match="2 image marker"):
+        projector.tokenize(f"{projector.marker}{projector.marker}x", [RED])
+
+
+def test_a_prompt_ending_with_an_image_is_refused(vision):
+    _, projector = vision
+    with pytest.raises(InvalidParameterError, match="ends with an image"):
+        projector.tokenize(f"Look: {projector.marker}", [RED])
+
+
+def test_a_png_with_a_damaged_body_is_malformed(vision):
+    _, projector = vision
+    damaged = RED[:41] + b"\xff" * 8 + RED[49:]  # IDAT's compressed rows overwritten
+    with pytest.raises(MalformedImageError, match="could not be decoded"):
+        projector.tokenize(f"{projector.marker}x", [damaged])
+
+
+def test_an_image_larger_than_the_context_overflows(vision):
+    model, projector = vision
+    with llmplace.Context(model, n_ctx=256) as context:  # llama.cpp's smallest context
+        n_images = context.n_ctx // synthetic_vision.TINY_CLIP.n_patches + 1
+        prompt = projector.tokenize(f"{projector.marker}x" * n_images, [RED] * n_images)
+        with pytest.raises(ContextOverflowError):
+            prompt.prefill(context)
+        assert context.tokens == []
+        # an image that does not fit after what the context holds: refused before it is computed
+        context.decode(model.tokenize("word " * (context.n_ctx - 8)))
+        held = list(context.tokens)
+        called = []
+        with pytest.raises(ContextOverflowError, match="an image of 16 tokens"):
+            context.decode_media([-7] * 16, lambda pointer, n_past: called.append(n_past))
+        assert context.tokens == held and not called
+
+
+def test_speculation_refuses_a_prompt_with_images(vision):
+    model, projector = vision
+    with pytest.raises(InvalidParameterError, match="speculative"):
+        llmplace.generate(model, projector.tokenize(f"{projector.marker}x", [RED]), lookup=True, max_tokens=2)
+
+
+def test_a_text_model_is_not_a_projector(vision, vision_files):
+    model, _ = vision
+    text, _ = vision_files
+    with pytest.raises(ModelLoadError, match="not a multimodal projector"):
+        images.Projector(model, text)
+    with pytest.raises(ModelLoadError, match="no projector file"):
+        images.Projector(model, text.parent / "missing.gguf")
+
+
+def test_an_image_without_a_projector_is_a_typed_error():
+    with pytest.raises(NoProjectorError, match="no projector"):
+        images.require_projector(None, 1)
+
+
+def test_closing_the_model_closes_its_projector(vision_files):
+    text, mmproj = vision_files
+    model = llmplace.load(text, progress=False)
+    projector = images.Projector(model, mmproj, n_threads=1, warmup=False)
+    model.close()
+    assert projector.closed
+
+
+# ---- equality with llama.cpp's own tool ----
+def test_greedy_tokens_equal_llama_mtmd_cli(vision, vision_files, tmp_path):
+    """llama-mtmd-cli, built from the same source, renders the user turn with the model's template, puts the image
+    where its marker is, and decodes greedily: llmplace's reply to the same image and prompt is the same text."""
+    from llmplace._ffi import BIN_DIR, LIB_DIR
+
+    model, projector = vision
+    text_path, mmproj = vision_files
+    picture = tmp_path / "pattern.png"
+    picture.write_bytes(PATTERN)
+    question, n_predict = "What is in this picture?", 24
+    out = subprocess.run(
+        [str(BIN_DIR / "llama-mtmd-cli"), "-m", str(text_path), "--mmproj", str(mmproj), "--image", str(picture),
+         "-p", question, "-n", str(n_predict), "--temp", "0", "-t", "2", "-c", "512", "--no-warmup",
+         "--jinja"],  # the model's Jinja template, as llmplace renders it (else its built-in ChatML, no system turn)
+        capture_output=True, timeout=600, cwd=LIB_DIR)
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
+    reference = out.stdout.decode("utf-8", errors="replace").strip("\n")
+
+    # llama-mtmd-cli puts the marker before the prompt when it has none
+    prompt = projector.tokenize(chat_prompt(model, projector.marker + question), [picture])
+    with llmplace.Context(model, n_ctx=512, n_threads=2) as context:
+        ours = llmplace.generate(model, prompt, max_tokens=n_predict, temperature=0, context=context)
+    assert len(ours.tokens) == n_predict and ours.text.strip("\n") == reference
