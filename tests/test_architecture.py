@@ -21,9 +21,10 @@ ALLOWED_CYCLES = [
     # _completion, built by LlamaTokenizer.from_ggml_file) or use llama.py's StoppingCriteriaList, as upstream's
     # do. Each of them is upstream's public module (or one split off llama.py to keep it under ~600 lines), so
     # the circle is the shape code written against llama-cpp-python imports, kept so that it runs unchanged.
-    # _chat_tools (tools and reasoning, split off _chat) takes a Llama and _chat's helpers like _chat does.
+    # _chat_tools (tools and reasoning, split off _chat) takes a Llama and _chat's helpers like _chat does, and so
+    # does _images (the multimodal chat handlers llama_chat_format names).
     {"llmplace.compat._chat", "llmplace.compat._chat_tools", "llmplace.compat._completion", "llmplace.compat.llama",
-     "llmplace.compat.llama_chat_format", "llmplace.compat.llama_tokenizer"},
+     "llmplace.compat.llama_chat_format", "llmplace.compat.llama_tokenizer", "llmplace.compat._images"},
 ]
 
 
@@ -127,7 +128,8 @@ def test_no_import_circles_beyond_the_allowed_ones():
 def test_only_code_that_writes_gguf_files_uses_the_gguf_package():
     """Files are read by gguf_validate alone (one parser, one ggml type table checked against the compiled ggml
     by tests/test_gguf_fuzz.py); the `gguf` package's reader parses again, with a stale type table."""
-    writers = {"llmplace.synthetic"}  # writes the synthetic test and benchmark models
+    # write the synthetic test and benchmark models (synthetic_vision: the tiny vision model and its projector)
+    writers = {"llmplace.synthetic", "llmplace.synthetic_vision"}
     users = set()
     for name, path in modules().items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

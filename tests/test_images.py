@@ -223,26 +223,136 @@ def test_closing_the_model_closes_its_projector(vision_files):
 
 
 # ---- equality with llama.cpp's own tool ----
-def test_greedy_tokens_equal_llama_mtmd_cli(vision, vision_files, tmp_path):
-    """llama-mtmd-cli, built from the same source, renders the user turn with the model's template, puts the image
-    where its marker is, and decodes greedily: llmplace's reply to the same image and prompt is the same text."""
+QUESTION, N_PREDICT = "What is in this picture?", 24
+
+
+@pytest.fixture(scope="module")
+def mtmd_cli_reply(vision_files, tmp_path_factory) -> str:
+    """What llama-mtmd-cli, built from the same source, replies greedily to PATTERN and QUESTION: it renders the
+    user turn with the model's template and puts the image before the question (its marker goes first when the
+    prompt has none)."""
     from llmplace._ffi import BIN_DIR, LIB_DIR
 
-    model, projector = vision
     text_path, mmproj = vision_files
-    picture = tmp_path / "pattern.png"
+    picture = tmp_path_factory.mktemp("cli") / "pattern.png"
     picture.write_bytes(PATTERN)
-    question, n_predict = "What is in this picture?", 24
     out = subprocess.run(
         [str(BIN_DIR / "llama-mtmd-cli"), "-m", str(text_path), "--mmproj", str(mmproj), "--image", str(picture),
-         "-p", question, "-n", str(n_predict), "--temp", "0", "-t", "2", "-c", "512", "--no-warmup",
+         "-p", QUESTION, "-n", str(N_PREDICT), "--temp", "0", "-t", "2", "-c", "512", "--no-warmup",
          "--jinja"],  # the model's Jinja template, as llmplace renders it (else its built-in ChatML, no system turn)
         capture_output=True, timeout=600, cwd=LIB_DIR)
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-3000:]
-    reference = out.stdout.decode("utf-8", errors="replace").strip("\n")
+    return out.stdout.decode("utf-8", errors="replace").strip("\n")
 
-    # llama-mtmd-cli puts the marker before the prompt when it has none
-    prompt = projector.tokenize(chat_prompt(model, projector.marker + question), [picture])
+
+def test_greedy_tokens_equal_llama_mtmd_cli(vision, mtmd_cli_reply, tmp_path):
+    model, projector = vision
+    picture = tmp_path / "pattern.png"
+    picture.write_bytes(PATTERN)
+    prompt = projector.tokenize(chat_prompt(model, projector.marker + QUESTION), [picture])
     with llmplace.Context(model, n_ctx=512, n_threads=2) as context:
-        ours = llmplace.generate(model, prompt, max_tokens=n_predict, temperature=0, context=context)
-    assert len(ours.tokens) == n_predict and ours.text.strip("\n") == reference
+        ours = llmplace.generate(model, prompt, max_tokens=N_PREDICT, temperature=0, context=context)
+    assert len(ours.tokens) == N_PREDICT and ours.text.strip("\n") == mtmd_cli_reply
+
+
+# ---- the drop-in: llama-cpp-python's MTMD chat handler ----
+IMAGE_MESSAGES = [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PATTERN).decode()}},
+    {"type": "text", "text": QUESTION}]}]
+
+
+@pytest.fixture(scope="module")
+def vision_llama(vision_files):
+    from llmplace.compat.llama_chat_format import MTMDChatHandler
+
+    text, mmproj = vision_files
+    with llmplace.Llama(str(text), chat_handler=MTMDChatHandler(clip_model_path=str(mmproj)), n_ctx=512,
+                        n_threads=2, verbose=False) as llama:
+        yield llama
+
+
+def test_chat_handler_reply_equals_llama_mtmd_cli(vision_llama, mtmd_cli_reply):
+    reply = vision_llama.create_chat_completion(IMAGE_MESSAGES, temperature=0, max_tokens=N_PREDICT)
+    assert reply["choices"][0]["message"]["content"].strip("\n") == mtmd_cli_reply
+    assert reply["usage"]["prompt_tokens"] > synthetic_vision.TINY_CLIP.n_patches
+    chunks = vision_llama.create_chat_completion(IMAGE_MESSAGES, temperature=0, max_tokens=N_PREDICT, stream=True)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed.strip("\n") == mtmd_cli_reply
+
+
+def test_chat_handler_reads_image_files_and_refuses_bad_images(vision_llama, tmp_path):
+    path = tmp_path / "red.png"
+    path.write_bytes(RED)
+    for url in (str(path), path.as_uri()):
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": url},
+                                                 {"type": "text", "text": "Colour?"}]}]
+        assert vision_llama.create_chat_completion(messages, temperature=0, max_tokens=2)["choices"]
+    for data, error in ((RED[:20], MalformedImageError), (b"RIFF\0\0\0\0WEBPVP8 ", UnsupportedImageFormatError)):
+        url = "data:image/png;base64," + base64.b64encode(data).decode()
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                            {"type": "text", "text": "?"}]}]
+        with pytest.raises(error):
+            vision_llama.create_chat_completion(bad, max_tokens=2)
+    web = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]
+    with pytest.raises(ImageError, match="fetching is off"):
+        vision_llama.create_chat_completion(web, max_tokens=2)
+
+
+def test_chat_handler_without_images_is_the_plain_chat(vision_llama, vision_files):
+    text, _ = vision_files
+    messages = [{"role": "user", "content": "Hello"}]
+    with llmplace.Llama(str(text), n_ctx=512, n_threads=2, verbose=False) as plain:
+        expected = plain.create_chat_completion(messages, temperature=0, max_tokens=6)
+    reply = vision_llama.create_chat_completion(messages, temperature=0, max_tokens=6)
+    assert reply["choices"][0]["message"] == expected["choices"][0]["message"]
+
+
+def test_an_image_part_without_a_chat_handler_raises_no_projector_error(vision_files):
+    text, _ = vision_files
+    with llmplace.Llama(str(text), n_ctx=512, n_threads=1, verbose=False) as plain:
+        with pytest.raises(NoProjectorError, match="MTMDChatHandler"):
+            plain.create_chat_completion(IMAGE_MESSAGES, max_tokens=2)
+
+
+# ---- the server ----
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_server_answers_image_parts_and_refuses_bad_images_with_400(vision_files, mtmd_cli_reply):
+    import sys
+    import tempfile
+
+    from processes import free_port, stop, wait_until_serving
+
+    text, mmproj = vision_files
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llmplace.cli", "serve", str(text), "--mmproj", str(mmproj),
+                                "--port", str(port), "--threads", "2", "--n-ctx", "512"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    try:
+        wait_until_serving(process, port)
+        status, reply = _post(port, {"messages": IMAGE_MESSAGES, "temperature": 0, "max_tokens": N_PREDICT})
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"].strip("\n") == mtmd_cli_reply
+        for data, words in ((RED[:20], "truncated"), (b"II*\0" + b"\0" * 16, "TIFF")):
+            url = "data:image/png;base64," + base64.b64encode(data).decode()
+            status, error = _post(port, {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]})
+            assert status == 400 and words in error["error"]["message"], error
+            assert error["error"]["type"] == "invalid_request_error"
+        status, error = _post(port, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://127.0.0.1:9/x.png"}}, {"type": "text", "text": "?"}]}]})
+        assert status == 400 and "fetching is off" in error["error"]["message"]
+    finally:
+        stop(process)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..chat import format_chat
 from ..chat_template import check_message_list
-from ..errors import InvalidParameterError
+from ..errors import InvalidParameterError, NoProjectorError
 from ._chat_tools import tools_request
 from .errors import UnsupportedFeatureError
 from .llama_grammar import JSON_GBNF, LlamaGrammar
@@ -57,10 +57,14 @@ def _plain_messages(messages) -> list[dict]:
                     texts.append(str(part.get("text", "")))
                 elif isinstance(part, str):
                     texts.append(part)
+                elif isinstance(part, dict) and part.get("type") == "image_url":
+                    raise NoProjectorError(
+                        f"message {i} has an image but no projector (mmproj) is loaded for the model: create the "
+                        "Llama with chat_handler=MTMDChatHandler(clip_model_path='mmproj.gguf') (llama_chat_format)")
                 else:
                     kind = part.get('type') if isinstance(part, dict) else type(part).__name__
                     raise UnsupportedFeatureError(f"message {i} has a {kind!r} "
-                                                  "content part: llmplace.Llama takes text only (no images yet)")
+                                                  "content part: llmplace.Llama takes text and image_url parts")
             content = "".join(texts)
         out.append({**message, "content": content})
     return out

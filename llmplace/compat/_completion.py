@@ -22,6 +22,7 @@ from ..chat_tools import ToolCallGrammar
 from ..context_lock import GenerationHold
 from ..errors import ContextOverflowError, InvalidParameterError
 from ..generation import request
+from ..images import ImagePrompt
 from ..sampling import Sampler, SamplingParams
 from ..text_assembly import TextAssembler
 from ..token_loop import DrawnTokens, LogitsHooks, SequenceState, run
@@ -43,7 +44,12 @@ def _or_minus_one(token: int | None) -> int:
 
 def build_prompt(llama: Llama, prompt, suffix: str | None) -> tuple[list[int], str | None]:
     """The prompt tokens llama-cpp-python 0.3.36 builds, and the suffix to append to the text when the model
-    has no fill-in-the-middle tokens (None otherwise)."""
+    has no fill-in-the-middle tokens (None otherwise). A prompt with images (an llmplace.images.ImagePrompt, what
+    the multimodal chat handlers pass) is used as its projector tokenized it."""
+    if isinstance(prompt, ImagePrompt):
+        if suffix is not None:
+            raise InvalidParameterError("suffix cannot be combined with a prompt with images")
+        return list(prompt.tokens), None
     vocab = llama._model.vocab
     is_text = isinstance(prompt, str)
     if not is_text and (isinstance(prompt, (bytes, dict)) or not hasattr(prompt, "__iter__")):
@@ -120,7 +126,9 @@ class _HookedRun:
     (as llama-cpp-python)."""
 
     def __init__(self, llama: Llama, tokens: list[int], max_tokens: int, stops: list[str], params: SamplingParams,
-                 processors, criteria, keep_rows: bool, prompt_rows: bool, grammar=None) -> None:
+                 processors, criteria, keep_rows: bool, prompt_rows: bool, grammar=None,
+                 images: ImagePrompt | None = None) -> None:
+        self.images = images  # a prompt with images computes itself into the context (ImagePrompt.prefill)
         self.llama, self.tokens, self.max_tokens, self.stops, self.params = llama, tokens, max_tokens, stops, params
         self.hooks = LogitsHooks(processors, grammar, criteria, keep_rows)
         self.prompt_rows: np.ndarray | None = None  # row i: logits after prompt token i (echo with logprobs)
@@ -143,6 +151,8 @@ class _HookedRun:
                                                   "with a larger n_batch")
                 ctx.clear()
                 self.prompt_rows = ctx.decode_all(tokens)
+            elif self.images is not None:
+                self.images.prefill(ctx)
             else:
                 ctx.decode(tokens[ctx.reuse_prefix(tokens):])
             sampler = Sampler(llama.n_vocab(), self.params)
@@ -255,6 +265,9 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
     """create_completion under `hold`: a stream releases it when it ends (or is closed or collected), a whole
     completion when its dict is made (after the state is saved to the cache)."""
     tokens, text_suffix = build_prompt(llama, prompt, suffix)
+    images = prompt if isinstance(prompt, ImagePrompt) else None
+    if images is not None and echo:
+        raise InvalidParameterError("echo cannot repeat a prompt with images as text; call without echo=True")
     n_ctx = ctx.n_ctx
     if len(tokens) >= n_ctx:
         raise ContextOverflowError(f"Requested tokens ({len(tokens)}) exceed context window of {n_ctx}")
@@ -264,7 +277,7 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
     stops = stop if isinstance(stop, list) else [stop] if isinstance(stop, str) else []
     if logprobs is not None and not llama._logits_all:
         raise InvalidParameterError("logprobs is not supported for models created with logits_all=False")
-    if llama.cache is not None:
+    if llama.cache is not None and images is None:  # a cached state never holds an image's placeholders
         _restore_from_cache(llama, ctx, tokens)
     params = sampling_params(llama, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              typical_p=typical_p, repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
@@ -282,14 +295,15 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
                       GrammarConstraint(llama._model, grammar) if grammar is not None else None)
         run = _HookedRun(llama, tokens, max_tokens, stops, params, logits_processor or None, stopping_criteria or None,
                          keep_rows=logprobs is not None, prompt_rows=logprobs is not None and echo and not stream,
-                         grammar=constraint)
+                         grammar=constraint, images=images)
         steps: Iterator[tuple[int, str, str | None]] = hold.steps(iter(run), release=False)
     else:
         run = None
         # mirostat's feedback does not fit speculative acceptance: a mirostat request decodes plainly
-        speculation = (llama._speculation or {}) if not params.mirostat else {}
+        speculation = (llama._speculation or {}) if not params.mirostat and images is None else {}
         # stream_generate's request, read as (token, text, finish_reason) tuples: no per-token step object.
-        steps = request(llama._model, tokens, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
+        prompt_in = images if images is not None else tokens
+        steps = request(llama._model, prompt_in, max_tokens=max_tokens, stop=stops, sampling=params, context=ctx,
                         hold=hold, **speculation).token_steps()
     info = {"id": f"cmpl-{uuid.uuid4()}", "created": int(time.time()),
             "model": model if model is not None else llama.model_path}

@@ -201,3 +201,8 @@ def _render_limited(template, **variables: Any) -> str:
     except (RecursionError, MemoryError, OverflowError) as exc:
         raise TemplateError(f"the chat template exhausted the interpreter ({type(exc).__name__}: {str(exc)[:200]}); "
                             "a chat template should only format the messages") from None
+
+
+# The multimodal chat handlers (images through a projector, llmplace.images): defined in _images.py, named here as
+# upstream's module names them.
+from ._images import Gemma4ChatHandler, Llava15ChatHandler, MTMDChatHandler  # noqa: E402, F401

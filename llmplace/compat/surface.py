@@ -25,8 +25,10 @@ _RAW_C_API = (
     "ctypes objects could not be passed to it; use Llama, llmplace.Model / Context / generate. The enum and "
     "#define constants and llama_supports_* / llama_max_devices / llama_print_system_info / llama_time_us are "
     "provided (llmplace/compat/llama_cpp.py)")
-_IMAGES = ("image input is not implemented in llmplace (image content parts raise UnsupportedFeatureError), so "
-           "the multimodal chat handlers built on llava / libmtmd are not provided")
+_IMAGES = ("images are taken through MTMDChatHandler (the model's own chat template), Llava15ChatHandler and "
+           "Gemma4ChatHandler (llmplace/compat/_images.py, over llmplace.images); upstream's other model-specific "
+           "vision handlers are its own hand-written prompt formats for older models, not provided: use "
+           "MTMDChatHandler with the GGUF's chat template, or Llava15ChatHandler for LLaVA-style prompts")
 _FUNCTION_CALLING = ("the function-calling chat formats are not implemented: chat_format='chatml-function-calling' "
                      "/ 'functionary' raise UnsupportedFeatureError (a forced tool_choice works with any format)")
 _NAMED_FORMATS = (
@@ -62,8 +64,9 @@ EXCLUDED: dict[str, str] = {
     "llama_cpp.llava_cpp": (
         "ctypes binding of the llava library, which llama.cpp no longer builds (llama-cpp-python 0.3.36 itself "
         "fails to import it: 'Shared library with base name llava not found'); " + _IMAGES),
-    "llama_cpp.mtmd_cpp": ("ctypes binding of llama.cpp's libmtmd (multimodal input); llmplace does not build or "
-                           "bind libmtmd yet: " + _IMAGES),
+    "llama_cpp.mtmd_cpp": ("ctypes binding of llama.cpp's libmtmd (multimodal input). llmplace builds and binds "
+                           "libmtmd with cffi (its functions are in llmplace._ffi.C) and wraps it in "
+                           "llmplace.images (Projector, ImagePrompt); ctypes objects could not be passed to it"),
     "llama_cpp.llama_cpp_ext": (
         "ctypes bindings of llama.cpp's non-public llama-ext.h (next-n / MTP embeddings), which llama-cpp-python "
         "marks as not part of its stable API; llmplace's binding covers llama.h only"),
@@ -95,7 +98,9 @@ EXCLUDED: dict[str, str] = {
     "llama_cpp.llama_chat_format.guess_chat_format_from_gguf_metadata": _TEMPLATE_CONSTANTS,
     "llama_cpp.llama_chat_format.chatml_function_calling": _FUNCTION_CALLING,
     "llama_cpp.llama_chat_format.functionary_*": _FUNCTION_CALLING,
-    "llama_cpp.llama_chat_format.*ChatHandler": _IMAGES,
+    **{f"llama_cpp.llama_chat_format.{name}": _IMAGES for name in (
+        "ObsidianChatHandler", "MoondreamChatHandler", "Llava16ChatHandler", "NanoLlavaChatHandler",
+        "Llama3VisionAlphaChatHandler", "MiniCPMv26ChatHandler", "Qwen25VLChatHandler")},
     "llama_cpp.llama_chat_format.Llama3VisionAlpha": _IMAGES,
     "llama_cpp.llama_chat_format.hf_autotokenizer_to_*": (
         "builds a chat formatter from a transformers AutoTokenizer; not provided: use Jinja2ChatFormatter with "

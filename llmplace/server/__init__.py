@@ -113,6 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-cpu-moe", type=int, default=None, help="keep the experts of the first N layers in RAM")
     parser.add_argument("--embedding", nargs="?", const=True, default=False, type=_flag_bool,
                         help="serve /v1/embeddings (the model runs in embedding mode)")
+    parser.add_argument("--mmproj", "--clip_model_path", dest="mmproj", default=None,
+                        help="a multimodal projector GGUF (mmproj) for the model: chat messages may then carry "
+                             "image_url parts (data: URLs, or local paths)")
+    parser.add_argument("--allow-image-fetch", action="store_true",
+                        help="with --mmproj: also fetch http(s) image URLs (off: a client could make the server "
+                             "fetch any address)")
     parser.add_argument("--chat-format", "--chat_format", dest="chat_format", default=None,
                         help="chat template name (default: the model's own)")
     parser.add_argument("--reasoning-format", "--reasoning_format", dest="reasoning_format", default="auto",
@@ -187,6 +193,14 @@ def run(args: argparse.Namespace) -> int:
                       "exact": {"auto": None, "on": True, "off": False}[args.exact_batching]}
     optional = {name: getattr(args, name) for name in ("flash_attn", "seed", "tensor_split")
                 if getattr(args, name) is not None}
+    if args.mmproj is not None:
+        from ..compat._images import MTMDChatHandler
+
+        try:
+            optional["chat_handler"] = MTMDChatHandler(args.mmproj, allow_fetch=args.allow_image_fetch)
+        except ValueError as exc:
+            print(f"llmplace: --mmproj: {exc}", file=sys.stderr)
+            return 1
     try:
         serve(model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
               n_ctx=args.n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch, n_gpu_layers=args.n_gpu_layers,
