@@ -21,6 +21,14 @@ Policies (chosen here, tested in tests/test_chat.py):
   possibly empty) are kept in the history, with finish_reason "abort", as a chat UI keeps a stopped answer;
   the KV cache is left consistent, so the next turn works and reuses it. An error during generation (not an
   interruption) leaves the history as it was before the turn.
+- Tools and reasoning: with `tools=` (OpenAI's function tools) a turn is rendered, constrained and read back by
+  llama.cpp's chat layer (chat_tools.py, the drop-in's path): the template describes the tools, a lazy grammar
+  starts at the family's tool-call trigger ("auto"; "required" or a named function force a call), and the reply
+  is parsed into `Reply.tool_calls`, `Reply.reasoning_content` and its content. The assistant message kept in the
+  history holds them as the template expects them (OpenAI's shape), so `add_tool_result(call_id, result)`
+  then `submit()` continue the conversation. Models that think get their thinking separated
+  (reasoning_format="none" keeps it inline), and `reasoning_budget` / `enable_thinking=False` limit it where
+  the template supports it. A template that cannot describe tools raises InvalidParameterError for tools.
 """
 
 from __future__ import annotations
@@ -35,17 +43,45 @@ from pathlib import Path
 from typing import Any, Generator, Iterator, Mapping, Sequence
 
 from .chat_template import ChatTemplate, format_chat, validate_messages
+from .chat_tools import (
+    REASONING_FORMATS,
+    ChatTemplates,
+    ParsedReply,
+    RenderedChat,
+    ReplyStream,
+    ThinkingBudget,
+    ToolCall,
+    ToolCallGrammar,
+    ToolCallParseError,
+    check_tool_messages,
+    check_tools,
+    resolve_tool_choice,
+)
 from .context import Context
 from .context_lock import GenerationHold
-from .errors import AbortedError, BusyError, ClosedError, ContextOverflowError, InvalidParameterError, LlmplaceError
+from .errors import (
+    AbortedError,
+    BusyError,
+    ClosedError,
+    ContextOverflowError,
+    InvalidParameterError,
+    LlmplaceError,
+    TemplateError,
+)
 from .generation import GenerationStep, request, stream_generate
 from .model import Model
 from .planning import load
 from .sampling import SamplingParams
+from .token_loop import LogitsHooks
 
 __all__ = ["Chat", "Reply", "format_chat"]
 
 _SAMPLING_NAMES = frozenset(f.name for f in fields(SamplingParams))
+# What a turn takes for tools and reasoning (checked by _check_tool_options), with the Chat's defaults.
+_TOOL_DEFAULTS: dict[str, Any] = {"tools": None, "tool_choice": "auto", "parallel_tool_calls": False,
+                                  "reasoning_format": "auto", "reasoning_budget": None, "enable_thinking": True}
+# Keys a message may carry besides role and content: tool calls, their results, the reply's thinking.
+_TOOL_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 _HISTORY_FORMAT = "llmplace.chat/1"
 
 
@@ -59,6 +95,9 @@ class Reply:
     computed (the rest were already in the KV cache; 0 when the reply was stopped inside the prompt's decode).
     dropped: messages dropped by truncate=True this turn.
     speculative: the draft's counts (drafted, accepted, acceptance_rate) when the Chat speculates, else None.
+    tool_calls: the calls the model made (turns with tools=), each a chat_tools.ToolCall (name, arguments as
+    JSON text, id); finish_reason is then "tool_calls". reasoning_content: the thinking of a model that thinks,
+    when it is kept apart from `text` (reasoning_format other than "none").
     """
 
     text: str
@@ -71,6 +110,8 @@ class Reply:
     elapsed: float
     dropped: int = 0
     speculative: object = None   # llmplace.speculative.SpeculativeStats
+    tool_calls: tuple[ToolCall, ...] = ()
+    reasoning_content: str = ""
 
     def __str__(self) -> str:
         return self.text
@@ -80,10 +121,12 @@ class Reply:
 class _Turn:
     """A prepared turn: the conversation it will leave behind and the tokens to generate from."""
 
-    messages: list[dict[str, str]]  # history to keep, including the new user message
+    messages: list[dict[str, Any]]  # history to keep, including the new user message
     tokens: list[int]
     options: dict[str, Any]         # keywords for stream_generate
     dropped: int
+    rendered: RenderedChat | None = None  # llama.cpp's chat layer rendered it (tools, or a model that thinks)
+    hooks: LogitsHooks | None = None       # its tool-call grammar and thinking budget
 
 
 def _speculation_keywords() -> frozenset[str]:
@@ -113,14 +156,23 @@ class Chat:
                  template: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
                  max_tokens: int = 512, stop: str | Sequence[str] = (), truncate: bool = False,
                  draft: Model | str | os.PathLike[str] | None = None, depth: int = 5, lookup: bool = False,
-                 **sampling: Any) -> None:
+                 tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | Mapping[str, Any] = "auto",
+                 parallel_tool_calls: bool = False, reasoning_format: str = "auto",
+                 reasoning_budget: int | None = None, enable_thinking: bool = True, **sampling: Any) -> None:
         self._owned: list[Model | Context] = []  # what close() frees: the context, and models loaded from paths
         self._context: Context | None = None
+        self._layer: ChatTemplates | None = None  # llama.cpp's chat layer for the template, made at first need
+        self._layer_caps: dict[str, bool] = {}
         try:
             model = self._load_or_check(model, "model")
             self.model = model
             self.template = ChatTemplate.resolve(model, template)
-            self._defaults = self._options({"max_tokens": max_tokens, "stop": stop, **sampling})
+            # The GGUF's own template: the chat layer reads it (and a "tool_use" variant) from the model.
+            self._own_template = template is None and model.chat_template is not None
+            self._defaults = self._options({
+                "max_tokens": max_tokens, "stop": stop, "tools": tools, "tool_choice": tool_choice,
+                "parallel_tool_calls": parallel_tool_calls, "reasoning_format": reasoning_format,
+                "reasoning_budget": reasoning_budget, "enable_thinking": enable_thinking, **sampling})
             if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
                 raise InvalidParameterError(f"system_prompt must be non-empty text or None, not {system_prompt!r}")
             self.truncate = bool(truncate)
@@ -130,7 +182,7 @@ class Chat:
         except BaseException:
             self.close()
             raise
-        self._messages: list[dict[str, str]] = (
+        self._messages: list[dict[str, Any]] = (
             [{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
         self._abort_requested = threading.Event()
         self._active = False
@@ -139,11 +191,13 @@ class Chat:
     # ---- set-up helpers ----
     def _options(self, options: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Merge per-turn keywords over `base` and check them now, so a bad value raises at the call."""
-        unknown = set(options) - _SAMPLING_NAMES - {"max_tokens", "stop"}
+        unknown = set(options) - _SAMPLING_NAMES - {"max_tokens", "stop"} - set(_TOOL_DEFAULTS)
         if unknown:
             raise InvalidParameterError(f"unknown option(s) {', '.join(sorted(unknown))}; a turn takes max_tokens, "
-                                        f"stop and the sampling options {', '.join(sorted(_SAMPLING_NAMES))}")
-        merged = {**(base or {}), **options}
+                                        f"stop, {', '.join(_TOOL_DEFAULTS)} and the sampling options "
+                                        f"{', '.join(sorted(_SAMPLING_NAMES))}")
+        merged = {**_TOOL_DEFAULTS, **(base or {}), **options}
+        self._check_tool_options(merged)
         max_tokens = merged.get("max_tokens")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidParameterError(f"max_tokens must be an int >= 1, not {max_tokens!r}")
@@ -154,6 +208,23 @@ class Chat:
         merged["stop"] = list(stop)
         self._check_sampling(merged, speculating=bool(getattr(self, "_speculation", None)))
         return merged
+
+    @staticmethod
+    def _check_tool_options(options: dict[str, Any]) -> None:
+        """tools, tool_choice, reasoning_format, reasoning_budget, enable_thinking, parallel_tool_calls: checked
+        (and tools copied into a list) as the drop-in checks them."""
+        options["tools"] = check_tools(options["tools"]) or None
+        resolve_tool_choice(options["tools"], options["tool_choice"])  # a bad choice raises here
+        if options["reasoning_format"] not in REASONING_FORMATS:
+            raise InvalidParameterError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, not "
+                                        f"{options['reasoning_format']!r}")
+        budget = options["reasoning_budget"]
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise InvalidParameterError(f"reasoning_budget must be a number of tokens >= 0, or None for no limit, "
+                                        f"not {budget!r}")
+        for name in ("enable_thinking", "parallel_tool_calls"):
+            if not isinstance(options[name], bool):
+                raise InvalidParameterError(f"{name} must be True or False, not {options[name]!r}")
 
     @staticmethod
     def _check_sampling(options: Mapping[str, Any], speculating: bool) -> None:
@@ -240,26 +311,58 @@ class Chat:
 
     # ---- history ----
     @property
-    def history(self) -> list[dict[str, str]]:
-        """The conversation as [{"role": ..., "content": ...}, ...] (a copy), system prompt first if any."""
-        return [dict(m) for m in self._messages]
+    def history(self) -> list[dict[str, Any]]:
+        """The conversation as [{"role": ..., "content": ...}, ...] (a copy), system prompt first if any.
+        Turns with tools add OpenAI's keys: an assistant message's "tool_calls" (and "reasoning_content"), a
+        tool result's "tool_call_id" and "name"."""
+        return [json.loads(json.dumps(m)) for m in self._messages]
 
     @property
     def system_prompt(self) -> str | None:
         return self._messages[0]["content"] if self._messages and self._messages[0]["role"] == "system" else None
 
-    def load_history(self, messages: Sequence[Mapping[str, str]]) -> None:
+    def load_history(self, messages: Sequence[Mapping[str, Any]]) -> None:
         """Replace the conversation (system prompt included) with `messages`, checked first. The KV cache
-        keeps whatever prefix the new conversation shares with the old."""
+        keeps whatever prefix the new conversation shares with the old. Messages may hold tool calls and
+        results in OpenAI's shape (see `history`)."""
         self._check_usable()
-        checked = validate_messages(messages)
+        checked = _checked_messages(messages)
         if any(m["role"] == "system" for m in checked[1:]):
             raise InvalidParameterError("a system message may only come first in the history")
-        self.template.render(checked, add_generation_prompt=False)  # the template accepts it (raises otherwise)
+        # the template accepts it (raises otherwise)
+        if _has_tool_turns(checked):
+            self._render(checked, self._defaults, add_generation_prompt=False)
+        else:
+            self.template.render(checked, add_generation_prompt=False)
         self._messages = checked
 
+    def add_tool_result(self, tool_call_id: str, content: str) -> None:
+        """Answer one of the calls of the last reply with its tool's result (a str, JSON text for structured
+        results): it goes into the history as a "tool" message; `submit()` (no text) then lets the model read
+        it. Raises InvalidParameterError for an id no call of the last reply has, or one already answered."""
+        self._check_usable()
+        if not isinstance(content, str):
+            raise InvalidParameterError(f"a tool result must be a str (JSON text for structured results), not "
+                                        f"{type(content).__name__}")
+        calls: dict[str, str] = {}
+        answered: set[str] = set()
+        for message in reversed(self._messages):
+            if message["role"] == "tool":
+                answered.add(message.get("tool_call_id", ""))
+                continue
+            if message["role"] == "assistant":
+                calls = {c["id"]: c["function"]["name"] for c in message.get("tool_calls") or ()}
+            break
+        if tool_call_id not in calls:
+            known = ", ".join(map(repr, calls)) or "none: the last reply called no tool"
+            raise InvalidParameterError(f"no tool call {tool_call_id!r} to answer; the last reply's calls: {known}")
+        if tool_call_id in answered:
+            raise InvalidParameterError(f"tool call {tool_call_id!r} is already answered")
+        self._messages.append({"role": "tool", "tool_call_id": tool_call_id, "name": calls[tool_call_id],
+                               "content": content})
+
     @classmethod
-    def from_history(cls, model: Model | str | os.PathLike[str], messages: Sequence[Mapping[str, str]],
+    def from_history(cls, model: Model | str | os.PathLike[str], messages: Sequence[Mapping[str, Any]],
                      **kwargs: Any) -> Chat:
         """A Chat continuing `messages` (a system message first, if any, becomes the system prompt)."""
         chat = cls(model, **kwargs)
@@ -346,31 +449,98 @@ class Chat:
         contexts = [self._context, getattr(self, "_speculation", {}).get("draft")]
         return [c for c in contexts if isinstance(c, Context) and not c.closed]
 
-    def submit(self, text: str, **options: Any) -> Reply:
-        """Send a user message and return the whole reply. Keywords (max_tokens, stop, temperature, ...)
-        override the Chat's defaults for this turn."""
-        steps = self.stream(text, **options)
+    def submit(self, text: str | None = None, **options: Any) -> Reply:
+        """Send a user message and return the whole reply. Keywords (max_tokens, stop, temperature, tools,
+        tool_choice, reasoning_format ...) override the Chat's defaults for this turn. No text: reply to the
+        tool results just added (add_tool_result)."""
+        steps = self.stream_deltas(text, **options)
         for _ in steps:
             pass
         assert self.last is not None  # the turn's end wrote it
         return self.last
 
-    def stream(self, text: str, **options: Any) -> Iterator[str]:
+    def stream(self, text: str | None = None, **options: Any) -> Iterator[str]:
         """Send a user message; yield the reply's text as it is generated (pieces, never empty). The Reply
         with its figures is `chat.last` once the iteration ends. Arguments are checked at the call, and the
-        Chat is taken for this turn at the call: another turn (any thread) raises BusyError until it ends."""
+        Chat is taken for this turn at the call: another turn (any thread) raises BusyError until it ends.
+        The text is the reply's content: kept-apart thinking and tool calls are in `chat.last` (or use
+        stream_deltas)."""
+        turn = self._prepare(text, options)
+        return _contents(self._run(turn, GenerationHold(self._context)))
+
+    def stream_deltas(self, text: str | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+        """As stream(), yielding OpenAI-style chat deltas: {"content": ...}, {"reasoning_content": ...} and
+        {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]} (a call's arguments come
+        in pieces after its first delta, as OpenAI streams them)."""
         turn = self._prepare(text, options)
         return self._run(turn, GenerationHold(self._context))
 
-    def _prepare(self, text: str, options: Mapping[str, Any]) -> _Turn:
+    def _render(self, messages: list[dict[str, Any]], options: Mapping[str, Any], *,
+                add_generation_prompt: bool = True) -> tuple[list[int], RenderedChat | None]:
+        """The prompt tokens for `messages`, and llama.cpp's chat layer's rendering when the turn is its own
+        (tools, tool turns in the history, or a model that thinks; otherwise the Chat's template renders)."""
+        layer = self._chat_layer(options, messages)
+        if layer is None:
+            return self.template.tokens(self.model, self.template.render(
+                messages, add_generation_prompt=add_generation_prompt)), None
+        tools = options["tools"]
+        if tools and options["tool_choice"] != "none" and not self._layer_caps.get("supports_tool_calls"):
+            raise InvalidParameterError(
+                f"the chat template of {self.model.path.name} cannot describe tools to the model (llama.cpp's chat "
+                "layer finds no tool calls in it); pass template= a template that does (Qwen 2.5/3, Hermes, "
+                "Llama 3.x, Mistral ...), or tool_choice='none'")
+        rendered = layer.render(messages, tools=tools, tool_choice=options["tool_choice"],
+                                parallel_tool_calls=options["parallel_tool_calls"],
+                                reasoning_format=options["reasoning_format"],
+                                enable_thinking=options["enable_thinking"],
+                                add_generation_prompt=add_generation_prompt)
+        return self.template.tokens(self.model, rendered.prompt), rendered
+
+    def _chat_layer(self, options: Mapping[str, Any], messages: list[dict[str, Any]]) -> ChatTemplates | None:
+        """llama.cpp's chat layer for the Chat's template when this turn needs it, else None."""
+        needed = (bool(options["tools"]) or _has_tool_turns(messages) or options["reasoning_budget"] is not None
+                  or not options["enable_thinking"])
+        if not needed and options["reasoning_format"] == "none":
+            return None
+        if self._layer is None:
+            try:
+                self._layer = self._make_layer()
+            except (TemplateError, InvalidParameterError):
+                if needed:
+                    raise
+                self._layer_caps = {"supports_thinking": False}  # a plain template: rendered as before
+                return None
+        if not needed and not self._layer_caps.get("supports_thinking"):
+            return None  # nothing to separate: the Chat's own rendering (unchanged for models that do not think)
+        return self._layer
+
+    def _make_layer(self) -> ChatTemplates:
+        template = self.template
+        if self._own_template:
+            layer = ChatTemplates(self.model)
+        elif template.source is not None:
+            layer = ChatTemplates(template=template.source, bos_token=template.bos_token,
+                                  eos_token=template.eos_token)
+        else:
+            raise InvalidParameterError(f"the template {template.name!r} is rendered by llama.cpp's built-in "
+                                        "engine, which cannot describe tools or thinking; pass its Jinja source")
+        probe = layer.render([{"role": "user", "content": "Hi"}], reasoning_format="auto")
+        self._layer_caps = {**probe.caps, "supports_thinking": probe.supports_thinking}
+        return layer
+
+    def _prepare(self, text: str | None, options: Mapping[str, Any]) -> _Turn:
         context = self._check_usable()
-        if not isinstance(text, str):
+        if text is None:
+            if not self._messages or self._messages[-1]["role"] != "tool":
+                raise InvalidParameterError("no message: give the user's text (a reply without one follows tool "
+                                            "results, added with add_tool_result)")
+        elif not isinstance(text, str):
             raise InvalidParameterError(f"the message must be a str, not {type(text).__name__}")
-        if not text.strip():
+        elif not text.strip():
             raise InvalidParameterError("the message is empty; type some text")
         options = self._options(options, self._defaults)
-        messages = self._messages + [{"role": "user", "content": text}]
-        tokens = self.template.tokens(self.model, self.template.render(messages))
+        messages = self._messages + ([{"role": "user", "content": text}] if text is not None else [])
+        tokens, rendered = self._render(messages, options)
         n_ctx, dropped = context.n_ctx, 0
         if self.truncate:
             room = min(options["max_tokens"], n_ctx // 2)
@@ -382,7 +552,7 @@ class Chat:
                            len(messages) - 1)
                 dropped += cut - first
                 messages = messages[:first] + messages[cut:]
-                tokens = self.template.tokens(self.model, self.template.render(messages))
+                tokens, rendered = self._render(messages, options)
         if len(tokens) >= n_ctx:
             how = ("shorten the system prompt or this message" if self.truncate else
                    "call reset(), or create the Chat with truncate=True to drop the oldest turns")
@@ -390,11 +560,23 @@ class Chat:
                 f"the conversation with this message is {len(tokens)} tokens but the context holds {n_ctx} (and the "
                 f"reply needs room too): {how}, or use a larger n_ctx (this model was trained on "
                 f"{self.model.n_ctx_train})")
-        return _Turn(messages, tokens, options, dropped)
+        hooks = None
+        if rendered is not None:
+            # Built now, so that a schema the grammar builder refuses raises at the call.
+            grammar = ToolCallGrammar(self.model, rendered) if rendered.grammar else None
+            budget = options["reasoning_budget"]
+            thinking = (ThinkingBudget(self.model, rendered, budget)
+                        if budget is not None and rendered.supports_thinking else None)
+            if grammar is not None or thinking is not None:
+                hooks = LogitsHooks(thinking, grammar)
+            options = {**options, "stop": [*options["stop"], *(s for s in rendered.additional_stops
+                                                                if s not in options["stop"])]}
+        generation = {k: v for k, v in options.items() if k not in _TOOL_DEFAULTS}
+        return _Turn(messages, tokens, generation, dropped, rendered, hooks)
 
-    def _run(self, turn: _Turn, hold: GenerationHold) -> Iterator[str]:
-        """The turn's reply, generated under `hold` (the Chat's context), released once the history and the
-        cache are put in order: no other turn can start in between."""
+    def _run(self, turn: _Turn, hold: GenerationHold) -> Generator[dict[str, Any], None, None]:
+        """The turn's reply as chat deltas, generated under `hold` (the Chat's context), released once the
+        history and the cache are put in order: no other turn can start in between."""
         context = self._context
         assert context is not None  # stream checked it (_prepare)
         self._active = True
@@ -406,19 +588,32 @@ class Chat:
         keep = True                # record the turn in the history (False after an error)
         consistent = True          # the cache and context.tokens are known to agree
         steps: Generator[GenerationStep, None, None] | None = None
+        # Turns of llama.cpp's chat layer: the text so far re-read as content, thinking and tool calls.
+        reader = ReplyStream(turn.rendered.reply_parser()) if turn.rendered is not None else None
+        parsed: ParsedReply | None = None
         try:
+            # a grammar draws token by token: no speculation for this turn
+            speculation = self._speculation if turn.hooks is None else {}
             steps = request(self.model, turn.tokens, context=context, add_special=False, hold=hold,
-                            **turn.options, **self._speculation).steps()
+                            hooks=turn.hooks, **turn.options, **speculation).steps()
             for step in steps:
                 last = step
                 if step.text:
                     pieces.append(step.text)
-                    yield step.text
+                    if reader is None:
+                        yield {"content": step.text}
+                    else:
+                        yield from reader.feed(step.text)
                 if step.finish_reason is not None:
                     finish = step.finish_reason
                     break
                 if self._abort_requested.is_set():
                     break
+            if reader is not None:
+                # A reply cut short (max_tokens, abort()) is read as partial; a whole one the parser cannot read
+                # raises ToolCallParseError (the history is then left as it was).
+                parsed, deltas = reader.finish(partial=finish != "stop")
+                yield from deltas
         except AbortedError:
             pass                   # abort() arrived during a llama_decode: the cache is consistent
         except GeneratorExit:
@@ -434,17 +629,31 @@ class Chat:
                 self._end_turn(context, steps, consistent)
                 if keep:
                     reply_text = "".join(pieces)
-                    self._messages = turn.messages + [{"role": "assistant", "content": reply_text}]
+                    if reader is not None and parsed is None:  # interrupted: what was written, read leniently
+                        parsed = _read_partial(reader, reply_text)
+                    message: dict[str, Any] = {"role": "assistant", "content": reply_text}
+                    if parsed is not None:
+                        message["content"] = parsed.content
+                        if parsed.reasoning_content:
+                            message["reasoning_content"] = parsed.reasoning_content
+                        if parsed.tool_calls:
+                            message["tool_calls"] = [call.to_openai() for call in parsed.tool_calls]
+                            finish = "tool_calls" if finish == "stop" else finish
+                    self._messages = turn.messages + [message]
                     now = time.perf_counter()
                     self.last = Reply(
-                        text=reply_text, finish_reason=finish, prompt_tokens=len(turn.tokens),
+                        text=message["content"], finish_reason=finish, prompt_tokens=len(turn.tokens),
                         prompt_evaluated=(last.prompt_tokens - last.prompt_cached) if last else 0,
                         generated_tokens=last.generated_tokens if last else 0,
                         prompt_tps=last.prompt_tps if last else 0.0,
                         generation_tps=last.generation_tps if last else 0.0,
-                        elapsed=now - start, dropped=turn.dropped, speculative=getattr(last, "speculative", None))
+                        elapsed=now - start, dropped=turn.dropped, speculative=getattr(last, "speculative", None),
+                        tool_calls=parsed.tool_calls if parsed is not None else (),
+                        reasoning_content=parsed.reasoning_content if parsed is not None else "")
             finally:
                 hold.release()  # only now may another turn start: the history and the cache are in order
+                if reader is not None:
+                    reader.close()
 
     def _end_turn(self, context: Context, steps: Generator[GenerationStep, None, None] | None,
                   consistent: bool) -> None:
@@ -471,3 +680,47 @@ class Chat:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{len(self._messages)} messages, {self.n_cached} cached tokens"
         return f"<llmplace.Chat {self.model.path.name}: {state}>"
+
+
+def _contents(deltas: Generator[dict[str, Any], None, None]) -> Generator[str, None, None]:
+    """The content pieces of a turn's deltas (what stream() yields); closing this closes the turn."""
+    try:
+        for delta in deltas:
+            content = delta.get("content")
+            if content:
+                yield content
+    finally:
+        deltas.close()
+
+
+def _read_partial(reader: ReplyStream, text: str) -> ParsedReply:
+    """An interrupted reply read as partial output; text the parser cannot read stays content."""
+    try:
+        return reader.finish(partial=True)[0]
+    except (ToolCallParseError, InvalidParameterError):
+        return ParsedReply(text)
+
+
+def _has_tool_turns(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a conversation holds tool calls, tool results or kept-apart thinking (then llama.cpp's chat layer
+    renders it: the Chat's own templates render role and content only)."""
+    return any(m["role"] == "tool" or m.get("tool_calls") or m.get("reasoning_content") for m in messages)
+
+
+def _checked_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """validate_messages' check (roles, str contents), keeping the tool keys (_TOOL_KEYS) in OpenAI's shape: an
+    assistant message with tool_calls may have content None (kept as ""), and the calls and results are checked
+    by the chat layer's rules (chat_tools.check_tool_messages)."""
+    if isinstance(messages, Sequence) and all(isinstance(m, Mapping) for m in messages):
+        plain = [{**m, "content": "" if m.get("content") is None and m.get("tool_calls") else m.get("content")}
+                 if "content" in m or m.get("tool_calls") else m for m in messages]
+    else:
+        plain = messages  # type: ignore[assignment]  # validate_messages says what is wrong
+    checked: list[dict[str, Any]] = list(validate_messages(plain))
+    for out, message in zip(checked, plain):
+        for key in _TOOL_KEYS:
+            if message.get(key) is not None:
+                out[key] = json.loads(json.dumps(message[key]))
+    if _has_tool_turns(checked):
+        check_tool_messages(checked)
+    return checked

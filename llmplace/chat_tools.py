@@ -21,6 +21,7 @@ template it cannot render or analyse raises TemplateError.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ _ERR_SIZE = 4096
 # Nesting beyond this could overflow the C stack in llama.cpp's recursive schema converter (as
 # compat.llama_grammar.MAX_SCHEMA_DEPTH bounds for response_format schemas).
 MAX_TOOL_SCHEMA_DEPTH = 128
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ToolSchemaError(InvalidParameterError):
@@ -122,13 +124,26 @@ def check_tools(tools: Any) -> list[dict[str, Any]] | None:
     if not isinstance(tools, (list, tuple)):
         raise InvalidParameterError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, not "
                                     f"{type(tools).__name__}")
+    seen: set[str] = set()
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
             raise InvalidParameterError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
                                         f"'parameters': {{...}}}}}}, got {tool!r:.200}")
-        if not isinstance(function.get("name"), str) or not function["name"]:
+        name = function.get("name")
+        if not isinstance(name, str) or not name:
             raise InvalidParameterError(f"tools[{i}]['function'] needs a 'name' (a non-empty string)")
+        if not _TOOL_NAME.fullmatch(name):
+            # Names are written into the prompt and into the call's grammar as they are: a quote, a newline or a
+            # space there would break the format the model is asked to write.
+            raise InvalidParameterError(f"tools[{i}]: function name {name[:80]!r} must be 1 to 64 letters, digits, "
+                                        "'_', '-' or '.' (as OpenAI's API requires, plus '.')")
+        if name in seen:
+            raise InvalidParameterError(f"tools[{i}]: a second function named {name!r}; tool names must differ")
+        seen.add(name)
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise InvalidParameterError(f"function {name!r}: description must be a str, not "
+                                        f"{type(function['description']).__name__}")
         parameters = function.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
             raise ToolSchemaError(f"function {function['name']!r}: parameters must be a JSON schema object, not "
@@ -137,6 +152,52 @@ def check_tools(tools: Any) -> list[dict[str, Any]] | None:
             raise ToolSchemaError(f"function {function['name']!r}: its parameters schema nests deeper than "
                                   f"{MAX_TOOL_SCHEMA_DEPTH} levels; flatten it")
     return list(tools)
+
+
+def check_tool_messages(messages: Any) -> None:
+    """The tool turns of a conversation in OpenAI's shape: an assistant message's tool_calls a list of
+    {"id"?, "type": "function", "function": {"name": str, "arguments": JSON text or object}}, and each "tool"
+    message answering a call of the assistant message just before it (by tool_call_id when the calls have ids).
+    llama.cpp's chat layer would render a result answering nothing as if it did, which misleads the model."""
+    if not isinstance(messages, (list, tuple)):
+        return  # the message list's own check says what is wrong
+    calls: list[dict[str, Any]] | None = None  # the calls the tool messages here may answer
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return
+        role = message.get("role")
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None:
+            if role != "assistant":
+                raise InvalidParameterError(f"message {i} has tool_calls but role {role!r}: only assistant "
+                                            "messages make tool calls")
+            if not isinstance(tool_calls, (list, tuple)):
+                raise InvalidParameterError(f"message {i}'s tool_calls must be a list, not "
+                                            f"{type(tool_calls).__name__}")
+            for j, call in enumerate(tool_calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                        not isinstance(function.get("arguments"), (str, dict)) or \
+                        not isinstance(call.get("id", ""), str):
+                    raise InvalidParameterError(
+                        f"message {i}'s tool_calls[{j}] must be {{'id': str, 'type': 'function', 'function': "
+                        f"{{'name': str, 'arguments': JSON text}}}}, got {call!r:.200}")
+            calls = list(tool_calls)
+        elif role == "tool":
+            if not calls:
+                raise InvalidParameterError(f"message {i} (role 'tool') answers no tool call: a tool result must "
+                                            "follow the assistant message whose tool_calls it answers")
+            call_id = message.get("tool_call_id")
+            ids = [c["id"] for c in calls if c.get("id")]
+            if call_id is not None and not isinstance(call_id, str):
+                raise InvalidParameterError(f"message {i}'s tool_call_id must be a str, not "
+                                            f"{type(call_id).__name__}")
+            if call_id is not None and ids and call_id not in ids:
+                raise InvalidParameterError(f"message {i} (role 'tool') answers tool_call_id {call_id!r}, which "
+                                            f"no call of the assistant message before it has (its calls: "
+                                            f"{', '.join(map(repr, ids))})")
+        else:
+            calls = None
 
 
 def resolve_tool_choice(tools: list[dict[str, Any]] | None, tool_choice: Any) -> tuple[list[dict] | None, str]:
@@ -232,6 +293,7 @@ class ChatTemplates(NativeObject):
         {"name": N}} (a call of N is forced). reasoning_format: see REASONING_FORMATS. enable_thinking=False
         asks templates that support it for no thinking."""
         tools, choice = resolve_tool_choice(check_tools(tools), tool_choice)
+        check_tool_messages(messages)
         if reasoning_format not in REASONING_FORMATS:
             raise InvalidParameterError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, not "
                                         f"{reasoning_format!r}")
@@ -309,6 +371,10 @@ class ReplyStream:
     @property
     def text(self) -> str:
         return self._text
+
+    def close(self) -> None:
+        """Close the parser it reads with."""
+        self._parser.close()
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
         self._text += piece

@@ -19,12 +19,11 @@ from . import speculative
 from .context import Context
 from .context_lock import GenerationHold
 from .errors import ContextOverflowError, InvalidParameterError, unknown_keyword_error
-from .images import ImagePrompt
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .speculative import SpeculativeStats
 from .text_assembly import TextAssembler
-from .token_loop import DrawnTokens, SequenceState, run
+from .token_loop import DrawnTokens, LogitsHooks, SequenceState, run
 
 if TYPE_CHECKING:
     import os
@@ -68,12 +67,7 @@ class Generation:
         return self.text
 
 
-def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, add_special: bool) -> list[int]:
-    if isinstance(prompt, ImagePrompt):
-        # text tokens and image placeholders, tokenized (and checked) by its Projector
-        if prompt.projector.model is not model:
-            raise InvalidParameterError("the ImagePrompt was tokenized by a projector of another model")
-        return list(prompt.tokens)
+def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int], add_special: bool) -> list[int]:
     if isinstance(prompt, (str, bytes)):
         tokens = model.tokenize(prompt, add_special=add_special, parse_special=True)
     else:
@@ -87,13 +81,12 @@ def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int] | ImageProm
     return tokens
 
 
-def stream_generate(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *, max_tokens: int = 256,
+def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
                     stop: str | Sequence[str] = (), sampling: SamplingParams | None = None,
                     context: Context | None = None, add_special: bool = True, draft: DraftArgument = None,
                     depth: int = 5, lookup: bool = False, adaptive_depth: bool = True, **sampling_kwargs: Any
                     ) -> Iterator[GenerationStep]:
-    """Generate from `prompt` (text, token ids, or text with images: an llmplace.images.ImagePrompt), yielding one
-    GenerationStep per token.
+    """Generate from `prompt` (text or token ids), yielding one GenerationStep per token.
 
     Sampling options (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
     presence_penalty, penalty_last_n, seed, logit_bias) are keywords, or one `sampling=SamplingParams(...)`.
@@ -122,18 +115,35 @@ _Step = TypeVar("_Step")  # what a run yields: GenerationStep, or (token, text, 
 _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def request(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *, max_tokens: int = 256,
+def request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
            stop: str | Sequence[str] = (), sampling: SamplingParams | None = None, context: Context | None = None,
            add_special: bool = True, draft: DraftArgument = None, depth: int = 5, lookup: bool = False,
-           adaptive_depth: bool = True, hold: GenerationHold | None = None, **sampling_kwargs: Any
-           ) -> GenerationRequest:
+           adaptive_depth: bool = True, hold: GenerationHold | None = None, hooks: LogitsHooks | None = None,
+           **sampling_kwargs: Any) -> GenerationRequest:
     """stream_generate's checks and resources (sampler, drafter, a context when none is given, the hold on the
     context), as a GenerationRequest. hold: a GenerationHold the caller took on `context` (Chat, Llama: they hold the
-    context across their own clean-up and release it themselves)."""
+    context across their own clean-up and release it themselves). hooks: what the call does to each token's
+    logits around the draw (a tool-call grammar, a thinking budget: token_loop.LogitsHooks); the request owns
+    them from here on (closed when its steps end, or now if it is refused). Hooks need each token drawn on its
+    own, so they cannot be combined with speculative decoding."""
+    try:
+        return _request(model, prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, context=context,
+                        add_special=add_special, draft=draft, depth=depth, lookup=lookup,
+                        adaptive_depth=adaptive_depth, hold=hold, hooks=hooks, **sampling_kwargs)
+    except BaseException:
+        if hooks is not None:
+            hooks.close()
+        raise
+
+
+def _request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int, stop: str | Sequence[str],
+             sampling: SamplingParams | None, context: Context | None, add_special: bool, draft: DraftArgument,
+             depth: int, lookup: bool, adaptive_depth: bool, hold: GenerationHold | None, hooks: LogitsHooks | None,
+             **sampling_kwargs: Any) -> GenerationRequest:
     unknown = set(sampling_kwargs) - _SAMPLING_NAMES
     if unknown:
         # otherwise SamplingParams(**...) raises a TypeError naming that internal class, not the typo's fix
-        own = set(inspect.signature(request).parameters) - {"model", "prompt", "sampling_kwargs", "hold"}
+        own = set(inspect.signature(request).parameters) - {"model", "prompt", "sampling_kwargs", "hold", "hooks"}
         raise unknown_keyword_error("generate/stream_generate", unknown, own | _SAMPLING_NAMES)
     if sampling is not None and sampling_kwargs:
         raise InvalidParameterError("pass sampling options either as sampling=SamplingParams(...) or as keywords, "
@@ -144,10 +154,10 @@ def request(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *, 
     stops = [stop] if isinstance(stop, str) else list(stop)
     tokens = _prompt_tokens(model, prompt, add_special)
     speculate = draft is not None or bool(lookup)
+    if speculate and hooks is not None:
+        raise InvalidParameterError("a grammar or logits hooks need each token drawn on its own: generate without "
+                                    "draft= / lookup= for this call")
     if speculate:
-        if isinstance(prompt, ImagePrompt):
-            raise InvalidParameterError("speculative decoding does not take a prompt with images (a draft model "
-                                        "cannot see them): generate without draft= / lookup=")
         speculative.check_depth(depth)
         speculative.check_params(params)
     own_context = context is None
@@ -189,8 +199,7 @@ def request(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *, 
         drafter = None
     return GenerationRequest(model, context, own_context, sampler, params, tokens, max_tokens, stops,
                              drafter=drafter, depth=depth, adaptive=bool(adaptive_depth), rng=rng,
-                             hold=hold, release=release,
-                             images=prompt if isinstance(prompt, ImagePrompt) else None)
+                             hold=hold, release=release, hooks=hooks)
 
 
 class GenerationRequest:
@@ -203,9 +212,9 @@ class GenerationRequest:
     def __init__(self, model: Model, context: Context, own_context: bool, sampler: Sampler, params: SamplingParams,
                  tokens: list[int], max_tokens: int, stops: list[str], *, drafter: Drafter | None = None,
                  depth: int = 0, adaptive: bool = True, rng: np.random.Generator | None = None,
-                 hold: GenerationHold, release: bool = True, images: ImagePrompt | None = None) -> None:
+                 hold: GenerationHold, release: bool = True, hooks: LogitsHooks | None = None) -> None:
         self.model, self.context, self.own_context = model, context, own_context
-        self.images = images  # a prompt with images prefills itself (its images through the projector)
+        self.hooks = hooks
         self.sampler, self.params = sampler, params
         self.tokens, self.max_tokens, self.stops = tokens, max_tokens, stops
         self.drafter, self.depth, self.adaptive, self.rng = drafter, depth, adaptive, rng
@@ -222,25 +231,20 @@ class GenerationRequest:
         context, tokens = self.context, self.tokens
         perf = time.perf_counter
         self.start = start = perf()
-        if self.images is not None:
-            self.prompt_cached = cached = self.images.prefill(context)
-            todo = tokens[cached:]
-        else:
-            self.prompt_cached = cached = context.reuse_prefix(tokens)
-            todo = tokens[cached:-1] if self.drafter is not None else tokens[cached:]
-            if todo:
-                context.decode(todo)
+        self.prompt_cached = cached = context.reuse_prefix(tokens)
+        todo = tokens[cached:-1] if self.drafter is not None else tokens[cached:]
+        if todo:
+            context.decode(todo)
         if self.params.uses_penalties:
             accept = self.sampler.accept
             for t in tokens:
-                if t >= 0:  # not an image's placeholder
-                    accept(t)
+                accept(t)
         self.prompt_done = done = perf()
         self.prompt_tps = len(todo) / max(done - start, 1e-9)
         self.state = state = SequenceState(TextAssembler(self.model.vocab, self.stops), len(tokens),
                                            self.max_tokens, context.n_ctx)
         if self.drafter is None:
-            self.source = DrawnTokens(context, self.sampler)
+            self.source = DrawnTokens(context, self.sampler, self.hooks)
         else:
             self.source = speculative.SpeculativeTokens(
                 context, state, tokens, self.params, self.drafter, self.depth, self.adaptive, self.rng,
@@ -249,7 +253,7 @@ class GenerationRequest:
 
     def _own(self, steps: Generator[_Step, None, None]) -> Generator[_Step, None, None]:
         return _owning(self.hold.steps(steps, self.release), self.sampler,
-                       self.context if self.own_context else None, self.drafter)
+                       self.context if self.own_context else None, self.drafter, self.hooks)
 
     def steps(self) -> Generator[GenerationStep, None, None]:
         return self._own(self._steps())
@@ -282,14 +286,17 @@ class GenerationRequest:
 
 
 def _owning(steps: Generator[_Step, None, None], sampler: Sampler, context: Context | None,
-            drafter: Drafter | None = None) -> Generator[_Step, None, None]:
+            drafter: Drafter | None = None, hooks: LogitsHooks | None = None) -> Generator[_Step, None, None]:
     """Yield the steps (run under the context's GenerationHold, see GenerationRequest._own), then free the
-    sampler, a drafter (and a context made for this call), however iteration ends, in whichever thread."""
+    sampler, a drafter, the hooks (and a context made for this call), however iteration ends, in whichever
+    thread."""
     try:
         yield from steps
     finally:
         steps.close()  # gives the context back (when this call took it) before a context of its own is closed
         sampler.close()
+        if hooks is not None:
+            hooks.close()
         if drafter is not None:
             drafter.close()
         if context is not None:
@@ -310,7 +317,7 @@ def _new_step(token: int, text: str, finish_reason: str | None, prompt_tokens: i
     return step
 
 
-def generate(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, **kwargs: Any) -> Generation:
+def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs: Any) -> Generation:
     """Generate and return the whole reply; takes the same keywords as `stream_generate`."""
     run = request(model, prompt, **kwargs)
     pieces, tokens = [], []

@@ -30,6 +30,12 @@ def smollm2(smollm2_path):
 
 
 @pytest.fixture(scope="session")
+def pinned_templates(model_cache) -> dict[str, Path]:
+    """{name: path} of the chat templates in the pinned llama.cpp source's models/templates/."""
+    return models.llama_cpp_templates(model_cache)
+
+
+@pytest.fixture(scope="session")
 def gemma3_path(model_cache) -> Path:
     return models.gemma3_path(model_cache)
 

@@ -119,3 +119,27 @@ def llama_cpp_vocab_paths(cache_dir: Path, names=LLAMA_CPP_VOCABS) -> dict[str, 
     if missing:
         raise FileNotFoundError(f"not in the pinned llama.cpp archive: {sorted(missing)}")
     return paths
+
+
+def llama_cpp_templates(cache_dir: Path) -> dict[str, Path]:
+    """{name: path} of every chat template in llama.cpp's models/templates/ (the real templates of the model
+    families its chat layer knows, as the pinned source ships them), extracted from the pinned source archive
+    into cache_dir once (a marker file says the set is complete)."""
+    import tarfile
+
+    target = cache_dir / "llama-cpp-templates"
+    done = target / ".complete"
+    if not done.exists():
+        vendor = vendor_tool()
+        requirement, sha256, _ = vendor.read_pin()
+        archive = vendor.fetch_archive(requirement, sha256)
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if parts[1:5] == ["vendor", "llama.cpp", "models", "templates"] and len(parts) == 6 and \
+                        parts[5].endswith(".jinja") and member.isfile():
+                    member.name = parts[5]
+                    tar.extract(member, target, filter="data")
+        done.write_text("")
+    return {path.stem: path for path in sorted(target.glob("*.jinja"))}
