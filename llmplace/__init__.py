@@ -32,8 +32,10 @@ _EXPORTS = {
     **{name: "errors" for name in (
         "LlmplaceError", "BuildError", "ModelLoadError", "ClosedError", "InvalidParameterError", "PlacementError",
         "DeviceNotFoundError", "OutOfMemoryError", "ContextOverflowError", "TokenizationError", "DecodeError",
-        "AbortedError", "BusyError", "IncompatibleDraftError", "TemplateError")},
+        "AbortedError", "BusyError", "IncompatibleDraftError", "TemplateError", "ImageError", "MalformedImageError",
+        "UnsupportedImageFormatError", "NoProjectorError")},
     "Chat": "chat", "Reply": "chat", "format_chat": "chat",
+    "Projector": "images", "ImagePrompt": "images", "load_image": "images",
     "Llama": "compat.llama",
     "quantize": "quantization", "QUANTIZE_TYPES": "quantization", "SpeculativeStats": "speculative",
 }
@@ -52,13 +54,16 @@ if TYPE_CHECKING:
     from .errors import (AbortedError as AbortedError, BuildError as BuildError, BusyError as BusyError,
                          ClosedError as ClosedError, ContextOverflowError as ContextOverflowError,
                          DecodeError as DecodeError, DeviceNotFoundError as DeviceNotFoundError,
-                         IncompatibleDraftError as IncompatibleDraftError,
+                         ImageError as ImageError, IncompatibleDraftError as IncompatibleDraftError,
                          InvalidParameterError as InvalidParameterError, LlmplaceError as LlmplaceError,
-                         ModelLoadError as ModelLoadError, OutOfMemoryError as OutOfMemoryError,
+                         MalformedImageError as MalformedImageError, ModelLoadError as ModelLoadError,
+                         NoProjectorError as NoProjectorError, OutOfMemoryError as OutOfMemoryError,
                          PlacementError as PlacementError, TemplateError as TemplateError,
-                         TokenizationError as TokenizationError)
+                         TokenizationError as TokenizationError,
+                         UnsupportedImageFormatError as UnsupportedImageFormatError)
     from .generation import (generate as generate, Generation as Generation, GenerationStep as GenerationStep,
                              stream_generate as stream_generate)
+    from .images import ImagePrompt as ImagePrompt, load_image as load_image, Projector as Projector
     from .lora import LoRA as LoRA
     from .memory import Estimate as Estimate
     from .model import Model as Model
