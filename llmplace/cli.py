@@ -400,7 +400,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     runtime = _device_sizes("--runtime", args.runtime, "CUDA0=700MiB")
     plt = _require_matplotlib() if args.png else None  # before the fit, not after it
     result = fit(args.model, budget=budget or None, margin=args.margin, n_ctx=args.ctx, n_ctx_min=args.ctx_min,
-                 draft=args.draft, placement=",".join(args.rule) or None, runtime=runtime or None)
+                 draft=args.draft, placement=",".join(args.rule) or None, runtime=runtime or None,
+                 mmproj=args.mmproj)
     if args.json:
         print(json.dumps({"success": result.success, "message": result.message, "n_ctx": result.n_ctx,
                           "n_gpu_layers": result.n_gpu_layers, "tensor_split": result.tensor_split,
@@ -463,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=0, help="context size; 0 (default) = as large as fits")
     p.add_argument("--ctx-min", type=int, default=4096, help="smallest context the fit may shrink to")
     p.add_argument("--draft", help="a draft model to fit alongside")
+    p.add_argument("--mmproj", help="a multimodal projector (mmproj GGUF) to fit alongside, on the first GPU")
     p.add_argument("--rule", action="append", default=[], help="your own PATTERN=DEVICE rules, kept as given")
     p.add_argument("--rpc", action="append", default=[], help="add an RPC server's devices (host:port)")
     p.add_argument("--json", action="store_true")

@@ -485,6 +485,37 @@ def _check_projector_file(path: Path) -> None:
                              "takes images only")
 
 
+def projector_memory(path: str | os.PathLike[str], *, use_gpu: bool = True) -> dict[str, tuple[int, int]]:
+    """What the projector at `path` would take in each memory ("host", or a device's name): (weights, compute
+    buffers) in bytes, from libmtmd's own dry run (nothing is allocated). With use_gpu its encoder goes to the
+    first GPU, as Projector(..., use_gpu=True) puts it; else everything is in host memory. What explain and
+    fit add for mmproj=."""
+    from .backends import ensure_initialized
+
+    path = Path(path)
+    _check_projector_file(path)
+    from . import gguf_validate
+
+    weights = sum(tensor.n_bytes for tensor in gguf_validate.read(path).tensors)
+    ensure_initialized()
+    logs.install()
+    devices, sizes = ffi.new("void *[]", 16), ffi.new("size_t[]", 16)
+    with logs.capture() as messages:
+        n = C.llmplace_mtmd_memory_usage(os.fsencode(path), bool(use_gpu), 1, 16, devices, sizes)
+    if n < 0:
+        raise ModelLoadError(f"libmtmd could not read the projector {path.name}: {reason(messages)}")
+    usage: dict[str, int] = {}
+    for i in range(min(n, 16)):
+        device = ffi.cast("ggml_backend_dev_t", devices[i])
+        on_host = C.ggml_backend_dev_type(device) != C.GGML_BACKEND_DEVICE_TYPE_GPU
+        name = "host" if on_host else c_string(C.ggml_backend_dev_name(device))
+        usage[name] = usage.get(name, 0) + int(sizes[i])
+    # the weights are where most of the bytes are (one device: the encoder is not split); the rest is compute
+    main = max(usage, key=lambda name: usage[name]) if usage else "host"
+    return {name: ((min(weights, total), total - min(weights, total)) if name == main else (0, total))
+            for name, total in usage.items()}
+
+
 def require_projector(projector: Projector | None, n_images: int) -> Projector:
     """The projector to turn `n_images` images into embeddings; NoProjectorError when there is none."""
     if projector is None:

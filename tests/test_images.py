@@ -15,7 +15,7 @@ import models
 import pytest
 
 import llmplace
-from llmplace import images, synthetic_vision
+from llmplace import gguf_validate, images, synthetic_vision
 from llmplace.errors import (ContextOverflowError, ImageError, InvalidParameterError, MalformedImageError,
                              ModelLoadError, NoProjectorError, UnsupportedImageFormatError)
 
@@ -356,3 +356,19 @@ def test_server_answers_image_parts_and_refuses_bad_images_with_400(vision_files
         assert status == 400 and "fetching is off" in error["error"]["message"]
     finally:
         stop(process)
+
+
+# ---- memory: estimate and fit count the projector ----
+def test_estimate_and_fit_count_the_projector(vision_files):
+    text, mmproj = vision_files
+    need = images.projector_memory(mmproj, use_gpu=False)
+    assert set(need) == {"host"}
+    weights, compute = need["host"]
+    assert weights == sum(t.n_bytes for t in gguf_validate.read(mmproj).tensors)
+    assert compute > 0  # the encoder's compute buffer, from libmtmd's dry run
+    plain = llmplace.estimate(text, n_ctx=512)
+    with_projector = llmplace.estimate(text, n_ctx=512, mmproj=mmproj, mmproj_use_gpu=False)
+    assert with_projector["host"].weights - plain["host"].weights == weights
+    assert with_projector["host"].compute - plain["host"].compute == compute
+    fitted = llmplace.fit(text, n_ctx=512, mmproj=mmproj, mmproj_use_gpu=False)
+    assert fitted.success and fitted.estimate["host"].total == with_projector["host"].total

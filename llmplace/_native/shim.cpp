@@ -9,6 +9,7 @@
 #include "fit.h"          // llama.cpp common: common_fit_params
 #include "json-schema-to-grammar.h"  // llama.cpp common: json_schema_to_grammar, common_json
 #include "chat.h"         // llama.cpp common: chat templates with tools, tool-call grammars, reply parsing
+#include "mtmd.h"         // libmtmd: mtmd_get_memory_usage (C++ only)
 
 #include "ggml-backend.h"
 
@@ -419,6 +420,33 @@ extern "C" int llmplace_chat_parser_parse(const struct llmplace_chat_parser * pa
         *out = malloc_copy(result.dump());
         return 0;
     }, err, err_size);
+}
+
+extern "C" int32_t llmplace_mtmd_memory_usage(const char * path, bool use_gpu, int32_t n_threads, int32_t max,
+                                              void ** devices, size_t * bytes) {
+    try {
+        mtmd_context_params params = mtmd_context_params_default();
+        params.use_gpu = use_gpu;
+        params.n_threads = n_threads;
+        params.print_timings = false;
+        params.warmup = true;  // in a dry run this only reserves the compute buffers (what sizes them here)
+        // an empty map is also what it returns for a file it could not read (it logs why)
+        const std::map<ggml_backend_dev_t, size_t> usage = mtmd_get_memory_usage(path, params);
+        if (usage.empty()) {
+            return -1;
+        }
+        int32_t i = 0;
+        for (const auto & [device, size] : usage) {
+            if (i < max) {
+                devices[i] = device;
+                bytes[i] = size;
+            }
+            i++;
+        }
+        return i;
+    } catch (...) {
+        return -1;
+    }
 }
 
 extern "C" void llmplace_string_free(char * text) {
