@@ -532,8 +532,8 @@ class Chat:
         context = self._check_usable()
         if text is None:
             if not self._messages or self._messages[-1]["role"] != "tool":
-                raise InvalidParameterError("no message: give the user's text (a reply without one follows tool "
-                                            "results, added with add_tool_result)")
+                raise InvalidParameterError("no message: the message must be a str (the user's text); a turn "
+                                            "without one replies to tool results added with add_tool_result")
         elif not isinstance(text, str):
             raise InvalidParameterError(f"the message must be a str, not {type(text).__name__}")
         elif not text.strip():
