@@ -401,7 +401,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     plt = _require_matplotlib() if args.png else None  # before the fit, not after it
     result = fit(args.model, budget=budget or None, margin=args.margin, n_ctx=args.ctx, n_ctx_min=args.ctx_min,
                  draft=args.draft, placement=",".join(args.rule) or None, runtime=runtime or None,
-                 mmproj=args.mmproj)
+                 mmproj=args.mmproj, mmproj_device=args.mmproj_device)
     if args.json:
         print(json.dumps({"success": result.success, "message": result.message, "n_ctx": result.n_ctx,
                           "n_gpu_layers": result.n_gpu_layers, "tensor_split": result.tensor_split,
@@ -464,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=0, help="context size; 0 (default) = as large as fits")
     p.add_argument("--ctx-min", type=int, default=4096, help="smallest context the fit may shrink to")
     p.add_argument("--draft", help="a draft model to fit alongside")
-    p.add_argument("--mmproj", help="a multimodal projector (mmproj GGUF) to fit alongside, on the first GPU")
+    p.add_argument("--mmproj", help="a multimodal projector (mmproj GGUF) to fit alongside")
+    p.add_argument("--mmproj-device", help="where its image encoder goes (a device name, or CPU; default: the "
+                                           "first GPU)")
     p.add_argument("--rule", action="append", default=[], help="your own PATTERN=DEVICE rules, kept as given")
     p.add_argument("--rpc", action="append", default=[], help="add an RPC server's devices (host:port)")
     p.add_argument("--json", action="store_true")

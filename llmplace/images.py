@@ -317,16 +317,39 @@ def _free_projector(handle: CData) -> None:
     C.mtmd_free(handle)
 
 
+def encoder_device(device: str | None, use_gpu: bool) -> tuple[bool, CData]:
+    """(use_gpu, ggml device or NULL) for libmtmd: where the image encoder goes. device: a device's name
+    ("CUDA0", "Vulkan0", "RPC0[host:port]", as llmplace.devices() lists them), "CPU" (or "host") for host memory,
+    None for libmtmd's choice (the first GPU when use_gpu, else the CPU). The encoder is one graph on one device:
+    libmtmd does not split it or take per-tensor placement rules."""
+    from .backends import ensure_initialized, native_devices
+    from .errors import DeviceNotFoundError
+
+    if device is None:
+        return bool(use_gpu), ffi.NULL
+    if not isinstance(device, str):
+        raise InvalidParameterError(f"device must be a device name such as 'CUDA0' or 'CPU', not {device!r}")
+    if device.upper() in ("CPU", "HOST"):
+        return False, ffi.NULL
+    ensure_initialized()
+    for dev in native_devices():
+        if dev.name == device:
+            return True, dev.ptr
+    names = [dev.name for dev in native_devices()]
+    raise DeviceNotFoundError(f"no device named {device!r} for the image encoder; there are {names}")
+
+
 class Projector(NativeObject):
     """A multimodal projector (an "mmproj" GGUF) loaded for `model`: it encodes images into `model`'s input
-    embeddings. n_threads: threads of the image encoder (default: Context's default). use_gpu: put the encoder on
-    the first GPU where there is one. warmup: run one encode at load (allocates its compute buffers then, so a
-    lack of memory shows at load). Closed with the model (or by close() / `with`)."""
+    embeddings. n_threads: threads of the image encoder (default: Context's default). device: where the encoder
+    and its weights go ("CUDA0", "RPC0[host:port]" ..., or "CPU"); by default the first GPU where there is one
+    (use_gpu=False: the CPU). warmup: run one encode at load (allocates its compute buffers then, so a lack of
+    memory shows at load). Closed with the model (or by close() / `with`)."""
 
     _closed_message = "this Projector is closed (or its Model was closed); load it again"
 
     def __init__(self, model: Model, path: str | os.PathLike[str], *, n_threads: int | None = None,
-                 use_gpu: bool = True, warmup: bool = True) -> None:
+                 device: str | None = None, use_gpu: bool = True, warmup: bool = True) -> None:
         if not isinstance(model, Model):
             raise InvalidParameterError(f"a Projector is loaded for a Model, not {type(model).__name__}")
         if model.dry_run or model.vocab_only:
@@ -342,7 +365,7 @@ class Projector(NativeObject):
         _check_projector_file(path)
         logs.install()
         params = C.mtmd_context_params_default()
-        params.use_gpu = bool(use_gpu)
+        params.use_gpu, params.device = encoder_device(device, use_gpu)
         params.print_timings = False
         params.n_threads = n_threads
         params.warmup = bool(warmup)
@@ -485,11 +508,11 @@ def _check_projector_file(path: Path) -> None:
                              "takes images only")
 
 
-def projector_memory(path: str | os.PathLike[str], *, use_gpu: bool = True) -> dict[str, tuple[int, int]]:
+def projector_memory(path: str | os.PathLike[str], *, device: str | None = None,
+                     use_gpu: bool = True) -> dict[str, tuple[int, int]]:
     """What the projector at `path` would take in each memory ("host", or a device's name): (weights, compute
-    buffers) in bytes, from libmtmd's own dry run (nothing is allocated). With use_gpu its encoder goes to the
-    first GPU, as Projector(..., use_gpu=True) puts it; else everything is in host memory. What explain and
-    fit add for mmproj=."""
+    buffers) in bytes, from libmtmd's own dry run (nothing is allocated). device / use_gpu: where its encoder goes,
+    as for Projector. What estimate and fit add for mmproj=."""
     from .backends import ensure_initialized
 
     path = Path(path)
@@ -499,9 +522,10 @@ def projector_memory(path: str | os.PathLike[str], *, use_gpu: bool = True) -> d
     weights = sum(tensor.n_bytes for tensor in gguf_validate.read(path).tensors)
     ensure_initialized()
     logs.install()
+    on_gpu, encoder = encoder_device(device, use_gpu)
     devices, sizes = ffi.new("void *[]", 16), ffi.new("size_t[]", 16)
     with logs.capture() as messages:
-        n = C.llmplace_mtmd_memory_usage(os.fsencode(path), bool(use_gpu), 1, 16, devices, sizes)
+        n = C.llmplace_mtmd_memory_usage(os.fsencode(path), on_gpu, encoder, 1, 16, devices, sizes)
     if n < 0:
         raise ModelLoadError(f"libmtmd could not read the projector {path.name}: {reason(messages)}")
     usage: dict[str, int] = {}

@@ -153,7 +153,7 @@ def estimate(model: Model | ModelPath, placement: PlacementSpec = None, *, n_ctx
              type_k: str = "f16", type_v: str = "f16", flash_attn: bool | str = "auto", n_batch: int = 2048,
              n_ubatch: int = 512, draft: Model | ModelPath | None = None, draft_placement: PlacementSpec = None,
              n_gpu_layers: int = -1, use_mmap: bool = True, runtime: RuntimeSpec = None,
-             mmproj: ModelPath | None = None, mmproj_use_gpu: bool = True, **split: Any) -> Estimate:
+             mmproj: ModelPath | None = None, mmproj_device: str | None = None, **split: Any) -> Estimate:
     """Bytes of weights, KV cache and compute buffers per device (and host) for `model` (a path or a Model)
     under `placement` with a context of n_ctx tokens, from a dry run: nothing is read or allocated; plus each
     device's runtime row (what the process holds there beyond those buffers, runtime_cost.py).
@@ -162,8 +162,8 @@ def estimate(model: Model | ModelPath, placement: PlacementSpec = None, *, n_ctx
     runtime: None = measured once per device and model (cached; the CPU and RPC devices have rules, no
     measurement); bytes or a size string for every measured device (GPUs); or {"CUDA0": "700MiB", ...}; 0
     leaves the row out.
-    mmproj: a multimodal projector (llmplace.images) whose weights and compute buffers are added where it goes
-    (mmproj_use_gpu: the first GPU, as Projector(..., use_gpu=True) puts it; else host memory).
+    mmproj: a multimodal projector (llmplace.images) whose weights and compute buffers are added where its encoder
+    goes: mmproj_device ("CUDA0" ..., or "CPU"), by default the first GPU, as Projector puts it.
     split takes load()'s split keywords (split_mode, tensor_split, main_gpu, devices)."""
     cparams = context_params(n_ctx, n_seq=n_seq, n_batch=n_batch, n_ubatch=n_ubatch, type_k=type_k, type_v=type_v,
                              flash_attn=flash_attn)
@@ -180,7 +180,7 @@ def estimate(model: Model | ModelPath, placement: PlacementSpec = None, *, n_ctx
                 memories[name] = replace(mine, weights=mine.weights + use.weights, kv=mine.kv + use.kv,
                                          compute=mine.compute + use.compute, mapped=mine.mapped + use.mapped)
     if mmproj is not None:
-        for name, (weights, compute) in projector_memory(mmproj, use_gpu=mmproj_use_gpu).items():
+        for name, (weights, compute) in projector_memory(mmproj, device=mmproj_device).items():
             mine = memories.get(name, MemoryUse(name, 0, 0, 0))
             memories[name] = replace(mine, weights=mine.weights + weights, compute=mine.compute + compute)
     settings = ProbeSettings(n_batch=n_batch, n_ubatch=n_ubatch, n_seq=n_seq, type_k=type_k, type_v=type_v,
@@ -290,7 +290,7 @@ def fit(model: Model | ModelPath, *, budget: Mapping[str, int | str] | None = No
         n_seq: int = 1, type_k: str = "f16", type_v: str = "f16", flash_attn: bool | str = "auto",
         n_batch: int = 2048, n_ubatch: int = 512, devices: Sequence[str] | None = None, attempts: int = 3,
         use_mmap: bool = True, runtime: RuntimeSpec = None, dense: str = "auto", mmproj: ModelPath | None = None,
-        mmproj_use_gpu: bool = True) -> FitResult:
+        mmproj_device: str | None = None) -> FitResult:
     """Find n_gpu_layers, tensor_split, overrides and (if n_ctx=0) the context size that fit each device.
 
     budget: {"CUDA0": "12GiB", "host": "32GiB", ...}: the most this process may use of each memory, as
@@ -307,7 +307,7 @@ def fit(model: Model | ModelPath, *, budget: Mapping[str, int | str] | None = No
     the FFN weights of the first layers instead; "auto" (default) picks by modelled decode speed
     (`_hot_tensors_first`).
     mmproj: a multimodal projector to fit beside the model: its weights and compute buffers are set aside in
-    the memory it goes to (mmproj_use_gpu: the first GPU; else host memory), and counted in the measured plan.
+    the memory its encoder goes to (mmproj_device, as for estimate), and counted in the measured plan.
     Never raises for "does not fit": the result says success=False and why.
     """
     if dense not in ("auto", "layers", "hot"):
@@ -344,7 +344,7 @@ def fit(model: Model | ModelPath, *, budget: Mapping[str, int | str] | None = No
     if HOST in budgets:  # llama.cpp's fit takes host memory as unlimited: only checked on the measured plan
         usable[HOST] = budgets[HOST]
     if mmproj is not None:  # the projector's bytes are left out of what llama.cpp's fit may give the model
-        for name, (weights, compute) in projector_memory(mmproj, use_gpu=mmproj_use_gpu).items():
+        for name, (weights, compute) in projector_memory(mmproj, device=mmproj_device).items():
             if name in room:
                 room[name] = max(0, room[name] - weights - compute)
     runtime_given = {name: cost.total for name, cost in costs.items()}  # measured once, not again per attempt
@@ -405,7 +405,7 @@ def fit(model: Model | ModelPath, *, budget: Mapping[str, int | str] | None = No
             planned = estimate(path, rules, n_ctx=chosen_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,  # noqa: B023
                                flash_attn=flash_attn, n_batch=n_batch, n_ubatch=n_ubatch, draft=draft,
                                n_gpu_layers=layers, use_mmap=use_mmap, runtime=runtime_given,  # noqa: B023
-                               mmproj=mmproj, mmproj_use_gpu=mmproj_use_gpu, **kw)  # noqa: B023
+                               mmproj=mmproj, mmproj_device=mmproj_device, **kw)  # noqa: B023
             return planned, {name: planned[name].total - usable[name] for name in usable
                              if name in planned.memories and planned[name].total > usable[name]}
 

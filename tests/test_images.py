@@ -361,14 +361,36 @@ def test_server_answers_image_parts_and_refuses_bad_images_with_400(vision_files
 # ---- memory: estimate and fit count the projector ----
 def test_estimate_and_fit_count_the_projector(vision_files):
     text, mmproj = vision_files
-    need = images.projector_memory(mmproj, use_gpu=False)
+    need = images.projector_memory(mmproj, device="CPU")
     assert set(need) == {"host"}
     weights, compute = need["host"]
     assert weights == sum(t.n_bytes for t in gguf_validate.read(mmproj).tensors)
     assert compute > 0  # the encoder's compute buffer, from libmtmd's dry run
     plain = llmplace.estimate(text, n_ctx=512)
-    with_projector = llmplace.estimate(text, n_ctx=512, mmproj=mmproj, mmproj_use_gpu=False)
+    with_projector = llmplace.estimate(text, n_ctx=512, mmproj=mmproj, mmproj_device="CPU")
     assert with_projector["host"].weights - plain["host"].weights == weights
     assert with_projector["host"].compute - plain["host"].compute == compute
-    fitted = llmplace.fit(text, n_ctx=512, mmproj=mmproj, mmproj_use_gpu=False)
+    fitted = llmplace.fit(text, n_ctx=512, mmproj=mmproj, mmproj_device="CPU")
     assert fitted.success and fitted.estimate["host"].total == with_projector["host"].total
+
+
+def test_the_image_encoder_goes_to_the_device_asked_for(vision_files, rpc_devices):
+    """Placement reaches the vision tower: its weights and compute go to the named device (an RPC device here,
+    DESIGN §7), the memory estimate says so, and the image gives the same logits as on the CPU."""
+    text, mmproj = vision_files
+    device = rpc_devices[0].name
+    need = images.projector_memory(mmproj, device=device)
+    assert need[device][0] > 0 and need.get("host", (0, 0))[0] == 0
+    planned = llmplace.estimate(text, n_ctx=256, n_gpu_layers=0, mmproj=mmproj, mmproj_device=device)
+    assert planned[device].weights >= need[device][0]
+    with pytest.raises(llmplace.DeviceNotFoundError):
+        images.projector_memory(mmproj, device="NoSuchDevice0")
+    logits = {}
+    with llmplace.load(text, n_gpu_layers=0, progress=False) as model:
+        prompt_text = chat_prompt(model, "<__media__>Describe the picture.")
+        for where in ("CPU", device):
+            with images.Projector(model, mmproj, device=where, n_threads=1) as projector, \
+                    llmplace.Context(model, n_ctx=256, n_threads=1) as context:
+                projector.tokenize(prompt_text, [PATTERN]).prefill(context)
+                logits[where] = context.logits()
+    assert abs(logits["CPU"] - logits[device]).max() < 1e-3

@@ -129,10 +129,11 @@ LLMPLACE_API int llmplace_chat_parser_parse(const struct llmplace_chat_parser * 
                                             size_t err_size);
 
 /* The memory a multimodal projector (mmproj GGUF) would take, per device, from libmtmd's dry run
- * (mtmd_get_memory_usage: its weights and compute buffers, nothing allocated). Writes up to `max` pairs
- * (device, bytes) and returns how many there are; -1 when the file could not be read as a projector. */
-LLMPLACE_API int32_t llmplace_mtmd_memory_usage(const char * path, bool use_gpu, int32_t n_threads, int32_t max,
-                                                void ** devices, size_t * bytes);
+ * (mtmd_get_memory_usage: its weights and compute buffers, nothing allocated). device: the ggml device its encoder
+ * goes to (NULL: the first GPU when use_gpu). Writes up to `max` pairs (device, bytes) and returns how many
+ * there are; -1 when the file could not be read as a projector. */
+LLMPLACE_API int32_t llmplace_mtmd_memory_usage(const char * path, bool use_gpu, void * device, int32_t n_threads,
+                                                int32_t max, void ** devices, size_t * bytes);
 
 /* Frees a string the shim returned through an `out` parameter. NULL is allowed. */
 LLMPLACE_API void llmplace_string_free(char * text);

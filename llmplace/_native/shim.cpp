@@ -422,11 +422,12 @@ extern "C" int llmplace_chat_parser_parse(const struct llmplace_chat_parser * pa
     }, err, err_size);
 }
 
-extern "C" int32_t llmplace_mtmd_memory_usage(const char * path, bool use_gpu, int32_t n_threads, int32_t max,
-                                              void ** devices, size_t * bytes) {
+extern "C" int32_t llmplace_mtmd_memory_usage(const char * path, bool use_gpu, void * device, int32_t n_threads,
+                                              int32_t max, void ** devices, size_t * bytes) {
     try {
         mtmd_context_params params = mtmd_context_params_default();
         params.use_gpu = use_gpu;
+        params.device = static_cast<ggml_backend_dev_t>(device);
         params.n_threads = n_threads;
         params.print_timings = false;
         params.warmup = true;  // in a dry run this only reserves the compute buffers (what sizes them here)
