@@ -31,6 +31,7 @@ import functools
 import hashlib
 import os
 import struct
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -377,6 +378,9 @@ class Projector(NativeObject):
                                      f"{reason(messages)}. Use the mmproj file made for this model's family")
             self._own(handle, _free_projector)
             model._contexts.add(self)  # closed before the model, as its contexts are
+        # libmtmd keeps the last encoding in the context (mtmd_get_output_embd): one image at a time, whichever
+        # Context (and thread) it is computed for
+        self._encoding = threading.Lock()
         self.marker: str = c_string(C.mtmd_default_marker())
         self.supports_vision = bool(C.mtmd_support_vision(handle))
         self.supports_audio = bool(C.mtmd_support_audio(handle))
@@ -482,7 +486,7 @@ class Projector(NativeObject):
     def _evaluate(self, chunk: CData, n_batch: int, context_ptr: CData, n_past: int) -> None:
         """Encode the image chunk and decode its embeddings into the context at n_past (Context.decode_media)."""
         new_n_past = ffi.new("llama_pos *", n_past)
-        with self._lifetime:
+        with self._lifetime, self._encoding:
             with logs.capture() as messages:
                 rc = C.mtmd_helper_eval_chunk_single(self._ptr, context_ptr, chunk, n_past, 0, n_batch, False,
                                                      new_n_past)

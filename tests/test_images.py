@@ -394,3 +394,36 @@ def test_the_image_encoder_goes_to_the_device_asked_for(vision_files, rpc_device
                 projector.tokenize(prompt_text, [PATTERN]).prefill(context)
                 logits[where] = context.logits()
     assert abs(logits["CPU"] - logits[device]).max() < 1e-3
+
+
+def test_one_projector_serves_contexts_in_several_threads(vision):
+    """The encoder's output lives in the projector (libmtmd's context): images computed for contexts in other
+    threads take turns, and each context gets its own image."""
+    import threading
+
+    model, projector = vision
+    text = chat_prompt(model, f"{projector.marker}Describe the picture.")
+    expected = {}
+    for name, picture in (("red", RED), ("pattern", PATTERN)):
+        with llmplace.Context(model, n_ctx=256, n_threads=1) as context:
+            projector.tokenize(text, [picture]).prefill(context)
+            expected[name] = context.logits()
+    results, errors = {}, []
+
+    def run(name: str, picture: bytes) -> None:
+        try:
+            for _ in range(3):
+                with llmplace.Context(model, n_ctx=256, n_threads=1) as context:
+                    projector.tokenize(text, [picture]).prefill(context)
+                    results.setdefault(name, []).append(context.logits())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in (("red", RED), ("pattern", PATTERN))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for name, rows in results.items():
+        assert all((row == expected[name]).all() for row in rows), name
