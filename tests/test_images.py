@@ -427,3 +427,24 @@ def test_one_projector_serves_contexts_in_several_threads(vision):
     assert not errors
     for name, rows in results.items():
         assert all((row == expected[name]).all() for row in rows), name
+
+
+@pytest.mark.gpu
+def test_the_image_encoder_on_the_gpu_agrees_with_the_cpu(vision_files):
+    """On the GPU machine (skipped without a GPU backend, as tests/test_gpu.py): the encoder and its memory on
+    the first GPU, the image's logits close to the CPU's (the kernels differ, so not bit for bit)."""
+    gpus = [d for d in llmplace.devices() if d.kind == "gpu"]
+    if not gpus:
+        pytest.skip("no GPU backend on this machine (install a GPU plugin build)")
+    text, mmproj = vision_files
+    need = images.projector_memory(mmproj)  # default: the first GPU
+    assert need[gpus[0].name][0] > 0
+    logits = {}
+    with llmplace.load(text, n_gpu_layers=0, progress=False) as model:
+        prompt_text = chat_prompt(model, "<__media__>Describe the picture.")
+        for where in ("CPU", gpus[0].name):
+            with images.Projector(model, mmproj, device=where) as projector, \
+                    llmplace.Context(model, n_ctx=256) as context:
+                projector.tokenize(prompt_text, [PATTERN]).prefill(context)
+                logits[where] = context.logits()
+    assert abs(logits["CPU"] - logits[gpus[0].name]).max() < 0.05

@@ -8,6 +8,8 @@
 #   STEP=moe     the placement table on the Qwen3-30B-A3B shape (all on GPU, experts on CPU, n_cpu_moe sweep, fit)
 #   STEP=tests   tests/test_gpu.py (CPU-vs-GPU agreement on the real SmolLM2 included), the placement table on the
 #                Llama-8B shape
+#   STEP=images  tests/test_images.py on the GPU (the tiny synthetic vision model: llama-mtmd-cli equality with both
+#                on the GPU, the encoder on CUDA0 against the CPU)
 #   STEP=batcheq whether a batch's logits equal one-token decodes' here (tools/gpu_batch_equality.py)
 #   STEP=overhead  Python work per token on the GPU (benchmarks/overhead.py, real SmolLM2)
 #   STEP=spec    speculative decoding on the real SmolLM2 (benchmarks/speculative.py), all on the GPU
@@ -53,6 +55,10 @@ cd /tmp
 for step in ${STEP:?set STEP, e.g. STEP=build or STEP="tests dropin"}; do
 case $step in
 build) ;;  # the stage above
+images)
+    LLMPLACE_TEST_TOKENIZER="$tok" python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_images.py" 2>&1 \
+        | tee "$out/test_images.txt" || true
+    ;;
 dropin)
     synth smollm2-135m; synth llama-8b
     python3 "$repo/benchmarks/gpu_suite.py" dropin /tmp/smollm2-135m.gguf /tmp/llama-8b.gguf --reps 5 \
