@@ -15,6 +15,7 @@ The prompts and lengths below agree; logprob values are compared with a toleranc
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 
 import numpy as np
@@ -723,10 +724,45 @@ def test_llama_cpp_python_readme_examples_run_unchanged(path):
     assert llm.n_ctx() == 2048
 
 
-def test_function_calling_chat_formats_raise_a_typed_error(path):
-    with llmplace.Llama(path, chat_format="chatml-function-calling", **COMMON) as llm:
-        with pytest.raises(UnsupportedFeatureError, match="chatml-function-calling"):
-            llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2)
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                          "required": ["city"]}}}
+
+
+def test_function_calling_chat_formats_answer_through_llama_cpps_chat_layer(path):
+    """chat_format="chatml-function-calling": ChatML with the tools described, calls parsed by llama.cpp's chat
+    layer (after two earlier calls in the conversation, which a 135M model then imitates); without tools, plain
+    ChatML, as upstream renders it. "functionary" (a 2023 prompt format) stays refused; "functionary-v2" needs a GGUF whose
+    template llama.cpp's chat layer reads calls from, which SmolLM2's is not."""
+    from test_chat_tools import FEW_SHOT  # two earlier calls: a 135M model then writes the call itself
+
+    from llmplace.compat.llama_chat_format import chatml_function_calling
+
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with llmplace.Llama(path, chat_format="chatml-function-calling", **COMMON) as llm, \
+            llmplace.Llama(path, chat_format="chatml", **COMMON) as chatml:
+        plain = llm.create_chat_completion(ask, max_tokens=6, temperature=0)
+        assert plain["choices"][0]["message"]["content"] == chatml.create_chat_completion(
+            ask, max_tokens=6, temperature=0)["choices"][0]["message"]["content"]
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            reply = llm.create_chat_completion(FEW_SHOT, tools=[WEATHER_TOOL], tool_choice=choice, max_tokens=40,
+                                               temperature=0)
+            assert reply["choices"][0]["finish_reason"] == "tool_calls"
+            [call] = reply["choices"][0]["message"]["tool_calls"]
+            assert call["function"]["name"] == "get_weather" and set(json.loads(call["function"]["arguments"])) == {
+                "city"}
+        direct = chatml_function_calling(llama=llm, messages=FEW_SHOT, tools=[WEATHER_TOOL], tool_choice=choice,
+                                         max_tokens=40, temperature=0)
+        assert direct["choices"][0]["message"]["tool_calls"][0]["function"] == call["function"]
+        chunks = list(llm.create_chat_completion(FEW_SHOT, tools=[WEATHER_TOOL], tool_choice="auto", max_tokens=40,
+                                                 temperature=0, stream=True))
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    with llmplace.Llama(path, chat_format="functionary", **COMMON) as llm:
+        with pytest.raises(UnsupportedFeatureError, match="functionary"):
+            llm.create_chat_completion(ask, max_tokens=2)
+    with llmplace.Llama(path, chat_format="functionary-v2", **COMMON) as llm:
+        with pytest.raises(UnsupportedFeatureError, match="finds no tool calls"):
+            llm.create_chat_completion(ask, tools=[WEATHER_TOOL], max_tokens=2)
 
 
 @pytest.mark.parametrize("prompt,max_tokens,penalties", [

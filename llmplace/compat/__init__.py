@@ -34,9 +34,13 @@ What differs (each is warned about or raises a typed error when used):
   llama-cpp-python chains them; such a call decodes without speculation. `LlamaDiskCache` keeps states in
   files of its own (no diskcache package). `kv_overrides` and `lora_path`/`lora_scale` are applied (a
   kv_overrides value whose type differs from the file's key raises InvalidParameterError).
-- Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): the function-calling and
-  vision chat formats ("chatml-function-calling", "functionary", "llava-1-5" ...) and so the model choosing a
-  tool itself (tool_choice "auto" gives a plain text reply), image content parts, a grammar in
+- Tools the model chooses itself (tool_choice "auto" / "required") and reasoning_content go through llama.cpp's
+  chat layer when the template describes tools (llmplace/compat/_chat_tools.py), and so do the function-calling
+  chat formats "chatml-function-calling" (ChatML with the tools described; calls written as <tool_call> JSON,
+  not upstream's own "functions.<name>:" lines) and "functionary-v1" / "functionary-v2" (the GGUF's own
+  functionary template; upstream reads it through a Hugging Face tokenizer).
+- Not implemented yet, raising `UnsupportedFeatureError` (a NotImplementedError): the "functionary" chat format
+  (functionary-7b-v1's prompt) and the vision chat formats ("llava-1-5" ...), image content parts, a grammar in
   `Llama.generate`.
 - Accepted but not applied, with a `CompatibilityWarning`: lora_base, numa, a draft_model that is a Python
   LlamaDraftModel subclass, and unknown keywords (llama-cpp-python ignores those silently).

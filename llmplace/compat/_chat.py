@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..chat import format_chat
 from ..chat_template import check_message_list
 from ..errors import InvalidParameterError, NoProjectorError
-from ._chat_tools import tools_request
+from ._chat_tools import FUNCTIONARY_FORMATS, check_functionary, tools_request
 from .errors import UnsupportedFeatureError
 from .llama_grammar import JSON_GBNF, LlamaGrammar
 
@@ -32,12 +32,16 @@ CHAT_FORMAT_NAMES = {
     "llama-2": "llama2", "llama-3": "llama3", "chatml": "chatml", "mistral-instruct": "mistral-v1",
     "gemma": "gemma", "zephyr": "zephyr", "vicuna": "vicuna", "openchat": "openchat", "phi-3": "phi3",
     "qwen": "chatml", "chatglm3": "chatglm3", "mistrallite": "mistral-v1",
+    # without tools (or with tool_choice "none") llama-cpp-python's handler renders plain ChatML too
+    "chatml-function-calling": "chatml",
 }
 
 
-# llama-cpp-python's formats that are programs (function calling, vision), not templates.
-UNSUPPORTED_FORMATS = {"chatml-function-calling", "functionary", "functionary-v1", "functionary-v2", "llava-1-5",
-                       "llava-1-6", "moondream2", "nanollava", "llama-3-vision-alpha", "minicpm-v-2.6", "qwen2.5-vl"}
+# llama-cpp-python's formats that are programs (function calling, vision), not templates, and that llmplace does
+# not map: "functionary" renders functionary-7b-v1's 2023 prompt (no template describes it, no parser reads it).
+# "chatml-function-calling" and "functionary-v1"/"-v2" map onto llama.cpp's chat layer (_chat_tools.py).
+UNSUPPORTED_FORMATS = {"functionary", "llava-1-5", "llava-1-6", "moondream2", "nanollava", "llama-3-vision-alpha",
+                       "minicpm-v-2.6", "qwen2.5-vl"}
 
 
 def _plain_messages(messages) -> list[dict]:
@@ -81,15 +85,17 @@ def prompt_tokens(model, text: str) -> list[int]:
     return tokens
 
 
-def render(llama: Llama, messages) -> list[int]:
-    """The prompt tokens for `messages` with the Llama's chat format (the model's own template by default)."""
+def render(llama: Llama, messages, chat_format: str | None = None) -> list[int]:
+    """The prompt tokens for `messages` with the Llama's chat format (the model's own template by default), or
+    with `chat_format`."""
     model = llama._model
-    fmt = llama.chat_format
+    fmt = llama.chat_format if chat_format is None else chat_format
     if fmt in UNSUPPORTED_FORMATS:
         raise UnsupportedFeatureError(f"chat_format={fmt!r} (function calling or vision in llama-cpp-python) is not "
-                                      "supported by llmplace.Llama yet; use the model's own template "
-                                      "(chat_format=None)")
-    template = None if fmt in (None, "chat_template.default") else CHAT_FORMAT_NAMES.get(fmt, fmt)
+                                      "supported by llmplace.Llama; use the model's own template "
+                                      "(chat_format=None), whose tool calls llama.cpp's chat layer reads")
+    own = (None, "chat_template.default", *FUNCTIONARY_FORMATS)
+    template = None if fmt in own else CHAT_FORMAT_NAMES.get(fmt, fmt)
     plain: list[dict[str, Any]] = [{"role": m.get("role"), "content": m["content"]} for m in _plain_messages(messages)]
     text = format_chat(model, plain, add_generation_prompt=True, template=template)  # roles are checked there
     return prompt_tokens(model, text)
@@ -99,7 +105,9 @@ def create(llama: Llama, *, messages, functions, function_call, tools, tool_choi
            min_p, typical_p, stream, stop, seed, response_format, max_tokens, presence_penalty, frequency_penalty,
            repeat_penalty, tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, model, logits_processor, grammar,
            logit_bias, logprobs, top_logprobs, reasoning_format=None, chat_template_kwargs=None,
-           parallel_tool_calls=None, reasoning_budget_tokens=None):
+           parallel_tool_calls=None, reasoning_budget_tokens=None, chat_format=None):
+    """create_chat_completion. chat_format: answer with this format instead of the Llama's (the handler
+    functions of llama_chat_format, such as chatml_function_calling, pass theirs)."""
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
                     logprobs=top_logprobs if logprobs else None, stream=stream, seed=seed, max_tokens=max_tokens,
                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -107,17 +115,19 @@ def create(llama: Llama, *, messages, functions, function_call, tools, tool_choi
                     mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
                     logits_processor=logits_processor, logit_bias=logit_bias)
     stops = [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
+    check_functionary(llama, llama.chat_format if chat_format is None else chat_format)
     native = tools_request(llama, messages, functions=functions, function_call=function_call, tools=tools,
                            tool_choice=tool_choice, grammar=grammar, response_format=response_format,
                            reasoning_format=reasoning_format, chat_template_kwargs=chat_template_kwargs,
-                           parallel_tool_calls=parallel_tool_calls, reasoning_budget_tokens=reasoning_budget_tokens)
+                           parallel_tool_calls=parallel_tool_calls, reasoning_budget_tokens=reasoning_budget_tokens,
+                           chat_format=chat_format)
     if native is not None:
         return native.complete(llama, stops, stream, sampling)
     grammar = json_grammar(response_format, grammar)
     tool = forced_tool(functions, function_call, tools, tool_choice)
     if tool is not None:
         grammar = tool_grammar(tool)
-    tokens = render(llama, messages)
+    tokens = render(llama, messages, chat_format)
     eos = llama._model.vocab.eos
     if eos is not None:
         stops.append(llama._model.vocab.token_text(eos))  # as llama-cpp-python's Jinja2 chat formatter

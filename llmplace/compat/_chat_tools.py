@@ -7,6 +7,11 @@ template cannot describe tools (SmolLM2's, for one), tool_choice "required" stil
 described in a system message and the reply is constrained to {"name": ..., "arguments": ...} (llama.cpp's old
 "generic" format); "auto" and a named function keep llama-cpp-python's behaviour (plain text; the function's
 arguments). Models that think get reasoning_content even without tools, unless reasoning_format="none".
+
+llama-cpp-python's function-calling chat formats map onto the same path: chat_format="chatml-function-calling"
+renders ChatML with the tools described in a system turn (CHATML_FUNCTION_CALLING), "functionary-v1" and
+"functionary-v2" the GGUF's own template (the functionary model's, which llama-cpp-python reads through a Hugging
+Face tokenizer), when llama.cpp's chat layer reads tool calls from it.
 """
 
 from __future__ import annotations
@@ -31,11 +36,58 @@ from ..chat_tools import (
     new_call_id,
 )
 from ..errors import InvalidParameterError, TemplateError
+from .errors import UnsupportedFeatureError
 
 if TYPE_CHECKING:
     from .llama import Llama
 
 _OWN_TEMPLATE = (None, "chat_template.default")
+# llama-cpp-python's functionary v1/v2 handlers render with the model's own template (through its Hugging Face
+# tokenizer): here the GGUF's template, read by llama.cpp's chat layer.
+FUNCTIONARY_FORMATS = ("functionary-v1", "functionary-v2")
+CHATML_FUNCTION_CALLING_FORMAT = "chatml-function-calling"
+
+# chat_format="chatml-function-calling": ChatML, the tools listed in a system turn, and calls written as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call> (Hermes 2 Pro's convention, which ChatML models with
+# tool training write and llama.cpp's chat layer reads), with tool results in "tool" turns. llama-cpp-python's
+# handler asks for "functions.<name>:" lines of its own instead, which no model was trained on and which
+# llama.cpp's chat layer does not read.
+CHATML_FUNCTION_CALLING = """\
+{%- set first_system = messages and messages[0].role == 'system' -%}
+{%- if tools -%}
+<|im_start|>system
+{% if first_system %}{{ messages[0].content }}
+
+{% endif %}You can call functions. Their names, descriptions and JSON schemas of arguments:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+To call a function, answer with a JSON object of its name and arguments inside <tool_call></tool_call>:
+<tool_call>
+{"name": <function name>, "arguments": <arguments as a JSON object>}
+</tool_call><|im_end|>
+{% elif first_system -%}
+<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif -%}
+{%- for message in messages -%}
+{%- if message.role == 'system' and loop.first -%}
+{%- elif message.role == 'assistant' and message.tool_calls -%}
+<|im_start|>assistant
+{% if message.content %}{{ message.content }}
+{% endif %}{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{% endfor %}<|im_end|>
+{% else -%}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% endif -%}
+"""
 
 
 class _TemplateTraits:
@@ -47,27 +99,46 @@ class _TemplateTraits:
         self.supports_thinking = supports_thinking
 
 
-def template_traits(llama: Llama) -> _TemplateTraits | None:
-    """None when llama.cpp's chat layer cannot read the model's template (the Jinja path still renders it)."""
-    cached = llama.__dict__.get("_llmplace_template_traits", False)
+def template_traits(llama: Llama, chat_format: str | None = None) -> _TemplateTraits | None:
+    """None when llama.cpp's chat layer cannot read the model's template (the Jinja path still renders it).
+    chat_format "chatml-function-calling": CHATML_FUNCTION_CALLING's traits instead."""
+    chatml = chat_format == CHATML_FUNCTION_CALLING_FORMAT
+    key = "_llmplace_chatml_tools_traits" if chatml else "_llmplace_template_traits"
+    cached = llama.__dict__.get(key, False)
     if cached is not False:
         return cached
     traits = None
     try:
-        templates = ChatTemplates(llama._model)
+        templates = (ChatTemplates(template=CHATML_FUNCTION_CALLING, eos_token="<|im_end|>") if chatml
+                     else ChatTemplates(llama._model))
         probe = templates.render([{"role": "user", "content": "Hi"}], reasoning_format="auto")
         traits = _TemplateTraits(templates, bool(probe.caps.get("supports_tool_calls")), probe.supports_thinking)
     except (TemplateError, InvalidParameterError):
         traits = None
-    llama.__dict__["_llmplace_template_traits"] = traits
+    llama.__dict__[key] = traits
     return traits
+
+
+def check_functionary(llama: Llama, chat_format: str | None) -> None:
+    """chat_format "functionary-v1" / "functionary-v2" need a GGUF whose own template llama.cpp's chat layer
+    reads tool calls from (functionary v3.1 and v3.2 are such templates)."""
+    if chat_format not in FUNCTIONARY_FORMATS:
+        return
+    traits = template_traits(llama)
+    if traits is None or not traits.supports_tool_calls:
+        raise UnsupportedFeatureError(
+            f"chat_format={chat_format!r} renders the model's own template and reads its tool calls with llama.cpp's "
+            f"chat layer, which finds no tool calls in the template of {llama.model_path!r}: llama-cpp-python "
+            "reads functionary's format through a Hugging Face tokenizer (hf_tokenizer_path), which llmplace does "
+            "not use; use a functionary GGUF whose template llama.cpp knows (v3.1, v3.2)")
 
 
 def tools_request(llama: Llama, messages, *, functions, function_call, tools, tool_choice, grammar,
                   response_format, reasoning_format, chat_template_kwargs, parallel_tool_calls,
-                  reasoning_budget_tokens=None):
+                  reasoning_budget_tokens=None, chat_format=None):
     """The chat request when it is llama.cpp's chat layer's to answer (a _NativeChat or a _GenericToolChat),
-    else None: the caller renders and answers it as llama-cpp-python does."""
+    else None: the caller renders and answers it as llama-cpp-python does. chat_format: the format to answer
+    with (default the Llama's)."""
     reasoning = llama.reasoning_format if reasoning_format is None else reasoning_format
     if reasoning not in REASONING_FORMATS:
         raise InvalidParameterError(f"reasoning_format must be one of {', '.join(REASONING_FORMATS)}, not "
@@ -79,7 +150,9 @@ def tools_request(llama: Llama, messages, *, functions, function_call, tools, to
     budget = None if reasoning_budget_tokens in (None, -1) else reasoning_budget_tokens
     if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
         raise InvalidParameterError("chat_template_kwargs must be a dict such as {'enable_thinking': False}")
-    if llama.chat_format not in _OWN_TEMPLATE or grammar is not None or response_format is not None:
+    fmt = llama.chat_format if chat_format is None else chat_format
+    if fmt not in (*_OWN_TEMPLATE, *FUNCTIONARY_FORMATS, CHATML_FUNCTION_CALLING_FORMAT) or grammar is not None \
+            or response_format is not None:
         return None
     legacy = functions is not None
     if legacy:
@@ -88,7 +161,7 @@ def tools_request(llama: Llama, messages, *, functions, function_call, tools, to
         tool_choice = {"type": "function", "function": {"name": function_call.get("name")}}
     elif function_call is not None:
         tool_choice = function_call
-    traits = template_traits(llama)
+    traits = template_traits(llama, fmt)
     if traits is None:
         return None
     forcing = isinstance(tool_choice, dict) or tool_choice == "required"

@@ -132,6 +132,46 @@ def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> 
     return chat_completion_handler
 
 
+# llama-cpp-python's function-calling handlers, as functions taking its keywords: each answers through
+# llama.cpp's chat layer (llmplace/compat/_chat_tools.py), as Llama(chat_format=<its name>) does. Upstream's
+# signatures, mutable defaults included (stop=[]: never mutated here).
+def chatml_function_calling(llama, messages, functions=None, function_call=None, tools=None, tool_choice=None,
+                            temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                            typical_p: float = 1.0, stream: bool = False, stop=[],  # noqa: B006
+                            response_format=None, max_tokens=None, presence_penalty: float = 0.0,
+                            frequency_penalty: float = 0.0, repeat_penalty: float = 1.1, tfs_z: float = 1.0,
+                            mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                            model=None, logits_processor=None, grammar=None, logprobs=None, top_logprobs=None,
+                            **kwargs):
+    """chat_format="chatml-function-calling": ChatML with the tools described in a system turn; the model's
+    calls (tool_choice "auto", "required" or a named function) come back parsed as message.tool_calls. Other
+    keywords of create_chat_completion (seed, logit_bias, reasoning_format ...) pass through kwargs."""
+    return _function_calling("chatml-function-calling", locals())
+
+
+def functionary_v1_v2_chat_handler(llama, messages, functions=None, function_call=None, tools=None,
+                                   tool_choice=None, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                                   min_p: float = 0.05, typical_p: float = 1.0, stream: bool = False,
+                                   stop=[], response_format=None, max_tokens=None,  # noqa: B006
+                                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                                   repeat_penalty: float = 1.1, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                                   mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model=None,
+                                   logits_processor=None, grammar=None, **kwargs):
+    """chat_format="functionary-v1" / "functionary-v2": the GGUF's own (functionary) template, read by
+    llama.cpp's chat layer; UnsupportedFeatureError when it finds no tool calls in it."""
+    return _function_calling("functionary-v2", locals())
+
+
+def _function_calling(chat_format: str, arguments: dict[str, Any]):
+    options = dict(arguments)
+    kwargs = options.pop("kwargs")
+    options.setdefault("logprobs", None)
+    options.setdefault("top_logprobs", None)
+    for name in ("seed", "logit_bias"):
+        options[name] = kwargs.pop(name, None)
+    return _chat.create(chat_format=chat_format, **options, **kwargs)
+
+
 class Jinja2ChatFormatter:
     """Render messages with a Hugging Face style Jinja chat template (sandboxed, trim_blocks and lstrip_blocks,
     `raise_exception`, `strftime_now`, a `tojson` filter keeping non-ASCII text), under the limits of

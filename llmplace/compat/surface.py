@@ -29,8 +29,11 @@ _IMAGES = ("images are taken through MTMDChatHandler (the model's own chat templ
            "Gemma4ChatHandler (llmplace/compat/_images.py, over llmplace.images); upstream's other model-specific "
            "vision handlers are its own hand-written prompt formats for older models, not provided: use "
            "MTMDChatHandler with the GGUF's chat template, or Llava15ChatHandler for LLaVA-style prompts")
-_FUNCTION_CALLING = ("the function-calling chat formats are not implemented: chat_format='chatml-function-calling' "
-                     "/ 'functionary' raise UnsupportedFeatureError (a forced tool_choice works with any format)")
+_FUNCTIONARY_V1 = (
+    "chat_format='functionary' renders functionary-7b-v1's hand-written 2023 prompt ('assistant to=functions.NAME:') "
+    "that no chat template describes and llama.cpp's chat layer does not read: it raises UnsupportedFeatureError. "
+    "chat_format='chatml-function-calling' and 'functionary-v1' / 'functionary-v2' map onto llama.cpp's chat layer "
+    "(chatml_function_calling, functionary_v1_v2_chat_handler), as does a model's own template with tools")
 _NAMED_FORMATS = (
     "llama-cpp-python's Python rendering of one of its named chat formats; llmplace renders "
     "Llama(chat_format=NAME) for the same names with its own templates (llmplace/compat/_chat.py), so the "
@@ -96,8 +99,7 @@ EXCLUDED: dict[str, str] = {
     "llama_cpp.llama_chat_format.*_BOS_TOKEN": _TEMPLATE_CONSTANTS,
     "llama_cpp.llama_chat_format.*_EOS_TOKEN": _TEMPLATE_CONSTANTS,
     "llama_cpp.llama_chat_format.guess_chat_format_from_gguf_metadata": _TEMPLATE_CONSTANTS,
-    "llama_cpp.llama_chat_format.chatml_function_calling": _FUNCTION_CALLING,
-    "llama_cpp.llama_chat_format.functionary_*": _FUNCTION_CALLING,
+    "llama_cpp.llama_chat_format.functionary_chat_handler": _FUNCTIONARY_V1,
     **{f"llama_cpp.llama_chat_format.{name}": _IMAGES for name in (
         "ObsidianChatHandler", "MoondreamChatHandler", "Llava16ChatHandler", "NanoLlavaChatHandler",
         "Llama3VisionAlphaChatHandler", "MiniCPMv26ChatHandler", "Qwen25VLChatHandler")},
