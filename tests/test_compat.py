@@ -732,8 +732,8 @@ WEATHER_TOOL = {"type": "function", "function": {
 def test_function_calling_chat_formats_answer_through_llama_cpps_chat_layer(path):
     """chat_format="chatml-function-calling": ChatML with the tools described, calls parsed by llama.cpp's chat
     layer (after two earlier calls in the conversation, which a 135M model then imitates); without tools, plain
-    ChatML, as upstream renders it. "functionary" (a 2023 prompt format) stays refused; "functionary-v2" needs a GGUF whose
-    template llama.cpp's chat layer reads calls from, which SmolLM2's is not."""
+    ChatML, as upstream renders it. "functionary" (a 2023 prompt format) stays refused; "functionary-v2" needs a
+    GGUF whose template llama.cpp's chat layer reads calls from, which SmolLM2's is not."""
     from test_chat_tools import FEW_SHOT  # two earlier calls: a 135M model then writes the call itself
 
     from llmplace.compat.llama_chat_format import chatml_function_calling
@@ -745,8 +745,8 @@ def test_function_calling_chat_formats_answer_through_llama_cpps_chat_layer(path
         assert plain["choices"][0]["message"]["content"] == chatml.create_chat_completion(
             ask, max_tokens=6, temperature=0)["choices"][0]["message"]["content"]
         for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-            reply = llm.create_chat_completion(FEW_SHOT, tools=[WEATHER_TOOL], tool_choice=choice, max_tokens=40,
-                                               temperature=0)
+            reply = llm.create_chat_completion(FEW_SHOT, tools=[WEATHER_TOOL], tool_choice=choice,
+                                               max_tokens=40, temperature=0)
             assert reply["choices"][0]["finish_reason"] == "tool_calls"
             [call] = reply["choices"][0]["message"]["tool_calls"]
             assert call["function"]["name"] == "get_weather" and set(json.loads(call["function"]["arguments"])) == {
