@@ -66,9 +66,11 @@ from .errors import (
     ContextOverflowError,
     InvalidParameterError,
     LlmplaceError,
+    NoProjectorError,
     TemplateError,
 )
 from .generation import GenerationStep, request, stream_generate
+from .images import ImagePrompt, ImageSource, Projector, image_part, image_urls, load_image, with_markers
 from .model import Model
 from .planning import load
 from .sampling import SamplingParams
@@ -122,7 +124,7 @@ class _Turn:
     """A prepared turn: the conversation it will leave behind and the tokens to generate from."""
 
     messages: list[dict[str, Any]]  # history to keep, including the new user message
-    tokens: list[int]
+    tokens: list[int] | ImagePrompt  # an ImagePrompt when the conversation holds images
     options: dict[str, Any]         # keywords for stream_generate
     dropped: int
     rendered: RenderedChat | None = None  # llama.cpp's chat layer rendered it (tools, or a model that thinks)
@@ -145,6 +147,9 @@ class Chat:
     context raises ContextOverflowError).
     draft (a Model or a path), depth, lookup: speculative decoding, passed to stream_generate (which checks
     them); a draft given as a path is loaded once and owned by the Chat.
+    projector: a multimodal projector (llmplace.images.Projector, or the path of an mmproj GGUF, then loaded and
+    owned by the Chat): turns then take images (submit(text, images=[...])), kept in the history as image_url
+    content parts.
 
     A Chat is used from one thread at a time: a turn (or reset, load_history ...) from another thread while a
     reply is being generated raises BusyError and leaves that reply alone. `abort()` may be called from any
@@ -158,8 +163,10 @@ class Chat:
                  draft: Model | str | os.PathLike[str] | None = None, depth: int = 5, lookup: bool = False,
                  tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | Mapping[str, Any] = "auto",
                  parallel_tool_calls: bool = False, reasoning_format: str = "auto",
-                 reasoning_budget: int | None = None, enable_thinking: bool = True, **sampling: Any) -> None:
-        self._owned: list[Model | Context] = []  # what close() frees: the context, and models loaded from paths
+                 reasoning_budget: int | None = None, enable_thinking: bool = True,
+                 projector: Projector | str | os.PathLike[str] | None = None, **sampling: Any) -> None:
+        self._owned: list[Model | Context | Projector] = []
+        self.projector: Projector | None = None  # what close() frees: the context, and models loaded from paths
         self._context: Context | None = None
         self._layer: ChatTemplates | None = None  # llama.cpp's chat layer for the template, made at first need
         self._layer_caps: dict[str, bool] = {}
@@ -178,6 +185,13 @@ class Chat:
             self.truncate = bool(truncate)
             self._context = Context(model, n_ctx=n_ctx, n_threads=n_threads)
             self._owned.insert(0, self._context)
+            if isinstance(projector, Projector):
+                if projector.model is not model:
+                    raise InvalidParameterError("the projector was loaded for another model than the Chat's")
+                self.projector = projector
+            elif projector is not None:
+                self.projector = Projector(model, projector, n_threads=n_threads)
+                self._owned.insert(0, self.projector)
             self._speculation = self._speculation_options(draft, depth, lookup, n_threads)
         except BaseException:
             self.close()
@@ -449,36 +463,53 @@ class Chat:
         contexts = [self._context, getattr(self, "_speculation", {}).get("draft")]
         return [c for c in contexts if isinstance(c, Context) and not c.closed]
 
-    def submit(self, text: str | None = None, **options: Any) -> Reply:
+    def submit(self, text: str | None = None, *, images: Sequence[ImageSource] = (), **options: Any) -> Reply:
         """Send a user message and return the whole reply. Keywords (max_tokens, stop, temperature, tools,
         tool_choice, reasoning_format ...) override the Chat's defaults for this turn. No text: reply to the
-        tool results just added (add_tool_result)."""
-        steps = self.stream_deltas(text, **options)
+        tool results just added (add_tool_result). images: pictures the message shows (bytes, paths, data: URLs:
+        llmplace.images.load_image), before its text; the Chat needs a projector."""
+        steps = self.stream_deltas(text, images=images, **options)
         for _ in steps:
             pass
         assert self.last is not None  # the turn's end wrote it
         return self.last
 
-    def stream(self, text: str | None = None, **options: Any) -> Iterator[str]:
+    def stream(self, text: str | None = None, *, images: Sequence[ImageSource] = (), **options: Any
+               ) -> Iterator[str]:
         """Send a user message; yield the reply's text as it is generated (pieces, never empty). The Reply
         with its figures is `chat.last` once the iteration ends. Arguments are checked at the call, and the
         Chat is taken for this turn at the call: another turn (any thread) raises BusyError until it ends.
         The text is the reply's content: kept-apart thinking and tool calls are in `chat.last` (or use
         stream_deltas)."""
-        turn = self._prepare(text, options)
+        turn = self._prepare(text, options, images)
         return _contents(self._run(turn, GenerationHold(self._context)))
 
-    def stream_deltas(self, text: str | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+    def stream_deltas(self, text: str | None = None, *, images: Sequence[ImageSource] = (), **options: Any
+                      ) -> Iterator[dict[str, Any]]:
         """As stream(), yielding OpenAI-style chat deltas: {"content": ...}, {"reasoning_content": ...} and
         {"tool_calls": [{"index", "id", "type", "function": {"name", "arguments"}}]} (a call's arguments come
         in pieces after its first delta, as OpenAI streams them)."""
-        turn = self._prepare(text, options)
+        turn = self._prepare(text, options, images)
         return self._run(turn, GenerationHold(self._context))
 
     def _render(self, messages: list[dict[str, Any]], options: Mapping[str, Any], *,
-                add_generation_prompt: bool = True) -> tuple[list[int], RenderedChat | None]:
+                add_generation_prompt: bool = True) -> tuple[list[int] | ImagePrompt, RenderedChat | None]:
         """The prompt tokens for `messages`, and llama.cpp's chat layer's rendering when the turn is its own
-        (tools, tool turns in the history, or a model that thinks; otherwise the Chat's template renders)."""
+        (tools, tool turns in the history, or a model that thinks; otherwise the Chat's template renders).
+        A conversation with images gives an ImagePrompt: rendered with the projector's marker where each image
+        is, then tokenized by the projector."""
+        urls = image_urls(messages)
+        if urls:
+            projector = self.projector
+            if projector is None:
+                raise NoProjectorError(f"the conversation has {len(urls)} image(s) but the Chat has no projector: "
+                                       "create it with projector='mmproj.gguf' (or a llmplace.images.Projector)")
+            plain = with_markers(messages, projector.marker)
+            tokens, rendered = self._render(plain, options, add_generation_prompt=add_generation_prompt)
+            text = rendered.prompt if rendered is not None else self.template.render(
+                plain, add_generation_prompt=add_generation_prompt)
+            wrote_bos = bool(self.template.bos_token) and text.startswith(self.template.bos_token)
+            return projector.tokenize(text, [load_image(url) for url in urls], add_special=not wrote_bos), rendered
         layer = self._chat_layer(options, messages)
         if layer is None:
             return self.template.tokens(self.model, self.template.render(
@@ -528,7 +559,7 @@ class Chat:
         self._layer_caps = {**probe.caps, "supports_thinking": probe.supports_thinking}
         return layer
 
-    def _prepare(self, text: str | None, options: Mapping[str, Any]) -> _Turn:
+    def _prepare(self, text: str | None, options: Mapping[str, Any], images: Sequence[ImageSource] = ()) -> _Turn:
         context = self._check_usable()
         if text is None:
             if not self._messages or self._messages[-1]["role"] != "tool":
@@ -539,7 +570,18 @@ class Chat:
         elif not text.strip():
             raise InvalidParameterError("the message is empty; type some text")
         options = self._options(options, self._defaults)
-        messages = self._messages + ([{"role": "user", "content": text}] if text is not None else [])
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            raise InvalidParameterError("images must be a list of images (bytes, paths, data: URLs)")
+        content: str | list[dict[str, Any]] | None = text
+        if images:
+            if text is None:
+                raise InvalidParameterError("images go with a user message: pass its text too")
+            if self.projector is None:
+                raise NoProjectorError("this Chat has no projector to see images: create it with "
+                                       "projector='mmproj.gguf' (or a llmplace.images.Projector)")
+            # kept in the history as OpenAI content parts, the images first (as llama-mtmd-cli puts them)
+            content = [*(image_part(image) for image in images), {"type": "text", "text": text}]
+        messages = self._messages + ([{"role": "user", "content": content}] if content is not None else [])
         tokens, rendered = self._render(messages, options)
         n_ctx, dropped = context.n_ctx, 0
         if self.truncate:

@@ -33,10 +33,10 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 from . import logs
 from ._ffi import C, CData, c_string, ffi
@@ -396,7 +396,8 @@ class Projector(NativeObject):
                  parse_special: bool = True, allow_fetch: bool = False) -> ImagePrompt:
         """Split `prompt` at its image markers (`self.marker`, one per image, in order) into text tokens and
         image chunks. Images are anything load_image takes. The prompt must end with text after its last image
-        (the first generated token is drawn from the last text token's logits)."""
+        (the first generated token is drawn from the last text token's logits). add_special: begin with BOS when
+        the model wants one (never an EOS at the end)."""
         if not isinstance(prompt, str):
             raise InvalidParameterError(f"prompt must be a str, not {type(prompt).__name__}")
         if isinstance(images, (str, bytes, Image)) or not isinstance(images, Sequence):
@@ -410,6 +411,12 @@ class Projector(NativeObject):
         if loaded and not prompt[prompt.rindex(self.marker) + len(self.marker):]:
             raise InvalidParameterError("the prompt ends with an image: add text after it (with a chat template, "
                                         "the assistant's turn)")
+        vocab = self.model.vocab
+        if add_special and vocab.add_bos and vocab.bos is not None:
+            # BOS as text: libmtmd's own add_special would also append EOS for vocabularies that add one, which
+            # ends a chat before its reply
+            prompt = vocab.token_text(vocab.bos) + prompt
+            parse_special = True
         data = prompt.encode("utf-8")
         with self._lifetime:
             bitmaps = [self._bitmap(image) for image in loaded]
@@ -417,7 +424,7 @@ class Projector(NativeObject):
                 text = ffi.new("mtmd_input_text *")
                 text_bytes = ffi.new("char[]", data)
                 text.text, text.text_len = text_bytes, len(data)
-                text.add_special, text.parse_special = bool(add_special), bool(parse_special)
+                text.add_special, text.parse_special = False, bool(parse_special)
                 chunks = C.mtmd_input_chunks_init()
                 array = ffi.new("mtmd_bitmap *[]", bitmaps) if bitmaps else ffi.NULL
                 with logs.capture() as messages:
@@ -542,6 +549,57 @@ def projector_memory(path: str | os.PathLike[str], *, device: str | None = None,
     main = max(usage, key=lambda name: usage[name]) if usage else "host"
     return {name: ((min(weights, total), total - min(weights, total)) if name == main else (0, total))
             for name, total in usage.items()}
+
+
+# ---- OpenAI-shaped messages with image_url content parts (the drop-in's chat handlers, Chat, the server) ----
+def image_urls(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The URLs of the messages' image_url content parts, in order."""
+    urls: list[str] = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            urls += [_part_url(part) for part in content if isinstance(part, Mapping) and
+                     part.get("type") == "image_url"]
+    return urls
+
+
+def _part_url(part: Mapping[str, Any]) -> str:
+    image_url = part.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+    if not isinstance(url, str):
+        raise InvalidParameterError("an image_url content part needs 'image_url': {'url': <data: URL or path>}")
+    return url
+
+
+def with_markers(messages: Sequence[Mapping[str, Any]], marker: str) -> list[dict[str, Any]]:
+    """The messages with list contents made text: text parts joined, each image_url part replaced by `marker`
+    (other keys kept)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            pieces = []
+            for part in content:
+                if isinstance(part, Mapping) and part.get("type") == "image_url":
+                    _part_url(part)
+                    pieces.append(marker)
+                elif isinstance(part, Mapping) and part.get("type") == "text":
+                    pieces.append(str(part.get("text", "")))
+                elif isinstance(part, str):
+                    pieces.append(part)
+                else:
+                    kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                    raise InvalidParameterError(f"a {kind!r} content part: llmplace takes text and image_url parts")
+            content = "".join(pieces)
+        out.append({**message, "content": "" if content is None else content})
+    return out
+
+
+def image_part(image: ImageSource) -> dict[str, Any]:
+    """An OpenAI image_url content part holding the image as a data: URL (for a conversation's history)."""
+    picture = load_image(image)
+    data = base64.b64encode(picture.data).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": f"data:image/{picture.format};base64,{data}"}}
 
 
 def require_projector(projector: Projector | None, n_images: int) -> Projector:

@@ -448,3 +448,22 @@ def test_the_image_encoder_on_the_gpu_agrees_with_the_cpu(vision_files):
                 projector.tokenize(prompt_text, [PATTERN]).prefill(context)
                 logits[where] = context.logits()
     assert abs(logits["CPU"] - logits[gpus[0].name]).max() < 0.05
+
+
+# ---- Chat ----
+def test_chat_takes_images_and_keeps_them_in_its_history(vision_files, mtmd_cli_reply):
+    text, mmproj = vision_files
+    with llmplace.Chat(str(text), projector=str(mmproj), n_ctx=512, n_threads=2, max_tokens=N_PREDICT,
+                       temperature=0) as chat:
+        reply = chat.submit(QUESTION, images=[PATTERN])
+        assert reply.text.strip("\n") == mtmd_cli_reply  # the same prompt as llama-mtmd-cli's, so the same reply
+        user = chat.history[-2]
+        assert user["content"][0]["type"] == "image_url" and user["content"][-1] == {"type": "text",
+                                                                                     "text": QUESTION}
+        n_cached = chat.n_cached
+        chat.submit("And now?", max_tokens=2)  # the image stays in the conversation: its prefix is reused
+        assert chat.last.prompt_tokens > n_cached
+        assert chat.last_prompt_evaluated < chat.last.prompt_tokens - synthetic_vision.TINY_CLIP.n_patches
+    with llmplace.Chat(str(text), n_ctx=512, n_threads=1) as chat:
+        with pytest.raises(NoProjectorError, match="no projector"):
+            chat.submit("What is this?", images=[RED])

@@ -24,57 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 from ..chat import format_chat
 from ..chat_template import check_message_list
-from ..errors import InvalidParameterError
-from ..images import Projector, load_image
+from ..images import Projector, image_urls, load_image, with_markers
 from . import _chat
 
 if TYPE_CHECKING:
     from .llama import Llama
 
 
-def image_urls(messages) -> list[str]:
-    """The image URLs of the messages' image_url content parts, in order (llama-cpp-python's get_image_urls)."""
-    urls: list[str] = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "image_url":
-                urls.append(_part_url(part))
-    return urls
-
-
-def _part_url(part: dict) -> str:
-    image_url = part.get("image_url")
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    if not isinstance(url, str):
-        raise InvalidParameterError("an image_url content part needs 'image_url': {'url': <data: URL or path>}")
-    return url
-
-
 def marked_messages(messages, marker: str) -> list[dict[str, Any]]:
     """{'role', 'content': str} messages: text parts joined, each image_url part replaced by `marker`."""
     check_message_list(messages)
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            pieces = []
-            for part in content:
-                if isinstance(part, dict) and part.get("type") == "image_url":
-                    _part_url(part)
-                    pieces.append(marker)
-                elif isinstance(part, dict) and part.get("type") == "text":
-                    pieces.append(str(part.get("text", "")))
-                elif isinstance(part, str):
-                    pieces.append(part)
-                else:
-                    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                    raise InvalidParameterError(f"a {kind!r} content part: llmplace takes text and image_url parts")
-            content = "".join(pieces)
-        out.append({"role": message.get("role"), "content": "" if content is None else content})
-    return out
+    return [{"role": m.get("role"), "content": m["content"]} for m in with_markers(messages, marker)]
 
 
 class MTMDChatHandler:
@@ -150,9 +110,9 @@ class MTMDChatHandler:
         pictures = [load_image(url, allow_fetch=self.allow_fetch) for url in urls]  # checked before rendering
         text = self._render(llama, messages, projector.marker)
         vocab = llama._model.vocab
-        bos = vocab.bos
-        add_bos = vocab.add_bos and bos is not None and not text.startswith(vocab.token_text(bos))
-        prompt = projector.tokenize(text, pictures, add_special=add_bos)
+        # BOS unless the template wrote it (templates written for Hugging Face do)
+        wrote_bos = vocab.bos is not None and text.startswith(vocab.token_text(vocab.bos))
+        prompt = projector.tokenize(text, pictures, add_special=not wrote_bos)
         grammar = _chat.json_grammar(response_format, grammar)
         tool = _chat.forced_tool(functions, function_call, tools, tool_choice)
         if tool is not None:
