@@ -200,3 +200,5 @@ def test_the_pinned_source_carries_every_build_time_correction():
     backend = (vendor.DEST / "ggml" / "src" / "ggml-backend.cpp").read_text()
     start = backend.index("void ggml_backend_sched_reserve_size(")
     assert "ggml_backend_sched_reset(sched);" not in backend[start:backend.index("\n}\n", start)]
+    vulkan = (vendor.DEST / "ggml" / "src" / "ggml-vulkan" / "ggml-vulkan.cpp").read_text()
+    assert "vulkan_builds_with_debian_12_headers" in vulkan and "#if defined(VK_EXT_layer_settings)" in vulkan

@@ -154,7 +154,34 @@ def one_cuda_graph_per_batch_shape(root: Path) -> None:
     path.write_text(text.replace(old, new))
 
 
-SOURCE_FIXES = (keep_layer_pins_when_sizing_a_dry_run, one_cuda_graph_per_batch_shape)
+def vulkan_builds_with_debian_12_headers(root: Path) -> None:
+    """The Vulkan backend passes validation-layer settings (the extension VK_EXT_layer_settings) to every instance
+    it creates, though they only matter in a GGML_VULKAN_VALIDATE build with the validation layer present.
+    Debian 12's Vulkan headers (libvulkan-dev 1.3.239, what the llmplace-vulkan plugin and CI build with) predate
+    the extension and lack its types, and the file does not compile. Where the headers lack it, the
+    instance is created without those settings; with newer headers the code is upstream's. Only
+    ggml-vulkan.cpp changes: no other build reads it."""
+    path = root / "ggml" / "src" / "ggml-vulkan" / "ggml-vulkan.cpp"
+    text = path.read_text()
+    first = "    VkBool32 enable_best_practice = layer_settings;\n"
+    last = ("    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions, "
+            "&layer_setting_info);\n")
+    start, end = text.find(first), text.find(last)
+    if text.count(first) != 1 or text.count(last) != 1 or not 0 <= start < end:
+        raise SystemExit(f"llmplace: {path} is not shaped as expected: revisit vulkan_builds_with_debian_12_headers "
+                         "for this llama.cpp version")
+    end += len(last)
+    fallback = ("#else  // llmplace (tools/vendor_llama_cpp.py, vulkan_builds_with_debian_12_headers): headers older "
+                "than VK_EXT_layer_settings\n"
+                "    GGML_UNUSED(layer_settings);\n"
+                "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, "
+                "extensions);\n"
+                "#endif\n")
+    path.write_text(text[:start] + "#if defined(VK_EXT_layer_settings)\n" + text[start:end] + fallback + text[end:])
+
+
+SOURCE_FIXES = (keep_layer_pins_when_sizing_a_dry_run, one_cuda_graph_per_batch_shape,
+                vulkan_builds_with_debian_12_headers)
 
 
 def stamp_text(sha256: str) -> str:
