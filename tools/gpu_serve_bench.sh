@@ -73,7 +73,7 @@ load() {  # load PORT NAME MODEL: a warm-up level, then the measured levels, int
         --ban-tokens 0,2 > /dev/null 2>&1 || true
     # a level stops sending after DURATION s (what was sent finishes): the whole run stays inside one 10-minute call
     python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$1" --clients "$CLIENTS" --duration "$DURATION" \
-        --timeout 60 --max-tokens "$MAX_TOKENS" --ban-tokens 0,2 \
+        ${REQUESTS:+--requests "$REQUESTS"} --timeout 60 --max-tokens "$MAX_TOKENS" --ban-tokens 0,2 \
         --note "$2 $3, $SLOTS slots x $N_CTX tokens, flash_attn $FLASH_ATTN" --out "/tmp/raw-$3-$2.json" > /dev/null \
         || echo "serve_load against $2 failed"
 }
@@ -134,12 +134,13 @@ for shape in $MODELS; do
     # so exact=True would decode one sequence at a time) and the same flash attention setting, through
     # serve()'s engine_options, for which `llmplace serve` has no flag
     port=18081
-    python3 -c "
+    # from /tmp: run from the checkout, python3 -c would import its llmplace/ (no compiled module) before the stage's
+    (cd /tmp && exec python3 -c "
 import sys
 from llmplace.server import serve
 serve(sys.argv[1], host='127.0.0.1', port=int(sys.argv[2]), n_ctx=int(sys.argv[3]), n_gpu_layers=-1, flash_attn=$fa_bool,
       server_options=dict(slots=int(sys.argv[4]), engine_options=dict(flash_attn=$fa_bool, exact=False)))
-" "$model" $port "$N_CTX" "$SLOTS" > "/tmp/llmplace-serve-$shape.log" 2>&1 &
+" "$model" $port "$N_CTX" "$SLOTS") > "/tmp/llmplace-serve-$shape.log" 2>&1 &
     pid=$!
     if wait_ready $port $pid llmplace; then load $port llmplace "$shape"; else tail -30 "/tmp/llmplace-serve-$shape.log"; fi
     stop $pid
