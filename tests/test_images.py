@@ -223,7 +223,7 @@ def test_closing_the_model_closes_its_projector(vision_files):
 
 
 # ---- equality with llama.cpp's own tool ----
-QUESTION, N_PREDICT = "What is in this picture?", 24
+QUESTION, N_PREDICT = "What is in this picture?", 16
 
 
 @pytest.fixture(scope="module")
