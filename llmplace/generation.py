@@ -19,6 +19,7 @@ from . import speculative
 from .context import Context
 from .context_lock import GenerationHold
 from .errors import ContextOverflowError, InvalidParameterError, unknown_keyword_error
+from .images import ImagePrompt
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .speculative import SpeculativeStats
@@ -67,7 +68,12 @@ class Generation:
         return self.text
 
 
-def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int], add_special: bool) -> list[int]:
+def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, add_special: bool) -> list[int]:
+    if isinstance(prompt, ImagePrompt):
+        # text tokens and image placeholders, tokenized (and checked) by its Projector
+        if prompt.projector.model is not model:
+            raise InvalidParameterError("the ImagePrompt was tokenized by a projector of another model")
+        return list(prompt.tokens)
     if isinstance(prompt, (str, bytes)):
         tokens = model.tokenize(prompt, add_special=add_special, parse_special=True)
     else:
@@ -81,12 +87,13 @@ def _prompt_tokens(model: Model, prompt: str | bytes | Sequence[int], add_specia
     return tokens
 
 
-def stream_generate(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
+def stream_generate(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *, max_tokens: int = 256,
                     stop: str | Sequence[str] = (), sampling: SamplingParams | None = None,
                     context: Context | None = None, add_special: bool = True, draft: DraftArgument = None,
                     depth: int = 5, lookup: bool = False, adaptive_depth: bool = True, **sampling_kwargs: Any
                     ) -> Iterator[GenerationStep]:
-    """Generate from `prompt` (text or token ids), yielding one GenerationStep per token.
+    """Generate from `prompt` (text, token ids, or text with images: an llmplace.images.ImagePrompt), yielding one
+    GenerationStep per token.
 
     Sampling options (temperature, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
     presence_penalty, penalty_last_n, seed, logit_bias) are keywords, or one `sampling=SamplingParams(...)`.
@@ -115,7 +122,7 @@ _Step = TypeVar("_Step")  # what a run yields: GenerationStep, or (token, text, 
 _SAMPLING_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int = 256,
+def request(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *, max_tokens: int = 256,
            stop: str | Sequence[str] = (), sampling: SamplingParams | None = None, context: Context | None = None,
            add_special: bool = True, draft: DraftArgument = None, depth: int = 5, lookup: bool = False,
            adaptive_depth: bool = True, hold: GenerationHold | None = None, hooks: LogitsHooks | None = None,
@@ -136,10 +143,10 @@ def request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: in
         raise
 
 
-def _request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: int, stop: str | Sequence[str],
-             sampling: SamplingParams | None, context: Context | None, add_special: bool, draft: DraftArgument,
-             depth: int, lookup: bool, adaptive_depth: bool, hold: GenerationHold | None, hooks: LogitsHooks | None,
-             **sampling_kwargs: Any) -> GenerationRequest:
+def _request(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *, max_tokens: int,
+             stop: str | Sequence[str], sampling: SamplingParams | None, context: Context | None, add_special: bool,
+             draft: DraftArgument, depth: int, lookup: bool, adaptive_depth: bool, hold: GenerationHold | None,
+             hooks: LogitsHooks | None, **sampling_kwargs: Any) -> GenerationRequest:
     unknown = set(sampling_kwargs) - _SAMPLING_NAMES
     if unknown:
         # otherwise SamplingParams(**...) raises a TypeError naming that internal class, not the typo's fix
@@ -158,6 +165,9 @@ def _request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: i
         raise InvalidParameterError("a grammar or logits hooks need each token drawn on its own: generate without "
                                     "draft= / lookup= for this call")
     if speculate:
+        if isinstance(prompt, ImagePrompt):
+            raise InvalidParameterError("speculative decoding does not take a prompt with images (a draft model "
+                                        "cannot see them): generate without draft= / lookup=")
         speculative.check_depth(depth)
         speculative.check_params(params)
     own_context = context is None
@@ -199,7 +209,8 @@ def _request(model: Model, prompt: str | bytes | Sequence[int], *, max_tokens: i
         drafter = None
     return GenerationRequest(model, context, own_context, sampler, params, tokens, max_tokens, stops,
                              drafter=drafter, depth=depth, adaptive=bool(adaptive_depth), rng=rng,
-                             hold=hold, release=release, hooks=hooks)
+                             hold=hold, release=release,
+                             images=prompt if isinstance(prompt, ImagePrompt) else None, hooks=hooks)
 
 
 class GenerationRequest:
@@ -212,8 +223,10 @@ class GenerationRequest:
     def __init__(self, model: Model, context: Context, own_context: bool, sampler: Sampler, params: SamplingParams,
                  tokens: list[int], max_tokens: int, stops: list[str], *, drafter: Drafter | None = None,
                  depth: int = 0, adaptive: bool = True, rng: np.random.Generator | None = None,
-                 hold: GenerationHold, release: bool = True, hooks: LogitsHooks | None = None) -> None:
+                 hold: GenerationHold, release: bool = True, images: ImagePrompt | None = None,
+                 hooks: LogitsHooks | None = None) -> None:
         self.model, self.context, self.own_context = model, context, own_context
+        self.images = images  # a prompt with images prefills itself (its images through the projector)
         self.hooks = hooks
         self.sampler, self.params = sampler, params
         self.tokens, self.max_tokens, self.stops = tokens, max_tokens, stops
@@ -231,14 +244,19 @@ class GenerationRequest:
         context, tokens = self.context, self.tokens
         perf = time.perf_counter
         self.start = start = perf()
-        self.prompt_cached = cached = context.reuse_prefix(tokens)
-        todo = tokens[cached:-1] if self.drafter is not None else tokens[cached:]
-        if todo:
-            context.decode(todo)
+        if self.images is not None:
+            self.prompt_cached = cached = self.images.prefill(context)
+            todo = tokens[cached:]
+        else:
+            self.prompt_cached = cached = context.reuse_prefix(tokens)
+            todo = tokens[cached:-1] if self.drafter is not None else tokens[cached:]
+            if todo:
+                context.decode(todo)
         if self.params.uses_penalties:
             accept = self.sampler.accept
             for t in tokens:
-                accept(t)
+                if t >= 0:  # not an image's placeholder
+                    accept(t)
         self.prompt_done = done = perf()
         self.prompt_tps = len(todo) / max(done - start, 1e-9)
         self.state = state = SequenceState(TextAssembler(self.model.vocab, self.stops), len(tokens),
@@ -317,7 +335,7 @@ def _new_step(token: int, text: str, finish_reason: str | None, prompt_tokens: i
     return step
 
 
-def generate(model: Model, prompt: str | bytes | Sequence[int], **kwargs: Any) -> Generation:
+def generate(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, **kwargs: Any) -> Generation:
     """Generate and return the whole reply; takes the same keywords as `stream_generate`."""
     run = request(model, prompt, **kwargs)
     pieces, tokens = [], []
