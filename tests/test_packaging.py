@@ -31,7 +31,7 @@ def test_every_gpu_extra_names_a_plugin_of_this_version():
     plugins = _plugins()
     extras = {name: reqs for name, reqs in base["optional-dependencies"].items()
               if any(r.startswith("llmplace-") for r in reqs)}
-    assert {"cuda13", "cuda12"} <= set(extras)
+    assert {"cuda13", "cuda12", "vulkan"} <= set(extras)
     for extra, requirements in extras.items():
         assert requirements == [f"llmplace-{extra}=={base['version']}"], (extra, requirements)
         assert f"llmplace-{extra}" in plugins, f"extra {extra} names no plugins/*/pyproject.toml"
@@ -40,7 +40,7 @@ def test_every_gpu_extra_names_a_plugin_of_this_version():
 def test_every_plugin_pins_the_base_and_installs_where_llmplace_looks():
     version = _project(ROOT / "pyproject.toml")["project"]["version"]
     plugins = _plugins()
-    assert {"llmplace-cuda13", "llmplace-cuda12"} <= set(plugins)
+    assert {"llmplace-cuda13", "llmplace-cuda12", "llmplace-vulkan"} <= set(plugins)
     for name, (folder, data) in plugins.items():
         project, build = data["project"], data["tool"]["scikit-build"]
         assert project["version"] == version and project["dependencies"] == [f"llmplace=={version}"], name
