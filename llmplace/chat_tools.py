@@ -31,7 +31,7 @@ import numpy as np
 
 from ._ffi import C, ffi
 from ._handle import NativeObject
-from .grammar_mask import GrammarMask
+from .grammar_mask import GrammarMask, check_repetition_bounds
 from .errors import InvalidParameterError, LlmplaceError, TemplateError
 from .native_errors import native_call
 
@@ -314,6 +314,26 @@ class ChatTemplates(NativeObject):
         return RenderedChat.from_json(json.loads(_take_string(out)), reasoning_format)
 
 
+# Nesting of [ and { a reply may hold for the parser (tool-call arguments nest a few levels).
+MAX_REPLY_NESTING = 512
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of [ and { in `text`, counted as if no bracket were inside a string (so never less than
+    the JSON nesting the parser would recurse through), without recursion."""
+    depth = deepest = 0
+    for match in _BRACKETS.finditer(text):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
+
+
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
 class ReplyParser(NativeObject):
     """Reads a reply (whole, or partial while it streams) into content, reasoning and tool calls, with the
     parser common/chat built for the rendered request."""
@@ -339,7 +359,19 @@ class ReplyParser(NativeObject):
         self.close()
 
     def parse(self, text: str, *, partial: bool = False) -> ParsedReply:
-        data = text.encode("utf-8")
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"the reply to parse must be a str, not {type(text).__name__}")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidParameterError(f"the reply is not Unicode text that UTF-8 can hold ({exc.reason} at "
+                                        f"{exc.start}): a lone surrogate, e.g. from bytes decoded with "
+                                        "surrogateescape") from None
+        depth = _bracket_depth(text)
+        if depth > MAX_REPLY_NESTING:
+            # llama.cpp's parser recurses once per level of the JSON in a call: 100k levels overflow its stack.
+            raise ToolCallParseError(f"the model's reply nests brackets {depth} levels deep, more than the "
+                                     f"{MAX_REPLY_NESTING} llmplace reads as tool calls; reply: {text[:200]!r}")
         err = ffi.new("char[]", _ERR_SIZE)
         out = ffi.new("char **")
         with self._lifetime:
@@ -440,6 +472,10 @@ class ToolCallGrammar(GrammarMask):
         if not rendered.grammar:
             raise InvalidParameterError("the rendered chat has no grammar (no tools, or tool_choice 'none')")
         vocab = model.vocab
+        try:
+            check_repetition_bounds(rendered.grammar)
+        except InvalidParameterError as exc:
+            raise _grammar_refused(str(exc)) from None
         grammar = rendered.grammar.encode("utf-8")
         if rendered.grammar_lazy:
             patterns, tokens = [], []

@@ -9,12 +9,42 @@ them, as llama-cpp-python applies its grammars: so the chain itself stays the on
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
 from ._ffi import C, ffi
 from ._handle import NativeObject
+from .errors import InvalidParameterError
+
+_BOUNDS = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
+
+
+def check_repetition_bounds(text: str) -> None:
+    """Raise InvalidParameterError for a repetition x{m,n} with n < m in GBNF `text` (outside strings, character
+    classes and comments): llama.cpp's grammar parser counts n - m copies in an unsigned type, so it allocates
+    without end (the process hangs, then is killed for memory). JSON schemas with minItems > maxItems or
+    minLength > maxLength become such repetitions."""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"[":
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+        elif c == "{":
+            bounds = _BOUNDS.match(text, i)
+            if bounds and int(bounds.group(2)) < int(bounds.group(1)):
+                raise InvalidParameterError(
+                    f"the grammar repeats an item {bounds.group(0)}: at most {bounds.group(2)} times but at least "
+                    f"{bounds.group(1)} (a JSON schema's maxItems / maxLength below its minItems / minLength); "
+                    "llama.cpp's grammar parser cannot build that")
+        i += 1
 
 
 class GrammarMask(NativeObject):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .._ffi import C, ffi
 from ..errors import InvalidParameterError
-from ..grammar_mask import GrammarMask
+from ..grammar_mask import GrammarMask, check_repetition_bounds
 from ..native_errors import native_call
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
@@ -97,6 +97,7 @@ def check_grammar_size(text: str) -> None:
         raise InvalidParameterError(f"the grammar nests groups {deepest} deep, more than the {MAX_GRAMMAR_DEPTH} "
                                     "llmplace accepts (llama.cpp's grammar parser would overflow its stack); "
                                     "flatten it with named rules")
+    check_repetition_bounds(text)
 
 
 def _json_depth(schema) -> int:
