@@ -591,6 +591,28 @@ def hermes_gguf(smollm2_path, tmp_path_factory):
     return path
 
 
+def test_chat_format_functionary_v2_reads_the_gguf_s_functionary_template(smollm2_path, pinned_templates, tmp_path):
+    """chat_format="functionary-v2" (llama-cpp-python reads the template through a Hugging Face tokenizer): the
+    GGUF's own template, here functionary medium v3.2's from the pinned source, and its calls (>>>name) parsed."""
+    import sys
+
+    from gguf.scripts import gguf_new_metadata
+
+    path = tmp_path / "smollm2-functionary.gguf"
+    argv = sys.argv
+    sys.argv = ["gguf_new_metadata", str(smollm2_path), str(path), "--chat-template",
+                pinned_templates["meetkai-functionary-medium-v3.2"].read_text(encoding="utf-8"), "--force"]
+    try:
+        gguf_new_metadata.main()
+    finally:
+        sys.argv = argv
+    with llmplace.Llama(str(path), chat_format="functionary-v2", **COMMON) as llm:
+        reply = llm.create_chat_completion(FEW_SHOT, tools=TOOLS, tool_choice="required", temperature=0,
+                                           max_tokens=40)
+    assert reply["choices"][0]["finish_reason"] == "tool_calls"
+    check_weather_call(reply["choices"][0]["message"]["tool_calls"][0])
+
+
 @pytest.fixture(scope="module")
 def tools_client(hermes_gguf):
     import subprocess
