@@ -148,6 +148,10 @@ def run_level(host: str, port: int, clients: int, *, requests: int, duration: fl
     for r in results:
         if r["error"]:
             errors[r["error"]] = errors.get(r["error"], 0) + 1
+        elif ban and len(r["events"]) < max_tokens // 2:
+            # with the end tokens banned every reply runs to max_tokens (a text event a token, give or take a
+            # token that completes a character): a much shorter one was cut off by the server
+            errors["reply cut short"] = errors.get("reply cut short", 0) + 1
     ms = 1000.0
     return {"clients": clients, "requests": len(results), "generated_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2),

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The serving benchmark on this machine's CPU (issue 20): four servers of the same model, one after the other in
-# one run, under the same load (benchmarks/serve_load.py, streaming /v1/completions, 127.0.0.1 only):
+# The serving benchmark on this machine's CPU (issue 20): four servers of the same model under the same load
+# (benchmarks/serve_load.py, streaming /v1/completions, 127.0.0.1 only). All four are started first and stay up;
+# each client level is then run against each server in turn (the order rotating from level to level), so that
+# what else the shared machine does weighs on all four alike:
 #   llama-server      llama.cpp's own server, built here from the same pinned source (SLOTS slots, -c SLOTS x N_CTX)
 #   llmplace          `llmplace serve --slots SLOTS` (the batching engine)
 #   llmplace-serial   `llmplace serve --slots 1` (one request at a time, as the server was before the engine)
 #   llama-cpp-python  `python -m llama_cpp.server` (its FastAPI server; one request at a time), from the
-#                     llama-cpp-python that `pip install ".[test]"` built, with its server extras installed
+#                     llama-cpp-python that `pip install ".[test]"` built, with its server extras installed;
+#                     with --interrupt_requests false (LCP_INTERRUPT): by default it ends the stream being served
+#                     when another request arrives, so concurrent clients get cut-short replies
 # Every server gets THREADS threads. Writes $OUT/serve-cpu.json (default ./cpu-out) with each server's levels and
 # the ratios over llama-server, and the servers' logs.
 #
@@ -19,7 +23,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd); out=$(realpath -m "${OUT:-cpu-out}"); mkdir -p "$out"
 SLOTS=${SLOTS:-4}; N_CTX=${N_CTX:-512}; CLIENTS=${CLIENTS:-1,4,8,32}; MAX_TOKENS=${MAX_TOKENS:-32}
 THREADS=${THREADS:-2}; DURATION=${DURATION:-30}; BUILD=${BUILD:-/tmp/bserve-cpu}
-SERVERS=${SERVERS:-"llama-server llmplace llmplace-serial llama-cpp-python"}
+SERVERS=${SERVERS:-"llama-server llmplace llmplace-serial llama-cpp-python"}; LCP_INTERRUPT=${LCP_INTERRUPT:-false}
 MODEL=${MODEL:-$(cd /tmp && python3 -c "import llmplace.demo_model as d; print(d.locate(fetch=False))" 2>/dev/null || true)}
 [ -f "$MODEL" ] || { echo "MODEL not found: set MODEL=path/to/model.gguf"; exit 1; }
 
@@ -72,6 +76,7 @@ sys.argv[0] = "llama_cpp.server"
 runpy.run_module("llama_cpp.server", run_name="__main__")
 '
 
+declare -A ports pids
 for name in $SERVERS; do
     port=$(free_port); log="$out/server-$name.log"
     case $name in
@@ -86,21 +91,28 @@ for name in $SERVERS; do
             --n-ctx "$N_CTX" --threads "$THREADS" --n-threads-batch "$THREADS") > "$log" 2>&1 & ;;
     llama-cpp-python)
         (cd /tmp && exec python3 -c "$LCP_SERVER" "$repo/tests" --model "$MODEL" --host 127.0.0.1 --port "$port" \
-            --n_ctx "$N_CTX" --n_threads "$THREADS" --n_threads_batch "$THREADS") > "$log" 2>&1 & ;;
+            --n_ctx "$N_CTX" --n_threads "$THREADS" --n_threads_batch "$THREADS" \
+            --interrupt_requests "$LCP_INTERRUPT") > "$log" 2>&1 & ;;
     *) echo "unknown server $name"; exit 1 ;;
     esac
-    pid=$!
-    if wait_ready "$port" "$pid" "$name"; then
-        python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$port" --clients 2 --requests 2 \
-            --max-tokens 8 --ban-tokens 0,2 > /dev/null 2>&1 || true  # warm-up
-        python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$port" --clients "$CLIENTS" \
-            --duration "$DURATION" --timeout 300 --max-tokens "$MAX_TOKENS" --ban-tokens 0,2 \
-            --note "$name, $THREADS threads" --out "$out/raw-$name.json" > /dev/null || echo "load against $name failed"
-    else
-        tail -20 "$log"
+    pids[$name]=$!; ports[$name]=$port
+    if ! wait_ready "$port" "${pids[$name]}" "$name"; then
+        tail -20 "$log"; for p in "${pids[@]}"; do stop "$p"; done; exit 1
     fi
-    stop "$pid"
+    python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$port" --clients 2 --requests 2 \
+        --max-tokens 8 --ban-tokens 0,2 > /dev/null 2>&1 || true  # warm-up
 done
+read -r -a order <<< "$SERVERS"
+for clients in ${CLIENTS//,/ }; do
+    for name in "${order[@]}"; do
+        python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:${ports[$name]}" --clients "$clients" \
+            --duration "$DURATION" --timeout 300 --max-tokens "$MAX_TOKENS" --ban-tokens 0,2 \
+            --note "$name, $THREADS threads" --out "$out/raw-$name-$clients.json" > /dev/null \
+            || echo "load against $name failed"
+    done
+    order=("${order[@]:1}" "${order[0]}")  # the next level starts with the next server
+done
+for p in "${pids[@]}"; do stop "$p"; done
 
 python3 - "$out" "$MODEL" <<EOF
 import json, os, platform, sys
@@ -108,9 +120,9 @@ out, model = sys.argv[1], sys.argv[2]
 report = {"machine": platform.machine(), "cpus": os.cpu_count(), "model": os.path.basename(model),
           "slots": $SLOTS, "n_ctx_per_slot": $N_CTX, "threads": $THREADS, "max_tokens": $MAX_TOKENS, "servers": {}}
 for name in "$SERVERS".split():
-    path = f"{out}/raw-{name}.json"
-    if os.path.exists(path):
-        report["servers"][name] = json.load(open(path))["servers"][0]["levels"]
+    levels = [f"{out}/raw-{name}-{clients}.json" for clients in "$CLIENTS".split(",")]
+    report["servers"][name] = [json.load(open(path))["servers"][0]["levels"][0] for path in levels
+                               if os.path.exists(path)]
 base = report["servers"].get("llama-server")
 if base:
     report["ratios_over_llama_server"] = {
