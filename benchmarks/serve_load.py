@@ -193,26 +193,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(port: int, path: str, alive, timeout: float) -> str | None:
+    """Poll GET path on 127.0.0.1:port until it answers 200 (llama-server answers 503 while it loads); the reason
+    it never did (alive() turned false, or timeout seconds passed), or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return None
+        except OSError:
+            pass
+        if not alive():
+            return "the server exited before it was ready"
+        if time.monotonic() > deadline:
+            return f"the server did not answer {path} within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def start_server(model: str, slots: int, threads: int, n_ctx: int) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "llmplace.server", model, "--host", "127.0.0.1", "--port",
                                 str(port), "--slots", str(slots), "--threads", str(threads), "--n-ctx", str(n_ctx)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return process, port
-        except OSError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("the server did not answer /health within 120 s")
-        time.sleep(0.2)
+    problem = wait_ready(port, "/health", lambda: process.poll() is None, 120)
+    if problem:
+        process.kill()
+        raise RuntimeError(f"{problem}: {process.stderr.read().decode(errors='replace')[-2000:]}")
+    return process, port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,7 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--note", default="", help="a note kept in the JSON (what else ran on the machine)")
     parser.add_argument("--out", help="write the JSON here too")
+    parser.add_argument("--wait-ready", metavar="PATH",
+                        help="with --url: only wait until GET PATH answers 200 (at most 300 s), then exit; "
+                             "--server-pid: fail at once if that process ends first")
+    parser.add_argument("--server-pid", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.wait_ready:
+        if not args.url or urlparse(args.url).hostname not in LOCAL_HOSTS:
+            parser.error("--wait-ready needs --url of a server on this machine (127.0.0.1 or localhost)")
+        port, pid = urlparse(args.url).port or 80, args.server_pid
+        problem = wait_ready(port, args.wait_ready, (lambda: _pid_alive(pid)) if pid else (lambda: True), 300)
+        if problem:
+            print(f"{args.note or args.url}: {problem}", file=sys.stderr)
+            return 1
+        return 0
     clients = [int(c) for c in args.clients.split(",")]
     ban = {t.strip(): -100 for t in args.ban_tokens.split(",") if t.strip()}
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),

@@ -42,25 +42,8 @@ fi
 
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 wait_ready() {  # wait_ready PORT PID NAME: until GET /v1/models answers 200 (every one of the four has it)
-    python3 - "$@" <<'EOF'
-import http.client, os, sys, time
-port, pid, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-deadline = time.monotonic() + 300
-while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit(f"{name} exited before it was ready")
-    try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        c.request("GET", "/v1/models")
-        if c.getresponse().status == 200:
-            sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.5)
-sys.exit(f"{name} not ready within 300 s")
-EOF
+    python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$1" --wait-ready /v1/models --server-pid "$2" \
+        --note "$3"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 

@@ -48,25 +48,8 @@ tok="$repo/.tok/tiny-llama.gguf"
 fa_bool=$([ "$FLASH_ATTN" = on ] && echo True || echo False)
 
 wait_ready() {  # wait_ready PORT PID NAME: until GET /health answers 200 (llama-server: 503 while loading)
-    python3 - "$@" <<'EOF'
-import http.client, os, sys, time
-port, pid, name = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-deadline = time.monotonic() + 300
-while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit(f"{name} exited before it was ready")
-    try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        c.request("GET", "/health")
-        if c.getresponse().status == 200:
-            sys.exit(0)
-    except OSError:
-        pass
-    time.sleep(0.5)
-sys.exit(f"{name} not ready within 300 s")
-EOF
+    python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$1" --wait-ready /health --server-pid "$2" \
+        --note "$3"
 }
 load() {  # load PORT NAME MODEL: a warm-up level, then the measured levels, into /tmp/raw-MODEL-NAME.json
     python3 "$repo/benchmarks/serve_load.py" --url "http://127.0.0.1:$1" --clients 8 --requests 8 --max-tokens 16 \
