@@ -113,9 +113,8 @@ for shape in $MODELS; do
     pid=$!
     if wait_ready $port $pid llama-server; then load $port llama-server "$shape"; else tail -30 "/tmp/llama-server-$shape.log"; fi
     stop $pid
-    # llmplace serve: the same slots of N_CTX tokens; exact=False (a GPU's batch is not bit-equal to lone runs,
-    # so exact=True would decode one sequence at a time) and the same flash attention setting, through
-    # serve()'s engine_options, for which `llmplace serve` has no flag
+    # llmplace serve: the same slots of N_CTX tokens, the same flash attention setting, exact=False (what
+    # `--exact-batching auto` picks when a GPU holds the weights), through serve()'s engine_options
     port=18081
     # from /tmp: run from the checkout, python3 -c would import its llmplace/ (no compiled module) before the stage's
     (cd /tmp && exec python3 -c "
