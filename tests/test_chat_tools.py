@@ -677,25 +677,33 @@ def tool_chat(smollm2, pinned_templates, name: str, **options):
                          **{"temperature": 0, "max_tokens": 60, **options})
 
 
-@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_chat_calls_a_tool_whole_and_streamed_and_reads_its_result(smollm2, pinned_templates, tool_choice):
+@pytest.fixture(scope="module")
+def hermes_chat(smollm2, pinned_templates):
+    with tool_chat(smollm2, pinned_templates, HERMES_2_PRO, tools=TOOLS, max_tokens=40) as chat:
+        yield chat
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}, "auto"])
+def test_chat_calls_a_tool_whole_and_streamed_and_reads_its_result(hermes_chat, pinned_templates, tool_choice):
     """Hermes 2 Pro's template (ChatML, <tool_call> JSON) with SmolLM2: the reply's call lands in the history in
     OpenAI's shape, the tool's result follows it, and the next turn renders both as the template writes them."""
-    with tool_chat(smollm2, pinned_templates, HERMES_2_PRO, tools=TOOLS, tool_choice=tool_choice) as chat:
-        chat.load_history(FEW_SHOT[:-1])
-        reply = chat.submit(ASK[0]["content"])
-        assert reply.finish_reason == "tool_calls"
-        [call] = reply.tool_calls
-        check_weather_call(call.to_openai())
-        assert chat.history[-1] == {"role": "assistant", "content": reply.text, "tool_calls": [call.to_openai()]}
-        chat.add_tool_result(call.id, "Sunny, 25 C")
-        answer = chat.submit(tool_choice="none", max_tokens=12)
-        assert answer.tool_calls == () and answer.finish_reason in ("stop", "length") and answer.text
-        history = chat.history
-        # streamed: the same call, in deltas
-        chat.load_history(FEW_SHOT[:-1])
-        deltas = list(chat.stream_deltas(ASK[0]["content"]))
-        assert chat.last.tool_calls[0].arguments == call.arguments
+    chat = hermes_chat  # one Chat for every choice: the conversation's cached prefix is reused (CI's time)
+    chat.load_history(FEW_SHOT[:-1])
+    reply = chat.submit(ASK[0]["content"], tool_choice=tool_choice)
+    assert reply.finish_reason == "tool_calls"
+    [call] = reply.tool_calls
+    check_weather_call(call.to_openai())
+    assert chat.history[-1] == {"role": "assistant", "content": reply.text, "tool_calls": [call.to_openai()]}
+    if tool_choice != "auto":
+        return  # (the rest is the same for every choice: run once, for CI's time)
+    chat.add_tool_result(call.id, "Sunny, 25 C")
+    answer = chat.submit(tool_choice="none", max_tokens=12)
+    assert answer.tool_calls == () and answer.finish_reason in ("stop", "length") and answer.text
+    history = chat.history
+    # streamed: the same call, in deltas
+    chat.load_history(FEW_SHOT[:-1])
+    deltas = list(chat.stream_deltas(ASK[0]["content"]))
+    assert chat.last.tool_calls[0].arguments == call.arguments
     streamed = joined_stream([{"choices": [{"delta": {"role": "assistant"}}]}] +
                              [{"choices": [{"delta": d, "finish_reason": None}]} for d in deltas])
     assert [(c["name"], c["arguments"]) for c in streamed["calls"]] == [(call.name, call.arguments)]
