@@ -345,6 +345,9 @@ def test_server_answers_image_parts_and_refuses_bad_images_with_400(vision_files
         status, reply = _post(port, {"messages": IMAGE_MESSAGES, "temperature": 0, "max_tokens": N_PREDICT})
         assert status == 200, reply
         assert reply["choices"][0]["message"]["content"].strip("\n") == mtmd_cli_reply
+        # a chat without images goes to the batching engine, as on a server without --mmproj
+        status, reply = _post(port, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+        assert status == 200 and reply["usage"]["completion_tokens"] >= 1, reply
         for data, words in ((RED[:20], "truncated"), (b"II*\0" + b"\0" * 16, "TIFF")):
             url = "data:image/png;base64," + base64.b64encode(data).decode()
             status, error = _post(port, {"messages": [{"role": "user", "content": [

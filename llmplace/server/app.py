@@ -177,6 +177,13 @@ _FIELDS = {
 }
 
 
+def _has_images(messages) -> bool:
+    """Whether a chat request's messages hold an image_url content part."""
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") == "image_url" for p in m["content"]) for m in messages)
+
+
 def check_fields(body: dict, route: str) -> None:
     """Raise a 400 naming the first field whose value has the wrong type or range (null means "default", as
     OpenAI's API has it). Fields this server does not know are ignored, as OpenAI clients send extras."""
@@ -572,7 +579,8 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
         options = _options(body, _CHAT, self.service.max_tokens_limit)
         stream = bool(body.get("stream"))
-        if self._takes_engine("chat", options):
+        # a chat with images goes to the Llama, whose chat handler (--mmproj) computes them
+        if self._takes_engine("chat", options) and not _has_images(body["messages"]):
             self._generate_batched("chat", body["messages"], options, stream)
             return
         self._generate(lambda: self.service.llama.create_chat_completion(body["messages"], stream=stream,

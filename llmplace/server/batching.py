@@ -25,7 +25,7 @@ from typing import Iterator
 
 from ..compat import _chat, _completion
 from ..compat.llama import Llama
-from ..compat.llama_chat_format import registered_handler
+from ..compat.llama_chat_format import MTMDChatHandler, registered_handler
 from ..engine import Engine, EngineRequest
 from ..errors import BusyError, ContextOverflowError
 from .metrics import Metrics
@@ -82,7 +82,10 @@ class BatchedGeneration:
                      for name in ("repeat_penalty", "frequency_penalty", "presence_penalty")}
         if penalties["repeat_penalty"] != 1.0 or penalties["frequency_penalty"] or penalties["presence_penalty"]:
             return "repetition penalties: the Llama penalizes generated tokens only, the engine the prompt's too"
-        if route == "chat" and (self.llama.chat_handler is not None
+        handler = self.llama.chat_handler
+        # the image handler (--mmproj) renders a chat without images as the Llama's own chat path does, so the
+        # engine may serve those (the server sends chats with images to the Llama)
+        if route == "chat" and ((handler is not None and not isinstance(handler, MTMDChatHandler))
                                 or registered_handler(self.llama.chat_format) is not None):
             return "a chat handler renders this model's prompts: served by the Llama"
         if route == "chat" and self.llama.reasoning_format != "none" and _thinks(self.llama):
