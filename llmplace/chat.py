@@ -673,6 +673,8 @@ class Chat:
                     reply_text = "".join(pieces)
                     if reader is not None and parsed is None:  # interrupted: what was written, read leniently
                         parsed = _read_partial(reader, reply_text)
+                    if parsed is not None and finish != "stop":
+                        parsed = _whole_calls(parsed)
                     message: dict[str, Any] = {"role": "assistant", "content": reply_text}
                     if parsed is not None:
                         message["content"] = parsed.content
@@ -741,6 +743,20 @@ def _read_partial(reader: ReplyStream, text: str) -> ParsedReply:
         return reader.finish(partial=True)[0]
     except (ToolCallParseError, InvalidParameterError):
         return ParsedReply(text)
+
+
+def _whole_calls(parsed: ParsedReply) -> ParsedReply:
+    """A reply cut short (abort, max_tokens) without the call it was writing: arguments that are not whole JSON
+    yet could neither be answered nor rendered again in the next turn."""
+    calls = []
+    for call in parsed.tool_calls:
+        try:
+            json.loads(call.arguments)
+        except ValueError:
+            continue
+        if call.name:
+            calls.append(call)
+    return ParsedReply(parsed.content, parsed.reasoning_content, tuple(calls))
 
 
 def _has_tool_turns(messages: Sequence[Mapping[str, Any]]) -> bool:

@@ -715,6 +715,19 @@ def test_chat_calls_a_tool_whole_and_streamed_and_reads_its_result(hermes_chat, 
     assert last_turn.index(call.arguments) < last_turn.index("<tool_response>") < last_turn.index("Sunny, 25 C")
 
 
+def test_chat_keeps_a_tool_turn_stopped_midway_and_goes_on(hermes_chat):
+    """Breaking out of a tool turn's stream keeps what was written with finish_reason "abort", without the call
+    being written (its arguments are not whole JSON: it could not be answered or rendered); the next turn works."""
+    chat = hermes_chat
+    chat.load_history(FEW_SHOT[:-1])
+    for delta in chat.stream_deltas(ASK[0]["content"], tool_choice="required"):
+        if "tool_calls" in delta:
+            break
+    assert chat.last.finish_reason == "abort" and chat.last.tool_calls == ()
+    assert chat.history[-1]["role"] == "assistant" and "tool_calls" not in chat.history[-1]
+    assert chat.submit("And in Rome?", tool_choice="none", max_tokens=4).generated_tokens >= 1
+
+
 def test_chat_separates_thinking_limits_it_or_keeps_it_inline(smollm2, pinned_templates):
     """DeepSeek R1's template opens the thinking block in the generation prompt: what SmolLM2 writes first is
     thinking. A budget of 4 tokens closes it; reasoning_format="none" keeps it in the text."""
