@@ -108,7 +108,8 @@ def _schema_depth(value: Any, depth: int = 0) -> int:
 
 def _apply_error(code: int, reason: str) -> LlmplaceError:
     if code == -1 or reason.startswith(("Failed to parse tools", "Expected 'messages'", "Expected 'message'",
-                                        "Missing 'role'", "Invalid tool_choice")):
+                                        "Missing 'role'", "Invalid tool_choice", "Failed to parse messages",
+                                        "Failed to parse tool call arguments")):
         return InvalidParameterError(f"llama.cpp's chat layer cannot read the request: {reason}")
     if "JSON schema" in reason or "schema conversion" in reason:
         return ToolSchemaError(f"a tool's parameters schema is refused by llama.cpp's grammar builder: {reason}. "

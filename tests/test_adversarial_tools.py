@@ -103,6 +103,8 @@ MESSAGES = {
     "tool_call_without_function": "[USER, {'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'c'}]}]",
     "tool_call_arguments_a_number": "[USER, {'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'c', "
                                     "'type': 'function', 'function': {'name': 'f', 'arguments': 5}}]}]",
+    "tool_call_arguments_not_json": "[USER, {'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'c', "
+                                    "'type': 'function', 'function': {'name': 'f', 'arguments': '{'}}]}]",
     "tool_calls_on_a_user_message": f"[{{'role': 'user', 'content': 'Hi', 'tool_calls': [{CALL}]}}]",
     "lone_surrogate_in_content": "[{'role': 'user', 'content': 'Hi \\udcff'}]",
     "lone_surrogate_in_arguments": "[USER, {'role': 'assistant', 'content': None, 'tool_calls': [{'id': 'c', "
@@ -225,6 +227,7 @@ def test_bad_tools_schemas_choices_and_reasoning_formats_are_typed_errors(smollm
     assert "Tool choice 'nope' not found" in results["choice_missing_function"].message
     assert "answers no tool call" in results["tool_result_without_call"].message
     assert "call_9" in results["tool_result_unknown_id"].message
+    assert "arguments as JSON" in results["tool_call_arguments_not_json"].message
 
 
 def test_replies_the_parser_cannot_read_are_typed_errors(smollm2_path, pinned_templates):
