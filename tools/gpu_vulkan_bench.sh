@@ -11,7 +11,9 @@
 #   inside a call's 10 minutes: /tmp (the stage, the models) survives between the calls of one lease.
 #
 # Carry (`run`'s carry list): .vk, .stage (or .dev to build the stage: 4-5 minutes more), .whl, .tok.
-#   .vk     made on the developer machine by `tools/gpu_vulkan_bench.sh --prepare`: the Vulkan module
+#   .vk     made on the developer machine by `VK_TOOLCHAIN=debian13 tools/gpu_vulkan_bench.sh --prepare` (see
+#           --prepare below; without VK_TOOLCHAIN, Debian 12's glslc: no cooperative-matrix or integer-dot
+#           shaders, so NVIDIA's Vulkan numbers would understate llama.cpp's Vulkan backend): the Vulkan module
 #           (llmplace_vulkan/, built from the same pinned source and ggml options as the stage, Release; the GPU
 #           machine has no glslc and no Vulkan headers) and the .deb files of the Vulkan loader and GL dispatch
 #           libraries (the device README's recipe: the machine has NVIDIA's Vulkan driver but no loader)
@@ -25,10 +27,35 @@ set -euo pipefail
 if [ "${1:-}" = --prepare ]; then
     # On the developer machine (Debian 12, x86-64), in the repository: build the module (Release, the pinned source,
     # the plugin's CMake project) and collect the loader's packages into .vk/.
+    # VK_TOOLCHAIN=debian13: compile with Debian 13's glslc (shaderc 2025.2) and Vulkan/SPIR-V headers (1.4.309)
+    # instead of Debian 12's, whose glslc knows none of the optional GLSL extensions: the module then has the
+    # cooperative-matrix (KHR and NV's coopmat2) and integer-dot shaders that llama.cpp's Vulkan backend runs on
+    # NVIDIA GPUs, as a build with a current Vulkan SDK has. Nothing is installed: the packages are extracted
+    # into $tc, and glslc runs through Debian 13's own dynamic loader and libraries.
     cd "$(dirname "$0")/.."
     build=${VK_BUILD:-/tmp/vk-gpu-build}
+    toolchain=()
+    if [ "${VK_TOOLCHAIN:-}" = debian13 ]; then
+        tc=/tmp/vk-debian13; o=(-oDir::Etc::SourceList="$tc/sources.list" -oDir::Etc::SourceParts=/nonexistent
+                                -oDir::State::Lists="$tc/lists" -oDir::Cache="$tc/cache")
+        mkdir -p "$tc/lists/partial" "$tc/cache/archives/partial" "$tc/debs" "$tc/root"
+        # the machine's own Debian mirror (its first URIs), asked for trixie (Debian 13) instead of bookworm
+        mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+        [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list)
+        echo "deb $mirror trixie main" > "$tc/sources.list"
+        apt-get "${o[@]}" update -qq
+        (cd "$tc/debs" && apt-get "${o[@]}" download glslc libshaderc1 libvulkan-dev spirv-headers libc6 libstdc++6 \
+            libgcc-s1 2> /dev/null)
+        for f in "$tc"/debs/*.deb; do dpkg -x "$f" "$tc/root"; done
+        lib="$tc/root/usr/lib/x86_64-linux-gnu"
+        printf '#!/bin/sh\nexec %s --library-path %s %s "$@"\n' "$lib/ld-linux-x86-64.so.2" "$lib" \
+            "$tc/root/usr/bin/glslc" > "$tc/glslc"
+        chmod +x "$tc/glslc"
+        toolchain=(-DVulkan_GLSLC_EXECUTABLE="$tc/glslc" -DVulkan_INCLUDE_DIR="$tc/root/usr/include"
+                   -DSPIRV-Headers_DIR="$tc/root/usr/share/cmake/SPIRV-Headers")
+    fi
     cmake -S plugins/vulkan -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPROJECT_VERSION_OVERRIDE=0.1.0 \
-        -DPython_EXECUTABLE="$(command -v python3)" > /dev/null
+        -DPython_EXECUTABLE="$(command -v python3)" "${toolchain[@]}" > /dev/null
     cmake --build "$build" -j2
     rm -rf .vk && mkdir -p .vk
     cmake --install "$build" --component plugin --prefix .vk > /dev/null
