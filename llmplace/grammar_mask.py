@@ -10,6 +10,7 @@ them, as llama-cpp-python applies its grammars: so the chain itself stays the on
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,11 +22,9 @@ from .errors import InvalidParameterError
 _BOUNDS = re.compile(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}")
 
 
-def check_repetition_bounds(text: str) -> None:
-    """Raise InvalidParameterError for a repetition x{m,n} with n < m in GBNF `text` (outside strings, character
-    classes and comments): llama.cpp's grammar parser counts n - m copies in an unsigned type, so it allocates
-    without end (the process hangs, then is killed for memory). JSON schemas with minItems > maxItems or
-    minLength > maxLength become such repetitions."""
+def gbnf_code(text: str) -> Iterator[tuple[int, str]]:
+    """(index, character) of GBNF `text` outside its strings, character classes and comments, without recursion:
+    the characters that make its structure (groups, repetitions, rule definitions)."""
     i, n = 0, len(text)
     while i < n:
         c = text[i]
@@ -37,14 +36,24 @@ def check_repetition_bounds(text: str) -> None:
         elif c == "#":
             end = text.find("\n", i)
             i = n if end < 0 else end
-        elif c == "{":
+        else:
+            yield i, c
+        i += 1
+
+
+def check_repetition_bounds(text: str) -> None:
+    """Raise InvalidParameterError for a repetition x{m,n} with n < m in GBNF `text` (outside strings, character
+    classes and comments): llama.cpp's grammar parser counts n - m copies in an unsigned type, so it allocates
+    without end (the process hangs, then is killed for memory). JSON schemas with minItems > maxItems or
+    minLength > maxLength become such repetitions."""
+    for i, c in gbnf_code(text):
+        if c == "{":
             bounds = _BOUNDS.match(text, i)
             if bounds and int(bounds.group(2)) < int(bounds.group(1)):
                 raise InvalidParameterError(
                     f"the grammar repeats an item {bounds.group(0)}: at most {bounds.group(2)} times but at least "
                     f"{bounds.group(1)} (a JSON schema's maxItems / maxLength below its minItems / minLength); "
                     "llama.cpp's grammar parser cannot build that")
-        i += 1
 
 
 class GrammarMask(NativeObject):

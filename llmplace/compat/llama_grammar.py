@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .._ffi import C, ffi
 from ..errors import InvalidParameterError
-from ..grammar_mask import GrammarMask, check_repetition_bounds
+from ..grammar_mask import GrammarMask, check_repetition_bounds, gbnf_code
 from ..native_errors import native_call
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
@@ -75,24 +75,12 @@ def check_grammar_size(text: str) -> None:
         raise InvalidParameterError(f"the grammar defines {rules} rules, more than the {MAX_GRAMMAR_RULES} "
                                     "llmplace accepts (llama.cpp's grammar code recurses through chains of rules)")
     depth = deepest = 0
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c in "\"[":
-            close = '"' if c == '"' else "]"
-            i += 1
-            while i < n and text[i] != close:
-                i += 2 if text[i] == "\\" else 1
-        elif c == "#":
-            end = text.find("\n", i)
-            i = n if end < 0 else end
-        elif c == "(":
+    for _, c in gbnf_code(text):
+        if c == "(":
             depth += 1
-            if depth > deepest:
-                deepest = depth
+            deepest = max(deepest, depth)
         elif c == ")":
             depth -= 1
-        i += 1
     if deepest > MAX_GRAMMAR_DEPTH:
         raise InvalidParameterError(f"the grammar nests groups {deepest} deep, more than the {MAX_GRAMMAR_DEPTH} "
                                     "llmplace accepts (llama.cpp's grammar parser would overflow its stack); "
