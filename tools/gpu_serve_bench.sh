@@ -18,15 +18,7 @@ set -euo pipefail
 repo=$PWD; out=$(realpath -m "${OUT:-gpu-out}"); mkdir -p "$out"
 MODELS=${MODELS:-"smollm2-135m llama-8b"}; SLOTS=${SLOTS:-32}; N_CTX=${N_CTX:-1024}; CLIENTS=${CLIENTS:-1,4,8,32}
 MAX_TOKENS=${MAX_TOKENS:-128}; FLASH_ATTN=${FLASH_ATTN:-on}; DURATION=${DURATION:-40}
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/stage:/tmp/site PYTHONUNBUFFERED=1
-if [ ! -f /tmp/stage/llmplace/_build_info.py ]; then
-    ls .stage/stage.tar.xz.* >/dev/null 2>&1 || { echo "carry .stage (a packed CUDA stage: tools/gpu_suite.sh STEP=build)"; exit 1; }
-    cat .stage/stage.tar.xz.* | xz -d -T0 | tar xf - -C /tmp
-fi
-(cd "$repo/llmplace" && find . -name "*.py" -not -path "./_native/*" -exec cp --parents {} /tmp/stage/llmplace/ \;)
+. "$repo/tools/gpu_stage.sh"; prepare_stage || exit 1
 lib=/tmp/stage/llmplace/lib
 if [ ! -x "$lib/llama-server" ]; then
     if [ ! -d vendor/llama.cpp ]; then

@@ -26,21 +26,7 @@
 # only brings files), kept in /tmp. Several steps in one call: STEP="tests dropin".
 set -euo pipefail
 repo=$PWD; out=$(realpath -m "${OUT:-gpu-out}"); mkdir -p "$out"
-if [ -d .whl ]; then  # kept in /tmp/site for the later calls of the lease
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/stage:/tmp/site PYTHONUNBUFFERED=1
-if [ ! -f /tmp/stage/llmplace/_build_info.py ]; then
-    if ls .stage/stage.tar.xz.* >/dev/null 2>&1; then
-        cat .stage/stage.tar.xz.* | xz -d -T0 | tar xf - -C /tmp
-    else
-        [ -d .dev ] || { echo "carry .dev (to build) or .stage (a packed stage)"; exit 1; }
-        tools/build_cuda_stage.sh /tmp/b /tmp/stage "${CUDA_ARCH:-90}" > "$out/build.log" 2>&1 \
-            || { tail -40 "$out/build.log"; exit 1; }
-        tar cf - -C /tmp stage | xz -T0 -6 | split -b 15M -d -a 1 - "$out/stage.tar.xz."
-    fi
-fi
-(cd "$repo/llmplace" && find . -name "*.py" -not -path "./_native/*" -exec cp --parents {} /tmp/stage/llmplace/ \;)
+. "$repo/tools/gpu_stage.sh"; prepare_stage build pack || exit 1
 tok="$repo/.tok/tiny-llama.gguf"; [ -f "$tok" ] || tok="$repo/.dev/tiny-llama.gguf"
 for i in 1 2 3; do if [ -d "$repo/.spec$i" ]; then cp "$repo/.spec$i"/smol-part-* /tmp/; fi; done
 [ -n "${STEP_ONLY_COPY:-}" ] && exit 0  # a call that only brings files over

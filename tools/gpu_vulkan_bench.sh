@@ -78,20 +78,7 @@ if ! ldconfig -p | grep -q "libvulkan.so.1 "; then
 fi
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [ -f "$icd" ]; then export VK_DRIVER_FILES=$icd; fi
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/stage:/tmp/site PYTHONUNBUFFERED=1
-if [ ! -f /tmp/stage/llmplace/_build_info.py ]; then
-    if ls .stage/stage.tar.xz.* >/dev/null 2>&1; then
-        cat .stage/stage.tar.xz.* | xz -d -T0 | tar xf - -C /tmp
-    else
-        [ -d .dev ] || { echo "carry .stage (a packed CUDA stage) or .dev (to build one)"; exit 1; }
-        tools/build_cuda_stage.sh /tmp/b /tmp/stage "${CUDA_ARCH:-90}" > "$out/build.log" 2>&1 \
-            || { tail -40 "$out/build.log"; exit 1; }
-    fi
-fi
-(cd "$repo/llmplace" && find . -name "*.py" -not -path "./_native/*" -exec cp --parents {} /tmp/stage/llmplace/ \;)
+. "$repo/tools/gpu_stage.sh"; prepare_stage build || exit 1
 rm -rf /tmp/stage/llmplace_vulkan && cp -r .vk/llmplace_vulkan /tmp/stage/
 xz -d /tmp/stage/llmplace_vulkan/libggml-vulkan.so.xz
 export GGML_BACKEND_PATH=/tmp/stage/llmplace_vulkan/libggml-vulkan.so
