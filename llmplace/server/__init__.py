@@ -47,8 +47,10 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     llama_kwargs.setdefault("verbose", False)
     with Llama(model_path, **llama_kwargs) as llama:
         options = dict(server_options or {})
-        # the engine computes as the Llama does: its flash attention setting (off by default, as the Llama's)
-        options.setdefault("engine_options", {"flash_attn": bool(llama_kwargs.get("flash_attn"))})
+        # the engine computes as the Llama does: its flash attention setting (off by default, as the Llama's),
+        # unless engine_options say otherwise
+        options["engine_options"] = {"flash_attn": bool(llama_kwargs.get("flash_attn")),
+                                     **(options.get("engine_options") or {})}
         server = make_server(llama, host=host, port=port, model_name=model_name, api_key=api_key, **options)
         print(f"llmplace: serving {os.path.basename(model_path)} on http://{host}:{server.server_port}/v1",
               file=sys.stderr, flush=True)
@@ -188,9 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"llmplace: {problem}", file=sys.stderr)
         return 1
-    # the engine computes as the Llama does (flash attention as --flash-attn says); exact as --exact-batching says
-    engine_options = {"flash_attn": bool(args.flash_attn),
-                      "exact": {"auto": None, "on": True, "off": False}[args.exact_batching]}
+    engine_options = {"exact": {"auto": None, "on": True, "off": False}[args.exact_batching]}
     optional = {name: getattr(args, name) for name in ("flash_attn", "seed", "tensor_split")
                 if getattr(args, name) is not None}
     if args.mmproj is not None:
