@@ -34,3 +34,17 @@ function(llmplace_rename_libraries)
         set_property(TARGET ${lib} PROPERTY SOVERSION)
     endforeach()
 endfunction()
+
+# The end of every GPU plugin build (plugins/*/CMakeLists.txt), after ggml's add_subdirectory: the backend module
+# `module` (ggml-cuda, ggml-vulkan) links against the base wheel's renamed ggml-base (already loaded by llmplace when
+# the module is; RUNPATH to the base wheel's llmplace/lib beside the plugin's package is the fallback for a dlopen
+# before that), and is installed with the plugin's _build_info.py (from its _build_info.py.in: the build ID that
+# llmplace checks before loading the module) into the package folder LLMPLACE_PLUGIN_PACKAGE.
+function(llmplace_plugin_module module)
+    llmplace_rename_libraries(ggml-base)
+    set_target_properties(${module} PROPERTIES INSTALL_RPATH "$ORIGIN/../llmplace/lib")
+    install(TARGETS ${module} LIBRARY DESTINATION ${LLMPLACE_PLUGIN_PACKAGE} NAMELINK_SKIP COMPONENT plugin)
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/_build_info.py.in ${CMAKE_BINARY_DIR}/_build_info.py @ONLY)
+    install(FILES ${CMAKE_BINARY_DIR}/_build_info.py DESTINATION ${LLMPLACE_PLUGIN_PACKAGE} COMPONENT plugin)
+    add_custom_target(plugin_all ALL DEPENDS ${module})
+endfunction()
