@@ -62,14 +62,15 @@ test_device() {  # the device the target's token test runs on
 }
 
 build() {  # build TARGET: the raw wheel, its auditwheel report, the repaired wheel
-    local target=$1 dist_name raw excludes=() lib
+    local target=$1 dist_name raw excludes=() patterns=() lib
     dist_name=$(distribution "$target")
     rm -f "$DIST/raw/$dist_name"-*.whl "$DIST/$dist_name"-*.whl
     echo "== $target: building ($(source_dir "$target"))"
     python3 -m pip wheel -q --no-build-isolation --no-deps -w "$DIST/raw" \
         --config-settings=build-dir="$BUILD/$target" "$(source_dir "$target")"
     raw=$(ls "$DIST/raw/$dist_name"-*.whl)
-    for lib in $(excluded_libraries "$target"); do excludes+=(--exclude "$lib"); done
+    read -ra patterns <<< "$(excluded_libraries "$target")"  # read: the patterns stay patterns, unexpanded here
+    for lib in "${patterns[@]}"; do excludes+=(--exclude "$lib"); done
     # show: which manylinux policy the wheel meets as built, and the libraries outside it that it needs
     python3 -m auditwheel show "$raw" 2>&1 | tee "$DIST/$dist_name.auditwheel.txt"
     python3 -m auditwheel repair -w "$DIST" "${excludes[@]}" "$raw" 2>&1 | tail -3 | tee -a "$DIST/$dist_name.auditwheel.txt"
