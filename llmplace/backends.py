@@ -9,6 +9,7 @@ and records every failure so `llmplace.devices()` / `llmplace devices` can say w
 from __future__ import annotations
 
 import importlib.util
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,12 +152,34 @@ def _backend_name(path: Path) -> str:
     return path.name[len("libggml-"):-len(".so")].split("-")[0]
 
 
+# Libraries a GPU module needs from the system (the plugins never carry them: tools/build_wheels.sh), and what
+# installs them. The dynamic loader only says "libcudart.so.12: cannot open shared object file".
+_RUNTIME_HINTS = (
+    (re.compile(r"(libcudart|libcublas|libcublasLt)\.so\.(\d+): cannot open"),
+     "the CUDA {1} runtime ({0}) is not installed or not on the library path: install the CUDA {1} toolkit (or its "
+     "runtime libraries: cudart and cuBLAS) and, if it is not in a system folder, add its lib64 folder to "
+     "LD_LIBRARY_PATH; or install the llmplace CUDA plugin that matches the toolkit you have (llmplace[cuda12] or "
+     "llmplace[cuda13])"),
+    (re.compile(r"libcuda\.so\.1: cannot open"),
+     "no NVIDIA driver here (libcuda.so.1 is the driver's library): install the NVIDIA driver, or leave the CUDA "
+     "plugin out"),
+    (re.compile(r"libvulkan\.so\.1: cannot open"),
+     "the Vulkan loader is not installed: install it and a driver (Debian/Ubuntu: apt-get install libvulkan1 "
+     "mesa-vulkan-drivers; NVIDIA's driver brings its own Vulkan driver)"),
+)
+
+
 def _load_failure(path: Path, messages: list[str]) -> str:
     """Why ggml_backend_load refused a module, from ggml's own log lines: the dynamic loader's message
-    ("load_backend: failed to load PATH: <dlerror>"), a missing ggml_backend_init, another backend API version."""
+    ("load_backend: failed to load PATH: <dlerror>", with what installs a missing GPU runtime), a missing
+    ggml_backend_init, another backend API version."""
     for line in messages:
         _, _, loader_message = line.partition(f"failed to load {path}: ")
         if loader_message:
+            for pattern, hint in _RUNTIME_HINTS:
+                found = pattern.search(loader_message)
+                if found:
+                    return f"{loader_message}: {hint.format(*found.groups())}"
             return loader_message
     return "; ".join(line.removeprefix("load_backend: ") for line in messages if line) or (
         "the module loaded but did not register a backend (wrong ggml version, or it does not support this system?)")

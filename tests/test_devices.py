@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
+import pytest
+
 import llmplace
 from llmplace._ffi import LIB_DIR
 
@@ -50,6 +55,33 @@ def test_a_backend_module_that_fails_to_load_is_reported(tmp_path):
     assert result.error  # the dynamic loader's reason
     assert str(broken) in result.error and "load_backend" not in result.error  # its message, not ggml's prefix
     assert any(d.name == "CPU" for d in llmplace.devices())  # nothing else was disturbed
+
+
+@pytest.mark.parametrize("runtime, hint", [
+    ("libcudart.so.99", "the CUDA 99 runtime (libcudart) is not installed"),
+    ("libcublasLt.so.99", "the CUDA 99 runtime (libcublasLt) is not installed"),
+])
+def test_a_gpu_module_whose_runtime_is_missing_says_what_to_install(tmp_path, runtime, hint):
+    # A real module file that needs a library absent here, as the CUDA plugin needs libcudart.so.12 on a machine
+    # without the CUDA 12 runtime: linked against a stand-in that is then removed.
+    from llmplace.backends import _load_from
+
+    stand_in = tmp_path / "stand-in" / runtime
+    stand_in.parent.mkdir()
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler builds llmplace, so one is here"
+    (tmp_path / "empty.c").write_text("int placeholder(void) { return 0; }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(stand_in), str(tmp_path / "empty.c"),
+                    f"-Wl,-soname,{runtime}"], check=True)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(modules / "libggml-fakegpu.so"), str(tmp_path / "empty.c"),
+                    "-Wl,--no-as-needed", str(stand_in)], check=True)
+    stand_in.unlink()
+    (result,) = _load_from(modules)
+    assert not result.loaded
+    assert f"{runtime}: cannot open" in result.error and hint in result.error
+    assert "LD_LIBRARY_PATH" in result.error and "llmplace[cuda12]" in result.error
 
 
 def test_a_plugin_built_from_another_llama_cpp_is_refused_with_the_fix(tmp_path):
