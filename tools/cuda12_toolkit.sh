@@ -12,19 +12,12 @@
 set -euo pipefail
 root=$(realpath -m "${1:-/tmp/cuda12}")
 work=$root.debs  # apt's lists and the downloaded and unpacked packages
-mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs" "$work/unpacked"
-mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
-[ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list)
-echo "deb $mirror trixie main non-free" > "$work/sources.list"
-apt_options=(-oDir::Etc::SourceList="$work/sources.list" -oDir::Etc::SourceParts=/nonexistent
-             -oDir::State::Lists="$work/lists" -oDir::Cache="$work/cache")
-apt-get "${apt_options[@]}" update -qq
+. "$(dirname "$0")/debian_packages.sh"
 # nvcc and its tools; the headers and link libraries (nvidia-cuda-dev); the runtime and cuBLAS that ggml-cuda links;
 # NVVM; and the C++ headers (CCCL: libcu++, CUB, Thrust) that Debian ships apart
-(cd "$work/debs" && apt-get "${apt_options[@]}" download nvidia-cuda-toolkit nvidia-cuda-dev libcudart12 libcublas12 \
-    libcublaslt12 libnvvm4 libcu++-dev libcub-dev libthrust-dev 2> /dev/null)
-for f in "$work"/debs/*.deb; do dpkg -x "$f" "$work/unpacked"; done
-u=$work/unpacked; toolkit=$u/usr/lib/nvidia-cuda-toolkit
+debian_unpack "$work" "trixie main non-free" nvidia-cuda-toolkit nvidia-cuda-dev libcudart12 libcublas12 \
+    libcublaslt12 libnvvm4 libcu++-dev libcub-dev libthrust-dev
+u=$work/root; toolkit=$u/usr/lib/nvidia-cuda-toolkit
 rm -rf "$root" && mkdir -p "$root/bin" "$root/nvvm/bin" "$root/lib64"
 # nvcc reads nvcc.profile from its own folder and finds cicc through it: a copy, not a link, so that its folder is
 # bin/ here (Debian's points at /etc and /usr)

@@ -36,17 +36,9 @@ if [ "${1:-}" = --prepare ]; then
     build=${VK_BUILD:-/tmp/vk-gpu-build}
     toolchain=()
     if [ "${VK_TOOLCHAIN:-}" = debian13 ]; then
-        tc=/tmp/vk-debian13; o=(-oDir::Etc::SourceList="$tc/sources.list" -oDir::Etc::SourceParts=/nonexistent
-                                -oDir::State::Lists="$tc/lists" -oDir::Cache="$tc/cache")
-        mkdir -p "$tc/lists/partial" "$tc/cache/archives/partial" "$tc/debs" "$tc/root"
-        # the machine's own Debian mirror (its first URIs), asked for trixie (Debian 13) instead of bookworm
-        mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
-        [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list)
-        echo "deb $mirror trixie main" > "$tc/sources.list"
-        apt-get "${o[@]}" update -qq
-        (cd "$tc/debs" && apt-get "${o[@]}" download glslc libshaderc1 libvulkan-dev spirv-headers libc6 libstdc++6 \
-            libgcc-s1 2> /dev/null)
-        for f in "$tc"/debs/*.deb; do dpkg -x "$f" "$tc/root"; done
+        tc=/tmp/vk-debian13
+        . tools/debian_packages.sh
+        debian_unpack "$tc" "trixie main" glslc libshaderc1 libvulkan-dev spirv-headers libc6 libstdc++6 libgcc-s1
         lib="$tc/root/usr/lib/x86_64-linux-gnu"
         printf '#!/bin/sh\nexec %s --library-path %s %s "$@"\n' "$lib/ld-linux-x86-64.so.2" "$lib" \
             "$tc/root/usr/bin/glslc" > "$tc/glslc"
