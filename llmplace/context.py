@@ -694,15 +694,20 @@ class Context(NativeObject):
     @exclusive
     def embeddings(self, n_tokens: int = 1) -> np.ndarray:
         """Embeddings computed by the last decode of a context created with extra_params={"embeddings": True}:
-        the pooled vector of sequence 0 (float32[n_embd]) when the context pools, else one row for each of
-        the last `n_tokens` tokens of that decode (float32[n_tokens, n_embd]), at most the tokens that decode
-        computed (a decode() longer than n_batch leaves its last n_batch). Always a copy."""
+        the pooled vector of sequence 0 (float32[n_embd]; for rank pooling, a reranker's n_cls_out scores) when
+        the context pools, else one row for each of the last `n_tokens` tokens of that decode
+        (float32[n_tokens, n_embd]), at most the tokens that decode computed (a decode() longer than n_batch
+        leaves its last n_batch). Always a copy."""
         ptr = self._ptr
         n_embd = C.llama_model_n_embd_out(self.model._ptr)  # the width of llama.cpp's output rows
         pooled = C.llama_pooling_type(ptr) != C.LLAMA_POOLING_TYPE_NONE
         if pooled:
             data = C.llama_get_embeddings_seq(ptr, 0)
             rows = 1
+            if C.llama_pooling_type(ptr) == C.LLAMA_POOLING_TYPE_RANK:
+                # a reranker's scores: llama.cpp keeps n_cls_out floats per sequence, not n_embd (reading n_embd
+                # returned memory from past their end)
+                n_embd = max(1, C.llama_model_n_cls_out(self.model._ptr))
         else:
             data = C.llama_get_embeddings(ptr)
             rows = integer("n_tokens", n_tokens, 1, INT32[1])
@@ -750,11 +755,27 @@ class Context(NativeObject):
     @exclusive
     def load_state(self, data: bytes, tokens: Sequence[int]) -> None:
         """Restore a state from `save_state`; `tokens` are the tokens it holds (they become `self.tokens`)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)) or not len(data):
+            raise InvalidParameterError(f"a saved state is the non-empty bytes save_state returned, not "
+                                        f"{type(data).__name__ if data is not None else None}"
+                                        f"{' (empty)' if isinstance(data, (bytes, bytearray, memoryview)) else ''}")
+        tokens = [integer("token id", t, 0, INT32[1]) for t in tokens]
         buf = ffi.from_buffer("uint8_t[]", data)
         self._n_outputs = 0  # a restored state's outputs are not known here: decode before reading embeddings
-        if C.llama_state_set_data(self._ptr, buf, len(data)) != len(data):
+        size = len(buf)
+
+        def refused(reason: str) -> InvalidParameterError:
             self.clear()  # a partial restore leaves the cache in no known state
-            raise InvalidParameterError("this state does not fit this context (saved from another model or another "
-                                        "context size?); the context was cleared")
-        self.tokens = [int(t) for t in tokens]
+            return InvalidParameterError(f"this state does not fit this context ({reason}); the context was cleared")
+
+        native_call(C.llama_state_set_data, self._ptr, buf, size, failed=lambda n: n != size, error=lambda reason:
+                    refused(f"llama.cpp: {reason}; saved from another model, context size or KV-cache type?"))
+        # The token list says what the cache holds (prefix reuse trusts it): one position per token, fewer for
+        # models whose images take fewer positions than tokens (M-RoPE).
+        positions = C.llama_memory_seq_pos_max(C.llama_get_memory(self._ptr), 0) + 1
+        compressed = C.llama_model_rope_type(self.model._ptr) in (C.LLAMA_ROPE_TYPE_MROPE, C.LLAMA_ROPE_TYPE_IMROPE)
+        if positions > len(tokens) or (positions != len(tokens) and not compressed):
+            raise refused(f"the state holds {positions} positions but its token list has {len(tokens)} tokens: "
+                          "pass the tokens save_state was taken with")
+        self.tokens = tokens
 

@@ -93,6 +93,10 @@ class GenerationHold:
 
     def __init__(self, context) -> None:
         self.context = context
+        lifetime = context._lifetime
+        # closed with a stream still suspended: say closed, not busy (finishing the stream would not help)
+        with lifetime:
+            pass
         lock = context._claim
         self.release = weakref.finalize(self, lock.drop, lock.hold())
 

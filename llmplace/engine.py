@@ -928,19 +928,24 @@ class Engine:
             if grammar is not None or processor is not None:
                 # as token_loop.DrawnTokens draws with hooks: processors, then the grammar's mask, then the chain
                 logits = context.logits(index)
-                if processor is not None:
-                    try:
+                try:
+                    if processor is not None:
                         logits = processed_logits(processor, np.asarray(request.slot.cached, dtype=np.intc), logits)
-                    except Exception as exc:  # the caller's code: it ends its own request, not the engine
-                        self._end(request)
-                        request._fail(exc)
-                        continue
-                if grammar is not None:
-                    grammar.apply(logits)
+                    if grammar is not None:
+                        grammar.apply(logits)
+                except Exception as exc:  # the caller's code or grammar: it ends its own request, not the engine
+                    self._end(request)
+                    request._fail(exc)
+                    continue
                 context.set_logits(logits, index)
             token = request._sampler.sample(context, index)
             if grammar is not None and not self._is_eog(token):
-                grammar.accept(token)
+                try:
+                    grammar.accept(token)
+                except InvalidParameterError as exc:
+                    self._end(request)
+                    request._fail(exc)
+                    continue
             state = request.state
             assert state is not None  # set at admission
             text, finish = state.emit(token)

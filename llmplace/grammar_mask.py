@@ -68,6 +68,8 @@ class GrammarMask(NativeObject):
         self._view = np.frombuffer(ffi.buffer(self._data), dtype=np.dtype(
             [("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True))
         self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._accepted = 0  # tokens accepted so far, for the message of a grammar that can go no further
+        self._err = ffi.new("char[]", 512)
 
     def apply(self, logits: np.ndarray) -> None:
         """Set the logits of tokens the grammar forbids next to -inf, in place."""
@@ -78,7 +80,8 @@ class GrammarMask(NativeObject):
         array = self._array
         array.data, array.size, array.selected, array.sorted = self._data, self._n, -1, False
         with self._lifetime:  # close() in another thread waits for it
-            C.llama_sampler_apply(self._ptr, array)
+            if not C.llmplace_sampler_apply(self._ptr, array, self._err, len(self._err)):
+                raise self._dead_end(ffi.string(self._err).decode("utf-8", "replace"))
         if array.size != self._n:  # never seen: the grammar sampler masks, it does not drop candidates
             masked = np.full(self._n, -np.inf, dtype=np.float32)
             kept = view[:array.size]
@@ -86,7 +89,21 @@ class GrammarMask(NativeObject):
             logits[:] = masked
         else:
             logits[view["id"]] = view["logit"]
+        if np.isneginf(logits).all():
+            # Nothing may follow (an empty character range such as [z-a], a token outside the vocabulary, integer
+            # bounds with no integer between them): drawn anyway, the token would make llama.cpp's accept throw,
+            # and at temperature 0 the draw would be a silent, empty "stop".
+            raise self._dead_end("every token of the vocabulary is forbidden next")
 
     def accept(self, token: int) -> None:
         with self._lifetime:
-            C.llama_sampler_accept(self._ptr, token)
+            if not C.llmplace_sampler_accept(self._ptr, token, self._err, len(self._err)):
+                raise self._dead_end(ffi.string(self._err).decode("utf-8", "replace"))
+        self._accepted += 1
+
+    def _dead_end(self, reason: str) -> InvalidParameterError:
+        return InvalidParameterError(
+            f"the grammar allows no text after the {self._accepted} tokens it accepted ({reason}): no output can "
+            "match it from there. Check the grammar, or the JSON schema or tool parameters it was made from, for a "
+            "rule no text meets: an empty character range such as [z-a], a token outside the vocabulary, or bounds "
+            "that no value satisfies (an integer with exclusiveMinimum 5 and exclusiveMaximum 6)")

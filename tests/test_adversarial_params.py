@@ -193,6 +193,44 @@ def self_containing():
     _run(outcomes(setup, cases, timeout=180), cases)
 
 
+def test_grammars_that_allow_no_output_are_refused_not_aborted(smollm2_path):
+    """A grammar no text can match (an empty character range, a token outside the vocabulary, integer bounds
+    with no integer between them): llama.cpp's grammar sampler throws from accept once nothing may follow, which
+    through its C API ended the process (one HTTP request could end `llmplace serve`); at temperature 0 the
+    draw was an empty "stop" instead, a forced tool call with '' as its arguments. Every path that draws under a
+    grammar must refuse it: the drop-in (GBNF, response_format, forced tools), the engine, both temperatures."""
+    no_int = {"type": "integer", "exclusiveMinimum": 5, "exclusiveMaximum": 6}
+    cases = {}
+    for temperature in (0.8, 0):
+        for name, grammar in (("empty_range", "root ::= [z-a]"), ("after_one_token", 'root ::= "a" [z-a]'),
+                              ("token_outside_vocab", "root ::= <[999999]>")):
+            cases[f"{name}_t{temperature}"] = f"LLM('x', grammar={grammar!r}, max_tokens=8, temperature={temperature})"
+        cases[f"response_format_t{temperature}"] = (
+            f"LLM.create_chat_completion(ASK, max_tokens=8, temperature={temperature}, response_format="
+            f"{{'type': 'json_schema', 'json_schema': {{'name': 'x', 'schema': {no_int!r}}}}})")
+        cases[f"forced_tool_t{temperature}"] = (
+            f"LLM.create_chat_completion(ASK, max_tokens=8, temperature={temperature}, tools=[{{'type': 'function', "
+            f"'function': {{'name': 'f', 'parameters': {no_int!r}}}}}], "
+            "tool_choice={'type': 'function', 'function': {'name': 'f'}})")
+        cases[f"engine_t{temperature}"] = (
+            f"ENGINE.submit('x', grammar='root ::= [z-a]', max_tokens=8, temperature={temperature}).result(60)")
+    # the engine ended only that request: the next one is served
+    cases["engine_after"] = "ENGINE.submit('The capital of France is', max_tokens=3, temperature=0).result(60).text"
+    cases["drop_in_after"] = "LLM('The capital of France is', max_tokens=3, temperature=0)['choices'][0]['text']"
+    setup = SETUP + f"""
+LLM = Llama({str(smollm2_path)!r}, n_ctx=256, n_threads=1, verbose=False)
+ENGINE = llmplace.Engine(llmplace.load({str(smollm2_path)!r}, progress=False), slots=1, n_ctx=256, n_threads=1)
+ASK = [{{"role": "user", "content": "weather?"}}]
+"""
+    results = outcomes(setup, cases, timeout=240)
+    print(summary(results))
+    after = {"engine_after", "drop_in_after"}
+    assert {name: r.kind for name, r in results.items() if name not in after} == dict.fromkeys(set(cases) - after,
+                                                                                              "typed")
+    assert all("allows no text" in r.message for name, r in results.items() if name not in after)
+    assert [results[name].kind for name in sorted(after)] == ["ok", "ok"], summary(results)
+
+
 def test_ordinary_grammars_and_schemas_still_convert():
     from llmplace.compat.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 

@@ -666,6 +666,12 @@ def test_the_server_answers_400_to_a_tool_schema_the_grammar_builder_refuses(too
     with pytest.raises(openai.BadRequestError, match="reasoning_budget_tokens"):
         client.chat.completions.create(model="m", messages=ASK, max_tokens=8,
                                        extra_body={"reasoning_budget_tokens": -5})
+    # a schema no value meets: llama.cpp's grammar sampler threw through its C API here, ending the server
+    no_int = {"type": "integer", "exclusiveMinimum": 5, "exclusiveMaximum": 6}
+    with pytest.raises(openai.BadRequestError, match="allows no text"):
+        client.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0.8, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": no_int}})
+    assert client.chat.completions.create(model="m", messages=ASK, max_tokens=2).choices[0].finish_reason
 
 
 # ---- llmplace.Chat with tools, on the real templates of the pinned source ----

@@ -359,6 +359,121 @@ def test_embeddings_match(path):
         up.close()
 
 
+def test_pickle_and_copy_reload_the_model_and_leave_the_original_working(path):
+    # as llama-cpp-python: the constructor's arguments travel, the model loads again. Before, a shallow copy
+    # shared the native model and its drop closed the original; pickle failed on an internal lock.
+    import copy
+    import gc
+    import pickle
+
+    with llmplace.Llama(path, **COMMON) as me:
+        before = me("Hi", max_tokens=4, temperature=0)["choices"][0]["text"]
+        shallow = copy.copy(me)
+        assert shallow._model is not me._model
+        del shallow
+        gc.collect()
+        assert me("Hi", max_tokens=4, temperature=0)["choices"][0]["text"] == before
+        with pickle.loads(pickle.dumps(me)) as restored:
+            assert restored.n_ctx() == me.n_ctx()
+            assert restored("Hi", max_tokens=4, temperature=0)["choices"][0]["text"] == before
+
+
+def test_calls_that_change_the_context_are_refused_while_a_generation_holds_it(path):
+    # reset / eval / load_state in the middle of a stream, or from its logits processor, went through, and the
+    # generation went on from the changed KV cache: wrong text, no error
+    from llmplace.compat import LogitsProcessorList
+
+    prompt = "The capital of France is"
+    with llmplace.Llama(path, **COMMON) as me:
+        clean = me(prompt, max_tokens=5, temperature=0)["choices"][0]["text"]
+        saved = me.save_state()
+        stream = me(prompt, max_tokens=5, temperature=0, stream=True)
+        first = next(stream)["choices"][0]["text"]
+        for change in (me.reset, lambda: me.eval([5]), lambda: me.load_state(saved)):
+            with pytest.raises(llmplace.BusyError):
+                change()
+        assert first + "".join(c["choices"][0]["text"] for c in stream) == clean
+        resetting = LogitsProcessorList([lambda ids, scores: (me.reset(), scores)[1]])
+        with pytest.raises(llmplace.BusyError):
+            me(prompt, max_tokens=5, temperature=0, logits_processor=resetting)
+        # closed under a suspended stream: the next call says closed, not busy
+        stream = me(prompt, max_tokens=5, temperature=0, stream=True)
+        next(stream)
+        me.close()
+        with pytest.raises(llmplace.ClosedError):
+            me(prompt, max_tokens=2)
+
+
+def test_load_state_refuses_states_that_do_not_match_what_they_claim(path):
+    import copy
+
+    with llmplace.Llama(path, **COMMON) as me:
+        me("The capital of Germany is", max_tokens=1, temperature=0)
+        germany = me.save_state()
+        expected = me("The capital of Germany is", max_tokens=4, temperature=0)["choices"][0]["text"]
+        held = me.n_tokens
+        for field, value, match in (("llama_state", b"", "non-empty bytes"), ("llama_state", "abc", "not str")):
+            bad = copy.copy(germany)
+            setattr(bad, field, value)
+            with pytest.raises(llmplace.InvalidParameterError, match=match):
+                me.load_state(bad)
+            assert me.n_tokens == held  # refused before anything changed
+        for n_tokens in (0, 3):
+            bad = copy.copy(germany)
+            bad.n_tokens = n_tokens
+            with pytest.raises(llmplace.InvalidParameterError, match=f"5 positions but its token list has {n_tokens}"):
+                me.load_state(bad)
+            assert me.n_tokens == 0  # cleared, not left holding 5 cells under the claimed tokens
+        for bad in (None, {}):
+            with pytest.raises(llmplace.InvalidParameterError, match="LlamaState"):
+                me.load_state(bad)
+        me.load_state(germany)
+        assert me("The capital of Germany is", max_tokens=4, temperature=0)["choices"][0]["text"] == expected
+    with llmplace.Llama(path, type_k="q8_0", **COMMON) as other:
+        with pytest.raises(llmplace.InvalidParameterError, match="mismatched key type"):
+            other.load_state(germany)
+
+
+def test_arguments_llama_cpp_python_accepts_or_refuses_get_its_reading_or_a_typed_error(path):
+    from llmplace.compat import LlamaRAMCache
+    from llmplace.compat.llama_speculative import LlamaPromptLookupDecoding
+
+    with llmplace.Llama(path, logits_all=True, **COMMON) as me:
+        # OpenAI clients send logprobs=True (llama-cpp-python: one top entry); it failed inside numpy
+        [top] = me("Hi", max_tokens=1, temperature=0, logprobs=True)["choices"][0]["logprobs"]["top_logprobs"]
+        assert len(top) == 1
+        chat = me.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=1, logprobs=True,
+                                         top_logprobs=True)
+        assert len(chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 1
+        for bad in (dict(logprobs=1.5), dict(logprobs="3"), dict(max_tokens="8"), dict(logprobs=-1)):
+            with pytest.raises(llmplace.InvalidParameterError, match=next(iter(bad))):
+                me("Hi", **bad)
+        assert me.tokenize(b"hi", add_bos=None) == me.tokenize(b"hi", add_bos=False)
+        # a dict cannot look token lists up (unhashable); it failed at the first completion
+        with pytest.raises(llmplace.InvalidParameterError, match="LlamaRAMCache"):
+            me.set_cache({})
+    with pytest.raises(llmplace.InvalidParameterError, match="capacity_bytes"):
+        LlamaRAMCache(capacity_bytes="big")
+    # num_pred_tokens is a most: beyond what llmplace drafts it is capped (it failed at every call as "depth")
+    with llmplace.Llama(path, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=100), **COMMON) as me:
+        assert me("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    with pytest.raises(llmplace.InvalidParameterError, match="num_pred_tokens"):
+        llmplace.Llama(path, draft_model=LlamaPromptLookupDecoding(num_pred_tokens="x"), **COMMON)
+
+
+def test_rank_pooling_returns_the_rerankers_scores_not_memory_past_them(path):
+    # llama.cpp keeps n_cls_out floats per sequence for rank pooling; reading n_embd of them returned heap memory
+    # (values up to 1e38 that changed between calls). llama-cpp-python 0.3.36 has that read too.
+    from llmplace._ffi import C
+
+    with llmplace.Llama(path, embedding=True, pooling_type=C.LLAMA_POOLING_TYPE_RANK, **COMMON) as me:
+        n_cls_out = C.llama_model_n_cls_out(me._model._ptr)
+        scores = [me.embed(text) for text in ("a", "hello world", "a")]
+        n_embd = me.n_embd()
+    assert [len(s) for s in scores] == [n_cls_out] * 3 and n_cls_out < n_embd
+    assert scores[0] == scores[2] and np.isfinite(scores).all()
+
+
 def test_embed_without_embedding_mode_raises_like_llama_cpp_python(up, me):
     with pytest.raises(RuntimeError) as theirs:
         up.embed("hello")

@@ -79,6 +79,15 @@ LLMPLACE_API int32_t llmplace_fit_params(const char * path, struct llama_model_p
  * a Python callback there would cost a GIL round trip per node. */
 LLMPLACE_API bool llmplace_abort_if_flag_set(void * user_data);
 
+/* llama_sampler_apply / llama_sampler_accept with llama.cpp's C++ exceptions caught. Its grammar sampler throws
+ * from accept once no rule can go on ("Unexpected empty grammar stack after accepting piece"): through the C API
+ * that exception would end the process in std::terminate. Return 1, or 0 with the reason copied into err. */
+struct llama_sampler;
+struct llama_token_data_array;
+LLMPLACE_API int llmplace_sampler_apply(struct llama_sampler * sampler, struct llama_token_data_array * candidates,
+                                        char * err, size_t err_size);
+LLMPLACE_API int llmplace_sampler_accept(struct llama_sampler * sampler, int32_t token, char * err, size_t err_size);
+
 /* llama.cpp's JSON schema -> GBNF converter (common/json-schema-to-grammar.cpp) on a schema given as JSON text.
  * Returns the grammar's length in bytes: the NUL-terminated text is in out only when that length is below
  * out_size (otherwise call again with a bigger buffer). On failure returns a negative code with the reason

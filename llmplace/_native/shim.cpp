@@ -67,6 +67,31 @@ extern "C" int llmplace_arch_supports_tensor_split(const char * arch) {
     }
 }
 
+extern "C" int llmplace_sampler_apply(struct llama_sampler * sampler, struct llama_token_data_array * candidates,
+                                      char * err, size_t err_size) {
+    try {
+        llama_sampler_apply(sampler, candidates);
+        return 1;
+    } catch (const std::exception & e) {
+        copy_message(e.what(), err, err_size);
+    } catch (...) {
+        copy_message("unknown C++ exception", err, err_size);
+    }
+    return 0;
+}
+
+extern "C" int llmplace_sampler_accept(struct llama_sampler * sampler, int32_t token, char * err, size_t err_size) {
+    try {
+        llama_sampler_accept(sampler, token);
+        return 1;
+    } catch (const std::exception & e) {
+        copy_message(e.what(), err, err_size);
+    } catch (...) {
+        copy_message("unknown C++ exception", err, err_size);
+    }
+    return 0;
+}
+
 extern "C" bool llmplace_abort_if_flag_set(void * user_data) {
     // Written by Python from another thread; read with acquire semantics so the store is seen promptly.
     return user_data != nullptr && __atomic_load_n(static_cast<int *>(user_data), __ATOMIC_ACQUIRE) != 0;

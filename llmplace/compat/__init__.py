@@ -60,6 +60,11 @@ What differs (each is warned about or raises a typed error when used):
 - `save_state()`'s LlamaState holds no scores (an empty array).
 - `detokenize` returns every token's whole piece: llama-cpp-python reads pieces into a 32-byte buffer and puts
   other bytes in place of a longer piece. Token ids that are not ints raise TokenizationError.
+- `tokenize` takes valid UTF-8 only (TokenizationError saying where it breaks): llama-cpp-python passes any
+  bytes to llama.cpp, which reads each invalid byte as U+FFFD.
+- A grammar (or schema, or forced tool) that no text can match raises InvalidParameterError at the first
+  token it cannot continue (llama-cpp-python's process aborts in llama.cpp's grammar sampler).
+- pickle and copy reload the model from the constructor's arguments, with a fresh context, as upstream does.
 - `LlamaPromptLookupDecoding(...)(input_ids)` proposes what llama-cpp-python's does; as a draft_model it runs
   llmplace's own prompt-lookup drafter.
 - n_threads=None means llmplace.context.default_threads() (llama-cpp-python: half the cores); verbose=True does

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..c_values import INT32, integer
 from ..chat_tools import ToolCallGrammar
 from ..context_lock import GenerationHold
 from ..errors import ContextOverflowError, InvalidParameterError
@@ -271,6 +272,12 @@ def _create(llama: Llama, ctx, hold: GenerationHold, prompt, *, suffix, max_toke
     n_ctx = ctx.n_ctx
     if len(tokens) >= n_ctx:
         raise ContextOverflowError(f"Requested tokens ({len(tokens)}) exceed context window of {n_ctx}")
+    if max_tokens is not None:
+        max_tokens = integer("max_tokens", max_tokens, -INT32[1], INT32[1], " or None (up to the context's end)")
+    if logprobs is not None:
+        # OpenAI clients send logprobs=True; llama-cpp-python reads a bool as 0 or 1 top entries
+        logprobs = integer("logprobs", int(logprobs) if isinstance(logprobs, bool) else logprobs, 0, INT32[1],
+                           " (how many top tokens to list) or None")
     if max_tokens is None or max_tokens <= 0:  # unlimited: up to the end of the context
         max_tokens = n_ctx - len(tokens)
     max_tokens = min(max_tokens, n_ctx - len(tokens))
@@ -326,7 +333,7 @@ def _restore_from_cache(llama: Llama, ctx, tokens: list[int]) -> None:
     cached = longest_token_prefix(item.input_ids[:item.n_tokens].tolist(), tokens)
     if cached > longest_token_prefix(ctx.tokens, tokens):
         try:
-            llama.load_state(item)
+            llama._restore(ctx, item)  # the completion holds the context already
         except InvalidParameterError as exc:  # llama.cpp refused the state (a forged or foreign cache entry)
             from .llama_cache import forget_unusable_state
 

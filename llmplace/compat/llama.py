@@ -7,6 +7,7 @@ mistakes. What differs is listed in `llmplace/compat/__init__.py` and warned abo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -157,6 +158,11 @@ class Llama:
         other formats llama.cpp knows): "auto" (default) puts the thinking in the message's reasoning_content,
         "none" leaves it inline in content, "deepseek-legacy" splits it in whole replies but streams it inline.
         """
+        # What pickle and copy keep (__getstate__): the arguments as given. First, while locals() holds only them.
+        arguments = dict(locals())
+        del arguments["self"]
+        arguments.update(arguments.pop("kwargs"))
+        self._arguments = arguments
         # None only until the model has loaded (close() and __del__ see that when loading fails); typed as what
         # every other method finds there
         self._model: Model = None  # type: ignore[assignment]
@@ -301,6 +307,15 @@ class Llama:
         except Exception:  # interpreter shutdown: the native handles' own finalizers take over
             pass
 
+    def __getstate__(self) -> dict[str, Any]:
+        """pickle and copy keep the constructor's arguments, as llama-cpp-python's Llama does: unpickling, or a
+        copy, loads the model again, with a fresh context (the native model and context cannot travel, and a
+        copy sharing them would free them under the original when it is dropped)."""
+        return dict(self._arguments)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
     # ---- llmplace objects under the compatibility layer ----
     @property
     def llmplace_model(self) -> Model:
@@ -350,10 +365,26 @@ class Llama:
     def set_cache(self, cache) -> None:
         """Keep the state after each completion in `cache` (a LlamaRAMCache, or None for no cache); a prompt
         sharing a longer prefix with a cached state than with the context restores it first."""
-        if cache is not None and not all(hasattr(cache, m) for m in ("__getitem__", "__setitem__")):
-            raise InvalidParameterError(f"the cache must be a LlamaRAMCache (or map token sequences to LlamaState), "
-                                        f"not {type(cache).__name__}")
+        if cache is not None and (isinstance(cache, dict) or
+                                  not all(hasattr(cache, m) for m in ("__getitem__", "__setitem__"))):
+            # a dict cannot: its keys must be hashable (a token list is not) and match exactly, where a cache
+            # answers the entry sharing the longest prefix
+            raise InvalidParameterError(f"the cache must be a LlamaRAMCache or LlamaDiskCache (or an object that "
+                                        f"maps token lists to the LlamaState sharing the longest prefix), not "
+                                        f"{type(cache).__name__}")
         self.cache = cache
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[Context]:
+        """The context, held for a call that changes what it holds (reset, eval, load_state): BusyError while a
+        generation holds it (a stream not finished, or a logits processor or stopping criterion of one), which
+        would otherwise go on from a KV cache changed under it and give wrong text with no error."""
+        ctx = self._context()
+        hold = GenerationHold(ctx)
+        try:
+            yield ctx
+        finally:
+            hold.release()
 
     def save_state(self) -> LlamaState:
         """The context's state (KV cache and tokens) for load_state."""
@@ -365,7 +396,15 @@ class Llama:
 
     def load_state(self, state: LlamaState) -> None:
         """Restore a state from save_state (same model and n_ctx)."""
-        self._context().load_state(state.llama_state, state.input_ids[:state.n_tokens].tolist())
+        with self._changing() as ctx:
+            self._restore(ctx, state)
+
+    def _restore(self, ctx: Context, state: LlamaState) -> None:
+        """load_state's work, for a caller that holds the context already (a completion restoring its cache)."""
+        if not all(hasattr(state, name) for name in ("llama_state", "input_ids", "n_tokens", "seed")):
+            raise InvalidParameterError(f"load_state takes the LlamaState save_state returned, not "
+                                        f"{type(state).__name__}")
+        ctx.load_state(state.llama_state, state.input_ids[:state.n_tokens].tolist())
         self._seed = state.seed
 
     # ---- text <-> tokens ----
@@ -374,7 +413,8 @@ class Llama:
         special-token text such as '<|im_start|>'."""
         if self.tokenizer_ is not None:
             return self.tokenizer_.tokenize(text, add_bos, special)
-        return self._model.vocab.tokenize(text, add_special=add_bos, parse_special=special)
+        # any truth value, as llama-cpp-python's ctypes call reads them
+        return self._model.vocab.tokenize(text, add_special=bool(add_bos), parse_special=bool(special))
 
     def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
         """The bytes `tokens` stand for. prev_tokens is accepted for compatibility (llama-cpp-python ignores it too).
@@ -392,7 +432,8 @@ class Llama:
     def reset(self) -> None:
         """Forget the cached tokens (the next prompt is computed from scratch)."""
         if self._ctx is not None:
-            self._ctx.clear()
+            with self._changing() as ctx:
+                ctx.clear()
 
     @property
     def n_tokens(self) -> int:
@@ -406,7 +447,8 @@ class Llama:
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Append tokens to the context and compute them."""
-        self._context().decode([int(t) for t in tokens])
+        with self._changing() as ctx:
+            ctx.decode([int(t) for t in tokens])
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import struct
 import warnings
@@ -50,7 +51,10 @@ class BaseLlamaCache:
     """Maps token sequences to LlamaState; `cache[tokens]` returns the entry sharing the longest prefix."""
 
     def __init__(self, capacity_bytes: int = (2 << 30)) -> None:
-        self.capacity_bytes = capacity_bytes
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, numbers.Real) or not (
+                capacity_bytes >= 0):
+            raise InvalidParameterError(f"capacity_bytes must be a number of bytes (>= 0), not {capacity_bytes!r}")
+        self.capacity_bytes: float = capacity_bytes
 
     @property
     def cache_size(self) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidParameterError
+from ..speculative.checks import MAX_DEPTH
 
 
 class LlamaDraftModel(abc.ABC):
@@ -26,6 +27,16 @@ class LlamaDraftModel(abc.ABC):
     @abc.abstractmethod
     def __call__(self, input_ids: np.ndarray, /, **kwargs: Any) -> np.ndarray:
         raise NotImplementedError()
+
+
+def draft_depth(num_pred_tokens: Any) -> int:
+    """num_pred_tokens as llmplace's draft depth. It is a most, so values beyond what llmplace drafts per step
+    (speculative.checks.MAX_DEPTH) are capped and values below 1 raised to 1, as llama-cpp-python's lookup reads
+    any int; only a value that is no int is an error."""
+    if isinstance(num_pred_tokens, bool) or not isinstance(num_pred_tokens, numbers.Integral):
+        raise InvalidParameterError(f"num_pred_tokens must be an int (the most tokens drafted per step), not "
+                                    f"{num_pred_tokens!r}")
+    return min(max(1, int(num_pred_tokens)), MAX_DEPTH)
 
 
 class LlamaPromptLookupDecoding(LlamaDraftModel):
@@ -67,7 +78,7 @@ class LlamaPromptLookupDecoding(LlamaDraftModel):
                                                num_pred_tokens=self.num_pred_tokens)
 
     def _llmplace_draft(self) -> dict:
-        return {"lookup": True, "depth": max(1, int(self.num_pred_tokens))}
+        return {"lookup": True, "depth": draft_depth(self.num_pred_tokens)}
 
 
 class LlamaDraftModelFile(LlamaDraftModel):
@@ -84,7 +95,7 @@ class LlamaDraftModelFile(LlamaDraftModel):
 
     def _llmplace_draft(self) -> dict:
         return {"draft": os.fspath(self.model) if isinstance(self.model, (str, os.PathLike)) else self.model,
-                "depth": max(1, int(self.num_pred_tokens))}
+                "depth": draft_depth(self.num_pred_tokens)}
 
 
 def speculation_options(draft_model) -> dict | None:
@@ -95,5 +106,5 @@ def speculation_options(draft_model) -> dict | None:
     if options is not None:
         return options()
     if type(draft_model).__name__ == "LlamaPromptLookupDecoding":  # llama-cpp-python's own class
-        return {"lookup": True, "depth": max(1, int(getattr(draft_model, "num_pred_tokens", 10)))}
+        return {"lookup": True, "depth": draft_depth(getattr(draft_model, "num_pred_tokens", 10))}
     return None
