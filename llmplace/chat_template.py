@@ -89,6 +89,37 @@ def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sor
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _SyntaxProblem(TemplateError):
+    """Python's Jinja cannot parse the template (llama.cpp's own engine reads a dialect of its own)."""
+
+
+# A short conversation, as llama.cpp's chat layer renders a template with when it reads one (its capability
+# probes) and at each turn.
+_PROBE_MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                   {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+
+
+def check_for_native_engine(source: str) -> None:
+    """TemplateError when `source` exceeds jinja_limits on a short conversation. llama.cpp's chat layer (tools,
+    reasoning: chat_tools.ChatTemplates) runs templates in its C++ engine, which has no limits: a recursive macro
+    overflowed its stack (a segfault), nested loops of 10^10 steps never returned. The template's own errors
+    and syntax Python's Jinja does not read are left for llama.cpp to report."""
+    try:
+        compiled = _compile(source)
+    except _SyntaxProblem:
+        return
+    try:
+        jinja_limits.render(compiled, messages=_PROBE_MESSAGES, add_generation_prompt=True, bos_token="",
+                            eos_token="", tools=None)
+    except (jinja_limits.LimitExceeded, RecursionError, MemoryError) as exc:
+        # RecursionError: values nested too deep for Python to print, which C++ prints by recursing as deep
+        raise TemplateError(f"the chat template exceeded its limits: {exc}; llama.cpp's chat layer, which renders "
+                            "it for tools and reasoning, has none (a runaway template would crash or hang the "
+                            "process): pass another template=") from None
+    except Exception:  # noqa: BLE001 - the template's own failures: llama.cpp reports them in its words
+        return
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str):
     """Compile Jinja source once per distinct template (a chat re-renders every turn)."""
@@ -107,8 +138,8 @@ def _compile(source: str):
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message}); fix it, "
-                            "or pass template='chatml' (or another built-in name) instead") from None
+        raise _SyntaxProblem(f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message}); fix it, "
+                             "or pass template='chatml' (or another built-in name) instead") from None
     except Exception as exc:  # noqa: BLE001 - nesting too deep for the parser or Python's compiler, ...
         raise TemplateError(f"the chat template could not be compiled ({type(exc).__name__}: {exc}); pass "
                             "template='chatml' (or another built-in name) instead") from None

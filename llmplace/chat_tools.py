@@ -31,6 +31,7 @@ import numpy as np
 
 from ._ffi import C, ffi
 from ._handle import NativeObject
+from .chat_template import check_for_native_engine
 from .grammar_mask import GrammarMask, check_repetition_bounds
 from .errors import InvalidParameterError, LlmplaceError, TemplateError
 from .native_errors import native_call
@@ -268,6 +269,10 @@ class ChatTemplates(NativeObject):
                  eos_token: str = "") -> None:
         if model is None and not template:
             raise InvalidParameterError("ChatTemplates needs a model or a template's source")
+        sources = [template] if template else [model.chat_template, model.named_chat_template("tool_use")]
+        for text in sources:
+            if text:
+                check_for_native_engine(text)
         err = ffi.new("char[]", _ERR_SIZE)
         model_ptr = model._ptr if model is not None else ffi.NULL
         source = template.encode("utf-8") if template else ffi.NULL

@@ -169,6 +169,13 @@ class Context(NativeObject):
         _positive_int("n_batch", n_batch, MAX_N_CTX)
         _positive_int("n_ubatch", n_ubatch, MAX_N_CTX)
         _positive_int("n_seq_max", n_seq_max, MAX_SEQ)
+        # llama.cpp reserves logits for min(n_ctx, n_batch) outputs and at least one per sequence: more sequences
+        # than that abort the process at the first decode (GGML_ASSERT in output_reserve)
+        outputs = min(n_batch, n_ctx or model.n_ctx_train or n_batch)
+        if n_seq_max > outputs:
+            raise InvalidParameterError(f"n_seq_max={n_seq_max} is more sequences than llama.cpp reserves outputs for "
+                                        f"(n_batch={n_batch}, at most n_ctx={n_ctx}): raise n_batch and n_ctx to at "
+                                        f"least {n_seq_max}, or lower n_seq_max")
         n_threads = _positive_int("n_threads", default_threads() if n_threads is None else n_threads, 1024)
         n_threads_batch = _positive_int("n_threads_batch", n_threads if n_threads_batch is None else n_threads_batch,
                                         1024)

@@ -933,7 +933,9 @@ class Engine:
                         logits = processed_logits(processor, np.asarray(request.slot.cached, dtype=np.intc), logits)
                     if grammar is not None:
                         grammar.apply(logits)
-                except Exception as exc:  # the caller's code or grammar: it ends its own request, not the engine
+                # the caller's code or grammar ends its own request, not the engine: a KeyboardInterrupt or SystemExit
+                # raised by a processor too (it ended every request and closed the engine)
+                except BaseException as exc:
                     self._end(request)
                     request._fail(exc)
                     continue

@@ -288,8 +288,13 @@ class Model(NativeObject):
     @property
     def chat_template(self) -> str | None:
         """The chat template shipped in the GGUF (Jinja source), or None."""
+        return self.named_chat_template(None)
+
+    def named_chat_template(self, name: str | None) -> str | None:
+        """A named chat template of the GGUF ("tool_use": tokenizer.chat_template.tool_use), or None; name None:
+        the default one."""
         with self._lifetime:
-            value = C.llama_model_chat_template(self._ptr, ffi.NULL)
+            value = C.llama_model_chat_template(self._ptr, ffi.NULL if name is None else name.encode("utf-8"))
             return None if value == ffi.NULL else c_string(value)
 
     @property

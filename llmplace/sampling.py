@@ -16,6 +16,7 @@ from ._ffi import C, ffi
 from ._handle import NativeObject
 from .c_values import INT32, integer, token_id
 from .errors import ClosedError, InvalidParameterError
+from .native_errors import native_call
 
 if TYPE_CHECKING:
     from .context import Context
@@ -173,6 +174,12 @@ class Sampler(NativeObject):
         # Inside uses of both: close() of either, in another thread, waits for the draw instead of freeing
         # memory under it (and a closed one raises ClosedError here).
         with self._lifetime, context._lifetime:
+            # llama.cpp asserts (ending the process) when that output has no logits: a fresh context, or an
+            # index past the last decode's outputs
+            index = integer("index", index, *INT32)
+            native_call(C.llama_get_logits_ith, context._ptr, index, error=lambda reason: InvalidParameterError(
+                f"no logits for output {index} of this context ({reason}): decode tokens first, and sample an "
+                "output the last decode computed (-1: its last)"))
             token: int = C.llama_sampler_sample(self._ptr, context._ptr, index)
             return token
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+import llmplace
 from adversarial import outcomes, summary
 
 SETUP = """
@@ -229,6 +230,45 @@ ASK = [{{"role": "user", "content": "weather?"}}]
                                                                                               "typed")
     assert all("allows no text" in r.message for name, r in results.items() if name not in after)
     assert [results[name].kind for name in sorted(after)] == ["ok", "ok"], summary(results)
+
+
+def test_combinations_llama_cpp_asserts_on_are_refused(tiny_llama_path):
+    """Each value in range, the combination not: more sequences than llama.cpp reserves outputs for, and a draw
+    from an output without logits, ended the process in a GGML_ASSERT."""
+    cases = {
+        "n_seq_max_above_n_batch": "with_model(lambda m: Context(m, n_ctx=512, n_batch=4, n_seq_max=8, n_threads=1)"
+                                   ".decode([1, 2]))",
+        "n_seq_max_above_n_ctx": "with_model(lambda m: Context(m, n_ctx=64, n_seq_max=65, n_threads=1).decode([1]))",
+        "sample_a_fresh_context": "with_model(lambda m: Sampler(m.n_vocab, SamplingParams(temperature=0))"
+                                  ".sample(Context(m, n_ctx=64, n_threads=1)))",
+        "sample_an_output_not_computed": "with_model(lambda m: sample_after_decode(m, 5))",
+        "sample_a_negative_output_not_computed": "with_model(lambda m: sample_after_decode(m, -2))",
+    }
+    setup = SETUP + f"""
+LLAMA = {str(tiny_llama_path)!r}
+
+def with_model(fn, path=None):
+    with llmplace.load(path or LLAMA, progress=False) as model:
+        return fn(model)
+
+def sample_after_decode(model, index):
+    context = Context(model, n_ctx=64, n_threads=1)
+    context.decode([1, 5, 9])
+    return Sampler(model.n_vocab, SamplingParams(temperature=0)).sample(context, index)
+"""
+    _run(outcomes(setup, cases, timeout=120), cases)
+
+
+def test_an_interrupt_raised_by_one_requests_processor_ends_that_request_only(smollm2):
+    def interrupting(ids, scores):
+        raise KeyboardInterrupt
+
+    with llmplace.Engine(smollm2, slots=2, n_ctx=512, n_threads=1) as engine:
+        other = engine.submit("The capital of France is", max_tokens=6, temperature=0)
+        with pytest.raises(KeyboardInterrupt):
+            engine.submit("Hi", max_tokens=4, logits_processor=interrupting).result(60)
+        assert other.result(60).finish_reason == "length" and not engine.closed
+        assert engine.submit("Hi", max_tokens=2, temperature=0).result(60).finish_reason == "length"
 
 
 def test_ordinary_grammars_and_schemas_still_convert():

@@ -317,6 +317,38 @@ def test_templates_within_the_limits_still_render(smollm2):
 
 
 # ---- the drop-in's Jinja2ChatFormatter (llama-cpp-python's class): the same limits ----
+NATIVE_SETUP = """
+import time
+import llmplace
+from llmplace.chat_tools import ChatTemplates
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+LONG = [{"role": "user", "content": "x" * 3000000}]
+
+def render(template, messages=MESSAGES):
+    started = time.monotonic()
+    try:
+        with ChatTemplates(None, template=template) as templates:
+            return templates.render(messages).prompt
+    finally:
+        if time.monotonic() - started > 15:
+            raise SystemExit("took %.1f s" % (time.monotonic() - started))  # a near-hang: fails as untyped
+"""
+
+
+def test_hostile_templates_never_reach_llama_cpps_chat_layer():
+    """Chat with tools or reasoning and the drop-in's chat render through llama.cpp's C++ Jinja engine, which has
+    no limits: a recursive macro overflowed its stack (the process died), nested loops never returned. Every
+    hostile template is refused before it gets there, or renders there harmlessly."""
+    cases = {name: f"render({source!r})" for name, source in TEMPLATES.items()}
+    cases.update({name: f"render({source})" for name, source in BIG_TEMPLATES.items()})
+    results = outcomes(NATIVE_SETUP, cases, timeout=240)
+    print(summary(results))
+    assert all(r.kind in ("typed", "ok") for r in results.values()), summary(results)
+    for name in ("macro_recursion", "nested_range_1e10"):
+        assert (results[name].kind, results[name].error) == ("typed", "TemplateError"), summary(results)
+
+
 FORMATTER_SETUP = """
 import time
 from llmplace.compat.llama_chat_format import Jinja2ChatFormatter
