@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +78,14 @@ def describe_rule(rule) -> str:
     return summarize_rule(rule)
 
 
+def _shares(text: str) -> list[float]:
+    """--tensor-split's comma-separated shares (a usage error, not a traceback, for anything else)."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 2,1; got {text!r}") from None
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .backends import add_rpc_server
     from .placement import Placement, distribute, n_cpu_moe
@@ -89,9 +98,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         placement = placement + n_cpu_moe(args.n_cpu_moe)
     if args.distribute:
         placement = placement + distribute()
-    tensor_split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
     plan = explain(args.model, placement, n_gpu_layers=args.n_gpu_layers, split_mode=args.split,
-                   tensor_split=tensor_split)
+                   tensor_split=args.tensor_split)
     split = plan.split
     assert split is not None  # a loaded model always has its split plan
     if args.json:
@@ -487,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-cpu-moe", type=int, metavar="N", help="experts of layers 0..N-1 in host memory")
     p.add_argument("--distribute", action="store_true",
                    help="use every GPU: tensor split where llama.cpp can, else layer split (the reason is printed)")
-    p.add_argument("--tensor-split", help="relative share per offload device, e.g. 2,1")
+    p.add_argument("--tensor-split", type=_shares, help="relative share per offload device, e.g. 2,1")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verbose", "-v", action="store_true", help="one line per tensor")
     p.set_defaults(func=cmd_explain)
@@ -546,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside a reply (loading, fitting): stop without a traceback
         print("llmplace: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmplace inspect --json | head`: the reader has what it wanted
+        # stdout's buffer would fail again at exit: point it at /dev/null (the way Python's docs advise)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

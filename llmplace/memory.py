@@ -17,7 +17,7 @@ from ._ffi import C, CData, c_string, ffi
 from .backends import device_memory
 from .backends import native_devices
 from .c_values import FLASH_ATTN_TYPES
-from .context import KV_TYPES
+from .context import KV_TYPES, MAX_N_CTX
 from .errors import InvalidParameterError, OutOfMemoryError
 from .native_errors import native_call
 from .placement import is_host_buffer
@@ -120,9 +120,10 @@ class Estimate:
 def context_params(n_ctx: int, *, n_seq: int = 1, n_batch: int = 2048, n_ubatch: int = 512, type_k: str = "f16",
                    type_v: str = "f16", flash_attn: bool | str = "auto") -> CData:
     """llama_context_params as `Context` would make them (the fields that change memory use)."""
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
-        raise InvalidParameterError(f"n_ctx must be an int >= 0 (0 = as large as fits / the trained length), "
-                                    f"not {n_ctx!r}")
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 <= n_ctx <= MAX_N_CTX:
+        # the bound Context applies: beyond it llama.cpp's dry run spent a minute reserving before failing
+        raise InvalidParameterError(f"n_ctx must be an int between 0 and {MAX_N_CTX} (0 = as large as fits / the "
+                                    f"trained length), not {n_ctx!r}")
     for name, value in (("type_k", type_k), ("type_v", type_v)):
         if value not in KV_TYPES:
             raise InvalidParameterError(f"{name} must be one of {sorted(KV_TYPES)}, not {value!r}")

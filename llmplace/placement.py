@@ -461,11 +461,16 @@ def cpu_moe() -> Placement:
     return Placement([Rule("cpu", pattern=EXPERTS_PATTERN)])
 
 
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+
+
 def n_cpu_moe(n: int) -> Placement:
     """The expert weights of layers 0 .. n-1 in host memory (llama.cpp's --n-cpu-moe N)."""
-    if not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise PlacementError(f"n_cpu_moe needs a layer count >= 0, got {n!r}")
-    return Placement([Rule("cpu", pattern=rf"blk\.{i}{EXPERTS_PATTERN}") for i in range(n)])
+    # no model has more than llama.cpp's LLAMA_MAX_LAYERS (512): a larger n (999 for "all", as with llama.cpp's
+    # flag) means every layer, and one rule per layer up to 10^7 took minutes to build and match
+    return Placement([Rule("cpu", pattern=rf"blk\.{i}{EXPERTS_PATTERN}") for i in range(min(n, MAX_LAYERS))])
 
 
 def distribute() -> Placement:

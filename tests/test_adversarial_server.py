@@ -17,6 +17,8 @@ import threading
 import time
 
 import pytest
+
+import llmplace
 from processes import free_port, stop
 
 KEY = "adversarial-key"
@@ -121,6 +123,28 @@ def test_malformed_bodies_and_headers_get_4xx(server):
         seen[name] = raw(server, http("POST", "/v1/completions", body, headers))[0]
     expected = {name: case[-1] for name, case in {**BODIES, **HEADERS}.items()}
     assert seen == expected
+
+
+def test_conflicting_content_lengths_are_refused_not_read_as_two_requests(server):
+    # the first length won and the rest of the body was parsed as a second request: a request smuggled past a
+    # proxy that read the other length (RFC 9112 6.3: unrecoverable, 400)
+    body = b'{"prompt": "hi", "max_tokens": 1}'
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Length: {len(body)}\r\nContent-Length: {len(body) + len(smuggled)}\r\n\r\n").encode()
+    status, data = raw(server, head + body + smuggled)
+    assert status == 400 and b"Content-Length headers that disagree" in data
+    assert data.count(b"HTTP/1.1") == 0  # one answer, nothing after it
+
+
+def test_limits_no_request_could_live_with_are_refused_before_the_model_loads():
+    from llmplace.server.app import check_limits
+
+    for bad in (dict(max_tokens_limit=-5), dict(max_tokens_limit=0), dict(read_timeout=0),
+                dict(read_timeout=-1), dict(write_timeout=float("nan")), dict(max_body_bytes=-1)):
+        with pytest.raises(llmplace.InvalidParameterError, match=next(iter(bad))):
+            check_limits(**bad)
+    check_limits(max_tokens_limit=None, read_timeout=0.5, write_timeout=30, max_body_bytes=1)
 
 
 # ---- every field's type: a 400 naming the field ----

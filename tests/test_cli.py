@@ -94,3 +94,23 @@ def test_rpc_server_command_serves_on_the_given_port():
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_bad_numbers_are_one_line_errors_not_tracebacks(smollm2_path, tiny_qwen3moe_path):
+    # --tensor-split abc raised a ValueError traceback; fit --ctx 99999999999 an OverflowError after the dry run
+    # had spent a minute reserving
+    split = run_cli("explain", str(smollm2_path), "--tensor-split", "abc")
+    assert split.returncode == 2 and "expected numbers separated by commas" in split.stderr
+    fit = run_cli("fit", str(smollm2_path), "--ctx", "99999999999")
+    assert fit.returncode == 1 and "n_ctx must be an int between 0 and" in fit.stderr
+    assert "Traceback" not in split.stderr + fit.stderr
+
+
+def test_a_huge_n_cpu_moe_means_every_layer_not_minutes_of_rules(tiny_qwen3moe_path):
+    import llmplace
+    from llmplace.placement import n_cpu_moe
+
+    # one rule per layer index up to n: 10^7 rules took minutes to build and to match
+    assert len(n_cpu_moe(10**7).rules) == len(n_cpu_moe(999).rules) == 512
+    every = llmplace.explain(tiny_qwen3moe_path, n_cpu_moe(10**7))
+    assert all(t.memory == "host" for t in every.tensors if "_exps" in t.name)

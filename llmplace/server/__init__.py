@@ -43,7 +43,9 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     server_options: make_server's limits (max_body_bytes, read_timeout, write_timeout, max_tokens_limit) and
     batching (slots, max_queue, engine_options)."""
     from ..compat import Llama
+    from .app import check_limits
 
+    check_limits(**(server_options or {}))  # before the model loads
     llama_kwargs.setdefault("verbose", False)
     with Llama(model_path, **llama_kwargs) as llama:
         options = dict(server_options or {})

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..compat import Llama, UnsupportedFeatureError
 from ..engine import Engine
-from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError, OutOfMemoryError
+from ..errors import AbortedError, BusyError, ClosedError, ContextOverflowError, InvalidParameterError, OutOfMemoryError
 from .defaults import MAX_QUEUE
 from .batching import BatchedGeneration
 from .metrics import Metrics
@@ -396,11 +396,16 @@ class Handler(BaseHTTPRequestHandler):
     def _read_body(self, route: str) -> dict:
         if self.headers.get("Transfer-Encoding"):
             raise APIError(400, "chunked request bodies are not supported: send a Content-Length", close=True)
-        length = self.headers.get("Content-Length")
-        if length is None:
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
             raise APIError(400, "the request has no Content-Length header: send the JSON body with its length",
                            close=True)
-        length = length.strip()
+        if len({value.strip() for value in lengths}) > 1:
+            # RFC 9112 6.3: a message with conflicting lengths is unrecoverable; reading one length would parse the
+            # rest of the body as a next request (smuggled past a proxy that read the other length)
+            raise APIError(400, f"the request has {len(lengths)} Content-Length headers that disagree: send one",
+                           close=True)
+        length = lengths[0].strip()
         if not (length.isascii() and length.isdigit()):
             raise APIError(400, f"Content-Length must be a non-negative integer, not {length[:40]!r}", close=True)
         if int(length) > self.service.max_body_bytes:
@@ -639,6 +644,20 @@ class Server(ThreadingHTTPServer):
             self.engine.close()
 
 
+def check_limits(*, max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT,
+                 write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None, **_: Any) -> None:
+    """InvalidParameterError for a limit no request could live with, before the model loads: a negative
+    max_tokens_limit read as "no limit", a timeout of 0, -1 or NaN failed every connection, and max_body_bytes -1
+    refused every POST."""
+    for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_limit", max_tokens_limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InvalidParameterError(f"{name} must be an int >= 1, not {value!r}")
+    for name, seconds in (("read_timeout", read_timeout), ("write_timeout", write_timeout)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (
+                math.isfinite(seconds) and seconds > 0):
+            raise InvalidParameterError(f"{name} must be a number of seconds > 0, not {seconds!r}")
+
+
 def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, read_timeout: float = READ_TIMEOUT,
                 write_timeout: float = WRITE_TIMEOUT, max_tokens_limit: int | None = None, slots: int = 1,
@@ -657,6 +676,8 @@ def make_server(llama: Llama, *, host: str = "127.0.0.1", port: int = 8000, mode
     bit-equal to a lone run, and exact=True would then decode the slots one at a time)."""
     import os
 
+    check_limits(max_body_bytes=max_body_bytes, read_timeout=read_timeout, write_timeout=write_timeout,
+                 max_tokens_limit=max_tokens_limit)
     metrics = Metrics()
     batched = None
     if slots > 1 and not llama._embedding:  # an embedding context computes embeddings, not replies
