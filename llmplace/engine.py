@@ -78,7 +78,7 @@ from .generation import Generation, GenerationStep, _new_step, _prompt_tokens
 from .model import Model
 from .native_errors import native_call
 from .sampling import Sampler, SamplingParams
-from .text_assembly import TextAssembler
+from .text_assembly import TextAssembler, stop_strings
 from .token_loop import SequenceState, processed_logits
 
 if TYPE_CHECKING:
@@ -573,7 +573,7 @@ class Engine:
         params = sampling or SamplingParams(**sampling_kwargs)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop)
+        stops = stop_strings(stop)
         if logits_processor is not None and not callable(logits_processor):
             raise InvalidParameterError(f"logits_processor must be a callable (input_ids, scores) -> scores, not "
                                         f"{type(logits_processor).__name__}")
@@ -582,8 +582,6 @@ class Engine:
         if session is not None and (not isinstance(session, str) or not session):
             raise InvalidParameterError(f"session must be a non-empty str (the conversation's id) or None, not "
                                         f"{session!r}")
-        if not all(isinstance(s, str) for s in stops):
-            raise InvalidParameterError(f"stop must be a string or a list of strings, not {stop!r}")
         if self._closing:
             raise ClosedError("this Engine is closed; create a new one")
         tokens = _prompt_tokens(self.model, prompt, add_special)

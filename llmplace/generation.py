@@ -23,7 +23,7 @@ from .images import ImagePrompt
 from .model import Model
 from .sampling import Sampler, SamplingParams
 from .speculative import SpeculativeStats
-from .text_assembly import TextAssembler
+from .text_assembly import TextAssembler, stop_strings
 from .token_loop import DrawnTokens, LogitsHooks, SequenceState, run
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def _request(model: Model, prompt: str | bytes | Sequence[int] | ImagePrompt, *,
     params = sampling or SamplingParams(**sampling_kwargs)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise InvalidParameterError(f"max_tokens must be an int >= 0, not {max_tokens!r}")
-    stops = [stop] if isinstance(stop, str) else list(stop)
+    stops = stop_strings(stop)
     tokens = _prompt_tokens(model, prompt, add_special)
     speculate = draft is not None or bool(lookup)
     if speculate and hooks is not None:

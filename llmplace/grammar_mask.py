@@ -98,7 +98,10 @@ class GrammarMask(NativeObject):
     def accept(self, token: int) -> None:
         with self._lifetime:
             if not C.llmplace_sampler_accept(self._ptr, token, self._err, len(self._err)):
-                raise self._dead_end(ffi.string(self._err).decode("utf-8", "replace"))
+                raise InvalidParameterError(
+                    f"the grammar refused the token drawn after the {self._accepted} tokens it accepted (llama.cpp: "
+                    f"{ffi.string(self._err).decode('utf-8', 'replace')}): logits the grammar did not mask (a "
+                    "logits processor returning NaN, say) let a token it forbids be drawn")
         self._accepted += 1
 
     def _dead_end(self, reason: str) -> InvalidParameterError:

@@ -12,6 +12,7 @@ the process); closing the model closes its adapters.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,8 +93,11 @@ def apply(ctx_ptr: CData, model: AdapterModel, adapters: Mapping[LoRA, float]) -
         if adapter.model is not model:
             raise InvalidParameterError(f"{adapter!r} was loaded for another model; load it with this model's "
                                         "load_lora()")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
-            raise InvalidParameterError(f"the scale of {adapter!r} must be a number, not {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            # inf (or 1e300, inf as a float32) turned every logit into NaN: garbage text, no error
+            raise InvalidParameterError(f"the scale of {adapter!r} must be a finite number, not {scale!r}")
+        if abs(scale) > 3.4e38:
+            raise InvalidParameterError(f"the scale of {adapter!r} must fit a float32, not {scale!r}")
     n = len(adapters)
     pointers = ffi.new("struct llama_adapter_lora *[]", max(n, 1))
     scales = ffi.new("float[]", max(n, 1))

@@ -65,6 +65,9 @@ def regex_search(pattern: str, text: str) -> bool:
     return result == 1
 
 
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: no model has more
+
+
 @dataclass(frozen=True)
 class Rule:
     """Put the tensors this rule selects on `to` ("cpu", "gpu", "gpu:1", "CUDA0", "RPC0[host:port]", "CUDA_Host").
@@ -90,10 +93,26 @@ class Rule:
         if self.role is not None and self.role not in ROLES:
             raise PlacementError(f"unknown role {self.role!r}; roles are: {', '.join(ROLES)}")
         if self.layers is not None:
+            if isinstance(self.layers, range) and self.layers.step > 0:
+                # the layers that can exist: range(10**12) as a set took all memory
+                object.__setattr__(self, "layers", range(self.layers.start, min(self.layers.stop, MAX_LAYERS),
+                                                         self.layers.step))
             layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
-            if not all(isinstance(i, int) and i >= 0 for i in layers):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
                 raise PlacementError(f"layers must be layer indices (ints >= 0), got {self.layers!r}")
             object.__setattr__(self, "layers", frozenset(layers))
+        # checked here: a wrong type failed later, inside explain or the load, with an AttributeError
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            raise PlacementError(f"dtype must be a type name such as 'Q4_0' or 'F32', got {self.dtype!r}")
+        for name in ("min_bytes", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise PlacementError(f"{name} must be a number of bytes (an int >= 0), got {value!r}")
+        if self.min_bytes is not None and self.max_bytes is not None and self.min_bytes > self.max_bytes:
+            raise PlacementError(f"min_bytes ({self.min_bytes}) is above max_bytes ({self.max_bytes}): the rule "
+                                 "could match nothing")
+        if self.where is not None and not callable(self.where):
+            raise PlacementError(f"where must be a predicate on a TensorInfo (a function), got {self.where!r}")
 
     def matches(self, tensor: TensorInfo) -> bool:
         return ((self.pattern is None or regex_search(self.pattern, tensor.name))
@@ -459,9 +478,6 @@ EXPERTS_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 def cpu_moe() -> Placement:
     """All MoE expert weights in host memory (llama.cpp's --cpu-moe)."""
     return Placement([Rule("cpu", pattern=EXPERTS_PATTERN)])
-
-
-MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
 
 
 def n_cpu_moe(n: int) -> Placement:

@@ -84,8 +84,10 @@ class SamplingParams:
                                         f"{type(self.logit_bias).__name__}")
         for token, bias in dict(self.logit_bias).items():
             integer("a logit_bias key", token, 0, INT32[1], " (a token id)")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
-                raise InvalidParameterError(f"logit_bias[{token}] must be a number, not {bias!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias) or bias == math.inf:
+                # +inf: the chain's softmax turns it into NaN, and the draw is garbage (a grammar then refuses it)
+                raise InvalidParameterError(f"logit_bias[{token}] must be a number below +inf (-inf bans the token; "
+                                            f"a large value such as 100 forces it), not {bias!r}")
 
     @property
     def greedy(self) -> bool:

@@ -17,8 +17,22 @@ import codecs
 import re
 from typing import TYPE_CHECKING, Sequence
 
+from .errors import InvalidParameterError
+
 if TYPE_CHECKING:
     from .vocab import Vocab
+
+
+def stop_strings(stop: object) -> list[str]:
+    """A request's `stop` as a list: a str, a sequence of str, or None (no stop strings); else
+    InvalidParameterError (bytes or ints used to fail deep in the matcher with a TypeError)."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if isinstance(stops, (bytes, bytearray)) or not isinstance(stops, (list, tuple)) or not all(
+            isinstance(s, str) for s in stops):
+        raise InvalidParameterError(f"stop must be a str, a list of str or None, not {stop!r}")
+    return list(stops)
 
 
 class StopMatcher:

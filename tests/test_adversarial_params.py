@@ -271,6 +271,19 @@ def test_an_interrupt_raised_by_one_requests_processor_ends_that_request_only(sm
         assert engine.submit("Hi", max_tokens=2, temperature=0).result(60).finish_reason == "length"
 
 
+def test_stop_and_logit_bias_forms_are_read_or_refused_at_the_call(smollm2):
+    # stop=None is no stop strings; bytes and ints failed inside the matcher; +inf bias became NaN logits
+    alone = llmplace.generate(smollm2, "Hi", max_tokens=3, temperature=0).tokens
+    assert llmplace.generate(smollm2, "Hi", max_tokens=3, temperature=0, stop=None).tokens == alone
+    for stop in (b"x", [5], 5):
+        with pytest.raises(llmplace.InvalidParameterError, match="stop must be"):
+            llmplace.generate(smollm2, "Hi", max_tokens=3, stop=stop)
+    with pytest.raises(llmplace.InvalidParameterError, match="below \\+inf"):
+        llmplace.generate(smollm2, "Hi", max_tokens=3, logit_bias={30: math.inf})
+    banned = llmplace.generate(smollm2, "Hi", max_tokens=3, temperature=0, logit_bias={alone[0]: -math.inf})
+    assert banned.tokens[0] != alone[0]
+
+
 def test_ordinary_grammars_and_schemas_still_convert():
     from llmplace.compat.llama_grammar import LlamaGrammar, json_schema_to_gbnf
 

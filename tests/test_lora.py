@@ -55,7 +55,9 @@ def test_bad_adapters_are_refused_with_the_reason(smollm2_path, smollm2, adapter
         with pytest.raises(llmplace.InvalidParameterError, match="another model"):
             ctx.set_lora({foreign: 1.0})
         adapter = smollm2.load_lora(adapter_path)
-        for bad in ({adapter: "1"}, {adapter: float("nan")}, [adapter], {"x": 1.0}):
+        # inf and 1e300 (inf as a float32) made every logit NaN: garbage text with no error
+        for bad in ({adapter: "1"}, {adapter: float("nan")}, {adapter: float("inf")}, {adapter: 1e300}, [adapter],
+                    {"x": 1.0}):
             with pytest.raises(llmplace.InvalidParameterError):
                 ctx.set_lora(bad)
     assert llmplace.generate(smollm2, PROMPT, max_tokens=2, temperature=0).tokens

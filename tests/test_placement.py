@@ -291,3 +291,15 @@ def test_tensor_split_context_needs_flash_attention_and_an_unquantized_cache(rpc
             llmplace.Context(model, type_k="q8_0", type_v="q8_0")
         with llmplace.Context(model, n_ctx=256) as ctx:
             ctx.decode(model.tokenize("works"))
+
+
+def test_rule_selectors_of_the_wrong_type_are_refused_when_the_rule_is_made():
+    # they failed later, inside explain or the load, with an AttributeError or TypeError
+    from llmplace.placement import MAX_LAYERS
+
+    for selectors in (dict(dtype=5), dict(min_bytes="1GiB"), dict(min_bytes=-1), dict(min_bytes=5, max_bytes=1),
+                      dict(where=5), dict(layers=True), dict(layers=[True])):
+        with pytest.raises(llmplace.PlacementError):
+            llmplace.Rule("cpu", **selectors)
+    # range(10**12) as a set of layer indices took all memory: only layers that can exist are kept
+    assert llmplace.Rule("cpu", layers=range(10**12)).layers == frozenset(range(MAX_LAYERS))

@@ -67,10 +67,12 @@ extern "C" int llmplace_arch_supports_tensor_split(const char * arch) {
     }
 }
 
-extern "C" int llmplace_sampler_apply(struct llama_sampler * sampler, struct llama_token_data_array * candidates,
-                                      char * err, size_t err_size) {
+namespace {
+
+// 1 after call(), or 0 with the message of the exception it threw copied into err.
+template <typename Call> int caught(char * err, size_t err_size, Call && call) {
     try {
-        llama_sampler_apply(sampler, candidates);
+        call();
         return 1;
     } catch (const std::exception & e) {
         copy_message(e.what(), err, err_size);
@@ -80,16 +82,15 @@ extern "C" int llmplace_sampler_apply(struct llama_sampler * sampler, struct lla
     return 0;
 }
 
+}  // namespace
+
+extern "C" int llmplace_sampler_apply(struct llama_sampler * sampler, struct llama_token_data_array * candidates,
+                                      char * err, size_t err_size) {
+    return caught(err, err_size, [&] { llama_sampler_apply(sampler, candidates); });
+}
+
 extern "C" int llmplace_sampler_accept(struct llama_sampler * sampler, int32_t token, char * err, size_t err_size) {
-    try {
-        llama_sampler_accept(sampler, token);
-        return 1;
-    } catch (const std::exception & e) {
-        copy_message(e.what(), err, err_size);
-    } catch (...) {
-        copy_message("unknown C++ exception", err, err_size);
-    }
-    return 0;
+    return caught(err, err_size, [&] { llama_sampler_accept(sampler, token); });
 }
 
 extern "C" bool llmplace_abort_if_flag_set(void * user_data) {
