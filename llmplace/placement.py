@@ -66,6 +66,7 @@ def regex_search(pattern: str, text: str) -> bool:
 
 
 MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS: no model has more
+MAX_RANGE = 1 << 16  # a layers range longer than this is cut to MAX_LAYERS (its set would take all memory)
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ class Rule:
         if self.role is not None and self.role not in ROLES:
             raise PlacementError(f"unknown role {self.role!r}; roles are: {', '.join(ROLES)}")
         if self.layers is not None:
-            if isinstance(self.layers, range) and self.layers.step > 0:
-                # the layers that can exist: range(10**12) as a set took all memory
+            if isinstance(self.layers, range) and len(self.layers) > MAX_RANGE and self.layers.step > 0:
+                # range(10**12) as a set took all memory: a range that long keeps the layers that can exist
                 object.__setattr__(self, "layers", range(self.layers.start, min(self.layers.stop, MAX_LAYERS),
                                                          self.layers.step))
             layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
